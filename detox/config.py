@@ -1,0 +1,103 @@
+"""Up-front validation of a composed config: one clear line per problem, before any work starts."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from detox.aggregators import AGGREGATORS
+from detox.approaches import APPROACHES, Plan, plan_from_cfg
+from detox.attacks import ATTACKS, PLACEMENTS, alie_z_max
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+def _int(cfg: DictConfig, key: str, low: int, what: str = "") -> int:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key}={value!r}: must be an integer >= {low}{what}")
+    return value
+
+
+def _positive(cfg: DictConfig, key: str) -> float:
+    value = cfg[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{key}={value!r}: must be a number > 0")
+    return float(value)
+
+
+def _known(key: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        raise ConfigError(f"{key}={value!r}: unknown; choose from {', '.join(sorted(registry))}")
+
+
+def _rule_fits(rule: str, n: int, f: int, params: dict, where: str) -> None:
+    """Run the rule on an (n, 1) dummy: its own requirement check says whether (n, f) can work."""
+    try:
+        AGGREGATORS[rule](torch.zeros(n, 1), f, **params)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def validate(cfg: DictConfig) -> Plan:
+    """Check every cross-field rule and return the resolved aggregation plan."""
+    workers = _int(cfg, "workers", 1)
+    q = _int(cfg, "worker_fail", 0)
+    if q > workers:
+        raise ConfigError(f"worker_fail={q}: must be <= workers ({workers})")
+    r = _int(cfg, "group_size", 1)
+    for key in ("batch_size", "max_steps", "eval_freq", "eval_batch_size"):
+        _int(cfg, key, 1)
+    _int(cfg, "bn_calibration_batches", 0)
+    _positive(cfg, "lr")
+    if not 0.0 <= float(cfg.momentum) < 1.0:
+        raise ConfigError(f"momentum={cfg.momentum!r}: must be in [0, 1)")
+    if cfg.target_acc is not None and not 0.0 < float(cfg.target_acc) <= 1.0:
+        raise ConfigError(f"target_acc={cfg.target_acc!r}: must be in (0, 1] or null")
+    _known("mode", cfg.mode.name, AGGREGATORS)
+    _known("approach", cfg.approach.name, APPROACHES)
+    _known("err_mode", cfg.err_mode.name, ATTACKS)
+    _known("adversary.placement", cfg.adversary.placement, PLACEMENTS)
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={cfg.device!r}: no CUDA device is available here; use device=cpu")
+
+    grouped = cfg.approach.name != "baseline"
+    if grouped and workers % r:
+        raise ConfigError(
+            f"group_size={r}: workers={workers} must be divisible by it for approach={cfg.approach.name}"
+        )
+    groups = workers // r
+    buckets = cfg.approach.get("buckets")
+    if grouped and buckets is not None:
+        if isinstance(buckets, bool) or not isinstance(buckets, int) or not 1 <= buckets <= groups:
+            raise ConfigError(f"approach.buckets={buckets!r}: must be null or an integer in [1, {groups}] "
+                              f"(the number of groups, workers / group_size)")
+    if grouped and cfg.approach.get("inner", "mean") is not None:
+        _known("approach.inner", cfg.approach.get("inner", "mean"), AGGREGATORS)
+
+    plan = plan_from_cfg(cfg)
+    if plan.f < 0:
+        raise ConfigError(f"mode.f={plan.f}: must be >= 0")
+    _rule_fits(plan.mode, plan.rule_inputs, plan.f, plan.mode_params,
+               f"mode={plan.mode} with approach={plan.approach} sees n={plan.rule_inputs} inputs per step "
+               f"and f={plan.f} (set mode.f, worker_fail, workers or approach.buckets)")
+    if grouped and plan.buckets and plan.buckets < groups:
+        smallest = groups // plan.buckets
+        _rule_fits(plan.inner, smallest, plan.inner_f, plan.inner_params,
+                   f"approach.inner={plan.inner} sees as few as n={smallest} winners per bucket "
+                   f"with f={plan.inner_f} (set approach.inner_f or approach.buckets)")
+    if cfg.err_mode.name == "alie" and cfg.err_mode.get("z") is None and q:
+        try:
+            alie_z_max(workers, q)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
+    net_shape = cfg.network.get("input_shape")
+    if net_shape is not None and list(net_shape) != list(cfg.dataset.shape):
+        raise ConfigError(
+            f"network={cfg.network.name} expects inputs of shape {list(net_shape)} but dataset={cfg.dataset.name} "
+            f"has {list(cfg.dataset.shape)}; pick a matching dataset (or network=fc, which takes any shape)"
+        )
+    return plan

@@ -1,0 +1,52 @@
+"""Engines: how worker gradients reach the PS. ``ENGINES`` maps each ``engine`` option to its job runner.
+
+A runner is ``fn(cfg, plan, out_dir) -> summary``. Engines only move tensors; the loop, the PS step and the
+outputs are the trainer's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from detox.approaches import Plan
+from detox.models import gradient
+from detox.trainer import Gradients, Setup, setup, train, unit_samplers
+
+
+class LocalSource:
+    """One process simulates the cluster: one backward pass per unit, copied to the unit's P rows."""
+
+    attack_at_ps = True
+
+    def __init__(self, s: Setup) -> None:
+        self.s = s
+        self.samplers = unit_samplers(s)
+        # reused every step: the PS step finishes with it before the next step overwrites it
+        self.grads_nd = torch.empty((s.plan.workers, s.w_d.numel()), dtype=s.w_d.dtype, device=s.w_d.device)
+
+    def gradients(self, step: int, byz_p: np.ndarray) -> Gradients:
+        s, size = self.s, self.s.plan.unit_size
+        t0 = time.perf_counter()
+        losses = []
+        for u, sampler in enumerate(self.samplers):
+            idx = sampler.indices(step).to(s.data.train_x.device)
+            losses.append(gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx]))
+            self.grads_nd[u * size : (u + 1) * size] = s.g_d
+        return Gradients(self.grads_nd, losses, t_compute=time.perf_counter() - t0, t_comm=0.0)
+
+    def close(self) -> None:
+        pass
+
+
+def run_local(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
+    s = setup(cfg, plan)
+    return train(s, LocalSource(s), out_dir)
+
+
+ENGINES: dict[str, Callable[[DictConfig, Plan, Path | None], dict]] = {"local": run_local}

@@ -1,0 +1,128 @@
+"""Networks (``network`` option -> constructor) and the flat-parameter view the PS works on.
+
+Every constructor is ``fn(input_shape, num_classes, **params) -> nn.Module`` with ``input_shape`` = (C, H, W).
+ResNet-18 and VGG13-BN come from torchvision, adapted to 32x32 inputs as in the CIFAR literature.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18 as tv_resnet18
+from torchvision.models.vgg import cfgs as vgg_cfgs
+
+
+def fc(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,)) -> nn.Module:
+    """A multilayer perceptron on the flattened input."""
+    dims = [int(torch.tensor(input_shape).prod()), *hidden]
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], num_classes))
+    return nn.Sequential(*layers)
+
+
+class LeNet(nn.Module):
+    """LeNet as in the original DETOX code (conv 20 -> conv 50 -> fc 500), for >= 16x16 inputs."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int) -> None:
+        super().__init__()
+        c, h, w = input_shape
+        self.conv1 = nn.Conv2d(c, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        def side(s: int) -> int:  # two (5x5 valid conv, 2x2 pool) stages
+            return ((s - 4) // 2 - 4) // 2
+
+        flat = 50 * side(h) * side(w)
+        self.fc1 = nn.Linear(flat, 500)
+        self.fc2 = nn.Linear(500, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+
+def resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
+    net = tv_resnet18(num_classes=num_classes)
+    net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def vgg13(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """VGG13 with batch norm (torchvision's layer table "B") and the 512 -> classes CIFAR head."""
+    layers: list[nn.Module] = []
+    c = input_shape[0]
+    for v in vgg_cfgs["B"]:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2))
+        else:
+            layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+            c = int(v)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet": LeNet, "resnet18": resnet18, "vgg13": vgg13}
+
+
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int, params: dict) -> nn.Module:
+    """Construct a network with weights drawn from ``seed`` (identical on every rank)."""
+    torch.manual_seed(seed)
+    return MODELS[name](tuple(input_shape), num_classes, **params)
+
+
+def bind_flat(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make every parameter and its ``.grad`` a view into one flat vector; return (w_d, g_d).
+
+    The PS updates ``w_d`` in place and a backward pass accumulates straight into ``g_d``, so a gradient
+    reaches the (P, d) matrix with one copy and weights never need re-packing.
+    """
+    params = list(model.parameters())
+    d = sum(p.numel() for p in params)
+    ref = params[0]
+    w_d = torch.empty(d, dtype=ref.dtype, device=ref.device)
+    g_d = torch.zeros_like(w_d)
+    off = 0
+    for p in params:
+        k = p.numel()
+        w_d[off : off + k].copy_(p.detach().reshape(-1))
+        p.data = w_d[off : off + k].view_as(p)
+        p.grad = g_d[off : off + k].view_as(p)
+        off += k
+    return w_d, g_d
+
+
+def gradient(model: nn.Module, g_d: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Forward/backward on one batch; the gradient lands in ``g_d``. Returns the batch loss."""
+    g_d.zero_()
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return float(loss.detach())
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Recompute BatchNorm running statistics from fixed training batches (cumulative average).
+
+    The PS holds only the weights; running statistics are not gradients and would differ between engines,
+    so the evaluator derives them from the current weights before each evaluation.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    for x in batches:
+        model(x)
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom

@@ -1,0 +1,106 @@
+"""Output files of a run (DESIGN §4): metrics.jsonl, summary.json, resolved_config.yaml, summary.jsonl."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+# the config groups whose chosen option goes into summary.json's "choices"
+GROUPS = ("network", "dataset", "mode", "approach", "err_mode", "engine")
+# numeric/top-level settings copied into summary.json
+SETTINGS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "momentum", "weight_decay",
+            "max_steps", "eval_freq", "seed", "target_acc", "device")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write atomically (a crash never leaves half a summary)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(_clean(obj)) + "\n")
+
+
+def git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def versions() -> dict[str, str]:
+    import hydra
+    import numpy
+    import torch
+
+    from detox import __version__
+
+    return {"detox": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "hydra": hydra.__version__}
+
+
+def choices(cfg: DictConfig) -> dict[str, str]:
+    return {g: str(cfg[g].name) for g in GROUPS if g in cfg}
+
+
+def settings(cfg: DictConfig) -> dict[str, Any]:
+    out = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in SETTINGS}
+    out["placement"] = cfg.adversary.placement
+    return out
+
+
+def base_summary(cfg: DictConfig) -> dict[str, Any]:
+    return {"status": "running", "choices": choices(cfg), **settings(cfg), "versions": versions(),
+            "git_commit": git_commit()}
+
+
+def save_resolved_config(cfg: DictConfig, out_dir: Path) -> None:
+    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+class SweepSummary(Callback):
+    """Hydra callback: at the end of a multirun, ``summary.jsonl`` at its root, one line per job by number."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        root = Path(config.hydra.sweep.dir)
+        write_sweep_summary(root)
+
+
+def write_sweep_summary(root: Path) -> Path:
+    jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    lines = []
+    for job in jobs:
+        path = job / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            summary = {"status": "failed", "error": f"no readable summary.json ({type(err).__name__})"}
+        lines.append(json.dumps({"job": int(job.name), "dir": str(job), **summary}))
+    out = root / "summary.jsonl"
+    out.write_text("".join(line + "\n" for line in lines))
+    return out

@@ -1,0 +1,207 @@
+"""The training loop of the parameter server, shared by every engine.
+
+An engine is a *gradient source*: each step it returns the (P, d) matrix of what the workers sent.
+Everything else (Byzantine placement, the PS step, evaluation, metrics, summary) lives here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+from detox.approaches import Plan
+from detox.attacks import byzantine_mask
+from detox.config import ConfigError
+from detox.data import Data, UnitSampler, load_data
+from detox.models import bind_flat, build_model, has_batchnorm, recalibrate_batchnorm
+from detox.results import append_jsonl, base_summary, write_json
+from detox.step import ParameterServer
+
+log = logging.getLogger("detox")
+
+PHASES = ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update")
+COUNTS = ("corrupted_groups", "vote_fallbacks")
+# a unit id outside any worker's range: the evaluator's own stream of BatchNorm calibration batches
+CALIBRATION_UNIT = 1 << 30
+
+
+@dataclass
+class Gradients:
+    """What an engine delivers for one step."""
+
+    grads_nd: torch.Tensor       # (P, d), row p = worker p; the PS modifies it in place
+    losses: list[float]          # honest training losses of the units computed this step
+    t_compute: float
+    t_comm: float
+    malformed: int = 0           # messages that could not be read as a gradient (MPI)
+
+
+class GradientSource(Protocol):
+    attack_at_ps: bool
+
+    def gradients(self, step: int, byz_p: np.ndarray) -> Gradients: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Setup:
+    """The pieces every process of a job builds identically from the config."""
+
+    cfg: DictConfig
+    plan: Plan
+    data: Data
+    model: nn.Module
+    w_d: torch.Tensor
+    g_d: torch.Tensor
+
+
+def configure_threads(cfg: DictConfig) -> None:
+    # under mpiexec torch starts with 1 thread (DESIGN §7): the count is always set explicitly when given
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+
+
+def setup(cfg: DictConfig, plan: Plan) -> Setup:
+    configure_threads(cfg)
+    data = load_data(cfg.dataset).to(cfg.device)
+    if cfg.batch_size > len(data.train_y):
+        raise ConfigError(f"batch_size={cfg.batch_size}: exceeds the {len(data.train_y)} training samples "
+                          f"of dataset={cfg.dataset.name}")
+    params = {k: v for k, v in cfg.network.items() if k not in ("name", "input_shape")}
+    model = build_model(cfg.network.name, data.shape, data.num_classes, int(cfg.seed), params).to(cfg.device)
+    w_d, g_d = bind_flat(model)
+    return Setup(cfg, plan, data, model, w_d, g_d)
+
+
+def unit_samplers(s: Setup) -> list[UnitSampler]:
+    return [UnitSampler(len(s.data.train_y), int(s.cfg.batch_size), int(s.cfg.seed), u)
+            for u in range(s.plan.units)]
+
+
+@torch.no_grad()
+def evaluate(s: Setup) -> dict[str, float]:
+    """Test loss, top-1 and top-5 accuracy of the current weights (BatchNorm statistics recalibrated)."""
+    cfg, data, model = s.cfg, s.data, s.model
+    if has_batchnorm(model) and cfg.bn_calibration_batches:
+        sampler = UnitSampler(len(data.train_y), min(int(cfg.eval_batch_size), len(data.train_y)),
+                              int(cfg.seed), CALIBRATION_UNIT)
+        batches = [data.train_x[sampler.indices(i).to(data.train_x.device)]
+                   for i in range(int(cfg.bn_calibration_batches))]
+        recalibrate_batchnorm(model, batches)
+    model.eval()
+    loss_sum, top1, top5, n = 0.0, 0, 0, len(data.test_y)
+    k = min(5, data.num_classes)
+    for i in range(0, n, int(cfg.eval_batch_size)):
+        x, y = data.test_x[i : i + cfg.eval_batch_size], data.test_y[i : i + cfg.eval_batch_size]
+        logits = model(x)
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        best = logits.topk(k, dim=1).indices
+        top1 += int((best[:, 0] == y).sum())
+        top5 += int((best == y[:, None]).any(dim=1).sum())
+    model.train()
+    return {"test_loss": loss_sum / n, "test_acc": top1 / n, "test_acc5": top5 / n}
+
+
+class _Window:
+    """Per-step sums since the previous metrics record."""
+
+    def __init__(self) -> None:
+        self.steps, self.sums, self.losses = 0, dict.fromkeys(PHASES + COUNTS, 0.0), []
+
+    def add(self, diag: dict, grads: Gradients) -> None:
+        self.steps += 1
+        for k in PHASES + COUNTS:
+            self.sums[k] += diag.get(k, 0.0)
+        self.losses += grads.losses
+
+    def means(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {k: (v / self.steps if self.steps else None) for k, v in self.sums.items()}
+        out["train_loss"] = float(np.mean(self.losses)) if self.losses else None
+        return out
+
+
+def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
+    """Run the job to ``max_steps`` (or divergence); write metrics.jsonl and return the summary."""
+    cfg, plan = s.cfg, s.plan
+    save = out_dir is not None and bool(cfg.save)
+    metrics_path = out_dir / "metrics.jsonl" if save else None
+    ps = ParameterServer(plan, s.w_d, attack=cfg.err_mode.name,
+                         attack_params={k: v for k, v in cfg.err_mode.items() if k != "name"},
+                         lr=float(cfg.lr), momentum=float(cfg.momentum), weight_decay=float(cfg.weight_decay))
+    summary = base_summary(cfg)
+    records: list[dict] = []
+    wall, window, status = 0.0, _Window(), "completed"
+    samples_per_step = plan.units * int(cfg.batch_size)
+    n_train = len(s.data.train_y)
+    malformed = 0
+
+    def record(step: int) -> dict:
+        t0 = time.perf_counter()
+        ev = evaluate(s)
+        eval_time = time.perf_counter() - t0
+        rec = {"step": step, "epoch": step * samples_per_step / n_train, "wall_time": wall,
+               "eval_time": eval_time, "samples": step * samples_per_step, **window.means(), **ev,
+               "byzantine_workers": plan.byzantine}
+        rec = {k: rec[k] for k in METRIC_KEYS}
+        if metrics_path is not None:
+            append_jsonl(metrics_path, rec)
+        log.info("step %5d | train_loss %s | test_loss %.4f | test_acc %.4f | corrupted/step %s | %.1fs",
+                 step, _fmt(rec["train_loss"]), ev["test_loss"], ev["test_acc"],
+                 _fmt(rec["corrupted_groups"], 3), wall)
+        records.append(rec)
+        return rec
+
+    record(0)
+    window = _Window()
+    for t in range(int(cfg.max_steps)):
+        t_start = time.perf_counter()
+        byz_p = byzantine_mask(cfg.adversary.placement, t, plan.workers, plan.byzantine, plan.unit_size,
+                               plan.seed)
+        grads = source.gradients(t, byz_p)
+        diag = ps.step(t, grads.grads_nd, byz_p, attack_at_ps=source.attack_at_ps)
+        diag["t_compute"], diag["t_comm"] = grads.t_compute, grads.t_comm
+        malformed += grads.malformed
+        wall += time.perf_counter() - t_start
+        window.add(diag, grads)
+        done = t + 1
+        diverged = not diag["finite"] or any(not math.isfinite(x) for x in grads.losses)
+        if diverged or done % int(cfg.eval_freq) == 0 or done == int(cfg.max_steps):
+            record(done)
+            window = _Window()
+        if diverged:
+            status = "diverged"
+            log.warning("step %d: non-finite %s; stopping (status diverged)", done,
+                        "weights" if not diag["finite"] else "training loss")
+            break
+    source.close()
+
+    accs = [r["test_acc"] for r in records if r["test_acc"] is not None and math.isfinite(r["test_acc"])]
+    target = cfg.target_acc
+    hit = next((r["wall_time"] for r in records if target is not None and r["test_acc"] >= target), None)
+    summary.update({
+        "status": status, "steps": records[-1]["step"], "final_test_acc": records[-1]["test_acc"],
+        "best_test_acc": max(accs) if accs else None, "final_test_loss": records[-1]["test_loss"],
+        "wall_time": wall, "time_to_target": hit, "malformed_messages": malformed,
+    })
+    if save:
+        write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+METRIC_KEYS = ("step", "epoch", "wall_time", "eval_time", "samples", "train_loss", "test_loss", "test_acc",
+               "test_acc5", *PHASES, "byzantine_workers", *COUNTS)
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
