@@ -16,6 +16,10 @@ import torch
 
 # columns per block for coordinate-wise sorts: about 1 MiB of float32 per block, whatever n is
 _BLOCK_ELEMS = 1 << 18
+# elements per block of the Gram matrix and of Weiszfeld's distances (4 MiB of float32)
+_GEMM_BLOCK_ELEMS = 1 << 20
+# columns sampled to find a reference row for centring
+_SAMPLE_COLS = 1 << 14
 
 
 def _check(name: str, grads_nd: torch.Tensor, f: int, ok: bool = True, bound: str = "") -> tuple[int, int]:
@@ -92,26 +96,56 @@ def trimmed_mean(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     return _column_blocks(grads_nd, None, _middle_mean(f))
 
 
-def pairwise_sq_dists(grads_nd: torch.Tensor) -> torch.Tensor:
-    """(n, n) squared Euclidean distances from one matrix product; non-finite entries become +inf.
-
-    The Gram matrix is computed in the input dtype (one pass over the data); norms and differences are
-    combined in float64. The diagonal is exactly 0.
-    """
-    gram = (grads_nd @ grads_nd.t()).double()
+def _reference_row(x_nd: torch.Tensor, k: int) -> int:
+    """A row inside the bulk of the data: the Krum-style medoid on a strided sample of columns (float64)."""
+    n, d = x_nd.shape
+    stride = max(1, d // _SAMPLE_COLS)
+    sample = x_nd[:, ::stride].double()
+    sample = sample - sample[0]
+    gram = sample @ sample.t()
     sq = gram.diagonal()
     d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0)
-    d2 = torch.nan_to_num(d2, nan=float("inf"))
+    d2.fill_diagonal_(float("inf"))
+    k = min(max(k, 1), n - 1)
+    return int(torch.sort(d2.topk(k, dim=1, largest=False).values.sum(dim=1), stable=True).indices[0])
+
+
+def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """(n, n) float64 squared Euclidean distances; rows with a non-finite entry are +inf from every other row.
+
+    Rows are centred on a reference row inside the bulk of the data (``k``: neighbours used to find it)
+    before the Gram matrix is formed, block by block with float64 accumulation. Without centring,
+    ||a||^2 + ||b||^2 - 2<a, b> in float32 loses every digit when rows share a large common component.
+    The diagonal is exactly 0.
+    """
+    n, d = grads_nd.shape
+    d2 = torch.full((n, n), float("inf"), dtype=torch.float64, device=grads_nd.device)
     d2.fill_diagonal_(0.0)
+    finite_n = torch.isfinite(grads_nd).all(dim=1)
+    idx = torch.nonzero(finite_n).flatten()
+    m = idx.numel()
+    if m < 2:
+        return d2
+    x_md = grads_nd if m == n else grads_nd.index_select(0, idx)  # copies only when rows are hostile
+    ref_d = x_md[_reference_row(x_md, (k if k is not None else m // 2))]
+    gram = torch.zeros((m, m), dtype=torch.float64, device=grads_nd.device)
+    step = max(1, _GEMM_BLOCK_ELEMS // m)
+    for s in range(0, d, step):
+        blk = x_md[:, s : s + step] - ref_d[s : s + step]
+        gram += (blk @ blk.t()).double()
+    sq = gram.diagonal()
+    sub = torch.nan_to_num((sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0), nan=float("inf"))
+    sub.fill_diagonal_(0.0)
+    d2[idx[:, None], idx[None, :]] = sub
     return d2
 
 
 def krum_scores(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     """score_i = sum of squared distances from row i to its n - f - 2 nearest other rows."""
     n = grads_nd.shape[0]
-    d2 = pairwise_sq_dists(grads_nd)
-    d2.fill_diagonal_(float("inf"))  # a row is not its own neighbour
     k = n - f - 2
+    d2 = pairwise_sq_dists(grads_nd, k)
+    d2.fill_diagonal_(float("inf"))  # a row is not its own neighbour
     return d2.topk(k, dim=1, largest=False, sorted=False).values.sum(dim=1)
 
 
@@ -155,13 +189,22 @@ def bulyan(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     return _column_blocks(grads_nd, selected, _middle_mean(f))
 
 
-def geometric_median(
-    grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-8, max_iter: int = 1000, eps: float = 1e-12
-) -> torch.Tensor:
-    """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from the mean.
+def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance of every row to z (float64), in column blocks: no (n, d) temporary."""
+    n, d = rows_nd.shape
+    acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
+    step = max(1, _GEMM_BLOCK_ELEMS // n)
+    for s in range(0, d, step):
+        acc += (rows_nd[:, s : s + step] - z_d[s : s + step]).square_().sum(dim=1, dtype=torch.float64)
+    return acc.sqrt_()
 
-    Stops when the objective decreases by less than ``tol`` relative. Rows with a non-finite entry are
-    infinitely far from every candidate and get weight 0.
+
+def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-8, max_iter: int = 1000) -> torch.Tensor:
+    """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from the mean (Vardi-Zhang step at data points).
+
+    Stops when the objective decreases by less than ``tol`` relative, or when z is a data point that
+    satisfies the optimality condition. Rows with a non-finite entry are infinitely far from every
+    candidate and get weight 0.
     """
     n, d = _check("geometric-median", grads_nd, f)
     finite = torch.isfinite(grads_nd).all(dim=1)
@@ -171,13 +214,25 @@ def geometric_median(
     z_d = rows.mean(dim=0)
     prev = float("inf")
     for _ in range(max_iter):
-        dist_n = torch.linalg.vector_norm(rows - z_d, dim=1).double()
+        dist_n = _row_dists(rows, z_d)
         obj = float(dist_n.sum())
-        if prev - obj <= tol * max(obj, eps):
+        if prev - obj <= tol * obj:
             break
         prev = obj
-        w_n = 1.0 / dist_n.clamp(min=eps)
-        z_d = (w_n / w_n.sum()).to(rows.dtype) @ rows
+        # rows at z (within round-off of the data's scale) would get an infinite Weiszfeld weight
+        at_z = dist_n <= 1e-12 * max(float(dist_n.max()), 1e-300)
+        w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
+        if float(w_n.sum()) == 0.0:
+            break  # every row coincides with z
+        t_d = (w_n / w_n.sum()).to(rows.dtype) @ rows
+        eta = int(at_z.sum())
+        if eta:
+            # Vardi & Zhang (2000): z is optimal iff ||R|| <= eta, R = sum over other rows of unit vectors
+            r = float(torch.linalg.vector_norm((t_d - z_d).double()) * w_n.sum())
+            if r <= eta:
+                break
+            t_d = t_d * (1 - eta / r) + z_d * (eta / r)
+        z_d = t_d
     return z_d
 
 

@@ -107,24 +107,46 @@ def _same(a_d: torch.Tensor, b_d: torch.Tensor, tol: float) -> bool:
     return torch.equal(a_d.view(bits), b_d.view(bits))
 
 
-def vote_group(rows_rd: torch.Tensor, tol: float = 0.0) -> int:
-    """Index of the first member whose vector a strict majority of the group sends, or -1."""
+def _vote(rows_rd: torch.Tensor, tol: float) -> tuple[int, list[int]]:
+    """(first member of the strict-majority class, the class's members), or (-1, [])."""
     r = rows_rd.shape[0]
     need = majority(r)
     claimed = [False] * r
     for i in range(r):
         if claimed[i]:
             continue
-        count = 1
+        members = [i]
         for j in range(i + 1, r):
             if not claimed[j] and _same(rows_rd[i], rows_rd[j], tol):
                 claimed[j] = True
-                count += 1
-        if count >= need:
-            return i
+                members.append(j)
+        if len(members) >= need:
+            return i, members
         if r - i - 1 < need:  # too few members left to form a majority
             break
-    return -1
+    return -1, []
+
+
+def vote_group(rows_rd: torch.Tensor, tol: float = 0.0) -> int:
+    """Index of the first member whose vector a strict majority of the group sends, or -1."""
+    return _vote(rows_rd, tol)[0]
+
+
+def _majority(grads_nd: torch.Tensor, r: int, tol: float) -> tuple[torch.Tensor, np.ndarray, list[list[int]]]:
+    k = grads_nd.shape[0] // r
+    win_rows = np.full(k, -1, dtype=np.int64)
+    classes: list[list[int]] = []
+    winners_kd = torch.empty((k, grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)
+    for g in range(k):
+        rows_rd = grads_nd[g * r : (g + 1) * r]
+        i, members = _vote(rows_rd, tol)
+        classes.append([g * r + j for j in members])
+        if i >= 0:
+            win_rows[g] = g * r + i
+            winners_kd[g] = rows_rd[i]
+        else:
+            winners_kd[g] = coord_median(rows_rd)
+    return winners_kd, win_rows, classes
 
 
 def majority_vote(grads_nd: torch.Tensor, r: int, tol: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
@@ -132,26 +154,19 @@ def majority_vote(grads_nd: torch.Tensor, r: int, tol: float = 0.0) -> tuple[tor
 
     Returns the (P/r, d) winners and, per group, the winning row index in ``grads_nd`` (-1: fallback).
     """
-    k = grads_nd.shape[0] // r
-    win_rows = np.full(k, -1, dtype=np.int64)
-    winners_kd = torch.empty((k, grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)
-    for g in range(k):
-        rows_rd = grads_nd[g * r : (g + 1) * r]
-        i = vote_group(rows_rd, tol)
-        if i >= 0:
-            win_rows[g] = g * r + i
-            winners_kd[g] = rows_rd[i]
-        else:
-            winners_kd[g] = coord_median(rows_rd)
+    winners_kd, win_rows, _ = _majority(grads_nd, r, tol)
     return winners_kd, win_rows
 
 
 def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[torch.Tensor, dict]:
     t0 = time.perf_counter()
-    winners_kd, win_rows = majority_vote(grads_nd, plan.group_size, plan.vote_tol)
-    won = win_rows[win_rows >= 0]
+    winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol)
+    need = majority(plan.group_size)
+    # a group is corrupted when its winning vector lacks the support of a strict majority of honest
+    # members: the Byzantines decided the vote (even if they chose to send the honest vector)
+    corrupted = sum(1 for members in classes if members and int((~byz_p[members]).sum()) < need)
     diag = {
-        "corrupted_groups": int(byz_p[won].sum()),
+        "corrupted_groups": corrupted,
         "vote_fallbacks": int((win_rows < 0).sum()),
         "t_vote": time.perf_counter() - t0,
     }

@@ -26,13 +26,20 @@ def byzantine_units(byz_p: np.ndarray, plan: Plan) -> dict[int, np.ndarray]:
 
 
 def apply_attack(
-    grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, attack: str, params: dict, step: int
+    grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, attack: str, params: dict, step: int,
+    faulty_p: np.ndarray | None = None,
 ) -> None:
-    """Overwrite the Byzantine rows in place with the attack's vectors (colluding within a unit)."""
+    """Overwrite the Byzantine rows in place with the attack's vectors (colluding within a unit).
+
+    ``faulty_p`` marks rows that arrived malformed (already NaN): they are left out of the honest statistics.
+    """
     units = byzantine_units(byz_p, plan)
     if attack == "none" or not units:
         return
-    stats = HonestStats.of(grads_nd) if attack in NEEDS_ALL_HONEST else None
+    stats = None
+    if attack in NEEDS_ALL_HONEST:
+        ok = None if faulty_p is None or not faulty_p.any() else torch.from_numpy(~faulty_p)
+        stats = HonestStats.of(grads_nd if ok is None else grads_nd[ok])
     for u, rows in units.items():
         honest_d = grads_nd[u * plan.unit_size]  # every member of a unit holds the same honest gradient
         vec_d = attack_vector(
@@ -58,14 +65,20 @@ class ParameterServer:
         self.momentum = momentum
         self.weight_decay = weight_decay
 
-    def step(self, step: int, grads_nd: torch.Tensor, byz_p: np.ndarray, attack_at_ps: bool = True) -> dict:
+    def step(
+        self, step: int, grads_nd: torch.Tensor, byz_p: np.ndarray, attack_at_ps: bool = True,
+        faulty_p: np.ndarray | None = None,
+    ) -> dict:
         """One PS step on the P worker gradients (modified in place). Returns diagnostics and timings.
 
         ``attack_at_ps`` is False where the Byzantine workers already attacked themselves (MPI engine,
-        attacks that need only their own gradient).
+        attacks that need only their own gradient). ``faulty_p`` marks rows whose message was malformed:
+        they count as Byzantine in the diagnostics.
         """
         if attack_at_ps:
-            apply_attack(grads_nd, byz_p, self.plan, self.attack, self.attack_params, step)
+            apply_attack(grads_nd, byz_p, self.plan, self.attack, self.attack_params, step, faulty_p)
+        if faulty_p is not None and faulty_p.any():
+            byz_p = byz_p | faulty_p
         agg_d, diag = APPROACHES[self.plan.approach](grads_nd, byz_p, self.plan, step)
         t0 = time.perf_counter()
         if self.weight_decay:

@@ -43,7 +43,7 @@ class Gradients:
     losses: list[float]          # honest training losses of the units computed this step
     t_compute: float
     t_comm: float
-    malformed: int = 0           # messages that could not be read as a gradient (MPI)
+    malformed_p: np.ndarray | None = None   # (P,) rows whose message could not be read (MPI): NaN-filled
 
 
 class GradientSource(Protocol):
@@ -169,9 +169,9 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         byz_p = byzantine_mask(cfg.adversary.placement, t, plan.workers, plan.byzantine, plan.unit_size,
                                plan.seed)
         grads = source.gradients(t, byz_p)
-        diag = ps.step(t, grads.grads_nd, byz_p, attack_at_ps=source.attack_at_ps)
+        diag = ps.step(t, grads.grads_nd, byz_p, attack_at_ps=source.attack_at_ps, faulty_p=grads.malformed_p)
         diag["t_compute"], diag["t_comm"] = grads.t_compute, grads.t_comm
-        malformed += grads.malformed
+        malformed += 0 if grads.malformed_p is None else int(grads.malformed_p.sum())
         wall += time.perf_counter() - t_start
         window.add(diag, grads)
         done = t + 1

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from detox.aggregators import AGGREGATORS, _BLOCK_ELEMS, aggregate, krum_scores
+from detox.aggregators import _BLOCK_ELEMS, AGGREGATORS, aggregate, krum_scores
 
 ALL_RULES = sorted(AGGREGATORS)
 PROPS = settings(
