@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import torch
-from scipy.stats import norm
 
 # stream tags keep the random streams of different purposes independent
 TAG_PLACEMENT, TAG_ATTACK, TAG_BUCKETS, TAG_DATA = 1, 2, 3, 4
@@ -54,7 +54,7 @@ def alie_z_max(workers: int, byzantine: int) -> float:
             f"err_mode=alie: z_max is undefined for workers={workers}, worker_fail={byzantine} "
             f"(needs 0 < floor(P/2+1) - q < P); set err_mode.z explicitly"
         )
-    return float(norm.ppf(p))
+    return NormalDist().inv_cdf(p)
 
 
 def none(g_d: torch.Tensor, **_: object) -> torch.Tensor:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from omegaconf import DictConfig
 
 from detox.aggregators import AGGREGATORS
 from detox.approaches import APPROACHES, Plan, plan_from_cfg
 from detox.attacks import ATTACKS, PLACEMENTS, alie_z_max
+
+# what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
+FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang")
 
 
 class ConfigError(ValueError):
@@ -94,6 +99,9 @@ def validate(cfg: DictConfig) -> Plan:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    if cfg.engine.name == "mpi":
+        _check_mpi(cfg)
+
     net_shape = cfg.network.get("input_shape")
     if net_shape is not None and list(net_shape) != list(cfg.dataset.shape):
         raise ConfigError(
@@ -101,3 +109,29 @@ def validate(cfg: DictConfig) -> Plan:
             f"has {list(cfg.dataset.shape)}; pick a matching dataset (or network=fc, which takes any shape)"
         )
     return plan
+
+
+def _check_mpi(cfg: DictConfig) -> None:
+    e = cfg.engine
+    if str(cfg.device) != "cpu":
+        raise ConfigError(f"device={cfg.device!r}: engine=mpi moves CPU tensors; use device=cpu")
+    if not cfg.save:
+        raise ConfigError("save=false: engine=mpi reports through files in the job directory; use save=true")
+    if e.get("compress") not in (None, "blosc"):
+        raise ConfigError(f"engine.compress={e.compress!r}: must be null or blosc")
+    if e.get("compress"):
+        import blosc
+
+        if e.codec not in blosc.compressor_list():
+            raise ConfigError(f"engine.codec={e.codec!r}: not in this blosc build; choose from "
+                              f"{', '.join(blosc.compressor_list())}")
+    if not float(e.timeout) > 0:
+        raise ConfigError(f"engine.timeout={e.timeout!r}: must be > 0 seconds")
+    if e.get("hostfile") and not Path(str(e.hostfile)).expanduser().is_file():
+        raise ConfigError(f"engine.hostfile={e.hostfile!r}: no such file")
+    for i, fault in enumerate(e.get("faults") or []):
+        if fault.get("kind") not in FAULT_KINDS:
+            raise ConfigError(f"engine.faults[{i}].kind={fault.get('kind')!r}: choose from {', '.join(FAULT_KINDS)}")
+        rank = fault.get("rank")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= int(cfg.workers):
+            raise ConfigError(f"engine.faults[{i}].rank={rank!r}: must be a worker rank in [1, {cfg.workers}]")

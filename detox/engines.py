@@ -49,4 +49,10 @@ def run_local(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     return train(s, LocalSource(s), out_dir)
 
 
-ENGINES: dict[str, Callable[[DictConfig, Plan, Path | None], dict]] = {"local": run_local}
+def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
+    from detox.mpi import run_mpi as run  # imported lazily: the driver never initialises MPI itself
+
+    return run(cfg, plan, out_dir)
+
+
+ENGINES: dict[str, Callable[[DictConfig, Plan, Path | None], dict]] = {"local": run_local, "mpi": run_mpi}

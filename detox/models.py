@@ -11,8 +11,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
-from torchvision.models.vgg import cfgs as vgg_cfgs
 
 
 def fc(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,)) -> nn.Module:
@@ -48,6 +46,8 @@ class LeNet(nn.Module):
 
 def resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
+    from torchvision.models import resnet18 as tv_resnet18  # torchvision costs ~2 s to import: only when used
+
     net = tv_resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
@@ -56,6 +56,8 @@ def resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
 
 def vgg13(input_shape: Sequence[int], num_classes: int) -> nn.Module:
     """VGG13 with batch norm (torchvision's layer table "B") and the 512 -> classes CIFAR head."""
+    from torchvision.models.vgg import cfgs as vgg_cfgs
+
     layers: list[nn.Module] = []
     c = input_shape[0]
     for v in vgg_cfgs["B"]:

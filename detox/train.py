@@ -30,7 +30,7 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         save_resolved_config(cfg, out_dir)
     try:
         plan = validate(cfg)
-        return ENGINES[cfg.engine.name](cfg, plan, out_dir)
+        summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
     except Exception as err:
         summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
         if save:
@@ -44,6 +44,9 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         if isinstance(err, USER_ERRORS):
             sys.exit(2)
         raise
+    if summary["status"] == "failed" and not multirun:  # e.g. an MPI rank died: the job did not run through
+        sys.exit(1)
+    return summary
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -195,6 +195,8 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         "wall_time": wall, "time_to_target": hit, "malformed_messages": malformed,
     })
     if save:
+        if cfg.get("save_model"):
+            torch.save(s.model.state_dict(), out_dir / "model.pt")
         write_json(out_dir / "summary.json", summary)
     return summary
 

@@ -30,12 +30,15 @@ def make_cfg(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         return compose("config", overrides=list(overrides))
 
 
-def run_job(overrides, out_dir: Path) -> dict:
-    """Compose and run one job in this process, files in ``out_dir``; return its summary."""
+def run_job(overrides, out_dir: Path, multirun: bool = False) -> dict:
+    """Compose and run one job in this process, files in ``out_dir``; return its summary.
+
+    ``multirun``: as inside a sweep, a failed job returns its summary instead of exiting.
+    """
     from detox.train import run
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    return run(make_cfg(overrides), out_dir)
+    return run(make_cfg(overrides), out_dir, multirun=multirun)
 
 
 def read_metrics(out_dir: Path) -> list[dict]:

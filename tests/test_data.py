@@ -15,7 +15,9 @@ from detox.data import DataUnavailable, UnitSampler, load_data
 def test_digits_split_is_fixed_and_standardised() -> None:
     a, b = load_data(make_cfg().dataset), load_data(make_cfg().dataset)
     assert a.shape == (1, 8, 8) and a.num_classes == 10
-    assert len(a.train_y) + len(a.test_y) == 1797 and len(a.test_y) == 360
+    assert len(a.train_y) + len(a.test_y) == 1797 and len(a.test_y) == 359
+    # stratified: every class keeps its share in the test split
+    assert torch.bincount(a.test_y).min() >= 17
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
     assert abs(float(a.train_x.mean())) < 1e-4 and float(a.train_x.std()) == pytest.approx(1.0, abs=1e-3)
 
