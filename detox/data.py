@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -149,9 +150,11 @@ def fashion_mnist(cfg) -> Data:
     if missing and all((source / f"{n}.gz").exists() for n in missing):
         raw.mkdir(parents=True, exist_ok=True)
         for n in missing:  # torchvision checks the raw files; links to the .gz fail its checksum
-            with gzip.open(source / f"{n}.gz", "rb") as src, open(raw / f"{n}.part", "wb") as dst:
+            # a private temporary name and an atomic rename: MPI ranks may unpack at the same time
+            part = raw / f"{n}.{os.getpid()}.part"
+            with gzip.open(source / f"{n}.gz", "rb") as src, open(part, "wb") as dst:
                 shutil.copyfileobj(src, dst)
-            (raw / f"{n}.part").rename(raw / n)
+            os.replace(part, raw / n)
     elif missing and not cfg.download:
         raise DataUnavailable(
             f"dataset=fashion_mnist: {len(missing)} IDX files missing under {raw} and none at {source}; "

@@ -316,6 +316,18 @@ def _worker(s: Setup, comm, rank: int) -> None:
         comm.Send([np.array([loss, t_compute], dtype=np.float64), MPI.BYTE], dest=0, tag=TAG_META)
 
 
+def _share_config(comm, path: Path | None) -> str:
+    """Rank 0 reads the resolved config and broadcasts it as bytes: only its host needs the job directory."""
+    from mpi4py import MPI
+
+    raw = path.read_bytes() if path is not None else b""
+    n = np.array([len(raw)], dtype=np.int64)
+    comm.Bcast(n, root=0)
+    buf = bytearray(raw) if path is not None else bytearray(int(n[0]))
+    comm.Bcast([buf, MPI.BYTE], root=0)
+    return buf.decode()
+
+
 def rank_main(job_dir: str) -> None:
     """Entry point of every rank: ``python -m mpi4py -m detox.mpi <job_dir>``."""
     from mpi4py import MPI
@@ -323,7 +335,7 @@ def rank_main(job_dir: str) -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     out_dir = Path(job_dir)
-    cfg = OmegaConf.load(out_dir / "resolved_config.yaml")
+    cfg = OmegaConf.create(_share_config(comm, out_dir / "resolved_config.yaml" if rank == 0 else None))
     # under mpiexec torch starts with 1 thread (DESIGN §7): always set it explicitly
     cfg.threads = int(cfg.engine.threads_per_rank or cfg.threads or 1)
     plan = plan_from_cfg(cfg)
