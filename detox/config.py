@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 from detox.aggregators import AGGREGATORS
 from detox.approaches import APPROACHES, Plan, plan_from_cfg
 from detox.attacks import ATTACKS, PLACEMENTS, alie_z_max
+from detox.cluster.hostfile import parse_hostfile
 
 # what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
 FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang")
@@ -111,6 +112,26 @@ def validate(cfg: DictConfig) -> Plan:
     return plan
 
 
+def _check_hostfile(cfg: DictConfig) -> None:
+    """The hostfile parses, and has a slot for every rank unless mpiexec may oversubscribe."""
+    e = cfg.engine
+    path = Path(str(e.hostfile)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"engine.hostfile={e.hostfile!r}: no such file")
+    try:
+        hosts = parse_hostfile(path)
+    except ValueError as err:
+        raise ConfigError(f"engine.hostfile={e.hostfile!r}: {err}") from None
+    ranks = int(cfg.workers) + 1
+    slots = sum(n for _, n in hosts)
+    # "--oversubscribe" or Open MPI 5's "--map-by :OVERSUBSCRIBE" lets more ranks than slots start
+    oversubscribe = any("oversubscribe" in str(arg).lower() for arg in e.launcher_args or [])
+    if slots < ranks and not oversubscribe:
+        raise ConfigError(f"engine.hostfile={e.hostfile!r}: {slots} slots on {len(hosts)} hosts for {ranks} ranks "
+                          f"(workers={cfg.workers} + the PS); add hosts or slots, or put --oversubscribe in "
+                          f"engine.launcher_args")
+
+
 def _check_mpi(cfg: DictConfig) -> None:
     e = cfg.engine
     if str(cfg.device) != "cpu":
@@ -127,8 +148,8 @@ def _check_mpi(cfg: DictConfig) -> None:
                               f"{', '.join(blosc.compressor_list())}")
     if not float(e.timeout) > 0:
         raise ConfigError(f"engine.timeout={e.timeout!r}: must be > 0 seconds")
-    if e.get("hostfile") and not Path(str(e.hostfile)).expanduser().is_file():
-        raise ConfigError(f"engine.hostfile={e.hostfile!r}: no such file")
+    if e.get("hostfile"):
+        _check_hostfile(cfg)
     for i, fault in enumerate(e.get("faults") or []):
         if fault.get("kind") not in FAULT_KINDS:
             raise ConfigError(f"engine.faults[{i}].kind={fault.get('kind')!r}: choose from {', '.join(FAULT_KINDS)}")

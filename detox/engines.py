@@ -32,13 +32,15 @@ class LocalSource:
 
     def gradients(self, step: int, byz_p: np.ndarray) -> Gradients:
         s, size = self.s, self.s.plan.unit_size
-        t0 = time.perf_counter()
-        losses = []
+        losses, slowest = [], 0.0
         for u, sampler in enumerate(self.samplers):
+            t0 = time.perf_counter()
             idx = sampler.indices(step).to(s.data.train_x.device)
             losses.append(gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx]))
+            slowest = max(slowest, time.perf_counter() - t0)
             self.grads_nd[u * size : (u + 1) * size] = s.g_d
-        return Gradients(self.grads_nd, losses, t_compute=time.perf_counter() - t0, t_comm=0.0)
+        # a cluster's workers compute in parallel: the step waits for the slowest one, as t_compute in MPI
+        return Gradients(self.grads_nd, losses, t_compute=slowest, t_comm=0.0)
 
     def close(self) -> None:
         pass

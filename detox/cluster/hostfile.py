@@ -1,0 +1,64 @@
+"""Open MPI hostfiles: what ``python -m detox.cluster.ec2 hosts`` writes and ``engine=mpi`` consumes.
+
+Format (Open MPI's): one host per line, ``<host> slots=<n>``; ``#`` starts a comment; blank lines are ignored.
+The first host runs rank 0 (the PS), because Open MPI fills slots in file order. A bare ``<host>`` line (the
+original project's ``hosts_address``) counts as one slot here: that is how the original ran, one rank per
+instance (Open MPI itself may give a bare host one slot per core).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# keys Open MPI accepts after the host name; only ``slots`` decides how many ranks a host takes by default
+SLOT_KEYS = ("slots", "max_slots", "max-slots")
+
+
+def write_hostfile(path: str | Path, hosts: list[str], slots: list[int]) -> Path:
+    """Write ``<host> slots=<n>`` lines, in order (the PS's host first)."""
+    if len(hosts) != len(slots):
+        raise ValueError(f"{len(hosts)} hosts but {len(slots)} slot counts")
+    if not hosts:
+        raise ValueError("no hosts to write")
+    lines = []
+    for host, n in zip(hosts, slots, strict=True):
+        if not host or any(c.isspace() for c in host) or "=" in host or "#" in host:
+            raise ValueError(f"host {host!r}: not a host name or address")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"host {host}: slots={n!r} must be an integer >= 1")
+        lines.append(f"{host} slots={n}\n")
+    path = Path(path)
+    path.write_text("".join(lines))
+    return path
+
+
+def _parse_line(text: str) -> tuple[str, int]:
+    host, *options = text.split()
+    if "=" in host:
+        raise ValueError("the line must start with a host name")
+    slots = 1
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in SLOT_KEYS:
+            raise ValueError(f"unknown option {option!r} (expected slots=<n>)")
+        if not value.isdigit() or int(value) < 1:
+            raise ValueError(f"{key}={value!r} must be an integer >= 1")
+        if key == "slots":
+            slots = int(value)
+    return host, slots
+
+
+def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
+    """``[(host, slots), ...]`` in file order; a ``ValueError`` naming the line for anything malformed."""
+    entries = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        text = line.split("#", 1)[0].strip()
+        if not text:
+            continue
+        try:
+            entries.append(_parse_line(text))
+        except ValueError as err:
+            raise ValueError(f"line {number} {line.strip()!r}: {err}") from None
+    if not entries:
+        raise ValueError("no hosts in the file")
+    return entries
