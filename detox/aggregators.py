@@ -195,30 +195,29 @@ def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
     acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
     step = max(1, _GEMM_BLOCK_ELEMS // n)
     for s in range(0, d, step):
-        acc += (rows_nd[:, s : s + step] - z_d[s : s + step]).square_().sum(dim=1, dtype=torch.float64)
+        # squares in float64: a finite 1e38 coordinate would overflow float32 and blind every distance
+        acc += (rows_nd[:, s : s + step] - z_d[s : s + step]).double().square_().sum(dim=1)
     return acc.sqrt_()
 
 
-def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-8, max_iter: int = 1000) -> torch.Tensor:
-    """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from the mean (Vardi-Zhang step at data points).
+def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_iter: int = 1000) -> torch.Tensor:
+    """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from a medoid (Vardi-Zhang step at data points).
 
-    Stops when the objective decreases by less than ``tol`` relative, or when z is a data point that
-    satisfies the optimality condition. Rows with a non-finite entry are infinitely far from every
-    candidate and get weight 0.
+    Stops when an iteration moves z by less than ``tol`` times the median distance of the rows to z (a scale
+    set by the honest majority, so a few huge rows cannot end the iterations early), or when z is a data
+    point that satisfies the optimality condition. Rows with a non-finite entry are infinitely far from
+    every candidate and get weight 0.
     """
     n, d = _check("geometric-median", grads_nd, f)
     finite = torch.isfinite(grads_nd).all(dim=1)
     rows = grads_nd if bool(finite.all()) else grads_nd[finite]
     if rows.shape[0] == 0:
         return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
-    z_d = rows.mean(dim=0)
-    prev = float("inf")
+    # start inside the bulk of the data (a medoid), not at the mean that a few huge rows drag away
+    z_d = rows[_reference_row(rows, rows.shape[0] // 2)].clone() if rows.shape[0] > 1 else rows[0].clone()
     for _ in range(max_iter):
         dist_n = _row_dists(rows, z_d)
-        obj = float(dist_n.sum())
-        if prev - obj <= tol * obj:
-            break
-        prev = obj
+        scale = float(dist_n.median())
         # rows at z (within round-off of the data's scale) would get an infinite Weiszfeld weight
         at_z = dist_n <= 1e-12 * max(float(dist_n.max()), 1e-300)
         w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
@@ -232,7 +231,10 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-8, max_
             if r <= eta:
                 break
             t_d = t_d * (1 - eta / r) + z_d * (eta / r)
+        moved = float(torch.linalg.vector_norm((t_d - z_d).double()))
         z_d = t_d
+        if moved <= tol * scale:
+            break
     return z_d
 
 
