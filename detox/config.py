@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -62,6 +63,16 @@ def validate(cfg: DictConfig) -> Plan:
         raise ConfigError(f"momentum={cfg.momentum!r}: must be in [0, 1)")
     if cfg.target_acc is not None and not 0.0 < float(cfg.target_acc) <= 1.0:
         raise ConfigError(f"target_acc={cfg.target_acc!r}: must be in (0, 1] or null")
+    if float(cfg.weight_decay) < 0:
+        raise ConfigError(f"weight_decay={cfg.weight_decay!r}: must be >= 0")
+    every = (cfg.get("checkpoint") or {}).get("every")
+    if every is not None:
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1 or every % int(cfg.eval_freq):
+            raise ConfigError(f"checkpoint.every={every!r}: must be null or a positive multiple of "
+                              f"eval_freq ({cfg.eval_freq}): checkpoints are taken at evaluations")
+    if int(cfg.dataset.num_classes) < 2:
+        raise ConfigError(f"dataset.num_classes={cfg.dataset.num_classes!r}: a classifier needs at least 2 classes")
+    _check_attack(cfg)
     _known("mode", cfg.mode.name, AGGREGATORS)
     _known("approach", cfg.approach.name, APPROACHES)
     _known("err_mode", cfg.err_mode.name, ATTACKS)
@@ -82,6 +93,11 @@ def validate(cfg: DictConfig) -> Plan:
                               f"(the number of groups, workers / group_size)")
     if grouped and cfg.approach.get("inner", "mean") is not None:
         _known("approach.inner", cfg.approach.get("inner", "mean"), AGGREGATORS)
+    if grouped and not float(cfg.approach.get("vote_tol") or 0.0) >= 0:
+        raise ConfigError(f"approach.vote_tol={cfg.approach.vote_tol!r}: must be >= 0 (0: bit-exact majority)")
+    inner_f = cfg.approach.get("inner_f")
+    if inner_f is not None and (isinstance(inner_f, bool) or not isinstance(inner_f, int) or inner_f < 0):
+        raise ConfigError(f"approach.inner_f={inner_f!r}: must be null or an integer >= 0")
 
     plan = plan_from_cfg(cfg)
     if plan.f < 0:
@@ -156,3 +172,21 @@ def _check_mpi(cfg: DictConfig) -> None:
         rank = fault.get("rank")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= int(cfg.workers):
             raise ConfigError(f"engine.faults[{i}].rank={rank!r}: must be a worker rank in [1, {cfg.workers}]")
+
+
+# attack parameters that must be finite and non-negative to mean anything (constant's value may be anything:
+# NaN and inf payloads are how the hostile-value tests attack)
+_ATTACK_BOUNDS = {"rev_grad": ("scale", 0.0), "gaussian": ("std", 0.0), "ipm": ("epsilon", 0.0)}
+
+
+def _check_attack(cfg: DictConfig) -> None:
+    name = cfg.err_mode.name
+    if name in _ATTACK_BOUNDS:
+        key, low = _ATTACK_BOUNDS[name]
+        value = cfg.err_mode.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < low:
+            raise ConfigError(f"err_mode.{key}={value!r}: must be a finite number >= {low:g} for err_mode={name}")
+    if name == "alie" and cfg.err_mode.get("z") is not None:
+        z = cfg.err_mode.z
+        if isinstance(z, bool) or not isinstance(z, int | float) or not math.isfinite(z):
+            raise ConfigError(f"err_mode.z={z!r}: must be a finite number or null (z_max)")

@@ -22,27 +22,27 @@ SETTINGS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "momentu
             "max_steps", "eval_freq", "seed", "target_acc", "device", "figure")
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """JSON has no NaN/inf: write them as null so every line stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
 def write_json(path: Path, obj: dict) -> None:
     """Write atomically (a crash never leaves half a summary)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    tmp.write_text(json.dumps(clean_json(obj), indent=2) + "\n")
     os.replace(tmp, path)
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
     with open(path, "a") as fh:
-        fh.write(json.dumps(_clean(obj)) + "\n")
+        fh.write(json.dumps(clean_json(obj)) + "\n")
 
 
 def git_commit() -> str | None:

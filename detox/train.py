@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -31,9 +32,9 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
                  out_dir, done["status"])
         return done
     if save:
-        # a rerun starts clean: metrics of an unfinished earlier attempt would mix with the new ones
-        for stale in ("metrics.jsonl", "summary.json"):
-            (out_dir / stale).unlink(missing_ok=True)
+        # an unfinished earlier attempt: its summary is stale; metrics.jsonl is rewritten by the trainer
+        # (kept up to the checkpoint it resumes from, if any)
+        (out_dir / "summary.json").unlink(missing_ok=True)
         save_resolved_config(cfg, out_dir)
     try:
         plan = validate(cfg)
@@ -42,6 +43,8 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
         if save:
             write_json(out_dir / "summary.json", summary)
+        if isinstance(err, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()  # asked for the full story
         if isinstance(err, USER_ERRORS):
             print(f"detox: error: {err}", file=sys.stderr)
         else:

@@ -6,8 +6,10 @@ Everything else (Byzantine placement, the PS step, evaluation, metrics, summary)
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from detox.attacks import byzantine_mask
 from detox.config import ConfigError
 from detox.data import Data, UnitSampler, load_data
 from detox.models import bind_flat, build_model, has_batchnorm, recalibrate_batchnorm
-from detox.results import append_jsonl, base_summary, write_json
+from detox.results import append_jsonl, base_summary, clean_json, resolved_yaml, write_json
 from detox.step import ParameterServer
 
 log = logging.getLogger("detox")
@@ -147,6 +149,17 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
     samples_per_step = plan.units * int(cfg.batch_size)
     n_train = len(s.data.train_y)
     malformed = 0
+    every = (cfg.get("checkpoint") or {}).get("every")
+    ckpt_path = out_dir / CHECKPOINT if save and every else None
+    state = load_checkpoint(cfg, ckpt_path) if ckpt_path is not None else None
+    if state is not None:
+        s.w_d.copy_(state["w"])
+        ps.v_d.copy_(state["v"])
+        torch.set_rng_state(state["torch_rng"])
+        records, wall, cluster, malformed = state["records"], state["wall"], state["cluster"], state["malformed"]
+        log.info("resuming from %s at step %d", ckpt_path, records[-1]["step"])
+    if metrics_path is not None:  # the file holds exactly the records of this trajectory so far
+        metrics_path.write_text("".join(json.dumps(clean_json(r)) + "\n" for r in records))
 
     def record(step: int) -> dict:
         t0 = time.perf_counter()
@@ -164,9 +177,10 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         records.append(rec)
         return rec
 
-    record(0)
+    if not records:
+        record(0)
     window = _Window()
-    for t in range(int(cfg.max_steps)):
+    for t in range(records[-1]["step"], int(cfg.max_steps)):
         t_start = time.perf_counter()
         byz_p = byzantine_mask(cfg.adversary.placement, t, plan.workers, plan.byzantine, plan.unit_size,
                                plan.seed)
@@ -182,6 +196,10 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         if diverged or done % int(cfg.eval_freq) == 0 or done == int(cfg.max_steps):
             record(done)
             window = _Window()
+            if ckpt_path is not None and done % int(every) == 0 and not diverged:
+                save_checkpoint(cfg, ckpt_path, {"w": s.w_d, "v": ps.v_d, "torch_rng": torch.get_rng_state(),
+                                                 "records": records, "wall": wall, "cluster": cluster,
+                                                 "malformed": malformed})
         if diverged:
             status = "diverged"
             log.warning("step %d: non-finite %s; stopping (status diverged)", done,
@@ -201,7 +219,35 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         if cfg.get("save_model"):
             torch.save(s.model.state_dict(), out_dir / "model.pt")
         write_json(out_dir / "summary.json", summary)
+        if ckpt_path is not None:
+            ckpt_path.unlink(missing_ok=True)  # the run is finished: nothing left to resume
     return summary
+
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def save_checkpoint(cfg: DictConfig, path: Path, state: dict) -> None:
+    """Weights, momentum, RNG state, step and the records so far; written atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({**state, "w": state["w"].cpu(), "v": state["v"].cpu(), "config": resolved_yaml(cfg)}, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
+    """The checkpoint in ``path`` if it was written by a run of exactly this config, else None."""
+    if not path.exists():
+        return None
+    try:
+        # our own file, written by save_checkpoint; weights_only keeps torch.load from running code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a torn or foreign file: start over rather than crash
+        log.warning("ignoring unreadable checkpoint %s (%s)", path, err)
+        return None
+    if state.get("config") != resolved_yaml(cfg):
+        log.warning("ignoring %s: it was written by a different config", path)
+        return None
+    return state
 
 
 METRIC_KEYS = ("step", "epoch", "wall_time", "cluster_time", "eval_time", "samples", "train_loss", "test_loss",
