@@ -4,20 +4,22 @@ Each rule is ``fn(grads_nd, f, **params) -> agg_d``: ``grads_nd`` is an (n, d) f
 input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor. Ties are broken by the
 lower row index (stable sorts everywhere). ``AGGREGATORS`` maps each ``mode`` option name to its rule.
 
-Work is vectorised over the whole matrix; coordinate-wise order statistics run on cache-sized column blocks
-that are transposed to contiguous (block, n) rows, so no rule sorts a strided (n, d) matrix or copies it whole.
+Work is vectorised over the whole matrix, never copying it whole: distances come from a blocked Gram matrix,
+coordinate-wise order statistics from a compiled selection network over cache-sized column blocks
+(``detox.kernels``), Weiszfeld's distances from column blocks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
-# columns per block for coordinate-wise sorts: about 1 MiB of float32 per block, whatever n is
+# columns per block for the torch fallback of coordinate-wise sorts (CUDA): about 1 MiB of float32 per block
 _BLOCK_ELEMS = 1 << 18
-# elements per block of the Gram matrix and of Weiszfeld's distances (4 MiB of float32)
-_GEMM_BLOCK_ELEMS = 1 << 20
+# elements per block of the Gram matrix (about 3 MiB of float32 at n = 45; measured best, docs/performance.md)
+_GEMM_BLOCK_ELEMS = 45 << 14
 # columns sampled to find a reference row for centring
 _SAMPLE_COLS = 1 << 14
 
@@ -42,102 +44,142 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def _column_blocks(grads_nd: torch.Tensor, rows: torch.Tensor | None, reduce: Callable) -> torch.Tensor:
-    """Apply ``reduce(sorted_bn) -> (b,)`` to each column block, its values sorted per coordinate.
+def _middle_rows(grads_nd: torch.Tensor, rows: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+    """Per coordinate, the mean of the sorted values at positions [lo, hi) among the selected rows.
 
-    ``rows`` optionally selects rows (gathered per block, so the selection is never copied whole).
-    NaN sorts above +inf, so a NaN behaves like a huge value and cannot become an order statistic
-    in the middle unless more than the tolerated number of rows carry it.
+    On the CPU a compiled selection network does it block by block (``detox.kernels``); elsewhere (CUDA,
+    float64) torch sorts cache-sized column blocks. Either way NaN sorts above +inf, so it can become an
+    order statistic only if more than the tolerated number of rows carry it.
     """
+    if grads_nd.device.type == "cpu" and grads_nd.dtype == torch.float32:
+        from detox.kernels import middle_mean  # numba compiles (or loads from its cache) on first use
+
+        idx = np.arange(grads_nd.shape[0]) if rows is None else rows.cpu().numpy()
+        x = grads_nd.contiguous().numpy()
+        return torch.from_numpy(middle_mean(x, idx, lo, hi, torch.get_num_threads()))
     n_sel = grads_nd.shape[0] if rows is None else rows.numel()
     d = grads_nd.shape[1]
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
     step = max(1, _BLOCK_ELEMS // n_sel)
     for s in range(0, d, step):
         blk = grads_nd[:, s : s + step] if rows is None else grads_nd[rows, s : s + step]
-        sorted_bn = blk.t().contiguous().sort(dim=1).values
-        out_d[s : s + step] = reduce(sorted_bn)
+        out_d[s : s + step] = blk.t().contiguous().sort(dim=1).values[:, lo:hi].mean(dim=1)
     return out_d
-
-
-def _middle_mean(trim: int) -> Callable:
-    """Per coordinate, the mean of the sorted values left after dropping ``trim`` at each end."""
-
-    def reduce(sorted_bn: torch.Tensor) -> torch.Tensor:
-        return sorted_bn[:, trim : sorted_bn.shape[1] - trim].mean(dim=1)
-
-    return reduce
-
-
-def _median_reduce(sorted_bn: torch.Tensor) -> torch.Tensor:
-    n = sorted_bn.shape[1]
-    if n % 2:
-        return sorted_bn[:, n // 2]
-    # numpy's convention for even n: the mean of the two middle values
-    return (sorted_bn[:, n // 2 - 1] + sorted_bn[:, n // 2]) * 0.5
 
 
 def mean(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
     """Arithmetic mean of the rows (no robustness; f is accepted for a uniform signature)."""
-    _check("mean", grads_nd, f)
+    n, _ = _check("mean", grads_nd, f)
+    if _cpu32(grads_nd):  # one compiled pass at memory speed; sum then divide, as torch.mean
+        return _weighted_rows(grads_nd, torch.ones(n, dtype=torch.float64)).div_(n)
     return grads_nd.mean(dim=0)
 
 
 def coord_median(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values."""
-    _check("coord-median", grads_nd, f)
-    return _column_blocks(grads_nd, None, _median_reduce)
+    n, _ = _check("coord-median", grads_nd, f)
+    # numpy's convention: for even n the mean of the two middle values
+    return _middle_rows(grads_nd, None, (n - 1) // 2, n // 2 + 1)
 
 
 def trimmed_mean(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     """Per coordinate, drop the f smallest and f largest values and average the rest."""
     n, _ = _check("trimmed-mean", grads_nd, f)
     _check("trimmed-mean", grads_nd, f, n > 2 * f, "n > 2f")
-    return _column_blocks(grads_nd, None, _middle_mean(f))
+    return _middle_rows(grads_nd, None, f, n - f)
 
 
-def _reference_row(x_nd: torch.Tensor, k: int) -> int:
-    """A row inside the bulk of the data: the Krum-style medoid on a strided sample of columns (float64)."""
+def _cpu32(x: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels apply (float32 on the CPU)."""
+    return x.device.type == "cpu" and x.dtype == torch.float32
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _candidates(x_nd: torch.Tensor, k: int) -> list[int]:
+    """Rows ranked by a Krum-style score on a sample of columns (float64, cheap): the first lie inside the
+    bulk of the data. The sample is a few contiguous column segments, so it costs little memory traffic."""
     n, d = x_nd.shape
-    stride = max(1, d // _SAMPLE_COLS)
-    sample = x_nd[:, ::stride].double()
+    seg = max(1, _SAMPLE_COLS // 8)
+    starts = np.linspace(0, max(d - seg, 0), num=8, dtype=np.int64)
+    sample = torch.cat([x_nd[:, s : s + seg] for s in np.unique(starts).tolist()], dim=1).double()
     sample = sample - sample[0]
     gram = sample @ sample.t()
     sq = gram.diagonal()
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0)
+    d2 = torch.nan_to_num((sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0), nan=float("inf"))
     d2.fill_diagonal_(float("inf"))
+    if n == 1:
+        return [0]
     k = min(max(k, 1), n - 1)
-    return int(torch.sort(d2.topk(k, dim=1, largest=False).values.sum(dim=1), stable=True).indices[0])
+    return torch.sort(d2.topk(k, dim=1, largest=False).values.sum(dim=1), stable=True).indices.tolist()
+
+
+def _finite_rows(x_nd: torch.Tensor) -> torch.Tensor:
+    """(n,) bool: rows without NaN or inf (one read; only needed when a hostile row shows up)."""
+    if _cpu32(x_nd):
+        from detox.kernels import row_sq_dists
+
+        zero = np.zeros(x_nd.shape[1], dtype=np.float32)
+        return torch.isfinite(torch.from_numpy(row_sq_dists(x_nd.contiguous().numpy(), zero, _threads())))
+    return torch.isfinite(x_nd).all(dim=1).cpu()
+
+
+def _reference_row(x_nd: torch.Tensor, k: int, finite: torch.Tensor | None = None) -> int:
+    """A row inside the bulk of the data (the best-ranked candidate; among ``finite`` rows if given), or -1."""
+    for i in _candidates(x_nd, k):
+        if finite is None or bool(finite[i]):
+            return i
+    return -1
+
+
+def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
+    """(n, n) float64 Gram matrix of the rows minus ``ref_d``, one column block at a time.
+
+    Blocks are centred into a reused buffer, multiplied in float32 and accumulated in float64: one read of
+    the matrix and no temporary of its size (on the CPU a compiled kernel, ``detox.kernels.centred_gram``).
+    """
+    n, d = x_nd.shape
+    step = max(1, _GEMM_BLOCK_ELEMS // n)
+    if _cpu32(x_nd):
+        from detox.kernels import centred_gram
+
+        return torch.from_numpy(centred_gram(x_nd.contiguous().numpy(), ref_d.numpy(), _threads()))
+    gram_t = torch.zeros((n, n), dtype=torch.float64, device=x_nd.device)
+    for s in range(0, d, step):
+        blk = x_nd[:, s : s + step] - ref_d[s : s + step]
+        gram_t += (blk @ blk.t()).double()
+    return gram_t
 
 
 def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None) -> torch.Tensor:
-    """(n, n) float64 squared Euclidean distances; rows with a non-finite entry are +inf from every other row.
+    """(n, n) float64 squared Euclidean distances; a row with a non-finite entry (or whose squared norm
+    overflows float32) is +inf from every other row. The diagonal is exactly 0.
 
-    Rows are centred on a reference row inside the bulk of the data (``k``: neighbours used to find it)
-    before the Gram matrix is formed, block by block with float64 accumulation. Without centring,
-    ||a||^2 + ||b||^2 - 2<a, b> in float32 loses every digit when rows share a large common component.
-    The diagonal is exactly 0.
+    Rows are centred on a finite reference row inside the bulk of the data (``k``: neighbours used to find
+    it) before the Gram matrix is formed: without centring, ||a||^2 + ||b||^2 - 2<a, b> in float32 loses
+    every digit when rows share a large common component.
     """
     n, d = grads_nd.shape
-    d2 = torch.full((n, n), float("inf"), dtype=torch.float64, device=grads_nd.device)
-    d2.fill_diagonal_(0.0)
-    finite_n = torch.isfinite(grads_nd).all(dim=1)
-    idx = torch.nonzero(finite_n).flatten()
-    m = idx.numel()
-    if m < 2:
-        return d2
-    x_md = grads_nd if m == n else grads_nd.index_select(0, idx)  # copies only when rows are hostile
-    ref_d = x_md[_reference_row(x_md, (k if k is not None else m // 2))]
-    gram = torch.zeros((m, m), dtype=torch.float64, device=grads_nd.device)
-    step = max(1, _GEMM_BLOCK_ELEMS // m)
-    for s in range(0, d, step):
-        blk = x_md[:, s : s + step] - ref_d[s : s + step]
-        gram += (blk @ blk.t()).double()
+    k = k if k is not None else n // 2
+    gram = _centred_gram(grads_nd, grads_nd[_reference_row(grads_nd, k)]).cpu()
     sq = gram.diagonal()
+    if n > 1 and not bool(torch.isfinite(sq).any()):
+        # the reference row itself carried a NaN/inf (outside the sample): centre on a finite row instead
+        ref = _reference_row(grads_nd, k, _finite_rows(grads_nd))
+        if ref < 0:
+            d2 = torch.full((n, n), float("inf"), dtype=torch.float64)
+            return d2.fill_diagonal_(0.0)
+        gram = _centred_gram(grads_nd, grads_nd[ref]).cpu()
+        sq = gram.diagonal()
+    # each Gram entry involves only its two rows: a hostile row spoils its own row and column, nothing else
+    ok = torch.isfinite(sq)
     sub = torch.nan_to_num((sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0), nan=float("inf"))
+    sub[~ok, :] = float("inf")
+    sub[:, ~ok] = float("inf")
     sub.fill_diagonal_(0.0)
-    d2[idx[:, None], idx[None, :]] = sub
-    return d2
+    return sub
 
 
 def krum_scores(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
@@ -159,15 +201,24 @@ def krum(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     n, _ = _check("krum", grads_nd, f)
     _check("krum", grads_nd, f, n >= 2 * f + 3, "n >= 2f + 3")
     best = _lowest(krum_scores(grads_nd, f), 1)
-    return grads_nd[best[0]].clone()
+    return grads_nd[int(best[0])].clone()
+
+
+def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i G_i over the rows with w_i != 0 (a zero-weight row is skipped, so its NaN cannot leak)."""
+    if _cpu32(grads_nd):
+        from detox.kernels import weighted_sum
+
+        return torch.from_numpy(weighted_sum(grads_nd.contiguous().numpy(), w_n.numpy(), _threads()))
+    keep = torch.nonzero(w_n).flatten()
+    w = w_n.to(grads_nd.dtype).to(grads_nd.device)
+    return w[keep] @ grads_nd[keep.to(grads_nd.device)]
 
 
 def _row_mean(grads_nd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    # adds selected rows one at a time: reads m rows, never copies the (m, d) selection
-    out_d = grads_nd[idx[0]].clone()
-    for i in idx[1:].tolist():
-        out_d.add_(grads_nd[i])
-    return out_d.div_(idx.numel())
+    w_n = torch.zeros(grads_nd.shape[0], dtype=torch.float64)
+    w_n[idx] = 1.0 / idx.numel()
+    return _weighted_rows(grads_nd, w_n)
 
 
 def multi_krum(grads_nd: torch.Tensor, f: int, m: int | None = None) -> torch.Tensor:
@@ -186,18 +237,22 @@ def bulyan(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
     _check("bulyan", grads_nd, f, n >= 4 * f + 3, "n >= 4f + 3")
     theta = n - 2 * f
     selected = torch.sort(_lowest(krum_scores(grads_nd, f), theta)).values
-    return _column_blocks(grads_nd, selected, _middle_mean(f))
+    return _middle_rows(grads_nd, selected, f, theta - f)
 
 
 def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of every row to z (float64), in column blocks: no (n, d) temporary."""
+    """Euclidean distance of every row to z in float64 (a finite 1e38 would overflow float32 squares);
+    one read, no (n, d) temporary."""
+    if _cpu32(rows_nd):
+        from detox.kernels import row_sq_dists
+
+        return torch.from_numpy(row_sq_dists(rows_nd.contiguous().numpy(), z_d.numpy(), _threads())).sqrt_()
     n, d = rows_nd.shape
     acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
     step = max(1, _GEMM_BLOCK_ELEMS // n)
     for s in range(0, d, step):
-        # squares in float64: a finite 1e38 coordinate would overflow float32 and blind every distance
         acc += (rows_nd[:, s : s + step] - z_d[s : s + step]).double().square_().sum(dim=1)
-    return acc.sqrt_()
+    return acc.sqrt_().cpu()
 
 
 def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_iter: int = 1000) -> torch.Tensor:
@@ -209,21 +264,25 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_
     every candidate and get weight 0.
     """
     n, d = _check("geometric-median", grads_nd, f)
-    finite = torch.isfinite(grads_nd).all(dim=1)
-    rows = grads_nd if bool(finite.all()) else grads_nd[finite]
-    if rows.shape[0] == 0:
-        return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
-    # start inside the bulk of the data (a medoid), not at the mean that a few huge rows drag away
-    z_d = rows[_reference_row(rows, rows.shape[0] // 2)].clone() if rows.shape[0] > 1 else rows[0].clone()
+    z_d = grads_nd[_reference_row(grads_nd, n // 2)].clone()  # inside the bulk of the data, unlike the mean
+    dist_n = _row_dists(grads_nd, z_d)
+    if not bool(torch.isfinite(dist_n).any()):  # the start row carried a NaN/inf: start from a finite row
+        start = _reference_row(grads_nd, n // 2, _finite_rows(grads_nd))
+        if start < 0:
+            return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
+        z_d = grads_nd[start].clone()
+        dist_n = _row_dists(grads_nd, z_d)
+    finite = torch.isfinite(dist_n)  # distances to a finite z: non-finite exactly for rows with NaN/inf
+    rows = grads_nd if bool(finite.all()) else grads_nd[finite.to(grads_nd.device)]  # copies only if hostile
+    dist_n = dist_n[finite]
     for _ in range(max_iter):
-        dist_n = _row_dists(rows, z_d)
         scale = float(dist_n.median())
         # rows at z (within round-off of the data's scale) would get an infinite Weiszfeld weight
         at_z = dist_n <= 1e-12 * max(float(dist_n.max()), 1e-300)
         w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
         if float(w_n.sum()) == 0.0:
             break  # every row coincides with z
-        t_d = (w_n / w_n.sum()).to(rows.dtype) @ rows
+        t_d = _weighted_rows(rows, w_n / w_n.sum())
         eta = int(at_z.sum())
         if eta:
             # Vardi & Zhang (2000): z is optimal iff ||R|| <= eta, R = sum over other rows of unit vectors
@@ -235,12 +294,17 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_
         z_d = t_d
         if moved <= tol * scale:
             break
+        dist_n = _row_dists(rows, z_d)
     return z_d
 
 
 def sign_sgd(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
     """signSGD with majority vote: sign of the sum of the rows' signs (NaN votes 0)."""
     _check("sign-sgd", grads_nd, f)
+    if _cpu32(grads_nd):
+        from detox.kernels import sign_votes
+
+        return torch.sign(torch.from_numpy(sign_votes(grads_nd.contiguous().numpy(), _threads())))
     votes_d = torch.zeros(grads_nd.shape[1], dtype=grads_nd.dtype, device=grads_nd.device)
     for row in grads_nd:
         votes_d.add_(torch.nan_to_num(torch.sign(row), nan=0.0))

@@ -5,7 +5,8 @@
 * ``draco-lite`` — DETOX: per-group majority, winners shuffled into buckets, ``inner`` rule per bucket,
   ``mode`` across the bucket outputs.
 
-``APPROACHES`` maps each option name to ``fn(grads_nd, byz_p, plan, step) -> (agg_d, diagnostics)``.
+``APPROACHES`` maps each option name to ``fn(grads_nd, byz_p, plan, step) -> (agg_d, diagnostics)``. The PS owns
+``grads_nd``: grouped approaches compact the group winners into its first rows (no per-step copy).
 """
 
 from __future__ import annotations
@@ -132,20 +133,27 @@ def vote_group(rows_rd: torch.Tensor, tol: float = 0.0) -> int:
     return _vote(rows_rd, tol)[0]
 
 
-def _majority(grads_nd: torch.Tensor, r: int, tol: float) -> tuple[torch.Tensor, np.ndarray, list[list[int]]]:
+def _majority(
+    grads_nd: torch.Tensor, r: int, tol: float, in_place: bool = False
+) -> tuple[torch.Tensor, np.ndarray, list[list[int]]]:
+    """Votes of every group. ``in_place``: the winners are compacted into the first P/r rows of ``grads_nd``
+    and returned as a view (the PS owns that buffer; a fresh (P/r, d) matrix per step costs page faults)."""
     k = grads_nd.shape[0] // r
     win_rows = np.full(k, -1, dtype=np.int64)
     classes: list[list[int]] = []
-    winners_kd = torch.empty((k, grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)
+    winners_kd = grads_nd[:k] if in_place else torch.empty((k, grads_nd.shape[1]), dtype=grads_nd.dtype,
+                                                            device=grads_nd.device)
     for g in range(k):
         rows_rd = grads_nd[g * r : (g + 1) * r]
         i, members = _vote(rows_rd, tol)
         classes.append([g * r + j for j in members])
+        # group g's rows start at g * r >= g: writing row g never overwrites a later group's rows
         if i >= 0:
             win_rows[g] = g * r + i
-            winners_kd[g] = rows_rd[i]
+            if g * r + i != g or not in_place:
+                winners_kd[g] = rows_rd[i]
         else:
-            winners_kd[g] = coord_median(rows_rd)
+            winners_kd[g] = coord_median(rows_rd)  # computed into a fresh vector before it is written
     return winners_kd, win_rows, classes
 
 
@@ -160,7 +168,7 @@ def majority_vote(grads_nd: torch.Tensor, r: int, tol: float = 0.0) -> tuple[tor
 
 def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[torch.Tensor, dict]:
     t0 = time.perf_counter()
-    winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol)
+    winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol, in_place=True)
     need = majority(plan.group_size)
     # a group is corrupted when its winning vector lacks the support of a strict majority of honest
     # members: the Byzantines decided the vote (even if they chose to send the honest vector)

@@ -461,7 +461,11 @@ def test_permutation_invariance_krum_family(data, rule, fdraw):
     assume(_score_gap(x, f, k))
     a = run(rule, torch.from_numpy(x), f)
     b = run(rule, torch.from_numpy(x[perm]), f)
-    assert torch.equal(a, b)
+    if rule == "multi-krum":
+        # the same rows are averaged, summed in matrix order by one matrix-vector product: equal up to rounding
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    else:
+        assert torch.equal(a, b)
 
 
 huge = st.sampled_from([1e30, -1e30, math.inf, -math.inf, math.nan])

@@ -355,7 +355,7 @@ def test_draco_lite_inner_rule_and_f():
 def test_draco_lite_buckets_not_fewer_than_groups_is_no_bucketing():
     g, byz, winners = grouped_matrix()
     for buckets in (4, 10):
-        agg, _ = APPROACHES["draco-lite"](g, byz, plan("draco-lite", "coord-median", f=1, buckets=buckets), 3)
+        agg, _ = APPROACHES["draco-lite"](g.clone(), byz, plan("draco-lite", "coord-median", f=1, buckets=buckets), 3)
         torch.testing.assert_close(agg, aggregate("coord-median", winners, 1))
 
 
@@ -379,8 +379,17 @@ def test_diagnostics_count_byzantine_winners_and_fallbacks():
     _, win_rows = majority_vote(g, 5)
     assert win_rows.tolist() == [1, -1, 11]
     for name in ("maj_vote", "draco-lite"):
-        agg, diag = APPROACHES[name](g, byz, plan(name, "mean", workers=15, r=5, q=7), 0)
+        agg, diag = APPROACHES[name](g.clone(), byz, plan(name, "mean", workers=15, r=5, q=7), 0)
         assert diag["corrupted_groups"] == 1
         assert diag["vote_fallbacks"] == 1
         torch.testing.assert_close(agg, rows(b, [2.0, 0.0], h).mean(dim=0))
         assert set(diag) >= {"corrupted_groups", "vote_fallbacks", "t_vote", "t_aggregate"}
+
+
+def test_grouped_approaches_may_overwrite_their_input_but_not_the_result():
+    """The PS owns the (P, d) buffer: the vote compacts winners into it instead of allocating a copy."""
+    g, byz, winners = grouped_matrix()
+    expected = winners.mean(dim=0)
+    agg, _ = APPROACHES["maj_vote"](g, byz, plan("maj_vote"), 0)
+    torch.testing.assert_close(agg, expected)
+    torch.testing.assert_close(g[: winners.shape[0]], winners)  # winners compacted to the front

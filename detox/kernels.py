@@ -1,0 +1,290 @@
+"""Compiled CPU kernels (numba) for the coordinate-wise order statistics of the robust rules.
+
+Per coordinate, coord-median, trimmed-mean and Bulyan need the mean of the sorted values at positions
+[lo, hi). Sorting 45 values for each of 11 million coordinates is what makes these rules slow in numpy
+(np.median, np.sort) and torch (torch.sort); here a block of coordinates is copied into a cache-resident
+buffer and put through a fixed selection network (Batcher's sorting network, pruned to what decides the
+[lo, hi) positions). Each compare-exchange runs across the whole block at once: min and max of two buffer
+rows written into two free rows (no aliasing, so LLVM vectorises it). Blocks run in parallel.
+
+NaN sorts as +inf: it becomes an order statistic only if more than the tolerated rows carry it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# coordinates per block: (m + 2) x 256 float32 rows stay in L1/L2 for the m the rules see
+BLOCK = 256
+# columns per block of the row-streaming kernels (sign votes, weighted sums): a 16 KiB accumulator
+_COLS = 4096
+# no "nnan"/"ninf": the loader must see NaN to turn it into +inf, and +inf is a legitimate value
+_FAST = {"nsz", "arcp", "contract", "reassoc"}
+
+
+def _batcher(m: int) -> list[tuple[int, int]]:
+    """Batcher's odd-even merge sort for the next power of two >= m; compare-exchanges touching a padding
+    input (which would hold +inf and never move) are dropped."""
+    p = 1
+    while p < m:
+        p *= 2
+    pairs: list[tuple[int, int]] = []
+    size = 1
+    while size < p:
+        k = size
+        while k >= 1:
+            for j in range(k % size, p - k, 2 * k):
+                for i in range(min(k, p - j - k)):
+                    a, b = i + j, i + j + k
+                    if a // (2 * size) == b // (2 * size) and b < m:
+                        pairs.append((a, b))
+            k //= 2
+        size *= 2
+    return pairs
+
+
+@lru_cache(maxsize=256)
+def selection_network(m: int, lo: int, hi: int) -> np.ndarray:
+    """A network that leaves, on positions [lo, hi), the multiset of sorted values lo..hi-1 of m inputs.
+
+    From the full sorting network, repeatedly drop a compare-exchange that is the last to touch both of its
+    wires when both wires end in the same class (below lo, inside [lo, hi), from hi on): it cannot change
+    which values end in which class. Returns a (k, 2) int64 array.
+    """
+
+    def cls(w: int) -> int:
+        return 0 if w < lo else (1 if w < hi else 2)
+
+    pairs = _batcher(m)
+    changed = True
+    while changed:
+        last = {}
+        for idx, (a, b) in enumerate(pairs):
+            last[a] = last[b] = idx
+        keep = [(a, b) for idx, (a, b) in enumerate(pairs)
+                if not (last[a] == idx and last[b] == idx and cls(a) == cls(b))]
+        changed = len(keep) != len(pairs)
+        pairs = keep
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+@njit(fastmath=_FAST, inline="always", cache=True)
+def _minmax(a, b, lo, hi, width):  # pragma: no cover - compiled
+    for j in range(width):
+        u = a[j]
+        w = b[j]
+        lo[j] = u if u < w else w
+        hi[j] = w if u < w else u
+
+
+@njit(fastmath=_FAST, cache=True)
+def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - compiled
+    m = rows.shape[0]
+    for r in range(m):
+        src = x[rows[r]]
+        dst = buf[r]
+        for j in range(width):
+            v = src[start + j]
+            dst[j] = np.inf if v != v else v
+    # logical row -> physical row; rows m and m+1 start free: a compare-exchange writes into the free pair
+    pos = np.arange(m)
+    f1 = m
+    f2 = m + 1
+    for c in range(net.shape[0]):
+        i = net[c, 0]
+        k = net[c, 1]
+        pi = pos[i]
+        pk = pos[k]
+        _minmax(buf[pi], buf[pk], buf[f1], buf[f2], width)
+        pos[i] = f1
+        pos[k] = f2
+        f1 = pi
+        f2 = pk
+    # sum the kept rows row by row (contiguous, vectorised) into the first free row
+    acc = buf[f1]
+    first = buf[pos[lo]]
+    for j in range(width):
+        acc[j] = first[j]
+    for r in range(lo + 1, hi):
+        row = buf[pos[r]]
+        for j in range(width):
+            acc[j] += row[j]
+    scale = 1.0 / (hi - lo)
+    for j in range(width):
+        out[start + j] = acc[j] * scale
+
+
+@njit(parallel=True, cache=True)
+def _middle_mean(x, rows, net, lo, hi, block, nthreads):  # pragma: no cover - compiled
+    d = x.shape[1]
+    out = np.empty(d, dtype=x.dtype)
+    nblocks = (d + block - 1) // block
+    for t in prange(nthreads):
+        buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)  # one scratch buffer per thread
+        for b in range(t, nblocks, nthreads):
+            start = b * block
+            _block(x, rows, start, min(block, d - start), net, lo, hi, buf, out)
+    return out
+
+
+def middle_mean(x: np.ndarray, rows: np.ndarray, lo: int, hi: int, threads: int) -> np.ndarray:
+    """Per coordinate, the mean of the sorted values at positions [lo, hi) among ``x[rows]``.
+
+    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; runs on ``threads`` threads.
+    """
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    net = selection_network(int(rows.shape[0]), int(lo), int(hi))
+    return _middle_mean(x, np.ascontiguousarray(rows, dtype=np.int64), net, int(lo), int(hi), BLOCK, threads)
+
+
+@njit(parallel=True, cache=True)
+def _row_sq_dists(x, z, nthreads):  # pragma: no cover - compiled
+    n, d = x.shape
+    part = np.zeros((nthreads, n))
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        a = t * chunk
+        b = min(d, a + chunk)
+        for r in range(n):
+            row = x[r]
+            acc = 0.0
+            for j in range(a, b):
+                diff = np.float64(row[j]) - np.float64(z[j])
+                acc += diff * diff
+            part[t, r] = acc
+    return part.sum(axis=0)
+
+
+def row_sq_dists(x: np.ndarray, z: np.ndarray, threads: int) -> np.ndarray:
+    """Squared Euclidean distance of every row of ``x`` (float32, C-contiguous) to ``z``, in float64.
+
+    One read of ``x``, no temporary of its size; a row with NaN or inf gets a non-finite distance.
+    """
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return _row_sq_dists(x, np.ascontiguousarray(z, dtype=x.dtype), threads)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _sign_votes(x, nthreads):  # pragma: no cover - compiled
+    n, d = x.shape
+    out = np.empty(d, dtype=x.dtype)
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        acc = np.empty(_COLS, dtype=x.dtype)  # a cache-resident accumulator per thread
+        for a in range(t * chunk, min(d, (t + 1) * chunk), _COLS):
+            m = min(d, (t + 1) * chunk, a + _COLS) - a
+            acc[:m] = 0
+            for r in range(n):
+                row = x[r, a : a + m]
+                for j in range(m):
+                    v = row[j]
+                    acc[j] += np.float32(v > 0) - np.float32(v < 0)  # NaN compares False both ways: votes 0
+            out[a : a + m] = acc[:m]
+    return out
+
+
+def sign_votes(x: np.ndarray, threads: int) -> np.ndarray:
+    """Per coordinate, the sum over rows of sign(x) (NaN counts 0), float32, one read of ``x``."""
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return _sign_votes(x, threads)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _gram_block(x, ref, start, width, buf, acc):  # pragma: no cover - compiled
+    n = x.shape[0]
+    for r in range(n):
+        src = x[r]
+        dst = buf[r]
+        for j in range(width):
+            dst[j] = src[start + j] - ref[start + j]
+    for i in range(n):
+        a = buf[i]
+        k = i
+        while k + 4 <= n:  # four dot products per pass over row i: 5 loads for 4 multiply-adds
+            b0 = buf[k]
+            b1 = buf[k + 1]
+            b2 = buf[k + 2]
+            b3 = buf[k + 3]
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for j in range(width):
+                v = a[j]
+                s0 += v * b0[j]
+                s1 += v * b1[j]
+                s2 += v * b2[j]
+                s3 += v * b3[j]
+            acc[i, k] += s0
+            acc[i, k + 1] += s1
+            acc[i, k + 2] += s2
+            acc[i, k + 3] += s3
+            k += 4
+        while k < n:
+            b = buf[k]
+            s = np.float32(0.0)
+            for j in range(width):
+                s += a[j] * b[j]
+            acc[i, k] += s
+            k += 1
+
+
+@njit(parallel=True, cache=True)
+def _centred_gram(x, ref, block, nthreads):  # pragma: no cover - compiled
+    n, d = x.shape
+    part = np.zeros((nthreads, n, n))
+    nblocks = (d + block - 1) // block
+    for t in prange(nthreads):
+        buf = np.empty((n, block), dtype=x.dtype)
+        acc = part[t]
+        for b in range(t, nblocks, nthreads):
+            start = b * block
+            _gram_block(x, ref, start, min(block, d - start), buf, acc)
+    gram = part.sum(axis=0)
+    for i in range(n):
+        for k in range(i):
+            gram[i, k] = gram[k, i]
+    return gram
+
+
+def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int) -> np.ndarray:
+    """(n, n) float64 Gram matrix of the rows of ``x`` (float32, C-contiguous) minus ``ref``.
+
+    Per cache-resident block of columns the rows are centred into a buffer and every pair's dot product is
+    taken in float32 (vectorised), then accumulated in float64: one read of ``x``, n(n+1)/2 dot products,
+    no temporary of the matrix's size. For the short-wide matrices of a PS (n <= a few hundred, d in the
+    millions) this beats a BLAS call per block (measured in docs/performance.md).
+    """
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return _centred_gram(x, np.ascontiguousarray(ref, dtype=x.dtype), BLOCK * 4, threads)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _weighted_sum(x, w, nthreads):  # pragma: no cover - compiled
+    n, d = x.shape
+    out = np.empty(d, dtype=x.dtype)
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        acc = np.empty(_COLS, dtype=x.dtype)
+        for a in range(t * chunk, min(d, (t + 1) * chunk), _COLS):
+            m = min(d, (t + 1) * chunk, a + _COLS) - a
+            acc[:m] = 0
+            for r in range(n):
+                wr = w[r]
+                if wr == 0:
+                    continue  # skipped, not multiplied: 0 * NaN would be NaN
+                row = x[r, a : a + m]
+                for j in range(m):
+                    acc[j] += wr * row[j]
+            out[a : a + m] = acc[:m]
+    return out
+
+
+def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
+    """sum_r w_r x_r over the rows with w_r != 0 (float32, one read of those rows, in row order)."""
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return _weighted_sum(x, np.ascontiguousarray(w, dtype=x.dtype), threads)
