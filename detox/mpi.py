@@ -1,6 +1,6 @@
 """``engine=mpi``: a real parameter server (rank 0) and P worker processes (ranks 1..P) over MPI.
 
-The Hydra job is the *driver*: it writes ``resolved_config.yaml`` into the job directory, starts
+The Hydra job is the *driver*: with ``resolved_config.yaml`` in the job directory (``detox.train.run``), it starts
 ``mpiexec ... python -m mpi4py -m detox.mpi <job_dir>``, tees the ranks' output into ``mpi.log`` and makes sure
 ``summary.json`` exists at the end. Rank 0 runs the same training loop and PS step as ``engine=local``
 (``detox.trainer.train``); only the gradient source differs.
@@ -14,9 +14,11 @@ message of the wrong size, or that fails to decompress, becomes a NaN row marked
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import struct
 import subprocess
@@ -91,7 +93,7 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     """Run one job as an MPI world and return the summary rank 0 wrote (or a failure summary)."""
     if out_dir is None:
         raise ValueError("engine=mpi needs a job directory: the ranks read the config and report through it")
-    (out_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    # resolved_config.yaml is already in out_dir: detox.train.run writes it (engine=mpi requires save=true)
     summary_path = out_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
     log_path = out_dir / "mpi.log"
@@ -122,8 +124,6 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
 
 
 def _read_summary(path: Path) -> dict | None:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -132,8 +132,6 @@ def _read_summary(path: Path) -> dict | None:
 
 def _rank_failure(log_path: Path, rc: int) -> str:
     """One line naming the rank that failed, from mpiexec's report in mpi.log."""
-    import re
-
     text = log_path.read_text(errors="replace")
     ranks = sorted({int(m) for m in re.findall(r"\[[^\]\s]*?,(\d+)\]", text)}
                    | {int(m) for m in re.findall(r"(?:rank|Rank) (\d+)", text)})
