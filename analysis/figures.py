@@ -58,7 +58,7 @@ def speedups(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str = 
     ttt = time_to_target(metrics, target, x)
     rows = []
     for (attack, rule), sub in runs.groupby(["err_mode", "rule"], sort=False):
-        times = {d: ttt.get(int(sub[sub["defence"] == d]["job"].iloc[0]), np.nan) if (sub["defence"] == d).any()
+        times = {d: ttt.get(sub[sub["defence"] == d]["job"].iloc[0], np.nan) if (sub["defence"] == d).any()
                  else np.nan for d in ("vanilla", "detox")}
         rows.append({"err_mode": attack, "rule": rule, "target_acc": target, "vanilla_time": times["vanilla"],
                      "detox_time": times["detox"], "speedup": times["vanilla"] / times["detox"]})

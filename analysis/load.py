@@ -1,9 +1,9 @@
-"""Turn a multirun root (one numbered folder per job, DESIGN §4) into pandas DataFrames.
+"""Turn a multirun root (one folder per job, named by its overrides; DESIGN §4) into pandas DataFrames.
 
 ``load_runs(root)``    — one row per job: config choices as columns, the summary's numbers, and per-step
                          time split means computed from ``metrics.jsonl``.
 ``load_metrics(root)`` — one row per evaluation of every job, with the job's choices as columns.
-Jobs are ordered by job number (9 before 10). A job without a readable summary is a row with status
+Jobs are ordered as ``detox.results.job_dirs`` lists them (numbered folders by number, then by name). A job without a readable summary is a row with status
 ``missing``; a failed job keeps its ``error``.
 """
 
@@ -15,20 +15,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from detox.results import job_dirs, job_id
+
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
 PHASES = ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update")
 # summary keys copied into the runs table
 SUMMARY_KEYS = ("status", "error", "figure", "workers", "worker_fail", "group_size", "batch_size", "lr", "seed",
                 "max_steps", "placement", "target_acc", "steps", "final_test_acc", "best_test_acc",
                 "final_test_loss", "wall_time", "cluster_time", "time_to_target", "malformed_messages")
-
-
-def job_dirs(root: str | Path) -> list[Path]:
-    """The numbered job folders of a multirun root, by job number."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: not a folder (expected a multirun root with numbered job folders)")
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -79,7 +73,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             summary = json.loads((job / "summary.json").read_text())
         except (OSError, ValueError):
             summary = {"status": "missing", "error": "no readable summary.json"}
-        row: dict = {"job": int(job.name), "dir": str(job)}
+        row: dict = {"job": job_id(job), "dir": str(job)}
         choices = summary.get("choices") or {}
         row.update({k: choices.get(k) for k in CHOICES})
         row.update({k: summary.get(k) for k in SUMMARY_KEYS})
@@ -103,10 +97,11 @@ def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataF
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=["job", "step", "test_acc"])
-    return pd.concat(frames, ignore_index=True).sort_values(["job", "step"], kind="stable").reset_index(drop=True)
+    # frames are in job_dirs order, each in step order (job ids may mix numbers and names: no sort by id)
+    return pd.concat(frames, ignore_index=True)
 
 
 def time_to_target(metrics: pd.DataFrame, target: float, x: str = "cluster_time") -> pd.Series:
     """Per job, the first ``x`` at which test accuracy reached ``target`` (NaN if never)."""
     hit = metrics[metrics["test_acc"] >= target].groupby("job")[x].min()
-    return hit.reindex(sorted(metrics["job"].unique()))
+    return hit.reindex(metrics["job"].unique())

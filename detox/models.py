@@ -6,6 +6,7 @@ ResNet-18 and VGG13-BN come from torchvision, adapted to 32x32 inputs as in the 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 def fc(input_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (128,)) -> nn.Module:
     """A multilayer perceptron on the flattened input."""
-    dims = [int(torch.tensor(input_shape).prod()), *hidden]
+    dims = [math.prod(input_shape), *hidden]
     layers: list[nn.Module] = [nn.Flatten()]
     for a, b in zip(dims[:-1], dims[1:], strict=True):
         layers += [nn.Linear(a, b), nn.ReLU()]

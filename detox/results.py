@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +38,17 @@ def clean_json(value: Any) -> Any:
     return value
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file of this process, then rename: a reader (or a concurrent writer) never sees
+    half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: dict) -> None:
     """Write atomically (a crash never leaves half a summary)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean_json(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(clean_json(obj), indent=2) + "\n")
 
 
 def append_jsonl(path: Path, obj: dict) -> None:
@@ -105,24 +116,102 @@ def finished_summary(cfg: DictConfig, out_dir: Path) -> dict | None:
     return summary if same and summary.get("status") in FINISHED else None
 
 
+# ------------------------------------------------------------------------------------- job folders of a sweep
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@%-]")
+NAME_MAX = 150  # bytes of a readable folder name before it is shortened (file systems allow 255)
+
+
+def job_dir_name(override_dirname: str) -> str:
+    """A sweep job's folder, named by its overrides (``err_mode=alie,method=detox-bulyan``): the same config
+    always lands in the same folder, and a different one never does. Characters a shell or a file system would
+    trip on become ``_``; a long or altered name keeps a short hash of the full overrides so names stay unique."""
+    if not override_dirname:
+        return "default"
+    name = _UNSAFE.sub("_", override_dirname)
+    if name != override_dirname or len(name) > NAME_MAX or name in (".", ".."):
+        digest = hashlib.sha1(override_dirname.encode()).hexdigest()[:10]
+        name = f"{name[:NAME_MAX]}-{digest}"
+    return name
+
+
+OmegaConf.register_new_resolver("detox.job_dir", job_dir_name, replace=True)
+
+
+def job_dirs(root: str | Path) -> list[Path]:
+    """The job folders of a multirun root (any folder a job wrote its config or summary into), in a stable order:
+    numbered folders by number, then the rest by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: not a folder (expected a multirun root with one folder per job)")
+    jobs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
+            and any((p / f).exists() for f in ("summary.json", "resolved_config.yaml", ".hydra"))]
+    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+
+
+def job_id(job: Path) -> int | str:
+    return int(job.name) if job.name.isdigit() else job.name
+
+
+class JobBusy(RuntimeError):
+    """Another process is running this job (it holds the folder's lock)."""
+
+
+@contextlib.contextmanager
+def job_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an OS lock on the job folder while a run owns it; the OS releases it on any exit, kill included.
+    Raises JobBusy at once if another process holds it."""
+    path = out_dir / ".lock"
+    fh = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "?"
+            raise JobBusy(f"{out_dir} is being run by another process (pid {holder})") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+def foreign_run(cfg: DictConfig, out_dir: Path) -> bool:
+    """True when ``out_dir`` holds output of a run of a different config (never mix two configs in a folder)."""
+    try:
+        theirs = (out_dir / "resolved_config.yaml").read_text()
+    except OSError:
+        return False
+    has_output = any((out_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "checkpoint.pt"))
+    return has_output and theirs != resolved_yaml(cfg)
+
+
 class SweepSummary(Callback):
-    """Hydra callback: at the end of a multirun, ``summary.jsonl`` at its root, one line per job by number."""
+    """Hydra callback: at the end of a multirun, ``summary.jsonl`` at its root, one line per job folder."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        write_sweep_summary(root)
+        if root.is_dir():
+            write_sweep_summary(root)
+
+
+def read_summary(job: Path) -> dict:
+    try:
+        summary = json.loads((job / "summary.json").read_text())
+        if not isinstance(summary, dict):
+            raise ValueError("not an object")
+        return summary
+    except (OSError, ValueError) as err:
+        return {"status": "failed", "error": f"no readable summary.json ({type(err).__name__})"}
 
 
 def write_sweep_summary(root: Path) -> Path:
-    jobs = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-    lines = []
-    for job in jobs:
-        path = job / "summary.json"
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            summary = {"status": "failed", "error": f"no readable summary.json ({type(err).__name__})"}
-        lines.append(json.dumps({"job": int(job.name), "dir": str(job), **summary}))
+    """``summary.jsonl``: every job folder of the root exactly once, written atomically."""
+    lines = [json.dumps(clean_json({"job": job_id(job), "dir": str(job), **read_summary(job)}))
+             for job in job_dirs(root)]
     out = root / "summary.jsonl"
-    out.write_text("".join(line + "\n" for line in lines))
+    write_text_atomic(out, "".join(line + "\n" for line in lines))
     return out

@@ -7,16 +7,26 @@ import os
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from detox.config import ConfigError, validate
 from detox.data import DataUnavailable
 from detox.engines import ENGINES
-from detox.results import base_summary, finished_summary, save_resolved_config, write_json
+from detox.results import (
+    JobBusy,
+    base_summary,
+    finished_summary,
+    foreign_run,
+    job_lock,
+    save_resolved_config,
+    write_json,
+)
 
 log = logging.getLogger("detox")
 
@@ -24,29 +34,67 @@ log = logging.getLogger("detox")
 USER_ERRORS = (ConfigError, DataUnavailable)
 
 
+def refuse(err: Exception) -> None:
+    """One line on stderr (the full traceback only when asked for with HYDRA_FULL_ERROR=1)."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        traceback.print_exc()
+    print(f"detox: error: {err}", file=sys.stderr)
+
+
 def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
-    """Validate, train with the chosen engine, and leave a summary.json whatever happens."""
+    """Validate, train with the chosen engine, and leave a summary.json whatever happens.
+
+    Order matters: nothing is written before the whole config is valid; a job folder is locked while this
+    process owns it; a folder holding another config's run is never written into."""
     save = out_dir is not None and bool(cfg.save)
-    if save and (done := finished_summary(cfg, out_dir)) is not None:
+    try:
+        plan = validate(cfg)
+    except ConfigError as err:
+        refuse(err)
+        summary = {"status": "failed", "error": f"ConfigError: {err}"}
+        if not multirun:
+            sys.exit(2)
+        if save and not foreign_run(cfg, out_dir) and not (out_dir / "summary.json").exists():
+            write_json(out_dir / "summary.json", summary)  # the sweep's table shows the refusal
+        return summary
+    if not save:
+        return _train(cfg, plan, None, multirun)
+    if foreign_run(cfg, out_dir):
+        err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
+                          f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
+        refuse(err)
+        if not multirun:
+            sys.exit(2)
+        return {"status": "failed", "error": f"ConfigError: {err}"}
+    try:
+        with job_lock(out_dir):
+            return _run_locked(cfg, plan, out_dir, multirun)
+    except JobBusy as err:
+        log.warning("skipping: %s", err)
+        return {"status": "skipped", "error": str(err)}
+
+
+def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
+    if (done := finished_summary(cfg, out_dir)) is not None:
         log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
                  out_dir, done["status"])
         return done
-    if save:
-        # an unfinished earlier attempt: its summary is stale; metrics.jsonl is rewritten by the trainer
-        # (kept up to the checkpoint it resumes from, if any)
-        (out_dir / "summary.json").unlink(missing_ok=True)
-        save_resolved_config(cfg, out_dir)
+    # an unfinished earlier attempt: its summary is stale; metrics.jsonl is rewritten by the trainer
+    # (kept up to the checkpoint it resumes from, if any)
+    (out_dir / "summary.json").unlink(missing_ok=True)
+    save_resolved_config(cfg, out_dir)
+    return _train(cfg, plan, out_dir, multirun)
+
+
+def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
     try:
-        plan = validate(cfg)
         summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
     except Exception as err:
         summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        if save:
+        if out_dir is not None:
             write_json(out_dir / "summary.json", summary)
-        if isinstance(err, USER_ERRORS) and os.environ.get("HYDRA_FULL_ERROR") == "1":
-            traceback.print_exc()  # asked for the full story
         if isinstance(err, USER_ERRORS):
-            print(f"detox: error: {err}", file=sys.stderr)
+            refuse(err)
         else:
             log.error("job failed:\n%s", traceback.format_exc())
         if multirun:  # record it and let the sweep go on
@@ -54,9 +102,26 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         if isinstance(err, USER_ERRORS):
             sys.exit(2)
         raise
+    if not multirun:
+        acc = summary.get("final_test_acc")
+        print(f"detox: {summary['status']}: final test accuracy "
+              f"{'-' if acc is None else f'{acc:.4f}'} after {summary.get('steps', '-')} steps; "
+              f"output in {out_dir if out_dir is not None else '(save=false: nothing written)'}")
     if summary["status"] == "failed" and not multirun:  # e.g. an MPI rank died: the job did not run through
         sys.exit(1)
     return summary
+
+
+class ValidateFirst(Callback):
+    """Hydra callback: a single run's config is checked before Hydra creates its output folder, so a refused
+    config leaves nothing behind (a sweep's jobs are checked in ``run``, each recorded in its own folder)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            validate(config)
+        except ConfigError as err:
+            refuse(err)
+            sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -66,5 +131,44 @@ def main(cfg: DictConfig) -> float | None:
     return summary.get("final_test_acc")
 
 
-if __name__ == "__main__":
+def _one_line(err: Exception) -> str:
+    """Hydra's composition errors span several lines (options one per line, the search path): fold them."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line for line in lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search path")),
+                                           len(lines))] if not line.startswith("Set the environment variable")]
+    head, rest = (lines[0], lines[1:]) if lines else (type(err).__name__, [])
+    if rest and rest[0].endswith(":"):  # "Available options in 'mode':" then one option per line
+        return f"{head}; {rest[0][:-1].lower()}: {', '.join(rest[1:])}"
+    return " ".join([head, *rest])
+
+
+def _hydra_errors_in_one_line() -> None:
+    """A bad override (unknown option or key, an unparsable value) gets one line and exit 2 like every other
+    refusal, instead of Hydra's multi-line report and exit 1 (HYDRA_FULL_ERROR=1 keeps Hydra's own)."""
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+
+    original = hydra_utils.run_and_report
+
+    def run_and_report(func):  # noqa: ANN001, ANN202 - Hydra's own signature
+        def guarded():  # noqa: ANN202
+            try:
+                return func()
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"detox: error: {_one_line(err)}", file=sys.stderr)
+                raise SystemExit(2) from None
+        return original(guarded)
+
+    hydra_utils.run_and_report = run_and_report
+
+
+def cli() -> None:
+    """``python -m detox.train`` and the ``detox-train`` console script."""
+    _hydra_errors_in_one_line()
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -151,7 +151,10 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
     malformed = 0
     every = (cfg.get("checkpoint") or {}).get("every")
     ckpt_path = out_dir / CHECKPOINT if save and every else None
-    state = load_checkpoint(cfg, ckpt_path) if ckpt_path is not None else None
+    if ckpt_path is not None and ckpt_path.exists() and not ckpt_path.is_file():
+        log.warning("%s exists and is not a file: checkpoints are off for this run", ckpt_path)
+        ckpt_path = None
+    state = load_checkpoint(cfg, ckpt_path, s.w_d) if ckpt_path is not None else None
     if state is not None:
         s.w_d.copy_(state["w"])
         ps.v_d.copy_(state["v"])
@@ -234,20 +237,58 @@ def save_checkpoint(cfg: DictConfig, path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(cfg: DictConfig, path: Path) -> dict | None:
-    """The checkpoint in ``path`` if it was written by a run of exactly this config, else None."""
+def load_checkpoint(cfg: DictConfig, path: Path, w_d: torch.Tensor) -> dict | None:
+    """The checkpoint in ``path`` if it was written by a run of exactly this config and is whole, else None
+    (with one warning line): a torn, foreign or tampered file never crashes the resume, it is started over."""
     if not path.exists():
         return None
     try:
-        # our own file, written by save_checkpoint; weights_only keeps torch.load from running code
+        # weights_only keeps torch.load from running code, whatever the file holds
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a torn or foreign file: start over rather than crash
-        log.warning("ignoring unreadable checkpoint %s (%s)", path, err)
-        return None
-    if state.get("config") != resolved_yaml(cfg):
-        log.warning("ignoring %s: it was written by a different config", path)
+        problem = checkpoint_problem(cfg, state, w_d)
+    except Exception as err:  # unreadable: torn, not a torch file, a directory, ...
+        problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    if problem:
+        log.warning("ignoring checkpoint %s: %s; starting from step 0", path, problem)
         return None
     return state
+
+
+def checkpoint_problem(cfg: DictConfig, state: object, w_d: torch.Tensor) -> str | None:
+    """Why ``state`` cannot be resumed from (one phrase), or None."""
+    keys = {"w", "v", "torch_rng", "records", "wall", "cluster", "malformed", "config"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        return f"not a detox checkpoint (needs the keys {', '.join(sorted(keys))})"
+    if state["config"] != resolved_yaml(cfg):
+        return "it was written by a different config"
+    for k in ("w", "v"):
+        t = state[k]
+        if not isinstance(t, torch.Tensor) or t.dtype != w_d.dtype or t.shape != w_d.shape:
+            return f"{k} is not a {w_d.dtype} tensor of shape {tuple(w_d.shape)}"
+    rng = state["torch_rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        return "torch_rng is not a torch RNG state"
+    saved = torch.get_rng_state()
+    try:  # the generator checks its own state's content
+        torch.set_rng_state(rng)
+    except Exception:
+        return "torch_rng is not a valid RNG state"
+    finally:
+        torch.set_rng_state(saved)
+    records = state["records"]
+    if not isinstance(records, list) or not records or not all(
+            isinstance(r, dict) and set(r) == set(METRIC_KEYS) for r in records):
+        return "records are not a non-empty list of metrics records"
+    steps = [r["step"] for r in records]
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in steps) or steps != sorted(set(steps)) \
+            or steps[0] < 0 or steps[-1] > int(cfg.max_steps):
+        return f"record steps {steps[:3]}... are not increasing steps in [0, max_steps]"
+    for k in ("wall", "cluster"):
+        if not isinstance(state[k], float | int) or isinstance(state[k], bool) or not 0 <= state[k] < math.inf:
+            return f"{k} is not a finite number of seconds"
+    if not isinstance(state["malformed"], int) or isinstance(state["malformed"], bool) or state["malformed"] < 0:
+        return "malformed is not a count"
+    return None
 
 
 METRIC_KEYS = ("step", "epoch", "wall_time", "cluster_time", "eval_time", "samples", "train_loss", "test_loss",
