@@ -4,6 +4,11 @@ Configured by ``conf/cluster/ec2.yaml`` (Hydra: any key can be overridden on the
 tagged ``detox-cluster=<name>`` and ``detox-role=ps|worker``; each command acts on exactly the instances carrying
 its cluster's tag, so several clusters (and unrelated instances) can share an account and region.
 
+Every setting is checked before the first AWS call (one line, exit 2). A cluster name is 1-64 characters from
+``A-Z a-z 0-9 . _ -``, starting with a letter or digit: EC2 tag filters read ``*`` and ``?`` as wildcards, so a
+name like ``exp*`` would select other clusters. As a second guard every command keeps only the instances and spot
+requests whose tag equals the name exactly (``owned``), whatever the server-side filter returned.
+
 * ``launch``: one PS instance and ``workers.count`` worker instances (spot or on-demand), then waits until they
   run. A cluster that already has live instances is reported, not launched twice.
 * ``status``: one line per instance: id, role, state, type, private IP, public IP.
@@ -16,8 +21,10 @@ boto3's standard chain, so the same commands run against a local moto server.
 
 from __future__ import annotations
 
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +40,16 @@ from botocore.exceptions import (
     ProfileNotFound,
     WaiterError,
 )
-from omegaconf import DictConfig
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from detox.cluster.hostfile import write_hostfile
+from detox.cluster.hostfile import hostfile_problem, write_hostfile
 
 PROG = "detox.cluster.ec2"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "cluster"
 TAG_CLUSTER, TAG_ROLE = "detox-cluster", "detox-role"
 ROLES = ("ps", "worker")
 # states of an instance that still exists (and may bill); shutting-down/terminated ones are gone
@@ -48,6 +60,12 @@ MARKETS = ("spot", "on-demand")
 AUTH_CODES = ("AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
               "ExpiredToken", "RequestExpired", "OptInRequired")
 USAGE = f"usage: python -m {PROG} {{launch,status,hosts,terminate}} [key=value ...]  (keys: conf/cluster/ec2.yaml)"
+# cluster names: no EC2 filter wildcard (* ?), escape (\\), space or non-ASCII; 64 keeps the Name tag
+# (<name>-worker) far below EC2's 256-character limit on tag values
+NAME_MAX = 64
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_RULE = (f"must be 1-{NAME_MAX} characters from A-Z a-z 0-9 . _ -, starting with a letter or digit "
+             f"(commands match the detox-cluster tag exactly; no wildcards)")
 NO_CREDENTIALS = ("no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, run 'aws configure', "
                   "or name a profile with AWS_PROFILE)")
 
@@ -67,13 +85,24 @@ def _tag(instance: dict, key: str) -> str | None:
     return next((t["Value"] for t in instance.get("Tags", []) if t["Key"] == key), None)
 
 
+def owned(resources: Iterable[dict], name: str, untagged: bool = False) -> list[dict]:
+    """The instances or spot requests whose ``detox-cluster`` tag equals ``name`` exactly.
+
+    EC2's tag filters match patterns (``*``, ``?``), so what a filter returns is only a candidate list; everything
+    that is listed, terminated or cancelled goes through here. ``untagged``: also keep resources without the tag
+    (spot requests found through one of the cluster's own instances); one tagged for another cluster never passes.
+    """
+    keep = {name, None} if untagged else {name}
+    return [r for r in resources if _tag(r, TAG_CLUSTER) in keep]
+
+
 def cluster_instances(ec2: Any, name: str, states: list[str] = LIVE_STATES) -> list[dict]:
-    """The instances tagged ``detox-cluster=<name>`` in ``states``: PS first, then workers by launch index, id."""
+    """The instances tagged exactly ``detox-cluster=<name>`` in ``states``: PS first, then workers by launch index."""
     pages = ec2.get_paginator("describe_instances").paginate(Filters=[
         {"Name": f"tag:{TAG_CLUSTER}", "Values": [name]},
         {"Name": "instance-state-name", "Values": states},
     ])
-    found = [i for page in pages for r in page["Reservations"] for i in r["Instances"]]
+    found = owned((i for page in pages for r in page["Reservations"] for i in r["Instances"]), name)
     order = {role: k for k, role in enumerate(ROLES)}
     return sorted(found, key=lambda i: (order.get(_tag(i, TAG_ROLE), len(ROLES)), i.get("AmiLaunchIndex", 0),
                                         i["InstanceId"]))
@@ -92,18 +121,188 @@ def _print_instances(instances: list[dict]) -> None:
         print(_line(instance))
 
 
-# ------------------------------------------------------------------------------------------------ launch
+# ------------------------------------------------------------------------------------------------ settings
+
+# every key of conf/cluster/ec2.yaml; a key added with `+key=...` is refused rather than silently ignored
+GROUPS: dict[str, tuple[str, ...]] = {"ps": ("instance_type",), "workers": ("count", "instance_type", "slots"),
+                                      "wait": ("delay", "max_attempts")}
+KEYS = ("command", "name", "region", "availability_zone", "ami", *GROUPS, "market", "spot_price", "key_name",
+        "security_groups", "subnet_id", "tags", "ssh_user", "hostfile")
+# (low, high) of every integer key; the highs only catch typos (EC2's default quotas stop far below)
+INT_RANGES = {"workers.count": (1, 1000), "workers.slots": (1, 1024), "wait.delay": (1, 3600),
+              "wait.max_attempts": (1, 10000)}
+REGION_RE = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
+ZONE_RE = re.compile(r"[a-z]{2}(-[a-z0-9]+)+[a-z]")
+INSTANCE_TYPE_RE = re.compile(r"[a-z][a-z0-9-]*\.[a-z0-9-]+")
+AMI_RE = re.compile(r"ami-[0-9a-z]{1,40}")
+SUBNET_RE = re.compile(r"subnet-[0-9a-z]{1,40}")
+SG_ID_RE = re.compile(r"sg-[0-9a-z]{1,40}")
+SSH_USER_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+PRINTABLE_RE = re.compile(r"[ -~]+")  # printable ASCII: key pair and security group names
 
 
-def _check_launch_config(cfg: DictConfig) -> None:
-    if not cfg.ami:
+def _show(value: Any) -> str:
+    """A value as the user would type it back (null, true, 'text'); long strings cut so the error stays one line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str) and len(value) > 100:
+        return f"{value[:40]!r}... ({len(value)} characters)"
+    return repr(value).replace("\n", "\\n")
+
+
+def _bad(key: str, value: Any, allowed: str) -> ClusterError:
+    return ClusterError(f"{key}={_show(value)}: {allowed}", 2)
+
+
+def _string(key: str, value: Any, pattern: re.Pattern, allowed: str, nullable: bool = True) -> None:
+    if value is None and nullable:
+        return
+    if isinstance(value, (int, float)) and not isinstance(value, bool):  # Hydra reads name=123 as a number
+        raise _bad(key, value, f"{allowed}; Hydra read a number: quote it, e.g. '{key}=\"123\"'")
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise _bad(key, value, allowed)
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it is a valid cluster name, else a ``ClusterError`` (exit 2) saying what is allowed."""
+    _string("name", name, NAME_RE, NAME_RULE, nullable=False)
+    if len(name) > NAME_MAX:
+        raise _bad("name", name, NAME_RULE)
+    return name
+
+
+def _integer(key: str, value: Any) -> None:
+    low, high = INT_RANGES[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _bad(key, value, f"must be an integer from {low} to {high}")
+
+
+def spot_price(value: Any) -> str | None:
+    """The spot max price as EC2 wants it (a plain decimal string), or None; a ``ClusterError`` if not a price."""
+    if value is None:
+        return None
+    allowed = "must be null or a price in USD per instance-hour > 0, e.g. 0.15"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _bad("spot_price", value, allowed)
+    try:
+        price = Decimal(str(value).strip())
+    except InvalidOperation:
+        raise _bad("spot_price", value, allowed) from None
+    if not price.is_finite() or price <= 0:
+        raise _bad("spot_price", value, allowed)
+    return format(price, "f")  # 1e-05 -> 0.00001: EC2 does not read exponents
+
+
+def _check_tags(tags: Any) -> None:
+    if tags is None:
+        return
+    if not isinstance(tags, dict):
+        raise _bad("tags", tags, "must be null or a mapping, e.g. 'tags={project: detox, owner: me}'")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not 1 <= len(key) <= 128 or key.lower().startswith("aws:"):
+            raise _bad("tags", {key: value}, "tag keys are 1-128 characters and may not start with 'aws:'")
+        if isinstance(value, (dict, list)) or value is None or len(str(value)) > 256:
+            raise _bad(f"tags.{key}", value, "must be a text, number or boolean of at most 256 characters")
+
+
+def _check_security_groups(groups: Any) -> None:
+    if groups is None:
+        return
+    if not isinstance(groups, list):  # a bare string would be iterated character by character
+        raise _bad("security_groups", groups, "must be a list of ids (sg-...) or names, e.g. security_groups=[sg-0abc]")
+    for group in groups:
+        if not isinstance(group, str) or not (SG_ID_RE.fullmatch(group) if group.startswith("sg-")
+                                              else PRINTABLE_RE.fullmatch(group) and len(group) <= 255):
+            raise _bad("security_groups", group, "each entry must be a group id (e.g. sg-0123456789abcdef0) or "
+                                                 "a group name (1-255 printable ASCII characters)")
+
+
+def _check_hostfile(value: Any, command: str) -> None:
+    if not isinstance(value, str) or not value.strip():
+        raise _bad("hostfile", value, "must be a file path, e.g. hostfile=hosts_address")
+    if command != "hosts":  # only `hosts` writes it; the others print it in hints
+        return
+    if value.endswith(("/", "\\")):
+        raise _bad("hostfile", value, "names a folder; name a file in it, e.g. hostfile=" + value + "hosts_address")
+    problem = hostfile_problem(Path(value).expanduser())
+    if problem:
+        raise _bad("hostfile", value, problem)
+
+
+def check_config(cfg: DictConfig, command: str) -> None:
+    """Refuse any bad setting with one line (a ``ClusterError``, exit 2), before the first AWS call."""
+    try:
+        c = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise ClusterError(f"{_first_line(err)}", 2) from None
+    assert isinstance(c, dict)
+    for key in c:
+        if key not in KEYS:
+            raise ClusterError(f"{key}: no such setting; the settings are {', '.join(KEYS)} (conf/cluster/ec2.yaml)",
+                               2)
+    missing = [k for k in KEYS if k not in c and k != "command"]
+    if missing:
+        raise ClusterError(f"{missing[0]}: missing; it cannot be deleted (conf/cluster/ec2.yaml)", 2)
+    for group, subkeys in GROUPS.items():
+        if not isinstance(c[group], dict) or set(c[group]) != set(subkeys):
+            raise _bad(group, c[group], f"must be a group of {', '.join(f'{group}.{k}' for k in subkeys)}; "
+                                        f"set one with e.g. {group}.{subkeys[0]}=...")
+    check_name(c["name"])
+    _string("region", c["region"], REGION_RE, "must be null (boto3's default region) or a region, e.g. us-west-2")
+    _string("availability_zone", c["availability_zone"], ZONE_RE, "must be null or a zone, e.g. us-west-2b")
+    if c["availability_zone"] and c["region"] and not c["availability_zone"].startswith(c["region"]):
+        raise _bad("availability_zone", c["availability_zone"], f"is not a zone of region={c['region']}")
+    _string("ami", c["ami"], AMI_RE, "must be null or an image id, e.g. ami-0123456789abcdef0")
+    if command == "launch" and c["ami"] is None:
         raise ClusterError("ami=null: launch needs an AMI with this repository installed, e.g. "
                            "ami=ami-0123456789abcdef0 (build one from a configured instance; AMIs are per region)", 2)
-    if cfg.market not in MARKETS:
-        raise ClusterError(f"market={cfg.market!r}: choose from {', '.join(MARKETS)}", 2)
-    count = cfg.workers.count
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ClusterError(f"workers.count={count!r}: must be an integer >= 1", 2)
+    for key in ("ps.instance_type", "workers.instance_type"):
+        group, sub = key.split(".")
+        _string(key, c[group][sub], INSTANCE_TYPE_RE, "must be an instance type, e.g. m5.2xlarge", nullable=False)
+    for key in INT_RANGES:
+        group, sub = key.split(".")
+        _integer(key, c[group][sub])
+    if c["market"] not in MARKETS:
+        raise _bad("market", c["market"], f"choose from {', '.join(MARKETS)}")
+    spot_price(c["spot_price"])
+    _string("key_name", c["key_name"], PRINTABLE_RE, "must be null or a key pair name (printable ASCII)")
+    if c["key_name"] is not None and len(c["key_name"]) > 255:
+        raise _bad("key_name", c["key_name"], "must be at most 255 characters")
+    _check_security_groups(c["security_groups"])
+    _string("subnet_id", c["subnet_id"], SUBNET_RE, "must be null or a subnet id, e.g. subnet-0123456789abcdef0")
+    _check_tags(c["tags"])
+    _string("ssh_user", c["ssh_user"], SSH_USER_RE, "must be a login name, e.g. ubuntu", nullable=False)
+    _check_hostfile(c["hostfile"], command)
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def compose_config(command: str, overrides: list[str]) -> DictConfig:
+    """``conf/cluster/ec2.yaml`` with the command line's overrides; a bad override is a one-line ``ClusterError``."""
+    parser = OverridesParser.create()
+    for override in overrides:  # one by one, so that the error names the override Hydra cannot read
+        try:
+            parser.parse_overrides([override])
+        except HydraException as err:
+            raise ClusterError(f"{override!r}: not a key=value setting ({_first_line(err)}); quote values with "
+                               f"spaces or brackets, e.g. 'tags={{owner: me}}'", 2) from None
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            return compose("ec2", overrides=[*overrides, f"command={command}"])
+    except (HydraException, OmegaConfBaseException) as err:
+        unknown = re.match(r"Could not override '([^']+)'", str(err))
+        if unknown:
+            raise ClusterError(f"{unknown.group(1)}: no such setting; the settings are {', '.join(KEYS)} and "
+                               f"{', '.join(f'{g}.{k}' for g, ks in GROUPS.items() for k in ks)} "
+                               f"(conf/cluster/ec2.yaml)", 2) from None
+        raise ClusterError(_first_line(err), 2) from None
+
+
+# ------------------------------------------------------------------------------------------------ launch
 
 
 def _check_ami(ec2: Any, cfg: DictConfig) -> None:
@@ -138,8 +337,9 @@ def run_instances_args(cfg: DictConfig, role: str) -> dict[str, Any]:
     }
     if cfg.market == "spot":
         options: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
-        if cfg.spot_price is not None:
-            options["MaxPrice"] = str(cfg.spot_price)
+        price = spot_price(cfg.spot_price)
+        if price is not None:
+            options["MaxPrice"] = price
         args["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
     if cfg.key_name:
         args["KeyName"] = str(cfg.key_name)
@@ -165,7 +365,6 @@ def launch(cfg: DictConfig, ec2: Any) -> int:
               f"(terminate it first to start over):")
         _print_instances(existing)
         return 0
-    _check_launch_config(cfg)
     _check_ami(ec2, cfg)
     started: list[str] = []
     try:
@@ -221,13 +420,15 @@ def hosts(cfg: DictConfig, ec2: Any) -> int:
     if len(ps) != 1 or not workers:
         raise ClusterError(f"cluster {cfg.name!r}: needs exactly one PS and at least one worker instance, found "
                            f"{len(ps)} PS and {len(workers)} worker(s)")
-    slots = cfg.workers.slots
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ClusterError(f"workers.slots={slots!r}: must be an integer >= 1", 2)
+    slots = int(cfg.workers.slots)
     ips = [i.get("PrivateIpAddress") for i in ps + workers]
     if not all(ips):
         raise ClusterError(f"cluster {cfg.name!r}: an instance has no private IP yet; try again")
-    path = write_hostfile(Path(str(cfg.hostfile)).expanduser(), ips, [1] + [slots] * len(workers))
+    try:  # checked up front too; this catches what changed since (folder removed, permissions)
+        path = write_hostfile(Path(str(cfg.hostfile)).expanduser(), ips, [1] + [slots] * len(workers))
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise ClusterError(f"hostfile={cfg.hostfile!r}: cannot write it: {reason}", 2) from None
     ranks = len(workers) * slots
     print(f"wrote {path}: PS {ips[0]} + {len(workers)} worker host(s) x {slots} slot(s) = {ranks} worker ranks")
     print(f"on the PS: python -m detox.train engine=mpi engine.hostfile={path.name} workers={ranks}")
@@ -237,16 +438,16 @@ def hosts(cfg: DictConfig, ec2: Any) -> int:
 def terminate(cfg: DictConfig, ec2: Any) -> int:
     """Terminate exactly the cluster's instances; cancel its open spot requests (tagged or linked to them)."""
     instances = cluster_instances(ec2, cfg.name)
-    requests = ec2.describe_spot_instance_requests(Filters=[
-        {"Name": f"tag:{TAG_CLUSTER}", "Values": [str(cfg.name)]},
+    requests = owned(ec2.describe_spot_instance_requests(Filters=[
+        {"Name": f"tag:{TAG_CLUSTER}", "Values": [cfg.name]},
         {"Name": "state", "Values": ["open", "active"]},
-    ])["SpotInstanceRequests"]
+    ])["SpotInstanceRequests"], cfg.name)
     linked = sorted({i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")})
     if linked:  # a filter, not SpotInstanceRequestIds=: an already-gone request must not make this fail
-        requests += ec2.describe_spot_instance_requests(Filters=[
+        requests += owned(ec2.describe_spot_instance_requests(Filters=[
             {"Name": "spot-instance-request-id", "Values": linked},
             {"Name": "state", "Values": ["open", "active"]},
-        ])["SpotInstanceRequests"]
+        ])["SpotInstanceRequests"], cfg.name, untagged=True)
     request_ids = sorted({r["SpotInstanceRequestId"] for r in requests})
     if request_ids:  # first, so that no open request starts a new instance after the terminate
         ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=request_ids)
@@ -283,6 +484,7 @@ def run(command: str, cfg: DictConfig, ec2: Any = None) -> int:
     try:
         if command not in COMMANDS:
             raise ClusterError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}", 2)
+        check_config(cfg, command)  # before the client exists: a bad setting never reaches AWS
         if ec2 is None:
             ec2 = boto3.client("ec2", region_name=cfg.region)
         return COMMANDS[command](cfg, ec2)
@@ -323,9 +525,20 @@ def main(argv: list[str] | None = None) -> None:
         got = f"unknown command {argv[0]!r}" if argv else "no command given"
         print(f"{PROG}: error: {got}; choose from {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
-    # Hydra parses sys.argv: the command becomes the `command` key, the rest stay overrides
-    sys.argv = [sys.argv[0], *argv[1:], f"command={argv[0]}"]
-    _hydra_main()
+    command, overrides = argv[0], argv[1:]
+    if any(arg.startswith("-") for arg in overrides):  # Hydra's own flags (--cfg job, --info): Hydra runs them
+        # Hydra's parser wants its flags before the overrides (key=value, ~key); the command becomes `command`
+        settings = [a for a in overrides if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+        flags = [a for a in overrides if a not in settings]
+        sys.argv = [sys.argv[0], *flags, *settings, f"command={command}"]
+        _hydra_main()
+        return
+    try:  # composed here rather than by @hydra.main, whose errors are several lines and exit 1
+        cfg = compose_config(command, overrides)
+    except ClusterError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        sys.exit(err.code)
+    sys.exit(run(command, cfg))
 
 
 if __name__ == "__main__":

@@ -8,14 +8,36 @@ instance (Open MPI itself may give a bare host one slot per core).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import tempfile
 from pathlib import Path
 
 # keys Open MPI accepts after the host name; only ``slots`` decides how many ranks a host takes by default
 SLOT_KEYS = ("slots", "max_slots", "max-slots")
 
 
+def hostfile_problem(path: str | Path) -> str | None:
+    """Why a hostfile cannot be written at ``path`` (one short phrase), or None if it can."""
+    path = Path(path)
+    if path.is_dir():
+        return f"is a folder; name a file in it, e.g. {path / 'hosts_address'}"
+    if not path.parent.is_dir():
+        return f"folder {str(path.parent)!r} does not exist (create it first)"
+    if path.exists() and not path.is_file():
+        return "exists and is not a regular file"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"folder {str(path.parent)!r} is not writable"
+    return None
+
+
 def write_hostfile(path: str | Path, hosts: list[str], slots: list[int]) -> Path:
-    """Write ``<host> slots=<n>`` lines, in order (the PS's host first)."""
+    """Write ``<host> slots=<n>`` lines, in order (the PS's host first), atomically.
+
+    The lines go to a temporary file in the same folder, which then replaces ``path``: a reader (``engine=mpi``,
+    or an ``scp`` in flight) sees the old file or the new one, never half of one.
+    """
     if len(hosts) != len(slots):
         raise ValueError(f"{len(hosts)} hosts but {len(slots)} slot counts")
     if not hosts:
@@ -28,7 +50,23 @@ def write_hostfile(path: str | Path, hosts: list[str], slots: list[int]) -> Path
             raise ValueError(f"host {host}: slots={n!r} must be an integer >= 1")
         lines.append(f"{host} slots={n}\n")
     path = Path(path)
-    path.write_text("".join(lines))
+    problem = hostfile_problem(path)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
+    # keep the mode of a file being replaced; a new one gets rw-r--r-- (mkstemp's own 0600 would hide it)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write("".join(lines))
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return path
 
 
