@@ -4,14 +4,22 @@ Each rule is ``fn(grads_nd, f, **params) -> agg_d``: ``grads_nd`` is an (n, d) f
 input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor. Ties are broken by the
 lower row index (stable sorts everywhere). ``AGGREGATORS`` maps each ``mode`` option name to its rule.
 
+Counts on which the literature and the original DETOX code differ (Multi-Krum's ``m``, Bulyan's ``theta``,
+Krum's ``neighbours``) and Bulyan's two steps take a named choice, ``"literature"`` (the default) or
+``"original"``, resolved on every call from that call's (n, f) — so buckets of different sizes each get their
+own count — or, for counts, an integer. ``requirement_error`` states, by arithmetic alone, whether a rule
+accepts (n, f, params); every rule raises exactly that message as a ValueError.
+
 Work is vectorised over the whole matrix, never copying it whole: distances come from a blocked Gram matrix,
 coordinate-wise order statistics from a compiled selection network over cache-sized column blocks
-(``detox.kernels``), Weiszfeld's distances from column blocks.
+(``detox.kernels``), Weiszfeld's distances and weighted sums from column blocks (accumulated in float64).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from numbers import Integral, Real
 
 import numpy as np
 import torch
@@ -23,19 +31,140 @@ _GEMM_BLOCK_ELEMS = 45 << 14
 # columns sampled to find a reference row for centring
 _SAMPLE_COLS = 1 << 14
 
+LITERATURE = "literature"
+ORIGINAL = "original"
+CHOICES = (LITERATURE, ORIGINAL)
 
-def _check(name: str, grads_nd: torch.Tensor, f: int, ok: bool = True, bound: str = "") -> tuple[int, int]:
-    """Validate the input matrix and the rule's (n, f) requirement; raise one clear ValueError."""
+# the parameters each rule accepts and their defaults (None in a call or a config also means the default)
+RULE_PARAMS: dict[str, dict[str, object]] = {
+    "mean": {},
+    "coord-median": {},
+    "trimmed-mean": {},
+    "geometric-median": {"tol": 1e-7, "max_iter": 1000},
+    "krum": {"neighbours": LITERATURE},
+    "multi-krum": {"m": LITERATURE, "neighbours": LITERATURE},
+    "bulyan": {"theta": LITERATURE, "neighbours": LITERATURE, "selection": LITERATURE, "average": LITERATURE},
+    "sign-sgd": {},
+}
+
+# the (n, f) each rule needs (DESIGN §3, "requires"): text for the message, and the test
+_NEEDS: dict[str, tuple[str, Callable[[int, int], bool]]] = {
+    "coord-median": ("n > 2f", lambda n, f: n > 2 * f),
+    "trimmed-mean": ("n > 2f", lambda n, f: n > 2 * f),
+    "geometric-median": ("n > 2f", lambda n, f: n > 2 * f),
+    "krum": ("n >= 2f + 3", lambda n, f: n >= 2 * f + 3),
+    "multi-krum": ("n >= 2f + 3", lambda n, f: n >= 2 * f + 3),
+    "bulyan": ("n >= 4f + 3", lambda n, f: n >= 4 * f + 3),
+    "sign-sgd": ("n > 2f", lambda n, f: n > 2 * f),
+}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _count(rule: str, key: str, value: object, named: dict[str, int], lo: int, hi: int, lo_text: str,
+           hi_text: str, n: int, f: int) -> tuple[int | None, str | None]:
+    """Resolve a count given as a named choice or an integer; (value, None) or (None, reason)."""
+    if value is None:
+        value = LITERATURE
+    if isinstance(value, str) and value in named:
+        return named[value], None
+    if _is_int(value) and lo <= int(value) <= hi:
+        return int(value), None
+    choices = ", ".join(f"{k!r}: {v}" for k, v in _NAMED_TEXT[(rule, key)].items())
+    got = f"got {key}={value!r}, n={n}" + (f", f={f}" if "f" in lo_text + hi_text else "")
+    return None, f"{rule}: {key} must be an integer in [{lo_text}, {hi_text}]; {got} (or {choices})"
+
+
+# how each named count reads, for the messages (DESIGN §3 gives the citations)
+_NAMED_TEXT = {
+    ("multi-krum", "m"): {LITERATURE: "n - f", ORIGINAL: "n - f - 2"},
+    ("krum", "neighbours"): {LITERATURE: "n - f - 2", ORIGINAL: "n - f - 2"},
+    ("multi-krum", "neighbours"): {LITERATURE: "n - f - 2", ORIGINAL: "n - f - 2"},
+    ("bulyan", "neighbours"): {LITERATURE: "|R| - f - 2", ORIGINAL: "|R| - f - 2"},
+    ("bulyan", "theta"): {LITERATURE: "n - 2f", ORIGINAL: "n - f - 2"},
+}
+
+
+def _settings(rule: str, n: object, f: object, params: dict | None) -> tuple[dict, str | None]:
+    """Resolve ``params`` of ``rule`` for (n, f): (settings, None), or ({}, a one-line reason)."""
+    if rule not in RULE_PARAMS:
+        return {}, f"unknown aggregation rule {rule!r}; choose from {sorted(RULE_PARAMS)}"
+    if not _is_int(n) or int(n) < 1:
+        return {}, f"{rule}: needs at least one row, got n={n!r}"
+    if not _is_int(f) or int(f) < 0:
+        return {}, f"{rule}: f must be an integer >= 0, got f={f!r}"
+    n, f = int(n), int(f)
+    params = dict(params or {})
+    allowed = RULE_PARAMS[rule]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        return {}, (f"{rule}: unknown parameter {unknown[0]!r}; "
+                    f"{'allowed: ' + ', '.join(allowed) if allowed else 'it takes none'}")
+    if rule in _NEEDS:
+        bound, ok = _NEEDS[rule]
+        if not ok(n, f):
+            return {}, f"{rule} needs {bound}; got n={n}, f={f}"
+    out: dict = {}
+    if rule == "geometric-median":
+        tol = params.get("tol")
+        tol = allowed["tol"] if tol is None else tol
+        if isinstance(tol, bool) or not isinstance(tol, Real) or not math.isfinite(tol) or not tol > 0:
+            return {}, f"geometric-median: tol must be a finite number > 0; got tol={tol!r}"
+        max_iter = params.get("max_iter")
+        max_iter = allowed["max_iter"] if max_iter is None else max_iter
+        if not _is_int(max_iter) or max_iter < 1:
+            return {}, f"geometric-median: max_iter must be an integer >= 1; got max_iter={max_iter!r}"
+        return {"tol": float(tol), "max_iter": int(max_iter)}, None
+    if "neighbours" in allowed:
+        # Krum's score: squared distances to the k nearest other rows; literature and original alike use
+        # k = n - f - 2 (Blanchard et al. 2017) over the rows Krum runs on (Bulyan's iterations: the rows left)
+        formula = None if rule == "bulyan" else n - f - 2
+        k, err = _count(rule, "neighbours", params.get("neighbours"), {LITERATURE: formula, ORIGINAL: formula},
+                        1, n - 1, "1", "n - 1", n, f)
+        if err:
+            return {}, err
+        out["neighbours"] = k
+    if rule == "multi-krum":
+        m, err = _count(rule, "m", params.get("m"), {LITERATURE: n - f, ORIGINAL: n - f - 2}, 1, n, "1", "n", n, f)
+        if err:
+            return {}, err
+        out["m"] = m
+    if rule == "bulyan":
+        theta, err = _count(rule, "theta", params.get("theta"), {LITERATURE: n - 2 * f, ORIGINAL: n - f - 2},
+                            2 * f + 1, n, "2f + 1", "n", n, f)
+        if err:
+            return {}, err
+        out["theta"] = theta
+        for key, what in (("selection", "'literature' (Krum re-run on the rows left) or 'original' (one pass)"),
+                          ("average", "'literature' (the beta values closest to the median) or 'original' "
+                                      "(the middle beta sorted values)")):
+            value = params.get(key)
+            value = LITERATURE if value is None else value
+            if not isinstance(value, str) or value not in CHOICES:
+                return {}, f"bulyan: {key} must be {what}; got {key}={value!r}"
+            out[key] = value
+    return out, None
+
+
+def requirement_error(rule: str, n: int, f: int, params: dict | None = None) -> str | None:
+    """Why ``rule`` cannot aggregate n rows tolerating f with ``params``, in one line; None if it can.
+
+    Pure arithmetic (no tensors, instant at any n): the rules raise exactly this message as a ValueError.
+    """
+    return _settings(rule, n, f, params)[1]
+
+
+def _check(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None) -> tuple[int, int, dict]:
+    """Validate the input matrix, then (n, f, params) (``requirement_error``); raise one clear ValueError."""
     if not isinstance(grads_nd, torch.Tensor) or grads_nd.dim() != 2 or not grads_nd.is_floating_point():
         raise ValueError(f"{name}: grads must be a 2-D float tensor (n, d), got {_describe(grads_nd)}")
     n, d = grads_nd.shape
-    if n < 1:
-        raise ValueError(f"{name}: needs at least one row, got n=0")
-    if isinstance(f, bool) or not isinstance(f, int) or f < 0:
-        raise ValueError(f"{name}: f must be an integer >= 0, got f={f!r}")
-    if not ok:
-        raise ValueError(f"{name} needs {bound}; got n={n}, f={f}")
-    return n, d
+    settings, err = _settings(name, n, f, params)
+    if err:
+        raise ValueError(err)
+    return n, d, settings
 
 
 def _describe(x: object) -> str:
@@ -67,25 +196,64 @@ def _middle_rows(grads_nd: torch.Tensor, rows: torch.Tensor | None, lo: int, hi:
     return out_d
 
 
-def mean(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
+def _closest_rows(grads_nd: torch.Tensor, rows: torch.Tensor, beta: int) -> torch.Tensor:
+    """Per coordinate, the mean of the ``beta`` values among the selected rows closest to their median (for an
+    even count the median is the mean of the two middle values); of two equally close values the lower is
+    taken first. The beta closest values are ``beta`` consecutive sorted values, grown outwards from the median.
+    """
+    if grads_nd.device.type == "cpu" and grads_nd.dtype == torch.float32:
+        from detox.kernels import closest_mean
+
+        x = grads_nd.contiguous().numpy()
+        return torch.from_numpy(closest_mean(x, rows.cpu().numpy(), beta, torch.get_num_threads()))
+    m, d = rows.numel(), grads_nd.shape[1]
+    out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
+    step = max(1, _BLOCK_ELEMS // m)
+    for s in range(0, d, step):
+        srt = grads_nd[rows, s : s + step].t().contiguous()
+        # NaN as +inf and float64 distances, as the kernel
+        srt = torch.nan_to_num(srt, nan=float("inf")).sort(dim=1).values.double()
+        w = srt.shape[0]
+        c = m // 2
+        if m % 2:
+            med = srt[:, c]
+            lo = torch.full((w,), c, dtype=torch.long, device=srt.device)
+            acc, taken = med.clone(), 1
+            hi = lo + 1
+        else:
+            med = 0.5 * (srt[:, c - 1] + srt[:, c])
+            lo = torch.full((w,), c, dtype=torch.long, device=srt.device)
+            acc, taken = torch.zeros(w, dtype=torch.float64, device=srt.device), 0
+            hi = lo.clone()
+        for _ in range(taken, beta):
+            left = srt.gather(1, (lo - 1).clamp(min=0)[:, None])[:, 0]
+            right = srt.gather(1, hi.clamp(max=m - 1)[:, None])[:, 0]
+            go_left = (lo > 0) & ((hi >= m) | ((med - left) <= (right - med)))
+            acc += torch.where(go_left, left, right)
+            lo -= go_left.long()
+            hi += (~go_left).long()
+        out_d[s : s + step] = (acc / beta).to(grads_nd.dtype)
+    return out_d
+
+
+def mean(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
     """Arithmetic mean of the rows (no robustness; f is accepted for a uniform signature)."""
-    n, _ = _check("mean", grads_nd, f)
+    n, _, _ = _check("mean", grads_nd, f, other)
     if _cpu32(grads_nd):  # one compiled pass at memory speed; sum then divide, as torch.mean
         return _weighted_rows(grads_nd, torch.ones(n, dtype=torch.float64)).div_(n)
     return grads_nd.mean(dim=0)
 
 
-def coord_median(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
-    """Per-coordinate median; for even n the mean of the two middle values."""
-    n, _ = _check("coord-median", grads_nd, f)
+def coord_median(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
+    """Per-coordinate median; for even n the mean of the two middle values. Needs n > 2f."""
+    n, _, _ = _check("coord-median", grads_nd, f, other)
     # numpy's convention: for even n the mean of the two middle values
     return _middle_rows(grads_nd, None, (n - 1) // 2, n // 2 + 1)
 
 
-def trimmed_mean(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
-    """Per coordinate, drop the f smallest and f largest values and average the rest."""
-    n, _ = _check("trimmed-mean", grads_nd, f)
-    _check("trimmed-mean", grads_nd, f, n > 2 * f, "n > 2f")
+def trimmed_mean(grads_nd: torch.Tensor, f: int, **other: object) -> torch.Tensor:
+    """Per coordinate, drop the f smallest and f largest values and average the rest. Needs n > 2f."""
+    n, _, _ = _check("trimmed-mean", grads_nd, f, other)
     return _middle_rows(grads_nd, None, f, n - f)
 
 
@@ -182,25 +350,39 @@ def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None) -> torch.Ten
     return sub
 
 
-def krum_scores(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
-    """score_i = sum of squared distances from row i to its n - f - 2 nearest other rows."""
+def _scores(d2_nn: np.ndarray, k: int) -> np.ndarray:
+    """Krum scores from squared distances whose diagonal is +inf: the sum of each row's k smallest entries,
+    summed in ascending order (so equal multisets of distances give bit-equal scores)."""
+    if k <= 0:
+        return np.zeros(d2_nn.shape[0])
+    return np.sort(d2_nn, axis=1)[:, :k].sum(axis=1)
+
+
+def _distances(grads_nd: torch.Tensor, k: int) -> np.ndarray:
+    """(n, n) float64 squared distances with +inf on the diagonal (a row is not its own neighbour)."""
+    d2 = pairwise_sq_dists(grads_nd, max(k, 1)).numpy().copy()
+    np.fill_diagonal(d2, np.inf)
+    return d2
+
+
+def krum_scores(grads_nd: torch.Tensor, f: int, neighbours: int | None = None) -> torch.Tensor:
+    """score_i = sum of squared distances from row i to its k nearest other rows (k = n - f - 2 unless
+    ``neighbours`` is given)."""
     n = grads_nd.shape[0]
-    k = n - f - 2
-    d2 = pairwise_sq_dists(grads_nd, k)
-    d2.fill_diagonal_(float("inf"))  # a row is not its own neighbour
-    return d2.topk(k, dim=1, largest=False, sorted=False).values.sum(dim=1)
+    k = n - f - 2 if neighbours is None else neighbours
+    return torch.from_numpy(_scores(_distances(grads_nd, k), k))
 
 
-def _lowest(scores_n: torch.Tensor, k: int) -> torch.Tensor:
+def _lowest(scores_n: np.ndarray, k: int) -> np.ndarray:
     """Indices of the k lowest scores, ties to the lower index."""
-    return torch.sort(scores_n, stable=True).indices[:k]
+    return np.argsort(scores_n, kind="stable")[:k]
 
 
-def krum(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
-    """The row with the lowest Krum score."""
-    n, _ = _check("krum", grads_nd, f)
-    _check("krum", grads_nd, f, n >= 2 * f + 3, "n >= 2f + 3")
-    best = _lowest(krum_scores(grads_nd, f), 1)
+def krum(grads_nd: torch.Tensor, f: int, neighbours: int | str | None = None, **other: object) -> torch.Tensor:
+    """The row with the lowest Krum score (Blanchard et al. 2017). Needs n >= 2f + 3."""
+    _, _, s = _check("krum", grads_nd, f, {"neighbours": neighbours, **other})
+    k = s["neighbours"]
+    best = _lowest(_scores(_distances(grads_nd, k), k), 1)
     return grads_nd[int(best[0])].clone()
 
 
@@ -215,34 +397,83 @@ def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
     return w[keep] @ grads_nd[keep.to(grads_nd.device)]
 
 
-def _row_mean(grads_nd: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
+    """(d,) float64 sum_i w_i G_i over the rows with w_i != 0, accumulated in float64 (Weiszfeld's iterate:
+    float32 accumulation misses the optimum by far more than float32 rounding when rows share a large offset)."""
+    if _cpu32(grads_nd):
+        from detox.kernels import weighted_sum64
+
+        return torch.from_numpy(weighted_sum64(grads_nd.contiguous().numpy(), w_n.numpy(), _threads()))
+    keep = torch.nonzero(w_n).flatten().to(grads_nd.device)
+    w = w_n.to(torch.float64).to(grads_nd.device)[keep]
+    n, d = grads_nd.shape
+    out_d = torch.empty(d, dtype=torch.float64, device=grads_nd.device)
+    step = max(1, _GEMM_BLOCK_ELEMS // max(n, 1))
+    for s in range(0, d, step):
+        out_d[s : s + step] = w @ grads_nd[keep, s : s + step].double()
+    return out_d
+
+
+def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
     w_n = torch.zeros(grads_nd.shape[0], dtype=torch.float64)
-    w_n[idx] = 1.0 / idx.numel()
+    w_n[torch.from_numpy(np.asarray(idx))] = 1.0 / len(idx)
     return _weighted_rows(grads_nd, w_n)
 
 
-def multi_krum(grads_nd: torch.Tensor, f: int, m: int | None = None) -> torch.Tensor:
-    """Mean of the m rows of lowest Krum score (m defaults to n - f)."""
-    n, _ = _check("multi-krum", grads_nd, f)
-    _check("multi-krum", grads_nd, f, n >= 2 * f + 3, "n >= 2f + 3")
-    m = n - f if m is None else m
-    if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= n:
-        raise ValueError(f"multi-krum: m must be an integer in [1, n]; got m={m!r}, n={n}")
-    return _row_mean(grads_nd, _lowest(krum_scores(grads_nd, f), m))
+def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,
+               neighbours: int | str | None = None, **other: object) -> torch.Tensor:
+    """Mean of the m rows of lowest Krum score. m: 'literature' n - f (Blanchard et al. 2017), 'original'
+    n - f - 2 (the DETOX code), or an integer. Needs n >= 2f + 3."""
+    _, _, s = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other})
+    k = s["neighbours"]
+    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k), k), s["m"]))
 
 
-def bulyan(grads_nd: torch.Tensor, f: int) -> torch.Tensor:
-    """One-pass Bulyan: the n - 2f rows of lowest Krum score, then per coordinate the middle n - 4f mean."""
-    n, _ = _check("bulyan", grads_nd, f)
-    _check("bulyan", grads_nd, f, n >= 4 * f + 3, "n >= 4f + 3")
-    theta = n - 2 * f
-    selected = torch.sort(_lowest(krum_scores(grads_nd, f), theta)).values
-    return _middle_rows(grads_nd, selected, f, theta - f)
+def _iterative_selection(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:
+    """El Mhamdi et al. 2018: apply Krum to the rows R not yet selected, move its choice to the selection,
+    repeat until theta rows are selected. Krum on R uses |R| - f - 2 neighbours (or ``k_fixed``), clipped to
+    [0, |R| - 1]: the last iterations run on fewer rows than Krum's own bound, where the paper leaves the
+    count undefined."""
+    left = np.arange(d2_nn.shape[0])
+    chosen = []
+    for _ in range(theta):
+        size = left.size
+        k = size - f - 2 if k_fixed is None else k_fixed
+        k = min(max(k, 0), size - 1)
+        best = int(_lowest(_scores(d2_nn[np.ix_(left, left)], k), 1)[0])
+        chosen.append(int(left[best]))
+        left = np.delete(left, best)
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neighbours: int | str | None = None,
+           selection: str | None = None, average: str | None = None, **other: object) -> torch.Tensor:
+    """Bulyan: select theta rows by Krum, then per coordinate average beta = theta - 2f of their values.
+
+    literature (El Mhamdi et al. 2018, the defaults): theta = n - 2f rows selected by re-running Krum on the
+    rows left; per coordinate the mean of the beta values closest to the median. original (the DETOX code):
+    theta = n - f - 2 rows of lowest Krum score in one pass; per coordinate the mean of the middle beta sorted
+    values. Each setting can be chosen alone. Needs n >= 4f + 3.
+    """
+    n, _, s = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours, "selection": selection,
+                                             "average": average, **other})
+    th, k_fixed = s["theta"], s["neighbours"]
+    beta = th - 2 * f
+    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed)
+    if s["selection"] == ORIGINAL:
+        k = n - f - 2 if k_fixed is None else k_fixed
+        selected = np.sort(_lowest(_scores(d2, k), th))
+    else:
+        selected = _iterative_selection(d2, f, th, k_fixed)
+    rows = torch.from_numpy(selected)
+    if s["average"] == ORIGINAL:
+        return _middle_rows(grads_nd, rows, f, th - f)
+    return _closest_rows(grads_nd, rows, beta)
 
 
 def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
     """Euclidean distance of every row to z in float64 (a finite 1e38 would overflow float32 squares);
-    one read, no (n, d) temporary."""
+    one read, no (n, d) temporary. ``z_d`` may be float64 (Weiszfeld's iterate) or the rows' dtype."""
     if _cpu32(rows_nd):
         from detox.kernels import row_sq_dists
 
@@ -250,27 +481,31 @@ def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
     n, d = rows_nd.shape
     acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
     step = max(1, _GEMM_BLOCK_ELEMS // n)
+    z64 = z_d.to(torch.float64)
     for s in range(0, d, step):
-        acc += (rows_nd[:, s : s + step] - z_d[s : s + step]).double().square_().sum(dim=1)
+        acc += (rows_nd[:, s : s + step].double() - z64[s : s + step]).square_().sum(dim=1)
     return acc.sqrt_().cpu()
 
 
-def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_iter: int = 1000) -> torch.Tensor:
+def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = None,
+                     max_iter: int | None = None, **other: object) -> torch.Tensor:
     """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from a medoid (Vardi-Zhang step at data points).
 
-    Stops when an iteration moves z by less than ``tol`` times the median distance of the rows to z (a scale
-    set by the honest majority, so a few huge rows cannot end the iterations early), or when z is a data
-    point that satisfies the optimality condition. Rows with a non-finite entry are infinitely far from
-    every candidate and get weight 0.
+    The iterate is kept and accumulated in float64 and rounded to the rows' dtype once, at the end. Stops
+    when an iteration moves z by less than ``tol`` times the median distance of the rows to z (a scale set by
+    the honest majority, so a few huge rows cannot end the iterations early), or when z is a data point that
+    satisfies the optimality condition. Rows with a non-finite entry are infinitely far from every candidate
+    and get weight 0. Needs n > 2f (its breakdown point is 1/2).
     """
-    n, d = _check("geometric-median", grads_nd, f)
-    z_d = grads_nd[_reference_row(grads_nd, n // 2)].clone()  # inside the bulk of the data, unlike the mean
+    n, d, s = _check("geometric-median", grads_nd, f, {"tol": tol, "max_iter": max_iter, **other})
+    tol, max_iter = s["tol"], s["max_iter"]
+    z_d = grads_nd[_reference_row(grads_nd, n // 2)].to(torch.float64)  # inside the bulk, unlike the mean
     dist_n = _row_dists(grads_nd, z_d)
     if not bool(torch.isfinite(dist_n).any()):  # the start row carried a NaN/inf: start from a finite row
         start = _reference_row(grads_nd, n // 2, _finite_rows(grads_nd))
         if start < 0:
             return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
-        z_d = grads_nd[start].clone()
+        z_d = grads_nd[start].to(torch.float64)
         dist_n = _row_dists(grads_nd, z_d)
     finite = torch.isfinite(dist_n)  # distances to a finite z: non-finite exactly for rows with NaN/inf
     rows = grads_nd if bool(finite.all()) else grads_nd[finite.to(grads_nd.device)]  # copies only if hostile
@@ -282,25 +517,25 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float = 1e-7, max_
         w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
         if float(w_n.sum()) == 0.0:
             break  # every row coincides with z
-        t_d = _weighted_rows(rows, w_n / w_n.sum())
+        t_d = _weighted_rows64(rows, w_n / w_n.sum())
         eta = int(at_z.sum())
         if eta:
             # Vardi & Zhang (2000): z is optimal iff ||R|| <= eta, R = sum over other rows of unit vectors
-            r = float(torch.linalg.vector_norm((t_d - z_d).double()) * w_n.sum())
+            r = float(torch.linalg.vector_norm(t_d - z_d) * w_n.sum())
             if r <= eta:
                 break
             t_d = t_d * (1 - eta / r) + z_d * (eta / r)
-        moved = float(torch.linalg.vector_norm((t_d - z_d).double()))
+        moved = float(torch.linalg.vector_norm(t_d - z_d))
         z_d = t_d
         if moved <= tol * scale:
             break
         dist_n = _row_dists(rows, z_d)
-    return z_d
+    return z_d.to(grads_nd.dtype)
 
 
-def sign_sgd(grads_nd: torch.Tensor, f: int = 0) -> torch.Tensor:
-    """signSGD with majority vote: sign of the sum of the rows' signs (NaN votes 0)."""
-    _check("sign-sgd", grads_nd, f)
+def sign_sgd(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
+    """signSGD with majority vote: sign of the sum of the rows' signs (NaN votes 0). Needs n > 2f."""
+    _check("sign-sgd", grads_nd, f, other)
     if _cpu32(grads_nd):
         from detox.kernels import sign_votes
 

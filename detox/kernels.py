@@ -7,6 +7,10 @@ buffer and put through a fixed selection network (Batcher's sorting network, pru
 [lo, hi) positions). Each compare-exchange runs across the whole block at once: min and max of two buffer
 rows written into two free rows (no aliasing, so LLVM vectorises it). Blocks run in parallel.
 
+Bulyan's literature average (the beta values closest to the median) needs every position sorted: the full
+network, then a window grown outwards from the median per coordinate (``closest_mean``). Weiszfeld's weighted
+sums have a float64-accumulating twin (``weighted_sum64``).
+
 NaN sorts as +inf: it becomes an order statistic only if more than the tolerated rows carry it.
 """
 
@@ -141,6 +145,84 @@ def middle_mean(x: np.ndarray, rows: np.ndarray, lo: int, hi: int, threads: int)
     return _middle_mean(x, np.ascontiguousarray(rows, dtype=np.int64), net, int(lo), int(hi), BLOCK, threads)
 
 
+@lru_cache(maxsize=256)
+def sorting_network(m: int) -> np.ndarray:
+    """Batcher's full sorting network for m inputs, a (k, 2) int64 array."""
+    return np.asarray(_batcher(m), dtype=np.int64).reshape(-1, 2)
+
+
+@njit(fastmath=_FAST, cache=True)
+def _closest_block(x, rows, start, width, net, beta, buf, vals, out):  # pragma: no cover - compiled
+    m = rows.shape[0]
+    for r in range(m):
+        src = x[rows[r]]
+        dst = buf[r]
+        for j in range(width):
+            v = src[start + j]
+            dst[j] = np.inf if v != v else v
+    pos = np.arange(m)
+    f1 = m
+    f2 = m + 1
+    for c in range(net.shape[0]):  # the full network: every position ends sorted
+        i = net[c, 0]
+        k = net[c, 1]
+        pi = pos[i]
+        pk = pos[k]
+        _minmax(buf[pi], buf[pk], buf[f1], buf[f2], width)
+        pos[i] = f1
+        pos[k] = f2
+        f1 = pi
+        f2 = pk
+    c = m // 2
+    for j in range(width):
+        for r in range(m):
+            vals[r] = np.float64(buf[pos[r], j])
+        # grow a window of consecutive sorted values outwards from the median; float64 distances are exact
+        if m % 2 == 1:
+            med = vals[c]
+            lo = c
+            hi = c + 1
+            acc = med
+        else:
+            med = 0.5 * (vals[c - 1] + vals[c])
+            lo = c
+            hi = c
+            acc = 0.0
+        for _ in range(hi - lo, beta):
+            if lo > 0 and (hi >= m or med - vals[lo - 1] <= vals[hi] - med):  # equal distance: the lower value
+                lo -= 1
+                acc += vals[lo]
+            else:
+                acc += vals[hi]
+                hi += 1
+        out[start + j] = acc / beta
+
+
+@njit(parallel=True, cache=True)
+def _closest_mean(x, rows, net, beta, block, nthreads):  # pragma: no cover - compiled
+    d = x.shape[1]
+    out = np.empty(d, dtype=x.dtype)
+    nblocks = (d + block - 1) // block
+    for t in prange(nthreads):
+        buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)
+        vals = np.empty(rows.shape[0])
+        for b in range(t, nblocks, nthreads):
+            start = b * block
+            _closest_block(x, rows, start, min(block, d - start), net, beta, buf, vals, out)
+    return out
+
+
+def closest_mean(x: np.ndarray, rows: np.ndarray, beta: int, threads: int) -> np.ndarray:
+    """Per coordinate, the mean of the ``beta`` values among ``x[rows]`` closest to their median (Bulyan's
+    second step, El Mhamdi et al. 2018); of two equally close values the lower one is taken first.
+
+    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; NaN counts as +inf.
+    """
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    net = sorting_network(int(rows.shape[0]))
+    return _closest_mean(x, np.ascontiguousarray(rows, dtype=np.int64), net, int(beta), BLOCK, threads)
+
+
 @njit(parallel=True, cache=True)
 def _row_sq_dists(x, z, nthreads):  # pragma: no cover - compiled
     n, d = x.shape
@@ -160,12 +242,15 @@ def _row_sq_dists(x, z, nthreads):  # pragma: no cover - compiled
 
 
 def row_sq_dists(x: np.ndarray, z: np.ndarray, threads: int) -> np.ndarray:
-    """Squared Euclidean distance of every row of ``x`` (float32, C-contiguous) to ``z``, in float64.
+    """Squared Euclidean distance of every row of ``x`` (float32, C-contiguous) to ``z`` (float32 or float64),
+    in float64.
 
     One read of ``x``, no temporary of its size; a row with NaN or inf gets a non-finite distance.
     """
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    return _row_sq_dists(x, np.ascontiguousarray(z, dtype=x.dtype), threads)
+    # a float64 z (Weiszfeld's iterate) is used as it is: rounding it to float32 would cost the accuracy it has
+    z = np.ascontiguousarray(z, dtype=np.float64 if z.dtype == np.float64 else x.dtype)
+    return _row_sq_dists(x, z, threads)
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -288,3 +373,30 @@ def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
     """sum_r w_r x_r over the rows with w_r != 0 (float32, one read of those rows, in row order)."""
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     return _weighted_sum(x, np.ascontiguousarray(w, dtype=x.dtype), threads)
+
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
+def _weighted_sum64(x, w, nthreads):  # pragma: no cover - compiled
+    n, d = x.shape
+    out = np.empty(d, dtype=np.float64)
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        acc = np.empty(_COLS, dtype=np.float64)
+        for a in range(t * chunk, min(d, (t + 1) * chunk), _COLS):
+            m = min(d, (t + 1) * chunk, a + _COLS) - a
+            acc[:m] = 0
+            for r in range(n):
+                wr = w[r]
+                if wr == 0:
+                    continue  # skipped, not multiplied: 0 * NaN would be NaN
+                row = x[r, a : a + m]
+                for j in range(m):
+                    acc[j] += wr * np.float64(row[j])
+            out[a : a + m] = acc[:m]
+    return out
+
+
+def weighted_sum64(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
+    """sum_r w_r x_r over the rows with w_r != 0, accumulated and returned in float64 (``x`` float32)."""
+    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    return _weighted_sum64(x, np.ascontiguousarray(w, dtype=np.float64), threads)

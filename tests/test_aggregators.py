@@ -11,7 +11,16 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize
 
-from detox.aggregators import _BLOCK_ELEMS, AGGREGATORS, aggregate, krum_scores
+from detox.aggregators import (
+    _BLOCK_ELEMS,
+    AGGREGATORS,
+    RULE_PARAMS,
+    _closest_rows,
+    aggregate,
+    krum_scores,
+    requirement_error,
+)
+from detox.kernels import closest_mean
 
 ALL_RULES = sorted(AGGREGATORS)
 PROPS = settings(
@@ -39,7 +48,9 @@ def valid_f(name: str, n: int) -> int:
         return max(0, (n - 3) // 2)
     if name == "bulyan":
         return max(0, (n - 3) // 4)
-    return 1
+    if name == "mean":
+        return 1
+    return min(1, (n - 1) // 2)  # coord-median, geometric-median, sign-sgd: n > 2f
 
 
 # --------------------------------------------------------------------------------------- numpy reference
@@ -59,6 +70,47 @@ def ref_lowest(scores: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(scores, kind="stable")[:k]
 
 
+def ref_d2(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    return np.array([[float(((a - b) ** 2).sum()) for b in x] for a in x])
+
+
+def ref_iterative_selection(x: np.ndarray, f: int, theta: int) -> list[int]:
+    """El Mhamdi et al. 2018: Krum (|R| - f - 2 neighbours, at least 0) on the rows R left, theta times."""
+    d2 = ref_d2(x)
+    left, chosen = list(range(x.shape[0])), []
+    for _ in range(theta):
+        k = min(max(len(left) - f - 2, 0), len(left) - 1)
+        scores = [sum(sorted(d2[i, j] for j in left if j != i)[:k]) for i in left]
+        chosen.append(left.pop(int(np.argmin(scores))))  # argmin: the first of equal scores
+    return sorted(chosen)
+
+
+def ref_closest(sel: np.ndarray, beta: int) -> np.ndarray:
+    """Per column, the mean of the beta values closest to the median (ties: the lower value first), by
+    brute force over the windows of beta consecutive sorted values."""
+    out = []
+    for col in np.sort(sel.astype(np.float64), axis=0).T:
+        med = np.median(col)
+        best = min(range(len(col) - beta + 1), key=lambda s: (np.abs(col[s : s + beta] - med).sum(), s))
+        out.append(col[best : best + beta].mean())
+    return np.array(out)
+
+
+def ref_bulyan(x: np.ndarray, f: int, theta: int | None = None, selection: str = "literature",
+               average: str = "literature") -> np.ndarray:
+    n = x.shape[0]
+    theta = n - 2 * f if theta is None else theta
+    if selection == "literature":
+        idx = ref_iterative_selection(x, f, theta)
+    else:
+        idx = np.sort(ref_lowest(ref_krum_scores(x, f), theta))
+    sel = x.astype(np.float64)[idx]
+    if average == "literature":
+        return ref_closest(sel, theta - 2 * f)
+    return np.sort(sel, axis=0)[f : theta - f].mean(axis=0)
+
+
 def ref_aggregate(name: str, x: np.ndarray, f: int, m: int | None = None) -> np.ndarray:
     n = x.shape[0]
     x64 = x.astype(np.float64)
@@ -73,9 +125,7 @@ def ref_aggregate(name: str, x: np.ndarray, f: int, m: int | None = None) -> np.
     if name == "multi-krum":
         return x64[ref_lowest(ref_krum_scores(x, f), n - f if m is None else m)].mean(axis=0)
     if name == "bulyan":
-        theta = n - 2 * f
-        sel = x64[np.sort(ref_lowest(ref_krum_scores(x, f), theta))]
-        return np.sort(sel, axis=0)[f : theta - f].mean(axis=0)
+        return ref_bulyan(x, f)
     if name == "sign-sgd":
         return np.sign(np.sign(x64).sum(axis=0))
     raise KeyError(name)
@@ -195,11 +245,85 @@ def test_bulyan_by_hand():
     #   s0 = 1+1+2+4 = 8, s1 = 1+1+1+2 = 5, s2 = 1+1+2+5 = 9, s3 = 1+1+2+2 = 6, s4 = 1+2+4+5 = 12,
     #   s5 = 16+17+25+26 = 84, s6 = 97+128+130+145 = 500
     assert krum_scores(g, 1).tolist() == [8, 5, 9, 6, 12, 84, 500]
-    # theta = n-2f = 5 lowest: rows 1,3,0,2,4 = (0,0),(1,0),(0,1),(1,1),(2,0)
-    # per coordinate, middle theta-2f = 3 of the sorted values:
+    # one pass, theta = n-2f = 5 lowest: rows 1,3,0,2,4 = (0,0),(1,0),(0,1),(1,1),(2,0)
+    # middle beta = theta-2f = 3 of the sorted values:
     #   col 0 sorted 0,0,1,1,2 -> mean(0,1,1) = 2/3 ; col 1 sorted 0,0,0,1,1 -> mean(0,0,1) = 1/3
-    out = run("bulyan", g, 1)
+    out = run("bulyan", g, 1, selection="original", average="original")
     assert torch.allclose(out, T([2 / 3, 1 / 3]), rtol=0, atol=1e-7)
+    # literature: Krum re-run on the rows left picks 1 (s=5), then 3 (3 nearest: 1+2+2 = 5 < 7, 7, 11, ...),
+    # then 0 (2 nearest: 1+4 = 5), then 2 (1 nearest: 5, tied with row 4, lower index), then 4 (0 neighbours):
+    # the same five rows. Per coordinate the beta = 3 values closest to the median:
+    #   col 0 sorted 0,0,1,1,2, median 1: 1, 1, then 0 and 2 are both 1 away -> the lower, 0: mean 2/3
+    #   col 1 sorted 0,0,0,1,1, median 0: 0, 0, 0 -> 0
+    assert torch.allclose(run("bulyan", g, 1), T([2 / 3, 0]), rtol=0, atol=1e-7)
+    # original counts: theta = n-f-2 = 4 (rows 1,3,0,2), beta = 2: col 0 sorted 0,0,1,1 -> mean(0,1) ; col 1 the same
+    out = run("bulyan", g, 1, theta="original", selection="original", average="original")
+    assert torch.allclose(out, T([0.5, 0.5]), rtol=0, atol=1e-7)
+
+
+# 1-D rows 4, 7, 6, 2, 9, 0, 8 with f = 1: the iterative selection differs from the one-pass one
+ITER_G = [[4], [7], [6], [2], [9], [0], [8]]
+
+
+def test_bulyan_iterative_selection_by_hand():
+    g = T(ITER_G)
+    # one pass (4 nearest others): scores 33, 15, 18, 49, 39, 105, 22 -> rows 1, 2, 6, 0, 4 = values 7, 6, 8, 4, 9
+    assert krum_scores(g, 1).tolist() == [33, 15, 18, 49, 39, 105, 22]
+    # iterative: row 1 (15); on rows {0,2,3,4,5,6} with 3 neighbours: 24, 17, 24, 35, 56, 21 -> row 2;
+    # on {0,3,4,5,6} with 2: 20, 8, 26, 20, 17 -> row 3; on {0,4,5,6} with 1: 16, 1, 16, 1 -> row 4 (tie, lower);
+    # on {0,5,6} with 0 neighbours every score is 0 -> row 0. Selected values 4, 7, 6, 2, 9.
+    # literature average: sorted 2,4,6,7,9, median 6: 6, then 7 (1 away) over 4 (2), then 4 (2) over 9 (3):
+    # (4 + 6 + 7) / 3
+    assert torch.allclose(run("bulyan", g, 1), T([17 / 3]), rtol=1e-6)
+    # one pass: sorted 4,6,7,8,9, median 7: 7, then 6 and 8 tie (1 away) -> 6, then 8 (1) over 4 (3): 7
+    assert torch.allclose(run("bulyan", g, 1, selection="original"), T([7.0]), rtol=1e-6)
+    # theta = n-f-2 = 4, one pass: rows 1, 2, 6, 0 = 4,6,7,8 sorted, beta = 2: middle (6 + 7) / 2 = 6.5
+    assert torch.allclose(run("bulyan", g, 1, theta="original", selection="original", average="original"),
+                          T([6.5]), rtol=1e-6)
+    # an explicit theta = 3 (beta = 1): iterative rows 1, 2, 3 = 7, 6, 2 -> the median 6
+    assert torch.equal(run("bulyan", g, 1, theta=3), T([6.0]))
+
+
+def test_bulyan_closest_to_median_differs_from_middle_values():
+    # rows 0,1,2,10,11 are selected (100 and 200 are far); sorted 0,1,2,10,11, median 2, beta = 3:
+    # closest to the median 2, 1, 0 -> mean 1 ; the middle sorted values 1, 2, 10 -> 13/3
+    g = T([[0], [1], [2], [10], [11], [100], [200]])
+    assert torch.allclose(run("bulyan", g, 1), T([1.0]))
+    assert torch.allclose(run("bulyan", g, 1, average="original"), T([13 / 3]))
+
+
+def test_bulyan_literature_average_can_leave_the_honest_box():
+    # documents why the box property is asserted for average="original" only: honest 0, 0, 5, 10, 100, 200 and one
+    # Byzantine -1 (f = 1). Iterative selection: row 2 (5), row 0, row 1, row 3 (10; tied with -1 at one
+    # neighbour, lower index), then -1 (0 neighbours on the last 3 rows: the lowest index). Selected -1, 0, 0, 5, 10;
+    # median 0; the 3 closest are 0, 0 and -1 (1 away; 5 is 5 away): mean -1/3 < 0, the honest minimum.
+    # The middle sorted values 0, 0, 5 stay inside.
+    g = T([[0], [0], [5], [10], [-1], [100], [200]])
+    assert torch.allclose(run("bulyan", g, 1), T([-1 / 3]))
+    assert torch.allclose(run("bulyan", g, 1, average="original"), T([5 / 3]))
+
+
+@pytest.mark.parametrize("m,beta", [(5, 1), (5, 3), (6, 2), (6, 4), (7, 7), (9, 3), (2, 1), (1, 1)])
+def test_closest_mean_kernel_matches_brute_force(m, beta):
+    # small integers: many equal distances, so the tie rule (the lower value first) is exercised
+    x = np.random.default_rng(m * 10 + beta).integers(-4, 5, size=(m + 2, 700)).astype(np.float32)
+    rows = np.arange(1, m + 1)
+    want = ref_closest(x[rows], beta)
+    np.testing.assert_allclose(closest_mean(x, rows, beta, threads=2), want, rtol=1e-6, atol=1e-6)
+    # the torch path (float64, or CUDA) follows the same definition
+    got64 = _closest_rows(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(rows), beta)
+    np.testing.assert_allclose(got64.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_closest_mean_treats_nan_as_largest():
+    # columns (1, 2, nan, 3, 4) and (nan, 5, 6, 7, 8), beta = 3: NaN sorts as +inf
+    # col 0 sorted 1,2,3,4,inf, median 3: 3, then 2 and 4 tie -> 2, then 4 (1 away) over 1 (2): mean 3
+    # col 1 sorted 5,6,7,8,inf, median 7: 7, then 6 and 8 tie -> 6, then 8: mean 7
+    x = np.array([[1.0, np.nan], [2.0, 5.0], [np.nan, 6.0], [3.0, 7.0], [4.0, 8.0]], dtype=np.float32)
+    out = closest_mean(x, np.arange(5), 3, threads=1)
+    torch_out = _closest_rows(torch.from_numpy(x.astype(np.float64)), torch.arange(5), 3)
+    np.testing.assert_allclose(torch_out.numpy(), [3.0, 7.0])
+    np.testing.assert_allclose(out, [3.0, 7.0])
 
 
 def test_bulyan_f0_is_mean():
@@ -254,6 +378,38 @@ def test_geometric_median_when_the_mean_is_a_data_point(rows):
     assert gm_objective(x, z) <= gm_optimum(x) * (1 + 1e-6)
 
 
+def ref_geometric_median64(x: np.ndarray) -> np.ndarray:
+    """The optimum in float64: Weiszfeld on the rows minus their mean (no large offset left to lose digits to),
+    from the coordinate median, until an iteration moves z by less than 1e-13 of the median distance."""
+    c = x.astype(np.float64).mean(axis=0)
+    y = x.astype(np.float64) - c
+    z = np.median(y, axis=0)
+    for _ in range(10000):
+        dist = np.linalg.norm(y - z, axis=1)
+        z_next = (y / dist[:, None]).sum(axis=0) / (1.0 / dist).sum()
+        moved = np.linalg.norm(z_next - z)
+        z = z_next
+        if moved <= 1e-13 * np.median(dist):
+            break
+    return z + c
+
+
+@pytest.mark.parametrize("offset,n,seed", [(300.0, 15, 0), (1e4, 45, 20)])
+def test_geometric_median_meets_its_bound_on_rows_with_a_large_common_offset(offset, n, seed):
+    # issue #11: float32 accumulation of Weiszfeld's weighted sums missed the optimum by 1.9e-6 (offset 300) and
+    # 5.4e-3 (offset 1e4) relative, against 4.3e-7 and 4.0e-4 for the float32-rounded optimum itself
+    x = (offset + 0.01 * np.random.default_rng(seed).standard_normal((n, 1000))).astype(np.float32)
+    z_star = ref_geometric_median64(x)
+    opt = gm_objective(x, z_star)
+    rounding = gm_objective(x, z_star.astype(np.float32)) - opt  # what rounding the optimum to float32 costs
+    assert rounding > 1e-7 * opt  # the case is one where float32 rounding matters
+    z = run("geometric-median", torch.from_numpy(x), 0)
+    assert z.dtype == torch.float32
+    assert gm_objective(x, z.numpy()) - opt <= 1e-6 * opt + rounding  # DESIGN §3's bound for float32 rows
+    z64 = run("geometric-median", torch.from_numpy(x.astype(np.float64)), 0)
+    assert gm_objective(x, z64.numpy()) - opt <= 1e-6 * opt
+
+
 def test_geometric_median_ignores_non_finite_rows():
     g = T([[0, 0], [1, 1], [5, 5], [float("nan"), 0], [float("inf"), 1]])
     assert torch.allclose(run("geometric-median", g, 0), T([1, 1]), atol=1e-4)
@@ -287,6 +443,9 @@ def test_registry_names():
         ("multi-krum", 6, 2, "n >= 2f + 3"),
         ("bulyan", 6, 1, "n >= 4f + 3"),
         ("bulyan", 10, 2, "n >= 4f + 3"),
+        ("coord-median", 4, 2, "n > 2f"),
+        ("geometric-median", 3, 2, "n > 2f"),
+        ("sign-sgd", 2, 1, "n > 2f"),
     ],
 )
 def test_requirement_errors(name, n, f, bound):
@@ -304,6 +463,105 @@ def test_requirement_errors(name, n, f, bound):
 def test_requirement_boundary_is_accepted(name, n, f):
     out = run(name, torch.randn(n, 3), f)
     assert out.shape == (3,)
+    assert requirement_error(name, n, f, {}) is None
+
+
+# values of every parameter: named choices, integers in and out of range, wrong types
+PARAM_VALUES: dict[str, list] = {
+    "neighbours": [None, "literature", "original", 0, 1, 3, 6, 7, -1, 2.0, True, "nearest", np.int64(2)],
+    "m": [None, "literature", "original", 0, 1, 4, 7, 8, 2.5, False, "orig", np.int64(3)],
+    "theta": [None, "literature", "original", 1, 2, 3, 5, 7, 8, "x", 3.0],
+    "selection": [None, "literature", "original", "one-pass", 1],
+    "average": [None, "literature", "original", "middle", 0],
+    "tol": [None, 1e-6, 0, -1.0, math.nan, math.inf, "1e-6", True, 1],
+    "max_iter": [None, 1, 10, 0, -3, 2.5, True, "5"],
+}
+
+
+def _param_grid(rule: str) -> list[dict]:
+    grid: list[dict] = [{}, {"bogus": 1}]
+    for key in RULE_PARAMS[rule]:
+        grid += [{key: v} for v in PARAM_VALUES[key]]
+    if rule == "bulyan":  # combinations: an explicit theta with the one-pass / middle steps
+        grid += [{"theta": t, "selection": "original", "average": "original"} for t in (3, "original")]
+    return grid
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_requirement_error_agrees_with_the_rule(rule):
+    """For a grid of (n, f, params), requirement_error is None exactly when the rule runs, and otherwise the
+    rule raises a ValueError with exactly that message."""
+    gen = torch.Generator().manual_seed(0)
+    checked = refused = 0
+    for n in range(1, 10):
+        x = torch.randn(n, 3, generator=gen)
+        if rule == "geometric-median":
+            x = torch.zeros(n, 3)  # Weiszfeld stops at once on coinciding rows: the grid is about the checks
+        for f in [0, 1, 2, 3, 4, -1, True, 1.0]:
+            for params in _param_grid(rule):
+                err = requirement_error(rule, n, f, params)
+                if err is None:
+                    out = run(rule, x, f, **params)
+                    assert out.shape == (3,), (rule, n, f, params)
+                else:
+                    assert "\n" not in err and err.startswith(rule), err
+                    with pytest.raises(ValueError) as exc:
+                        run(rule, x, f, **params)
+                    assert str(exc.value) == err, (rule, n, f, params)
+                    refused += 1
+                checked += 1
+    assert refused and refused < checked  # the grid has both sides of every bound
+
+
+@pytest.mark.parametrize(
+    "rule,n,f,params,expected",
+    [
+        ("bulyan", 7, 1, {}, None),
+        ("bulyan", 6, 1, {}, "bulyan needs n >= 4f + 3; got n=6, f=1"),
+        ("coord-median", 9, 5, {}, "coord-median needs n > 2f; got n=9, f=5"),
+        ("sign-sgd", 45, 23, {}, "sign-sgd needs n > 2f; got n=45, f=23"),
+        ("geometric-median", 10, 5, {}, "geometric-median needs n > 2f; got n=10, f=5"),
+        ("multi-krum", 15, 2, {"m": 0},
+         "multi-krum: m must be an integer in [1, n]; got m=0, n=15 (or 'literature': n - f, 'original': n - f - 2)"),
+        ("bulyan", 11, 2, {"theta": 4},
+         "bulyan: theta must be an integer in [2f + 1, n]; got theta=4, n=11, f=2 "
+         "(or 'literature': n - 2f, 'original': n - f - 2)"),
+        ("krum", 5, 1, {"tol": 1e-3}, "krum: unknown parameter 'tol'; allowed: neighbours"),
+        ("mean", 5, 1, {"m": 3}, "mean: unknown parameter 'm'; it takes none"),
+        ("nope", 5, 1, {}, "unknown aggregation rule 'nope'; choose from " + str(sorted(AGGREGATORS))),
+        ("krum", 0, 0, {}, "krum: needs at least one row, got n=0"),
+        ("krum", 2.0, 0, {}, "krum: needs at least one row, got n=2.0"),
+        ("krum", 9, -1, {}, "krum: f must be an integer >= 0, got f=-1"),
+        ("krum", 9, True, {}, "krum: f must be an integer >= 0, got f=True"),
+        ("bulyan", 7, 1, {"selection": "one-pass"},
+         "bulyan: selection must be 'literature' (Krum re-run on the rows left) or 'original' (one pass); "
+         "got selection='one-pass'"),
+    ],
+)
+def test_requirement_error_messages(rule, n, f, params, expected):
+    assert requirement_error(rule, n, f, params) == expected
+
+
+def test_requirement_error_is_arithmetic_at_any_size():
+    # issue #10: validation used to run the rule on an (n, 1) dummy (60 s and 3.8 GB at n = 30000)
+    import time
+
+    t0 = time.perf_counter()
+    for rule in ALL_RULES:
+        assert requirement_error(rule, 10**9, 5, {}) is None
+        assert requirement_error(rule, 30000, 7, {}) is None
+    too_many = requirement_error("bulyan", 10**9, 3 * 10**8, {})
+    assert too_many == "bulyan needs n >= 4f + 3; got n=1000000000, f=300000000"
+    assert time.perf_counter() - t0 < 0.05
+
+
+@pytest.mark.parametrize("n,m_original,m_literature", [(8, 4, 6), (7, 3, 5)])
+def test_named_counts_are_resolved_per_call(n, m_original, m_literature):
+    # DETOX's buckets of 8 and 7 winners with f = 2: the original keeps n - f - 2 = 4 and 3 rows
+    x = np.random.default_rng(n).standard_normal((n, 50)).astype(np.float32)
+    for name, m in (("original", m_original), ("literature", m_literature)):
+        out = run("multi-krum", torch.from_numpy(x), 2, m=name).numpy()
+        np.testing.assert_allclose(out, ref_aggregate("multi-krum", x, 2, m=m), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL_RULES)
@@ -373,6 +631,25 @@ def test_matches_numpy_reference(name, n, f, d):
         x[2, : min(d, 2)] = -x[1, : min(d, 2)]
     out = run(name, torch.from_numpy(x.copy()), f).numpy()
     np.testing.assert_allclose(out, ref_aggregate(name, x, f), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,f,d", CASES)
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"selection": "original", "average": "original"},
+        {"selection": "original"},
+        {"average": "original"},
+        {"theta": "original", "selection": "original", "average": "original"},
+        {"theta": "original"},
+    ],
+)
+def test_bulyan_variants_match_numpy_reference(params, n, f, d):
+    f = min(f, (n - 3) // 4)
+    x = np.random.default_rng(n * 1000 + d).standard_normal((n, d)).astype(np.float32)
+    theta = n - f - 2 if params.get("theta") == "original" else n - 2 * f
+    want = ref_bulyan(x, f, theta, params.get("selection", "literature"), params.get("average", "literature"))
+    np.testing.assert_allclose(run("bulyan", torch.from_numpy(x), f, **params).numpy(), want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("n,f,d", [(7, 1, 60000), (12, 2, 100)])
@@ -459,8 +736,11 @@ def test_permutation_invariance_krum_family(data, rule, fdraw):
     assume(n >= (4 * f + 3 if rule == "bulyan" else 2 * f + 3))
     k = {"krum": 1, "multi-krum": n - f, "bulyan": n - 2 * f}[rule]
     assume(_score_gap(x, f, k))
-    a = run(rule, torch.from_numpy(x), f)
-    b = run(rule, torch.from_numpy(x[perm]), f)
+    # Bulyan's one-pass selection: the literature's re-run Krum ends with 0 neighbours for f = 1 (every score 0,
+    # the lowest index wins), so it depends on the row order by definition
+    params = {"selection": "original"} if rule == "bulyan" else {}
+    a = run(rule, torch.from_numpy(x), f, **params)
+    b = run(rule, torch.from_numpy(x[perm]), f, **params)
     if rule == "multi-krum":
         # the same rows are averaged, summed in matrix order by one matrix-vector product: equal up to rounding
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
@@ -511,8 +791,11 @@ def test_robust_rules_stay_in_honest_range(rule):
     @given(data=honest_and_byzantine(rule))
     def check(data):
         x, f, honest = data
+        # Bulyan's literature average (closest to the median) can leave the box by design
+        # (test_bulyan_literature_average_can_leave_the_honest_box)
+        params = {"average": "original"} if rule == "bulyan" else {}
         with np.errstate(all="ignore"):
-            out = run(rule, torch.from_numpy(x), f).numpy()
+            out = run(rule, torch.from_numpy(x), f, **params).numpy()
         lo, hi = honest.min(axis=0), honest.max(axis=0)
         tol = 1e-5 * np.maximum(1.0, np.abs(np.concatenate([lo, hi])).max())
         assert np.all(np.isfinite(out)), (x, f, out)

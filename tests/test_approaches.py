@@ -361,12 +361,16 @@ def test_draco_lite_buckets_not_fewer_than_groups_is_no_bucketing():
 
 def test_draco_lite_via_plan_from_cfg():
     g, byz, winners = grouped_matrix()
-    cfg = make_cfg("draco-lite", "coord-median", workers=12, q=4, r=3)
+    cfg = make_cfg("draco-lite", "coord-median", workers=12, q=3, r=3)
     p = plan_from_cfg(cfg)
-    assert p.f == 2  # floor(4 / 2) = 2, 4 groups
+    assert p.f == 1  # floor(3 / 2) = 1, 4 groups
     agg, diag = APPROACHES["draco-lite"](g, byz, p, 0)
-    torch.testing.assert_close(agg, aggregate("coord-median", winners, 2))
+    torch.testing.assert_close(agg, aggregate("coord-median", winners, 1))
     assert diag["corrupted_groups"] == 1 and diag["vote_fallbacks"] == 1
+    # q = 4 could corrupt 2 of the 4 winners: a median of 4 with 2 bad values is refused (n > 2f)
+    p4 = plan_from_cfg(make_cfg("draco-lite", "coord-median", workers=12, q=4, r=3))
+    with pytest.raises(ValueError, match="coord-median needs n > 2f; got n=4, f=2"):
+        APPROACHES["draco-lite"](g.clone(), byz, p4, 0)
 
 
 def test_diagnostics_count_byzantine_winners_and_fallbacks():
