@@ -5,6 +5,10 @@
 * ``draco-lite`` — DETOX: per-group majority, winners shuffled into buckets, ``inner`` rule per bucket,
   ``mode`` across the bucket outputs.
 
+The vote (``approach.vote``): ``strict`` (default) keeps the vector a strict majority of the group sends and
+falls back to the group's coordinate median; ``boyer-moore`` is the original DETOX code's vote, Boyer-Moore per
+layer (per parameter tensor, ``Plan.layer_sizes``) keeping the surviving candidate unchecked.
+
 ``APPROACHES`` maps each option name to ``fn(grads_nd, byz_p, plan, step) -> (agg_d, diagnostics)``. The PS owns
 ``grads_nd``: grouped approaches compact the group winners into its first rows (no per-step copy).
 """
@@ -21,10 +25,21 @@ import torch
 from detox.aggregators import aggregate, coord_median
 from detox.attacks import TAG_BUCKETS, rng_for
 
+VOTES = ("strict", "boyer-moore")
+
 
 def majority(r: int) -> int:
     """Members needed for a strict majority in a group of r: ceil((r + 1) / 2)."""
     return r // 2 + 1
+
+
+def decisive(r: int, vote: str = "strict") -> int:
+    """Byzantine members that can decide a group's vote in the worst case: a strict majority, ceil((r + 1) / 2),
+    for ``strict``; ceil(r / 2) for ``boyer-moore`` (with even r, r/2 colluders voting first survive it, as the
+    original code's f = floor(q / ceil(r / 2)) assumes). The two differ only for even r."""
+    if vote not in VOTES:
+        raise ValueError(f"approach.vote={vote!r}: choose from {', '.join(VOTES)}")
+    return majority(r) if vote == "strict" else -(-r // 2)
 
 
 @dataclass(frozen=True)
@@ -44,6 +59,9 @@ class Plan:
     buckets: int | None = None
     vote_tol: float = 0.0
     seed: int = 0
+    vote: str = "strict"
+    # sizes of the model's parameter tensors in flat order (the layers of the boyer-moore vote); None: one layer
+    layer_sizes: tuple[int, ...] | None = None
 
     @property
     def grouped(self) -> bool:
@@ -72,7 +90,8 @@ def plan_from_cfg(cfg) -> Plan:
     q, r, workers = int(cfg.worker_fail), int(cfg.group_size), int(cfg.workers)
     mode_params = {k: v for k, v in dict(cfg.mode).items() if k not in ("name", "f")}
     a = cfg.approach
-    worst_groups = q // majority(r)
+    vote = str(a.get("vote") or "strict")
+    worst_groups = q // decisive(r, vote)
     buckets = a.get("buckets")
     if approach == "baseline":
         f_auto = q
@@ -97,6 +116,7 @@ def plan_from_cfg(cfg) -> Plan:
         buckets=int(buckets) if buckets else None,
         vote_tol=float(a.get("vote_tol") or 0.0),
         seed=int(cfg.seed),
+        vote=vote,
     )
 
 
@@ -157,25 +177,111 @@ def _majority(
     return winners_kd, win_rows, classes
 
 
-def majority_vote(grads_nd: torch.Tensor, r: int, tol: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
-    """Per contiguous group of r rows, the majority vector (median of members if none).
+def _layer_starts(d: int, layer_sizes: tuple[int, ...] | None) -> np.ndarray:
+    """Start offsets of the layers in a flat vector of length d (one layer when no sizes are given)."""
+    if not layer_sizes:
+        return np.zeros(1, dtype=np.int64)
+    sizes = np.asarray(layer_sizes, dtype=np.int64)
+    if sizes.ndim != 1 or (sizes <= 0).any() or int(sizes.sum()) != d:
+        raise ValueError(f"layer_sizes must be positive and sum to the gradient length d={d}; "
+                         f"got {len(sizes)} sizes summing to {int(sizes.sum())}")
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]])
 
-    Returns the (P/r, d) winners and, per group, the winning row index in ``grads_nd`` (-1: fallback).
+
+def _layer_agreement(rows_rd: torch.Tensor, tol: float, starts: np.ndarray) -> np.ndarray:
+    """(r, r, L) bool: whether members i and j send the same values on layer l (``_same``'s equality)."""
+    r, n_layers = rows_rd.shape[0], starts.size
+    eq = np.ones((r, r, n_layers), dtype=bool)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows_rd.element_size()]
+    for i in range(r):
+        for j in range(i + 1, r):
+            if tol > 0:
+                differ = ~((rows_rd[i] - rows_rd[j]).abs() <= tol)  # NaN compares False: never a match
+            else:
+                differ = rows_rd[i].view(bits) != rows_rd[j].view(bits)
+            if bool(differ.any()):
+                eq[i, j] = eq[j, i] = ~np.logical_or.reduceat(differ.cpu().numpy(), starts)
+    return eq
+
+
+def _boyer_moore(
+    grads_nd: torch.Tensor, r: int, tol: float, layer_sizes: tuple[int, ...] | None, honest_p: np.ndarray | None,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, np.ndarray, int, int]:
+    """The original DETOX vote: per group and per layer, Boyer-Moore over the members in order (a member equal
+    to the candidate adds one, another takes one away, at zero the next member becomes the candidate), and the
+    surviving candidate's layer is kept unchecked. Returns (winners, per group a row that sent the kept vector or
+    -1 where no member did, groups without a strict majority on some layer, corrupted groups)."""
+    k, d = grads_nd.shape[0] // r, grads_nd.shape[1]
+    starts = _layer_starts(d, layer_sizes)
+    ends = np.append(starts[1:], d)
+    n_layers, need, layer_idx = starts.size, majority(r), np.arange(starts.size)
+    win_rows = np.full(k, -1, dtype=np.int64)
+    winners_kd = grads_nd[:k] if in_place else torch.empty((k, d), dtype=grads_nd.dtype, device=grads_nd.device)
+    fallbacks = corrupted = 0
+    for g in range(k):
+        rows_rd = grads_nd[g * r : (g + 1) * r]
+        eq = _layer_agreement(rows_rd, tol, starts)
+        cand = np.zeros(n_layers, dtype=np.int64)
+        count = np.zeros(n_layers, dtype=np.int64)
+        for i in range(r):
+            fresh = count == 0
+            same = eq[i, cand, layer_idx]
+            cand = np.where(fresh, i, cand)
+            count = np.where(fresh, 1, np.where(same, count + 1, count - 1))
+        support = eq[cand, :, layer_idx]  # (L, r): members that send the candidate's values on each layer
+        fallbacks += int((support.sum(axis=1) < need).any())
+        if honest_p is not None:
+            honest = honest_p[g * r : (g + 1) * r]
+            corrupted += int(((support & honest).sum(axis=1) < need).any())
+        senders = np.flatnonzero(support.all(axis=0))  # members that sent the kept values on every layer
+        if (cand == cand[0]).all() or senders.size:
+            c = int(cand[0]) if (cand == cand[0]).all() else int(senders[0])
+            win_rows[g] = g * r + c
+            if g * r + c != g or not in_place:
+                winners_kd[g] = rows_rd[c]
+        else:
+            # group g's rows start at g * r >= g: writing row g never overwrites a row still to be read
+            for layer in range(n_layers):
+                s, e = int(starts[layer]), int(ends[layer])
+                winners_kd[g, s:e] = rows_rd[int(cand[layer]), s:e]
+    return winners_kd, win_rows, fallbacks, corrupted
+
+
+def majority_vote(
+    grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "strict",
+    layer_sizes: tuple[int, ...] | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Per contiguous group of r rows, the majority vector (``strict``: median of members if none;
+    ``boyer-moore``: the original's per-layer vote).
+
+    Returns the (P/r, d) winners and, per group, the winning row index in ``grads_nd`` (-1: fallback, or a
+    Boyer-Moore winner assembled from layers that no single member sent together).
     """
+    decisive(r, vote)  # validates the name
+    if vote == "boyer-moore":
+        winners_kd, win_rows, _, _ = _boyer_moore(grads_nd, r, tol, layer_sizes, None)
+        return winners_kd, win_rows
     winners_kd, win_rows, _ = _majority(grads_nd, r, tol)
     return winners_kd, win_rows
 
 
 def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[torch.Tensor, dict]:
     t0 = time.perf_counter()
-    winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol, in_place=True)
+    decisive(plan.group_size, plan.vote)  # validates the name
     need = majority(plan.group_size)
-    # a group is corrupted when its winning vector lacks the support of a strict majority of honest
-    # members: the Byzantines decided the vote (even if they chose to send the honest vector)
-    corrupted = sum(1 for members in classes if members and int((~byz_p[members]).sum()) < need)
+    if plan.vote == "boyer-moore":
+        winners_kd, _, fallbacks, corrupted = _boyer_moore(grads_nd, plan.group_size, plan.vote_tol,
+                                                           plan.layer_sizes, ~byz_p, in_place=True)
+    else:
+        winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol, in_place=True)
+        # a group is corrupted when its winning vector lacks the support of a strict majority of honest
+        # members: the Byzantines decided the vote (even if they chose to send the honest vector)
+        corrupted = sum(1 for members in classes if members and int((~byz_p[members]).sum()) < need)
+        fallbacks = int((win_rows < 0).sum())
     diag = {
         "corrupted_groups": corrupted,
-        "vote_fallbacks": int((win_rows < 0).sum()),
+        "vote_fallbacks": fallbacks,
         "t_vote": time.perf_counter() - t0,
     }
     return winners_kd, diag

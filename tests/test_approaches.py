@@ -8,7 +8,17 @@ import torch
 from omegaconf import OmegaConf
 
 from detox.aggregators import aggregate
-from detox.approaches import APPROACHES, Plan, bucketize, majority, majority_vote, plan_from_cfg, vote_group
+from detox.approaches import (
+    APPROACHES,
+    VOTES,
+    Plan,
+    bucketize,
+    decisive,
+    majority,
+    majority_vote,
+    plan_from_cfg,
+    vote_group,
+)
 from detox.attacks import TAG_BUCKETS, rng_for
 
 NAN = float("nan")
@@ -136,6 +146,119 @@ def test_majority_vote_r5_and_tolerance():
     assert torch.equal(winners[0], a)
 
 
+# --------------------------------------------------------------------------------------- Boyer-Moore vote
+
+
+def bm(*members, layer_sizes=None, tol=0.0):
+    winners, win_rows = majority_vote(rows(*members), len(members), tol, vote="boyer-moore", layer_sizes=layer_sizes)
+    return winners[0].tolist(), int(win_rows[0])
+
+
+def test_boyer_moore_keeps_the_surviving_candidate_unchecked():
+    # issue #11: [a, b, c] -> c ; r = 4 [a, a, b, b] -> a ; the candidate after the last member, majority or not
+    assert bm(A, B, C) == (C, 2)
+    assert bm(A, A, B, B) == (A, 0)
+    assert bm(B, B, A, A) == (B, 0)
+    assert bm(A, B, A, B, C) == (C, 4)  # a 1, b 0, a 1, b 0, c 1
+    assert bm(A, B, B, A, A) == (A, 4)  # a 1, b 0, b is the candidate (1), a 0, a is the candidate: member 4
+    # with a strict majority Boyer-Moore finds it, as the strict vote does
+    # (the row reported is the surviving candidate: b 1, a 0, a -> member 2)
+    assert bm(B, A, A) == (A, 2)
+    assert bm(A, B, A) == (A, 2)
+    assert bm(A, A, B) == (A, 0)
+    assert bm(C, B, B, C, B) == (B, 4)
+    assert vote_group(rows(A, B, C)) == -1 and vote_group(rows(A, A, B, B)) == -1
+
+
+def test_boyer_moore_per_layer_can_build_a_vector_no_member_sent():
+    # layers of sizes 1, 1, 1; strict majorities per layer: {0,1,2} send 1 on layer 0, {2,3,4} send 20 on layer 1,
+    # {0,1,3} send 300 on layer 2 -> [1, 20, 300], which no member sent
+    g = [[1, 10, 300], [1, 11, 300], [1, 20, 301], [2, 20, 300], [3, 20, 302]]
+    winner, win_row = bm(*g, layer_sizes=(1, 1, 1))
+    assert winner == [1, 20, 300] and win_row == -1
+    assert all(row != winner for row in g)
+    # without layer sizes the whole vector is one layer: 0 1, 1 0, 2 1, 3 0, 4 1 -> member 4
+    assert bm(*g) == (g[4], 4)
+    # the strict vote sees five different vectors and falls back to the median of the members
+    assert majority_vote(rows(*g), 5)[1].tolist() == [-1]
+
+
+def test_boyer_moore_layers_of_several_coordinates_and_tolerance():
+    a, b = [1.0, 2.0, 3.0], [1.0, 2.0, 4.0]
+    # layers [0:2] and [2:3]: members agree on the first, member 0 is outvoted on the second
+    assert bm(a, b, b, layer_sizes=(2, 1)) == (b, 1)
+    assert bm(a, a, b, layer_sizes=(2, 1)) == (a, 0)
+    # a tolerance makes near-equal layers equal, as in the strict vote
+    near = rows([1.0, 2.0, 3.0 + 1e-6])[0].tolist()  # the float32 value
+    assert bm(a, b, near, layer_sizes=(2, 1)) == (near, 2)
+    assert bm(a, b, near, layer_sizes=(2, 1), tol=1e-5) == (a, 0)
+
+
+@pytest.mark.parametrize("sizes", [(2, 2), (0, 3), (4, -1), (1,)])
+def test_boyer_moore_refuses_layer_sizes_that_do_not_cover_the_vector(sizes):
+    with pytest.raises(ValueError, match="layer_sizes must be positive and sum to the gradient length d=3"):
+        majority_vote(rows([1, 2, 3], [1, 2, 3]), 2, vote="boyer-moore", layer_sizes=sizes)
+
+
+def test_unknown_vote_is_refused():
+    with pytest.raises(ValueError, match="approach.vote='plurality'"):
+        majority_vote(rows(A, A, B), 3, vote="plurality")
+    assert VOTES == ("strict", "boyer-moore")
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_boyer_moore_equals_strict_vote_when_every_group_has_a_majority(seed):
+    # P = 15, r = 5: colluding Byzantines (at most 2 per group) never reach a majority
+    rng = np.random.default_rng(seed)
+    honest = torch.from_numpy(rng.standard_normal((3, 40)).astype(np.float32))
+    g = honest.repeat_interleave(5, dim=0)
+    for grp in range(3):
+        bad = rng.choice(5, size=rng.integers(0, 3), replace=False)
+        g[grp * 5 + bad] = -100.0 * honest[grp]
+    sizes = (10, 25, 5)
+    strict_w, strict_rows = majority_vote(g.clone(), 5)
+    bm_w, bm_rows = majority_vote(g.clone(), 5, vote="boyer-moore", layer_sizes=sizes)
+    assert torch.equal(strict_w, bm_w)
+    assert (strict_rows >= 0).all() and (bm_rows >= 0).all()
+    assert torch.equal(strict_w, honest)
+
+
+def test_boyer_moore_diagnostics_and_in_place_compaction():
+    # P = 9, r = 3, layers (1, 1):
+    # group 0 rows 0-2: honest h, two non-colluding Byzantines x, y -> Boyer-Moore keeps y (no majority):
+    #   a vote fallback (no strict majority) and corrupted (y lacks honest support)
+    # group 1 rows 3-5: honest h1, h1 and Byzantine z -> h1, clean
+    # group 2 rows 6-8: Byzantines agree with honest on layer 0 only: [5, 9], [5, -9], honest [5, 1]:
+    #   layer 0: 5 (all three); layer 1: 9 1, -9 0, 1 -> candidate member 8 (1), no strict majority
+    h, x, y, h1, z = [1.0, 1.0], [7.0, 7.0], [8.0, 8.0], [2.0, 3.0], [0.0, 0.0]
+    g = rows(h, x, y, h1, h1, z, [5.0, 9.0], [5.0, -9.0], [5.0, 1.0])
+    byz = np.zeros(9, dtype=bool)
+    byz[[1, 2, 5, 6, 7]] = True
+    p = plan("maj_vote", workers=9, r=3, q=5, vote="boyer-moore", layer_sizes=(1, 1))
+    agg, diag = APPROACHES["maj_vote"](g.clone(), byz, p, 0)
+    expected = rows(y, h1, [5.0, 1.0])
+    torch.testing.assert_close(agg, expected.mean(dim=0))
+    assert diag["vote_fallbacks"] == 2  # groups 0 and 2 lack a strict majority on some layer
+    # corrupted: the kept values lack the support of a strict majority of honest members on some layer. Group 0
+    # keeps y; group 2 keeps the honest member's 1 on layer 1, but only because the Byzantines split: they decided
+    assert diag["corrupted_groups"] == 2
+    strict = plan("maj_vote", workers=9, r=3, q=5)
+    agg_s, diag_s = APPROACHES["maj_vote"](g.clone(), byz, strict, 0)
+    assert diag_s["vote_fallbacks"] == 2 and diag_s["corrupted_groups"] == 0
+    # draco-lite compacts the composed winners into the PS's buffer in place, and the result matches
+    buf = g.clone()
+    agg_d, _ = APPROACHES["draco-lite"](buf, byz, p, 0)
+    torch.testing.assert_close(buf[:3], expected)
+    torch.testing.assert_close(agg_d, expected.mean(dim=0))
+
+
+@pytest.mark.parametrize("r,strict_need,bm_need", [(1, 1, 1), (2, 2, 1), (3, 2, 2), (4, 3, 2), (5, 3, 3), (6, 4, 3)])
+def test_decisive_members(r, strict_need, bm_need):
+    # the original derives f with ceil(r / 2), the strict vote needs a strict majority ceil((r + 1) / 2)
+    assert decisive(r, "strict") == strict_need == majority(r)
+    assert decisive(r, "boyer-moore") == bm_need
+
+
 # --------------------------------------------------------------------------------------- plans
 
 
@@ -203,6 +326,19 @@ def test_plan_explicit_f_overrides(approach):
     assert plan_from_cfg(cfg).f == 0
 
 
+@pytest.mark.parametrize("r,q,strict_f,bm_f", [(4, 5, 1, 2), (4, 6, 2, 3), (3, 5, 2, 2), (2, 3, 1, 3)])
+def test_plan_boyer_moore_derives_f_with_ceil_r_over_2(r, q, strict_f, bm_f):
+    # the original: effective_s = floor(q / ceil(r / 2)); the strict vote: floor(q / ceil((r + 1) / 2))
+    strict = plan_from_cfg(make_cfg("draco-lite", "coord-median", workers=12, q=q, r=r))
+    boyer = plan_from_cfg(make_cfg("draco-lite", "coord-median", workers=12, q=q, r=r, vote="boyer-moore"))
+    assert (strict.vote, boyer.vote) == ("strict", "boyer-moore")
+    assert (strict.f, strict.inner_f) == (strict_f, strict_f)
+    assert (boyer.f, boyer.inner_f) == (min(bm_f, 12 // r), bm_f)
+    assert boyer.layer_sizes is None  # the trainer fills in the model's parameter sizes
+    with pytest.raises(ValueError, match="approach.vote='majority'"):
+        plan_from_cfg(make_cfg("draco-lite", "coord-median", workers=12, q=q, r=r, vote="majority"))
+
+
 def test_plan_maj_vote_uses_mean():
     plan = plan_from_cfg(make_cfg("maj_vote", "bulyan", q=5, mode_extra={"m": 3}))
     assert plan.mode == "mean"
@@ -255,10 +391,11 @@ def grouped_matrix():
 
 
 def plan(approach, mode="mean", f=0, buckets=None, inner="mean", inner_f=0, seed=0, workers=12, r=3, q=4,
-         mode_params=None):
+         mode_params=None, vote="strict", layer_sizes=None):
     return Plan(
         approach=approach, workers=workers, group_size=r, byzantine=q, mode=mode, f=f,
-        mode_params=mode_params or {}, inner=inner, inner_f=inner_f, buckets=buckets, seed=seed,
+        mode_params=mode_params or {}, inner=inner, inner_f=inner_f, buckets=buckets, seed=seed, vote=vote,
+        layer_sizes=layer_sizes,
     )
 
 
