@@ -7,16 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-try:
-    from detox.aggregators import requirement_error
-except ImportError:  # TEMPSTUB until the rules land
-    def requirement_error(rule, n, f, params):
-        from detox.aggregators import AGGREGATORS
-        try:
-            AGGREGATORS[rule](torch.zeros(n, 1), f, **params)
-        except (ValueError, TypeError) as err:
-            return str(err)
-        return None
+from detox.aggregators import requirement_error
 from detox.approaches import Plan, majority, plan_from_cfg
 from detox.attacks import alie_z_max
 from detox.cluster.hostfile import parse_hostfile

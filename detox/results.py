@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def clean_json(value: Any) -> Any:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file of this process, then rename: a reader (or a concurrent writer) never sees
     half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -100,7 +101,7 @@ def resolved_yaml(cfg: DictConfig) -> str:
 
 
 def save_resolved_config(cfg: DictConfig, out_dir: Path) -> None:
-    (out_dir / "resolved_config.yaml").write_text(resolved_yaml(cfg))
+    write_text_atomic(out_dir / "resolved_config.yaml", resolved_yaml(cfg))
 
 
 FINISHED = ("completed", "diverged")

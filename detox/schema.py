@@ -273,6 +273,9 @@ SCHEMA: dict[str, Any] = {
     "mode.f": Int(lo=0, null=True),
     "mode.m": IntOrName(("literature", "original")),
     "mode.theta": IntOrName(("literature", "original")),
+    "mode.neighbours": IntOrName(("literature", "original")),
+    "mode.selection": Str(("literature", "original")),
+    "mode.average": Str(("literature", "original")),
     "mode.tol": Num(lo=0.0, open_lo=True),
     "mode.max_iter": POSITIVE,
     # approach

@@ -59,13 +59,6 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         return summary
     if not save:
         return _train(cfg, plan, None, multirun)
-    if foreign_run(cfg, out_dir):
-        err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
-                          f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
-        refuse(err)
-        if not multirun:
-            sys.exit(2)
-        return {"status": "failed", "error": f"ConfigError: {err}"}
     try:
         with job_lock(out_dir):
             return _run_locked(cfg, plan, out_dir, multirun)
@@ -75,6 +68,13 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
 
 
 def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
+    if foreign_run(cfg, out_dir):  # checked under the lock: no other run is writing the folder now
+        err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
+                          f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
+        refuse(err)
+        if not multirun:
+            sys.exit(2)
+        return {"status": "failed", "error": f"ConfigError: {err}"}
     if (done := finished_summary(cfg, out_dir)) is not None:
         log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
                  out_dir, done["status"])

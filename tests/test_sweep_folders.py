@@ -1,0 +1,250 @@
+"""Nothing lost (issue #10 items 3-5 and 9): sweep job folders are tied to their config, locked while a run owns
+them, never written by another config; foreign checkpoint files are ignored with one warning."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli, make_cfg, read_metrics, run_job
+
+from detox.results import job_dir_name, job_dirs, write_sweep_summary
+from detox.trainer import CHECKPOINT, METRIC_KEYS
+
+# the README's figure-sweep layout on digits: a sweep file with swept methods and attacks, a fixed sweep dir
+SWEEP_FILE = """
+defaults:
+  - config
+  - _self_
+figure: T
+max_steps: {steps}
+eval_freq: {steps}
+hydra:
+  sweep:
+    dir: {root}
+    subdir: ${{detox.job_dir:${{hydra.job.override_dirname}}}}
+  sweeper:
+    params:
+      method: vanilla-multi-krum,detox-multi-krum
+      err_mode: rev_grad,constant
+"""
+
+
+def _sweep(tmp_path: Path, *extra: str, steps: int = 4, wait: bool = True):
+    conf = tmp_path / "sweeps"
+    conf.mkdir(exist_ok=True)
+    (conf / "fig_t.yaml").write_text(SWEEP_FILE.format(root=tmp_path / "root", steps=steps))
+    args = [sys.executable, "-m", "detox.train", "-m", "--config-dir", str(conf), "--config-name", "fig_t", *extra]
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name in ("summary.json", "metrics.jsonl", "resolved_config.yaml")}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_job_folder_names() -> None:
+    assert job_dir_name("") == "default"
+    assert job_dir_name("err_mode=alie,method=detox-bulyan") == "err_mode=alie,method=detox-bulyan"
+    # path separators and shell characters never make nested or odd folders; the hash keeps names distinct
+    a, b = job_dir_name("data_root=/a/b"), job_dir_name("data_root=_a_b")
+    assert "/" not in a and a != b and a.startswith("data_root=_a_b-")
+    assert job_dir_name("x='a b*'") != job_dir_name("x='a_b_'")
+    long = job_dir_name("lr=" + "1" * 400)
+    assert len(long) <= 161 and long != job_dir_name("lr=" + "1" * 399)
+    assert job_dir_name("..") not in (".", "..")
+
+
+def test_narrowing_a_finished_sweep_adds_a_job_and_overwrites_nothing(tmp_path: Path) -> None:
+    """The README's "narrow it" command once replaced job 0 of a finished sweep (numbered folders)."""
+    first = _sweep(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = tmp_path / "root"
+    before = _snapshot(root)
+    assert len([d for d in job_dirs(root)]) == 4
+    narrow = _sweep(tmp_path, "method=detox-multi-krum", "err_mode=alie")
+    assert narrow.returncode == 0, narrow.stderr[-3000:]
+    after = _snapshot(root)
+    assert {k: after[k] for k in before} == before  # every finished job's files byte for byte
+    names = sorted(d.name for d in job_dirs(root))
+    assert names == sorted(["err_mode=alie,method=detox-multi-krum", "err_mode=constant,method=detox-multi-krum",
+                            "err_mode=constant,method=vanilla-multi-krum", "err_mode=rev_grad,method=detox-multi-krum",
+                            "err_mode=rev_grad,method=vanilla-multi-krum"])
+    lines = _jsonl(root / "summary.jsonl")
+    assert sorted(x["job"] for x in lines) == names  # exactly the jobs of the root, each once
+    for x in lines:
+        job = root / x["job"]
+        assert x["status"] == "completed"
+        assert x["choices"]["err_mode"] in x["job"] and x["choices"]["method"] in x["job"]
+        assert json.loads((job / "summary.json").read_text())["choices"] == x["choices"]
+    # a full rerun skips all of them
+    again = _sweep(tmp_path)
+    assert again.returncode == 0 and (again.stdout + again.stderr).count("skipping") == 4
+    assert {k: _snapshot(root)[k] for k in before} == before
+
+
+def test_two_sweeps_into_one_folder_never_run_a_job_twice(tmp_path: Path) -> None:
+    a = _sweep(tmp_path, steps=60, wait=False)
+    time.sleep(1.0)
+    b = _sweep(tmp_path, steps=60, wait=False)
+    out_a, _ = a.communicate(timeout=600)
+    out_b, _ = b.communicate(timeout=600)
+    assert a.returncode == 0 and b.returncode == 0, out_a[-2000:] + out_b[-2000:]
+    root = tmp_path / "root"
+    for job in job_dirs(root):
+        steps = [r["step"] for r in read_metrics(job)]
+        assert steps == sorted(set(steps)) == [0, 60], (job, steps)  # every record once
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["max_steps"] == 60
+        resolved = (job / "resolved_config.yaml").read_text()
+        assert "max_steps: 60" in resolved and f"name: {summary['choices']['err_mode']}" in resolved
+    # each job ran in exactly one of the two sweeps; the other said so
+    ran = (out_a + out_b).count("step    60 |")
+    assert ran == 4, out_a + out_b
+    assert (out_a + out_b).count("skipping") == 4
+    lines = _jsonl(root / "summary.jsonl")
+    assert len(lines) == 4 and len({x["job"] for x in lines}) == 4
+
+
+def test_a_folder_of_another_config_is_never_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert cli(["max_steps=4", "eval_freq=2", f"hydra.run.dir={run_dir}"], cwd=ROOT).returncode == 0
+    before = _snapshot(run_dir)
+    other = cli(["max_steps=4", "eval_freq=2", "lr=0.01", f"hydra.run.dir={run_dir}"], cwd=ROOT)
+    assert other.returncode == 2
+    assert f"{run_dir} holds a run of a different config" in other.stderr
+    assert _snapshot(run_dir) == before
+
+
+def test_a_running_job_is_locked_and_the_lock_dies_with_its_process(tmp_path: Path) -> None:
+    from detox.results import job_lock
+
+    run_dir = tmp_path / "run"
+    job = ["max_steps=100000", "eval_freq=1000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *job], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        records = (run_dir / "metrics.jsonl").read_text()
+        busy = cli(job, cwd=ROOT)
+        assert busy.returncode == 0
+        assert f"skipping: {run_dir} is being run by another process (pid {proc.pid})" in busy.stdout + busy.stderr
+        assert (run_dir / "metrics.jsonl").read_text().startswith(records)  # the second run wrote nothing
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    with job_lock(run_dir):  # raises JobBusy if the killed process still held it
+        pass
+
+
+def test_sweep_summary_is_written_atomically(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"job{i}").mkdir()
+        (tmp_path / f"job{i}" / "summary.json").write_text(json.dumps({"status": "completed", "pad": "x" * 5000}))
+    errors: list[str] = []
+
+    def writer() -> None:
+        for _ in range(30):
+            write_sweep_summary(tmp_path)
+
+    def reader() -> None:
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            text = (tmp_path / "summary.jsonl").read_text() if (tmp_path / "summary.jsonl").exists() else ""
+            if text and len(text.splitlines()) != 20:
+                errors.append(f"{len(text.splitlines())} lines")
+
+    threads = [threading.Thread(target=writer) for _ in range(3)] + [threading.Thread(target=reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["summary.jsonl"]  # no temporary left
+
+
+# ------------------------------------------------------------------------------------------ foreign checkpoints
+
+JOB = ["max_steps=30", "eval_freq=10", "checkpoint.every=10"]
+
+
+def _valid_state() -> dict:
+    from detox.approaches import plan_from_cfg
+    from detox.trainer import setup
+
+    cfg = make_cfg(JOB)
+    s = setup(cfg, plan_from_cfg(cfg))
+    record = dict.fromkeys(METRIC_KEYS, 0.0) | {"step": 10}
+    return {"w": s.w_d.clone(), "v": torch.zeros_like(s.w_d), "torch_rng": torch.get_rng_state(),
+            "records": [record], "wall": 1.0, "cluster": 1.0, "malformed": 0}
+
+
+def _bad_rng(state: dict) -> dict:
+    rng = state["torch_rng"].clone()
+    rng.zero_()
+    return {**state, "torch_rng": rng}
+
+
+FOREIGN = {
+    "a list": lambda s: [1, 2, 3],
+    "a tensor": lambda s: torch.zeros(3),
+    "missing keys": lambda s: {k: v for k, v in s.items() if k != "records"},
+    "empty records": lambda s: {**s, "records": []},
+    "records not dicts": lambda s: {**s, "records": [1, 2]},
+    "steps past max_steps": lambda s: {**s, "records": [{**s["records"][0], "step": 10_000}]},
+    "wrong weight shape": lambda s: {**s, "w": torch.zeros(5)},
+    "wrong weight dtype": lambda s: {**s, "v": s["v"].double()},
+    "rng of the wrong size": lambda s: {**s, "torch_rng": torch.zeros(3, dtype=torch.uint8)},
+    "rng not bytes": lambda s: {**s, "torch_rng": s["torch_rng"].float()},
+    "bad rng content": _bad_rng,
+    "nan wall time": lambda s: {**s, "wall": float("nan")},
+    "negative malformed": lambda s: {**s, "malformed": -1},
+}
+
+
+@pytest.mark.parametrize("kind", [*FOREIGN, "garbage bytes", "a directory"])
+def test_a_foreign_checkpoint_is_ignored_with_one_warning(kind: str, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from detox.results import resolved_yaml
+
+    path = tmp_path / CHECKPOINT
+    if kind == "garbage bytes":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "a directory":
+        path.mkdir()
+    else:
+        state = FOREIGN[kind](_valid_state())
+        if isinstance(state, dict):  # written with this config's text: only the content makes it foreign
+            state["config"] = resolved_yaml(make_cfg(JOB))
+        torch.save(state, path)
+    with caplog.at_level("WARNING", logger="detox"):
+        summary = run_job(JOB, tmp_path)
+    assert summary["status"] == "completed"
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 10, 20, 30]  # started over
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and CHECKPOINT in warnings[0] and "\n" not in warnings[0], warnings
+
+
+def test_the_valid_state_of_these_tests_resumes(tmp_path: Path) -> None:
+    """The foreign variants above differ from a resumable checkpoint only in what each one breaks."""
+    from detox.results import resolved_yaml
+
+    torch.save({**_valid_state(), "config": resolved_yaml(make_cfg(JOB))}, tmp_path / CHECKPOINT)
+    run_job(JOB, tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30]  # resumed after the step-10 record
