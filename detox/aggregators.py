@@ -198,8 +198,8 @@ def _middle_rows(grads_nd: torch.Tensor, rows: torch.Tensor | None, lo: int, hi:
 
 def _closest_rows(grads_nd: torch.Tensor, rows: torch.Tensor, beta: int) -> torch.Tensor:
     """Per coordinate, the mean of the ``beta`` values among the selected rows closest to their median (for an
-    even count the median is the mean of the two middle values); of two equally close values the lower is
-    taken first. The beta closest values are ``beta`` consecutive sorted values, grown outwards from the median.
+    even count the median is the mean of the two middle values). The beta closest values are a window of beta
+    consecutive sorted values; of equally close windows the lowest is taken (NaN counts as +inf).
     """
     if grads_nd.device.type == "cpu" and grads_nd.dtype == torch.float32:
         from detox.kernels import closest_mean
@@ -210,29 +210,17 @@ def _closest_rows(grads_nd: torch.Tensor, rows: torch.Tensor, beta: int) -> torc
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
     step = max(1, _BLOCK_ELEMS // m)
     for s in range(0, d, step):
-        srt = grads_nd[rows, s : s + step].t().contiguous()
-        # NaN as +inf and float64 distances, as the kernel
+        srt = grads_nd[rows.to(grads_nd.device), s : s + step].t()
+        # as the kernel: NaN as +inf, float64 distances
         srt = torch.nan_to_num(srt, nan=float("inf")).sort(dim=1).values.double()
-        w = srt.shape[0]
-        c = m // 2
-        if m % 2:
-            med = srt[:, c]
-            lo = torch.full((w,), c, dtype=torch.long, device=srt.device)
-            acc, taken = med.clone(), 1
-            hi = lo + 1
-        else:
-            med = 0.5 * (srt[:, c - 1] + srt[:, c])
-            lo = torch.full((w,), c, dtype=torch.long, device=srt.device)
-            acc, taken = torch.zeros(w, dtype=torch.float64, device=srt.device), 0
-            hi = lo.clone()
-        for _ in range(taken, beta):
-            left = srt.gather(1, (lo - 1).clamp(min=0)[:, None])[:, 0]
-            right = srt.gather(1, hi.clamp(max=m - 1)[:, None])[:, 0]
-            go_left = (lo > 0) & ((hi >= m) | ((med - left) <= (right - med)))
-            acc += torch.where(go_left, left, right)
-            lo -= go_left.long()
-            hi += (~go_left).long()
-        out_d[s : s + step] = (acc / beta).to(grads_nd.dtype)
+        med = 0.5 * (srt[:, (m - 1) // 2] + srt[:, m // 2])
+        # moving the window [s, s + beta) one right changes its cost by |v[s+beta] - med| - |v[s] - med|: the
+        # leftmost cheapest window starts right after the last strictly improving move (detox.kernels)
+        better = (srt[:, beta:] - med[:, None]).abs() < (srt[:, : m - beta] - med[:, None]).abs()
+        steps = torch.arange(1, m - beta + 1, device=srt.device)
+        first = (better * steps).amax(dim=1) if m > beta else torch.zeros_like(med, dtype=torch.long)
+        idx = first[:, None] + torch.arange(beta, device=srt.device)
+        out_d[s : s + step] = (srt.gather(1, idx).sum(dim=1) / beta).to(grads_nd.dtype)
     return out_d
 
 

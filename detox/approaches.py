@@ -197,10 +197,13 @@ def _layer_agreement(rows_rd: torch.Tensor, tol: float, starts: np.ndarray) -> n
         for j in range(i + 1, r):
             if tol > 0:
                 differ = ~((rows_rd[i] - rows_rd[j]).abs() <= tol)  # NaN compares False: never a match
+                if not bool(differ.any()):
+                    continue
+            elif torch.equal(rows_rd[i].view(bits), rows_rd[j].view(bits)):
+                continue  # without a (d,) temporary
             else:
                 differ = rows_rd[i].view(bits) != rows_rd[j].view(bits)
-            if bool(differ.any()):
-                eq[i, j] = eq[j, i] = ~np.logical_or.reduceat(differ.cpu().numpy(), starts)
+            eq[i, j] = eq[j, i] = ~np.logical_or.reduceat(differ.cpu().numpy(), starts)
     return eq
 
 
@@ -221,6 +224,14 @@ def _boyer_moore(
     fallbacks = corrupted = 0
     for g in range(k):
         rows_rd = grads_nd[g * r : (g + 1) * r]
+        if all(_same(rows_rd[0], rows_rd[i], tol) for i in range(1, r)):
+            # unanimous (every honest group): member 0 wins every layer, supported by all
+            win_rows[g] = g * r
+            if g != 0 or not in_place:
+                winners_kd[g] = rows_rd[0]
+            if honest_p is not None:
+                corrupted += int(int(honest_p[g * r : (g + 1) * r].sum()) < need)
+            continue
         eq = _layer_agreement(rows_rd, tol, starts)
         cand = np.zeros(n_layers, dtype=np.int64)
         count = np.zeros(n_layers, dtype=np.int64)

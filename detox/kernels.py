@@ -8,8 +8,8 @@ buffer and put through a fixed selection network (Batcher's sorting network, pru
 rows written into two free rows (no aliasing, so LLVM vectorises it). Blocks run in parallel.
 
 Bulyan's literature average (the beta values closest to the median) needs every position sorted: the full
-network, then a window grown outwards from the median per coordinate (``closest_mean``). Weiszfeld's weighted
-sums have a float64-accumulating twin (``weighted_sum64``).
+network, then per coordinate the cheapest window of beta consecutive sorted values (``closest_mean``).
+Weiszfeld's weighted sums have a float64-accumulating twin (``weighted_sum64``).
 
 NaN sorts as +inf: it becomes an order statistic only if more than the tolerated rows carry it.
 """
@@ -152,7 +152,7 @@ def sorting_network(m: int) -> np.ndarray:
 
 
 @njit(fastmath=_FAST, cache=True)
-def _closest_block(x, rows, start, width, net, beta, buf, vals, out):  # pragma: no cover - compiled
+def _closest_block(x, rows, start, width, net, beta, buf, med, first, out):  # pragma: no cover - compiled
     m = rows.shape[0]
     for r in range(m):
         src = x[rows[r]]
@@ -173,29 +173,31 @@ def _closest_block(x, rows, start, width, net, beta, buf, vals, out):  # pragma:
         pos[k] = f2
         f1 = pi
         f2 = pk
-    c = m // 2
+    hi_mid = buf[pos[m // 2]]
+    lo_mid = buf[pos[(m - 1) // 2]]
+    for j in range(width):  # float64: the median of two float32 values and the distances below are exact
+        med[j] = 0.5 * (np.float64(lo_mid[j]) + np.float64(hi_mid[j]))
+        first[j] = 0
+    # The window [s, s + beta) of sorted values costs sum |v - med|; moving it one right changes the cost by
+    # |v[s + beta] - med| - |v[s] - med|, which is <= 0 left of the median and non-decreasing across it, so the
+    # leftmost cheapest window starts right after the last strictly improving move.
+    for s in range(m - beta):
+        a = buf[pos[s]]
+        b = buf[pos[s + beta]]
+        for j in range(width):
+            if abs(np.float64(b[j]) - med[j]) < abs(np.float64(a[j]) - med[j]):
+                first[j] = s + 1
+    acc = buf[f1]  # a free row
     for j in range(width):
-        for r in range(m):
-            vals[r] = np.float64(buf[pos[r], j])
-        # grow a window of consecutive sorted values outwards from the median; float64 distances are exact
-        if m % 2 == 1:
-            med = vals[c]
-            lo = c
-            hi = c + 1
-            acc = med
-        else:
-            med = 0.5 * (vals[c - 1] + vals[c])
-            lo = c
-            hi = c
-            acc = 0.0
-        for _ in range(hi - lo, beta):
-            if lo > 0 and (hi >= m or med - vals[lo - 1] <= vals[hi] - med):  # equal distance: the lower value
-                lo -= 1
-                acc += vals[lo]
-            else:
-                acc += vals[hi]
-                hi += 1
-        out[start + j] = acc / beta
+        acc[j] = 0
+    for t in range(m):  # in ascending order, the values inside each column's window
+        v = buf[pos[t]]
+        for j in range(width):
+            k = t - first[j]
+            acc[j] += v[j] if k >= 0 and k < beta else np.float32(0.0)  # a select: stays vectorised
+    scale = 1.0 / beta
+    for j in range(width):
+        out[start + j] = acc[j] * scale
 
 
 @njit(parallel=True, cache=True)
@@ -205,16 +207,18 @@ def _closest_mean(x, rows, net, beta, block, nthreads):  # pragma: no cover - co
     nblocks = (d + block - 1) // block
     for t in prange(nthreads):
         buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)
-        vals = np.empty(rows.shape[0])
+        med = np.empty(block)
+        first = np.empty(block, dtype=np.int64)
         for b in range(t, nblocks, nthreads):
             start = b * block
-            _closest_block(x, rows, start, min(block, d - start), net, beta, buf, vals, out)
+            _closest_block(x, rows, start, min(block, d - start), net, beta, buf, med, first, out)
     return out
 
 
 def closest_mean(x: np.ndarray, rows: np.ndarray, beta: int, threads: int) -> np.ndarray:
     """Per coordinate, the mean of the ``beta`` values among ``x[rows]`` closest to their median (Bulyan's
-    second step, El Mhamdi et al. 2018); of two equally close values the lower one is taken first.
+    second step, El Mhamdi et al. 2018): the window of beta consecutive sorted values with the least total
+    distance to the median, the lowest such window where several tie.
 
     ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; NaN counts as +inf.
     """

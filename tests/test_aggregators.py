@@ -303,7 +303,8 @@ def test_bulyan_literature_average_can_leave_the_honest_box():
     assert torch.allclose(run("bulyan", g, 1, average="original"), T([5 / 3]))
 
 
-@pytest.mark.parametrize("m,beta", [(5, 1), (5, 3), (6, 2), (6, 4), (7, 7), (9, 3), (2, 1), (1, 1)])
+@pytest.mark.parametrize("m,beta", [(5, 1), (5, 3), (6, 2), (6, 4), (7, 7), (9, 3), (2, 1), (1, 1), (12, 4), (13, 3),
+                                    (16, 2), (45, 25)])
 def test_closest_mean_kernel_matches_brute_force(m, beta):
     # small integers: many equal distances, so the tie rule (the lower value first) is exercised
     x = np.random.default_rng(m * 10 + beta).integers(-4, 5, size=(m + 2, 700)).astype(np.float32)
@@ -313,6 +314,15 @@ def test_closest_mean_kernel_matches_brute_force(m, beta):
     # the torch path (float64, or CUDA) follows the same definition
     got64 = _closest_rows(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(rows), beta)
     np.testing.assert_allclose(got64.numpy(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_closest_mean_when_equal_values_sit_below_the_median():
+    # sorted 1,1,1,1,1,2,3,3,10,10,10,10 (median 2.5), beta = 4: the windows starting at 0 and 1 cost the same (6),
+    # yet the cheapest starts at 4: 1, 2, 3, 3 (cost 1.5 + 0.5 + 0.5 + 0.5 = 3) -> mean 2.25
+    col = np.array([10, 1, 3, 1, 10, 2, 1, 10, 1, 3, 10, 1], dtype=np.float32)[:, None]
+    assert closest_mean(col, np.arange(12), 4, threads=1).tolist() == [2.25]
+    assert _closest_rows(torch.from_numpy(col.astype(np.float64)), torch.arange(12), 4).tolist() == [2.25]
+    np.testing.assert_array_equal(ref_closest(col, 4), [2.25])
 
 
 def test_closest_mean_treats_nan_as_largest():
