@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 
 from detox.aggregators import requirement_error
-from detox.approaches import Plan, majority, plan_from_cfg
+from detox.approaches import Plan, decisive, plan_from_cfg
 from detox.attacks import alie_z_max
 from detox.cluster.hostfile import parse_hostfile
 from detox.errors import ConfigError
@@ -128,9 +128,10 @@ def _check_groups(cfg: DictConfig, workers: int, q: int, r: int) -> None:
         # an even group can tie (r = 2: one Byzantine forces the fallback, whose median of two is their mean)
         raise ConfigError(f"group_size={r}: must be odd for approach={name} (an even group can tie, and a tie "
                           f"has no majority); use {r - 1} or {r + 1}")
-    if q >= majority(r) * (workers // r):
+    need = decisive(r, cfg.approach.get("vote", "strict"))
+    if q >= need * (workers // r):
         raise ConfigError(f"worker_fail={q}: with workers={workers} in groups of {r} the Byzantines can hold the "
-                          f"majority of every group (needs worker_fail < {majority(r) * (workers // r)})")
+                          f"majority of every group (needs worker_fail < {need * (workers // r)})")
 
 
 def _check_hostfile(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ Everything else (Byzantine placement, the PS step, evaluation, metrics, summary)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -83,6 +84,8 @@ def setup(cfg: DictConfig, plan: Plan) -> Setup:
     params = {k: v for k, v in cfg.network.items() if k not in ("name", "input_shape")}
     model = build_model(cfg.network.name, data.shape, data.num_classes, int(cfg.seed), params).to(cfg.device)
     w_d, g_d = bind_flat(model)
+    # the original's per-layer vote (approach.vote=boyer-moore) needs the layers in bind_flat's flat order
+    plan = dataclasses.replace(plan, layer_sizes=tuple(p.numel() for p in model.parameters()))
     return Setup(cfg, plan, data, model, w_d, g_d)
 
 

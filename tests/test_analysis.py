@@ -64,7 +64,7 @@ def sweep(tmp_path: Path) -> Path:
     _write_job(root, job, "vanilla-bulyan", "rev_grad", 5, [], status="failed")  # job 8
     _write_job(root, job + 1, "detox-bulyan", "rev_grad", 5, [0.1, 0.2, 0.3, 0.4])  # 9
     _write_job(root, job + 2, "detox-bulyan", "constant", 5, [0.1, 0.2, 0.3, 0.9])  # 10
-    (root / str(job + 3)).mkdir()  # 11: a job that never wrote anything (killed)
+    (root / str(job + 3) / ".hydra").mkdir(parents=True)  # 11: a job killed before it wrote anything
     (root / "report-notes").mkdir()  # not a job folder
     return root
 
@@ -155,7 +155,10 @@ def test_tiny_sweep_end_to_end_and_rerun_trains_nothing(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (root / "summary.jsonl").read_text().splitlines()]
     assert [(x["job"], x["status"], x["choices"]["method"]) for x in lines] == [
-        (0, "completed", "vanilla-coord-median"), (1, "completed", "detox-coord-median")]
+        ("err_mode=rev_grad,eval_freq=2,max_steps=4,method=detox-coord-median,task=fc-digits", "completed",
+         "detox-coord-median"),
+        ("err_mode=rev_grad,eval_freq=2,max_steps=4,method=vanilla-coord-median,task=fc-digits", "completed",
+         "vanilla-coord-median")]
     out = tmp_path / "report"
     assert report_main([str(root), "--out", str(out)]) == 0
     assert (out / "fig_a_time.png").exists() and (out / "table.csv").exists()

@@ -102,7 +102,9 @@ def test_sweep_records_a_failing_job_and_rerun_retries_only_it(tmp_path: Path) -
     first = sweep()
     assert first.returncode == 0, first.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
-    assert [(x["job"], x["status"]) for x in lines] == [(0, "completed"), (1, "failed")]
+    # one folder per job, named by its overrides (digits sorts before mnist)
+    assert [x["status"] for x in lines] == ["completed", "failed"]
+    assert "dataset=digits" in lines[0]["job"] and "dataset=mnist" in lines[1]["job"]
     assert "DataUnavailable" in lines[1]["error"] and str(env_root) in lines[1]["error"]
     again = sweep()
     out = again.stdout + again.stderr

@@ -132,7 +132,7 @@ def test_multirun_writes_summary_jsonl(tmp_path: Path) -> None:
     proc = cli(["-m", *TINY, "max_steps=2", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert [x["job"] for x in lines] == [0, 1]
+    assert [("seed=0" in x["job"], "seed=1" in x["job"]) for x in lines] == [(True, False), (False, True)]
     assert [x["seed"] for x in lines] == [0, 1]
     assert all(x["status"] == "completed" for x in lines)
 
