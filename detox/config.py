@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from detox.aggregators import requirement_error
 from detox.approaches import Plan, decisive, plan_from_cfg
@@ -91,15 +91,13 @@ def validate(cfg: DictConfig) -> Plan:
                           f"(the number of groups, workers / group_size)")
 
     plan = plan_from_cfg(cfg)
-    _rule_fits(plan.mode, plan.rule_inputs, plan.f, plan.mode_params,
-               f"mode={plan.mode} with approach={plan.approach} sees n={plan.rule_inputs} inputs per step "
-               f"and f={plan.f} (set mode.f, worker_fail, workers or approach.buckets)")
-    if grouped and plan.buckets and plan.buckets < groups:
-        # np.array_split: buckets of groups // buckets and groups // buckets + 1 winners
-        for size in sorted({groups // plan.buckets, -(-groups // plan.buckets)}):
-            _rule_fits(plan.inner, size, plan.inner_f, plan.inner_params,
-                       f"approach.inner={plan.inner} sees n={size} winners in a bucket "
-                       f"with f={plan.inner_f} (set approach.inner_f or approach.buckets)")
+    try:
+        _check_rules(plan, groups)
+    except ConfigError as err:
+        fits = _largest_worker_fail(cfg, groups)
+        if fits is None or fits >= q:
+            raise
+        raise ConfigError(f"{err}; with workers={workers} and group_size={r}, worker_fail <= {fits} fits") from None
     if cfg.err_mode.name == "alie" and cfg.err_mode.get("z") is None and q:
         try:
             alie_z_max(workers, q)
@@ -116,6 +114,38 @@ def validate(cfg: DictConfig) -> Plan:
         _check_mpi(cfg)
     _check_memory(cfg, plan)
     return plan
+
+
+def _check_rules(plan: Plan, groups: int) -> None:
+    """The rule's (n, f) requirement for the inputs it sees, and the inner rule's for every bucket size."""
+    _rule_fits(plan.mode, plan.rule_inputs, plan.f, plan.mode_params,
+               f"mode={plan.mode} with approach={plan.approach} sees n={plan.rule_inputs} inputs per step "
+               f"and f={plan.f} (set mode.f, worker_fail, workers or approach.buckets)")
+    if plan.grouped and plan.buckets and plan.buckets < groups:
+        # np.array_split: buckets of groups // buckets and groups // buckets + 1 winners
+        for size in sorted({groups // plan.buckets, -(-groups // plan.buckets)}):
+            _rule_fits(plan.inner, size, plan.inner_f, plan.inner_params,
+                       f"approach.inner={plan.inner} sees n={size} winners in a bucket "
+                       f"with f={plan.inner_f} (set approach.inner_f or approach.buckets)")
+
+
+def _largest_worker_fail(cfg: DictConfig, groups: int) -> int | None:
+    """The largest worker_fail whose rules fit, other settings unchanged (a larger q never fits better, so a
+    binary search: instant at any size); None if not even 0 does."""
+    def fits(q: int) -> bool:
+        try:
+            _check_rules(plan_from_cfg(OmegaConf.merge(cfg, {"worker_fail": q})), groups)
+        except ConfigError:
+            return False
+        return True
+
+    lo, hi = 0, int(cfg.worker_fail)
+    if not fits(lo):
+        return None
+    while lo < hi:  # invariant: fits(lo)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def _check_groups(cfg: DictConfig, workers: int, q: int, r: int) -> None:

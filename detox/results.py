@@ -195,8 +195,30 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        if root.is_dir():
-            write_sweep_summary(root)
+        if not root.is_dir():
+            return
+        path = write_sweep_summary(root)
+        counts = report_sweep(root, path)
+        if counts and not (counts.get("completed", 0) + counts.get("diverged", 0)):
+            raise SystemExit(1)  # nothing ran through: a script calling the sweep must see it
+
+
+def report_sweep(root: Path, path: Path) -> dict[str, int]:
+    """The end of a sweep in a few lines: how many jobs completed, diverged or failed, where summary.jsonl is,
+    and the first error line of each failed job. Returns the counts per status."""
+    rows = [(job, read_summary(job)) for job in job_dirs(root)]
+    counts: dict[str, int] = {}
+    for _, summary in rows:
+        counts[str(summary.get("status"))] = counts.get(str(summary.get("status")), 0) + 1
+    order = ["completed", "diverged", "failed", *sorted(set(counts) - {"completed", "diverged", "failed"})]
+    parts = ", ".join(f"{counts.get(k, 0)} {k}" for k in order if k in counts or k in ("completed", "failed"))
+    lines = [f"detox: sweep {root}: {len(rows)} jobs: {parts}; table: {path}"]
+    for job, summary in rows:
+        if summary.get("status") not in FINISHED:
+            error = str(summary.get("error") or "no error recorded").strip().splitlines()
+            lines.append(f"  {summary.get('status')}: {job.name}: {error[0] if error else ''}")
+    print("\n".join(lines), flush=True)
+    return counts
 
 
 def read_summary(job: Path) -> dict:

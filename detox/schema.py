@@ -313,6 +313,15 @@ SCHEMA: dict[str, Any] = {
 _VALUE_NODES = {"approach.inner_params", "engine.faults"}
 
 
+def default_worker_fail(workers: Any) -> Any:
+    """``worker_fail``'s default: floor(P / 9), the paper's 5 Byzantines of 45 workers at any cluster size. A
+    value that is not a count passes through unchanged, so the refusal names ``workers``, the key typed."""
+    return workers // 9 if _is_int(workers) and workers > 0 else workers
+
+
+OmegaConf.register_new_resolver("detox.default_worker_fail", default_worker_fail, replace=True)
+
+
 def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
     """Every leaf of a resolved config as ``{dotted.key: value}`` (lists are leaves)."""
     out: dict[str, Any] = {}

@@ -248,3 +248,16 @@ def test_the_valid_state_of_these_tests_resumes(tmp_path: Path) -> None:
     torch.save({**_valid_state(), "config": resolved_yaml(make_cfg(JOB))}, tmp_path / CHECKPOINT)
     run_job(JOB, tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30]  # resumed after the step-10 record
+
+
+def test_a_sweep_ends_with_its_table_and_fails_when_no_job_ran(tmp_path: Path) -> None:
+    mixed = cli(["-m", "lr=0.05,inf", "max_steps=2", "eval_freq=2", f"hydra.sweep.dir={tmp_path / 'mixed'}"],
+                cwd=ROOT)
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    assert f"detox: sweep {tmp_path / 'mixed'}: 2 jobs: 1 completed, 1 failed; table: " \
+           f"{tmp_path / 'mixed' / 'summary.jsonl'}" in mixed.stdout
+    assert "  failed: eval_freq=2,lr=inf,max_steps=2: ConfigError: lr=inf: must be a finite number > 0" in mixed.stdout
+    none = cli(["-m", "lr=nan,inf", "max_steps=2", f"hydra.sweep.dir={tmp_path / 'none'}"], cwd=ROOT)
+    assert none.returncode == 1  # every job failed: a script running the sweep must notice
+    assert "2 jobs: 0 completed, 2 failed" in none.stdout
+    assert len(_jsonl(tmp_path / "none" / "summary.jsonl")) == 2

@@ -129,7 +129,7 @@ BAD: list[tuple[list[str], str]] = [
     (["approach.buckets=16"], "approach.buckets=16: must be null or an integer in [1, 15]"),
     (["err_mode=alie", "worker_fail=23", "approach=baseline", "mode=mean"], "err_mode=alie: z_max is undefined"),
     # rules and approaches the math forbids (item 7)
-    (["mode=bulyan", "workers=9"], "bulyan needs n >= 4f + 3"),
+    (["mode=bulyan", "workers=9", "worker_fail=5"], "bulyan needs n >= 4f + 3"),
     (["mode=krum", "approach=baseline", "worker_fail=22"], "krum needs n >= 2f + 3"),
     (["approach.buckets=3", "approach.inner=multi-krum", "mode=mean"], "approach.inner=multi-krum sees n=5"),
     (["approach=baseline", "mode=coord-median", "worker_fail=23"], "coord-median"),
