@@ -1,31 +1,47 @@
 """``engine=mpi``: a real parameter server (rank 0) and P worker processes (ranks 1..P) over MPI.
 
 The Hydra job is the *driver*: with ``resolved_config.yaml`` in the job directory (``detox.train.run``), it starts
-``mpiexec ... python -m mpi4py -m detox.mpi <job_dir>``, tees the ranks' output into ``mpi.log`` and makes sure
-``summary.json`` exists at the end. Rank 0 runs the same training loop and PS step as ``engine=local``
-(``detox.trainer.train``); only the gradient source differs.
+``mpiexec ... python -m mpi4py -m detox.mpi <job_dir>`` in a session of its own, tees the ranks' output into
+``mpi.log`` and makes sure ``summary.json`` exists at the end. Whatever way the driver ends (return, exception,
+Ctrl-C, SIGTERM, ``engine.job_timeout``) it kills that session first, so no orphaned rank writes into the job
+folder afterwards; rank 0 also ends the world if the driver disappears (SIGKILL). Rank 0 runs the same training
+loop and PS step as ``engine=local`` (``detox.trainer.train``); only the gradient source differs.
 
 Protocol, per step: the PS broadcasts ``[step, command]`` and then the flat float32 weights (non-blocking
-broadcasts, watched by a deadline); each worker computes its group's gradient and sends it to rank 0 as raw
-float32 bytes (tag ``TAG_GRAD``; optionally blosc-compressed), followed by 16 bytes ``[loss, compute seconds]``
-as float64 (tag ``TAG_META``). The PS probes each message's size before receiving it and never unpickles: a
-message of the wrong size, or that fails to decompress, becomes a NaN row marked malformed (a Byzantine row).
+broadcasts); each worker computes its group's gradient and sends it to rank 0 as raw float32 bytes (tag
+``TAG_GRAD``; optionally blosc-compressed), followed by 16 bytes ``[loss, compute seconds]`` as float64 (tag
+``TAG_META``). After the stop command every worker answers ``TAG_BYE``.
+
+A worker is an adversary by assumption, so the PS only uses buffer-based calls (``Improbe`` + matched receive,
+64-bit sizes; nothing is ever unpickled), never allocates more than the largest well-formed message for anything
+a worker sends (a larger message is received over and over the same 64 KiB and discarded), and drains every
+message it did not ask for while it waits (during the broadcasts too), so extra messages cannot stall a step.
+Everything that is not the one gradient and the one plausible report a rank owes per step is counted as
+malformed, per rank; a malformed gradient becomes a NaN (Byzantine) row. What this does and does not protect:
+``docs/mpi.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import re
+import resource
 import shutil
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
 import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,14 +57,31 @@ from detox.trainer import Gradients, Setup, setup, train
 
 log = logging.getLogger("detox")
 
-TAG_GRAD, TAG_META = 11, 12
+TAG_GRAD, TAG_META, TAG_BYE = 11, 12, 13
+TAG_STRAY = 99  # what the wrong_tag fault sends on: a tag the protocol does not use
 CMD_STEP, CMD_STOP = 0, 1
 META_BYTES = 16  # float64 loss, float64 compute seconds
 BLOSC_HEADER = struct.Struct("<BBBBIII")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+BLOSC_MAX_OVERHEAD = 16  # c-blosc 1.x: compressed size <= input size + 16
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # a loss computed in float32 cannot be larger
 POLL_S = 2e-4
+LOG_FIRST = 3  # malformed messages logged per rank (all are counted)
+
+# fault kinds of engine.faults (tests of the PS's defences; detox.config.FAULT_KINDS lists them all)
+PAYLOAD_FAULTS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty")
+HUGE_BYTES = 300_000_000 * 8  # the issue's rogue: 300M MPI.DOUBLE (2.4 GB), past the 2 GiB a C int counts
+STRAY_BYTES = 256 << 20  # the wrong_tag fault's message
+CHUNK = 1 << 20  # a big fault message is sent from one MiB of memory (zero-extent datatype)
+SINK_BYTES = 1 << 16  # an oversized message is poured over this many bytes of the PS's scratch buffer
+
+DRIVER_PID_ENV, DRIVER_HOST_ENV = "DETOX_DRIVER_PID", "DETOX_DRIVER_HOST"
 
 
-class WorkerTimeout(RuntimeError):
+class RankError(RuntimeError):
+    """A failure caused by (and naming) one or more worker ranks."""
+
+
+class WorkerTimeout(RankError):
     """A worker rank did not answer within ``engine.timeout`` seconds."""
 
 
@@ -76,6 +109,8 @@ def launch_env(cfg: DictConfig) -> dict[str, str]:
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without both variables
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     env["PYTHONUNBUFFERED"] = "1"
+    # rank 0 watches the driver: a driver killed outright (SIGKILL) must not leave a world writing into its folder
+    env[DRIVER_PID_ENV], env[DRIVER_HOST_ENV] = str(os.getpid()), socket.gethostname()
     return env
 
 
@@ -89,10 +124,25 @@ def _tee(stream, log_path: Path) -> None:
                 print(line, end="", flush=True)
 
 
+def _job_timeout(cfg: DictConfig) -> float | None:
+    """``engine.job_timeout`` as seconds, read before anything starts (a bad value must not orphan a world)."""
+    value = cfg.engine.get("job_timeout")
+    if value is None:
+        return None
+    seconds = float(value)
+    if not seconds > 0:
+        raise ValueError(f"engine.job_timeout={value!r}: must be > 0 seconds or null")
+    return seconds
+
+
 def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
-    """Run one job as an MPI world and return the summary rank 0 wrote (or a failure summary)."""
+    """Run one job as an MPI world and return the summary rank 0 wrote (or a failure summary).
+
+    The world never outlives this call: every exit path kills mpiexec's session before anything else is written.
+    """
     if out_dir is None:
         raise ValueError("engine=mpi needs a job directory: the ranks read the config and report through it")
+    job_timeout = _job_timeout(cfg)
     # resolved_config.yaml is already in out_dir: detox.train.run writes it (engine=mpi requires save=true)
     summary_path = out_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
@@ -100,19 +150,30 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     cmd = launch_command(cfg, out_dir)
     log_path.write_text("$ " + " ".join(cmd) + "\n")
     log.info("engine=mpi: %d ranks (PS + %d workers); output in %s", plan.workers + 1, plan.workers, log_path)
-    job_timeout = cfg.engine.get("job_timeout")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launch_env(cfg),
-                            start_new_session=True)
-    tee = threading.Thread(target=_tee, args=(proc.stdout, log_path), daemon=True)
-    tee.start()
-    error = None
+    proc: subprocess.Popen | None = None
+    tee: threading.Thread | None = None
+    restore = _sigterm_raises()
     try:
-        rc = proc.wait(timeout=float(job_timeout) if job_timeout else None)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        rc = proc.wait()
-        error = f"engine.job_timeout: the MPI job ran longer than {job_timeout} s and was killed"
-    tee.join(timeout=10)
+        # a session of its own: Ctrl-C in the terminal reaches only the driver, and every rank on this host
+        # (Open MPI puts each in its own process group) can be found by its session id and killed
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=launch_env(cfg), start_new_session=True)
+        tee = threading.Thread(target=_tee, args=(proc.stdout, log_path), daemon=True)
+        tee.start()
+        rc, error = _wait_world(proc, job_timeout)
+    except BaseException as err:  # exception, KeyboardInterrupt, SIGTERM (raised by _sigterm_raises)
+        if proc is not None:
+            _kill_world(proc)  # first: nothing of the world may write after the failure is recorded
+            write_json(summary_path, {**base_summary(cfg), "status": "failed",
+                                      "error": f"engine=mpi driver failed after mpiexec started "
+                                               f"({type(err).__name__}: {err}); the MPI world was killed"})
+        raise
+    finally:
+        if proc is not None:
+            _kill_world(proc)  # no-op after a clean exit; otherwise takes stragglers of the session down
+        restore()
+        if tee is not None:
+            tee.join(timeout=10)
     summary = _read_summary(summary_path)
     if summary is None or summary.get("status") == "running":
         error = error or _rank_failure(log_path, rc)
@@ -123,32 +184,89 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     return summary
 
 
+def _wait_world(proc: subprocess.Popen, job_timeout: float | None) -> tuple[int, str | None]:
+    """Wait for mpiexec; past ``job_timeout`` kill the world. Returns (exit code, error or None)."""
+    try:
+        return proc.wait(timeout=job_timeout), None
+    except subprocess.TimeoutExpired:
+        _kill_world(proc)
+        return proc.wait(), f"engine.job_timeout: the MPI job ran longer than {job_timeout:g} s and was killed"
+
+
+def _sigterm_raises() -> Callable[[], None]:
+    """Make SIGTERM raise SystemExit in the driver (so the world is killed on the way out); returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # signal handlers can only be set from the main thread
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    # None: a handler installed outside Python, which cannot be put back; the default is the closest
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid`` on this host (Linux /proc; [] elsewhere)."""
+    out = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
+        if int(fields[3]) == sid and fields[0] != "Z":
+            out.append(int(entry.name))
+    return out
+
+
+def _kill_world(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End mpiexec and every rank it started on this host; idempotent."""
+    if proc.poll() is None:
+        # SIGTERM first: mpiexec then tears the job down everywhere, remote hosts' daemons and ranks included
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace_s)
+    deadline = time.monotonic() + 10.0
+    while True:
+        alive = session_members(proc.pid)
+        if proc.poll() is None:
+            alive.append(proc.pid)
+        if not alive or time.monotonic() > deadline:
+            break
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+    if alive:
+        log.error("engine=mpi: processes %s of the MPI world survived SIGKILL", alive)
+
+
 def _read_summary(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        summary = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) else None
+
+
+# where a rank's death is reported in mpi.log: prterun's "[prterun-host-123@1,N]" process names, MPI_Abort's
+# line, and the line a failing worker prints (rank_main)
+_DEATH_PATTERNS = (r"\[[^\]\s]*?@\d+,(\d+)\]", r"MPI_ABORT was invoked on rank (\d+)", r"detox\.mpi: rank (\d+) failed")
 
 
 def _rank_failure(log_path: Path, rc: int) -> str:
     """One line naming the rank that failed, from mpiexec's report in mpi.log."""
     text = log_path.read_text(errors="replace")
-    ranks = sorted({int(m) for m in re.findall(r"\[[^\]\s]*?,(\d+)\]", text)}
-                   | {int(m) for m in re.findall(r"(?:rank|Rank) (\d+)", text)})
+    ranks = sorted({int(m) for pattern in _DEATH_PATTERNS for m in re.findall(pattern, text)})
     where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}" if ranks else "a rank"
     return f"mpiexec exited with code {rc}: {where} died before the run completed"
 
 
 # ------------------------------------------------------------------------------------------------ ranks
-
-
-def _wait(req, deadline_s: float, what: str) -> None:
-    """Wait for a non-blocking MPI request, but never past the deadline."""
-    end = time.monotonic() + deadline_s
-    while not req.Test():
-        if time.monotonic() > end:
-            raise WorkerTimeout(f"{what} did not complete within engine.timeout={deadline_s:g} s")
-        time.sleep(POLL_S)
 
 
 def decode_gradient(buf: bytes | bytearray | memoryview, row_np: np.ndarray, compress: str | None) -> bool:
@@ -177,13 +295,64 @@ def decode_gradient(buf: bytes | bytearray | memoryview, row_np: np.ndarray, com
     return True
 
 
-class MPISource:
-    """Rank 0's gradient source: broadcast weights, gather P gradient messages."""
+def zero_extent_type(nbytes: int):
+    """A committed MPI datatype of ``nbytes`` contiguous bytes with extent 0: ``count`` of them cover the same
+    ``nbytes`` of memory ``count`` times (a rogue's big message from little memory; the PS's discard receive)."""
+    from mpi4py import MPI
 
-    def __init__(self, s: Setup, comm) -> None:
+    contiguous = MPI.BYTE.Create_contiguous(nbytes)
+    try:
+        return contiguous.Create_resized(0, 0).Commit()
+    finally:
+        contiguous.Free()
+
+
+def receive_bounded(msg, n: int, buf: np.ndarray, sink, deadline: float) -> bool:
+    """Receive a matched message of ``n`` bytes without using more memory than ``buf``; True if it is in ``buf``.
+
+    A message that fits lands in ``buf[:n]``. A larger one is discarded: received with ``sink`` (a
+    ``zero_extent_type`` no larger than ``buf``), i.e. poured over the same first bytes of ``buf``. A receive
+    smaller than the message (MPI_ERR_TRUNCATE) is never posted: Open MPI 5.0.11 was measured writing a whole
+    contiguous message of up to at least 600 kB past the end of a too-small buffer before reporting the
+    truncation. The MPI standard calls a receive into overlapping entries erroneous; Open MPI unpacks them in
+    order, and tests/test_mpi_rogue.py checks with guard bytes that it writes nothing past ``sink``'s size.
+    Raises TimeoutError if the message is still arriving at ``deadline`` (``time.monotonic``).
+    """
+    from mpi4py import MPI
+
+    if n <= buf.nbytes:
+        req, fits = msg.Irecv([buf, n, MPI.BYTE]), True
+    else:
+        req, fits = msg.Irecv([buf, -(-n // sink.Get_size()), sink]), False
+    while not req.Test():  # spin: Open MPI progresses a large transfer only inside MPI calls
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"a message of {n} bytes was still arriving at the deadline")
+    return fits
+
+
+@dataclass
+class _Round:
+    """What the PS still waits for in one exchange (a step, or the stop) and what it got."""
+
+    step: int
+    t0: float
+    need: dict[int, set[int]]  # tag -> ranks that still owe a message with it
+    malformed_p: np.ndarray  # (P,) gradient rows that arrived malformed (NaN-filled)
+    meta_p: np.ndarray  # (P, 2) accepted [loss, seconds] reports; NaN = none
+
+    def missing(self) -> list[int]:
+        return sorted(set().union(*self.need.values()))
+
+
+class MPISource:
+    """Rank 0's gradient source: broadcast weights, collect P gradients and reports, drain everything else."""
+
+    def __init__(self, s: Setup, comm, out_dir: Path | None = None) -> None:
         from mpi4py import MPI
 
-        self.MPI, self.comm, self.s = MPI, comm, s
+        self.MPI, self.comm, self.s, self.out_dir = MPI, comm, s, out_dir
+        # an MPI error on a worker's message must raise (MPI.Exception, reported naming the rank), not abort
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.P = s.plan.workers
         self.timeout = float(s.cfg.engine.timeout)
         self.compress = s.cfg.engine.get("compress")
@@ -192,68 +361,204 @@ class MPISource:
         self.grads_np = self.grads_nd.numpy()
         self.w_np = s.w_d.numpy()
         self.header = np.zeros(2, dtype=np.int64)
+        self.nbytes = self.grads_np[0].nbytes
+        # the largest message a well-behaved worker sends; nothing a worker sends gets more memory than this
+        self.bound = max(self.nbytes + (BLOSC_MAX_OVERHEAD if self.compress else 0), META_BYTES)
+        self.scratch = np.empty(max(self.bound, SINK_BYTES), dtype=np.uint8)
+        self.sink = zero_extent_type(SINK_BYTES)
+        self.status = MPI.Status()
+        self._deadline = 0.0  # monotonic end of the current exchange
+        self.malformed_by_rank: Counter[int] = Counter()
+        self.malformed_rows = 0  # malformed gradients (the trainer counts these rows itself)
+        self.rogue_p = np.zeros(self.P, dtype=bool)  # ranks that ever sent a malformed message: reports ignored
+        self.unacknowledged: list[int] = []
 
-    def _broadcast(self, step: int, cmd: int) -> None:
+    # ---- one exchange
+
+    def _start_broadcast(self, step: int, cmd: int) -> list:
         self.header[:] = (step, cmd)
-        _wait(self.comm.Ibcast(self.header, root=0), self.timeout, f"step {step}: header broadcast")
+        reqs = [self.comm.Ibcast(self.header, root=0)]
         if cmd == CMD_STEP:
-            _wait(self.comm.Ibcast(self.w_np, root=0), self.timeout, f"step {step}: weights broadcast")
+            reqs.append(self.comm.Ibcast(self.w_np, root=0))
+        return reqs
+
+    def _serve(self, rnd: _Round, reqs: list) -> None:
+        """Progress the broadcasts and take every incoming message until both are done, or fail naming ranks."""
+        MPI, comm = self.MPI, self.comm
+        self._deadline = end = time.monotonic() + self.timeout
+        while True:
+            if reqs and MPI.Request.Testall(reqs):
+                reqs = []
+            if not reqs and not rnd.missing():
+                return
+            if time.monotonic() > end:  # checked before every message: a flood cannot hold the PS past it
+                raise WorkerTimeout(self._timeout_message(rnd, bool(reqs)))
+            msg = comm.Improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, self.status)
+            if msg is None:
+                time.sleep(POLL_S)
+            else:
+                self._take(msg, rnd)
+
+    def _timeout_message(self, rnd: _Round, bcast_pending: bool) -> str:
+        grad, meta, bye = (rnd.need.get(tag, set()) for tag in (TAG_GRAD, TAG_META, TAG_BYE))
+        parts = [f"worker rank(s) {sorted(ranks)} {did}" for ranks, did in (
+            (grad & meta, "sent neither gradient nor report"), (grad - meta, "sent no gradient"),
+            (meta - grad, "sent no report"), (bye, "did not acknowledge the stop")) if ranks]
+        what = f"step {rnd.step}" if rnd.step >= 0 else "stop"
+        text = f"{what}: {'; '.join(parts) or 'every worker answered'} within engine.timeout={self.timeout:g} s"
+        if bcast_pending:  # a rank that stops taking part holds up the ranks below it in the broadcast tree
+            text += "; the broadcast from the PS did not complete either"
+        return text
+
+    def _take(self, msg, rnd: _Round) -> None:
+        """Receive the message just probed (into the matrix row or the scratch buffer only) and account for it."""
+        st, MPI = self.status, self.MPI
+        src, tag = st.Get_source(), st.Get_tag()
+        # 64-bit: Get_count(MPI.BYTE) is MPI_UNDEFINED (-32766) for a message past 2 GiB (Open MPI 5, measured)
+        n = int(st.Get_elements(MPI.BYTE))
+        p = src - 1
+        owed = rnd.need.get(tag)
+        if owed is None or src not in owed:  # an extra message, a stray tag, anything the PS did not ask for
+            self._receive(msg, src, tag, n)
+            self._malformed(src, rnd, f"unexpected message (tag {tag}, {n} bytes)")
+            return
+        owed.discard(src)
+        if tag == TAG_GRAD:
+            if not self.compress and n == self.nbytes:  # the common case: straight into the matrix
+                self._receive(msg, src, tag, n, into=self.grads_np[p])
+                return
+            if not (self._receive(msg, src, tag, n)
+                    and decode_gradient(memoryview(self.scratch)[:n], self.grads_np[p], self.compress)):
+                self.grads_np[p] = np.nan
+                rnd.malformed_p[p] = True
+                self.malformed_rows += 1
+                self._malformed(src, rnd, f"gradient of {n} bytes (expected "
+                                          f"{'a blosc frame of ' if self.compress else ''}{self.nbytes} bytes)")
+        elif tag == TAG_META:
+            if not (self._receive(msg, src, tag, n) and n == META_BYTES):
+                self._malformed(src, rnd, f"report of {n} bytes (expected {META_BYTES})")
+                return
+            loss, secs = np.frombuffer(self.scratch[:META_BYTES].tobytes(), dtype=np.float64).tolist()
+            # the worker computed after the PS started this round: it cannot report more seconds than have
+            # passed here (slack for clocks that tick at slightly different rates on other hosts)
+            elapsed = time.perf_counter() - rnd.t0
+            if 0.0 <= loss <= FLOAT32_MAX and 0.0 <= secs <= 1.001 * elapsed + 1e-3:
+                rnd.meta_p[p] = (loss, secs)
+            else:
+                self._malformed(src, rnd, f"report [loss {loss:.6g}, {secs:.6g} s]: not a finite loss in "
+                                          f"[0, float32 max] with seconds in [0, {elapsed:.3g}]")
+        else:  # TAG_BYE
+            if not self._receive(msg, src, tag, n) or n:
+                self._malformed(src, rnd, f"stop acknowledgement of {n} bytes")
+
+    def _receive(self, msg, src: int, tag: int, n: int, into: np.ndarray | None = None) -> bool:
+        """Receive into ``into`` or the scratch buffer; False if the message was larger and got discarded."""
+        try:
+            return receive_bounded(msg, n, self.scratch if into is None else into, self.sink, self._deadline)
+        except TimeoutError:
+            raise WorkerTimeout(f"rank {src}: its message of {n} bytes (tag {tag}) was still arriving after "
+                                f"engine.timeout={self.timeout:g} s") from None
+        except self.MPI.Exception as err:
+            raise RankError(f"rank {src}: receiving its message (tag {tag}, {n} bytes) failed: {err}") from err
+
+    def _malformed(self, src: int, rnd: _Round, what: str) -> None:
+        self.malformed_by_rank[src] += 1
+        self.rogue_p[src - 1] = True
+        if self.malformed_by_rank[src] <= LOG_FIRST:
+            more = " (further ones counted, not logged)" if self.malformed_by_rank[src] == LOG_FIRST else ""
+            log.warning("%s: rank %d: %s: malformed%s", f"step {rnd.step}" if rnd.step >= 0 else "stop", src,
+                        what, more)
+
+    # ---- the GradientSource interface
 
     def gradients(self, step: int, byz_p: np.ndarray) -> Gradients:
-        MPI, comm = self.MPI, self.comm
         t0 = time.perf_counter()
-        self._broadcast(step, CMD_STEP)
-        need_grad, need_meta = set(range(1, self.P + 1)), set(range(1, self.P + 1))
-        malformed = np.zeros(self.P, dtype=bool)
-        meta = np.full((self.P, 2), np.nan)
-        status = MPI.Status()
-        end = time.monotonic() + self.timeout
-        while need_grad or need_meta:
-            msg = comm.improbe(MPI.ANY_SOURCE, MPI.ANY_TAG, status)
-            if msg is None:
-                if time.monotonic() > end:
-                    missing = sorted(need_grad | need_meta)
-                    raise WorkerTimeout(f"step {step}: worker rank(s) {missing} sent nothing within "
-                                        f"engine.timeout={self.timeout:g} s")
-                time.sleep(POLL_S)
-                continue
-            src, tag, n = status.Get_source(), status.Get_tag(), status.Get_count(MPI.BYTE)
-            row = src - 1
-            if tag == TAG_GRAD and src in need_grad and not self.compress and n == self.grads_np[row].nbytes:
-                msg.Recv([self.grads_np[row], MPI.BYTE])  # the common case: straight into the matrix
-                need_grad.discard(src)
-                continue
-            buf = bytearray(n)
-            msg.Recv([buf, MPI.BYTE])
-            if tag == TAG_GRAD and src in need_grad:
-                need_grad.discard(src)
-                if not decode_gradient(buf, self.grads_np[row], self.compress):
-                    self.grads_np[row] = np.nan
-                    malformed[row] = True
-            elif tag == TAG_META and src in need_meta:
-                need_meta.discard(src)
-                if n == META_BYTES:
-                    meta[row] = np.frombuffer(bytes(buf), dtype=np.float64)
-            # anything else (unknown tag, a second message this step) is drained and ignored
+        everyone = set(range(1, self.P + 1))
+        rnd = _Round(step, t0, {TAG_GRAD: set(everyone), TAG_META: set(everyone)}, np.zeros(self.P, dtype=bool),
+                     np.full((self.P, 2), np.nan))
+        self._serve(rnd, self._start_broadcast(step, CMD_STEP))
         t_round = time.perf_counter() - t0
-        compute = meta[~malformed, 1]
-        compute = compute[np.isfinite(compute)]
-        t_compute = float(compute.max()) if compute.size else 0.0
-        return Gradients(self.grads_nd, self._unit_losses(meta[:, 0], malformed), t_compute=t_compute,
-                         t_comm=max(t_round - t_compute, 0.0), malformed_p=malformed)
+        # reports of ranks that ever misbehaved, or whose gradient is malformed now, never enter the metrics
+        trusted = ~self.rogue_p & ~rnd.malformed_p & np.isfinite(rnd.meta_p[:, 0])
+        secs = rnd.meta_p[trusted, 1]
+        # capped by the round: a report can move time between t_compute and t_comm, never add any
+        t_compute = min(float(secs.max()), t_round) if secs.size else 0.0
+        return Gradients(self.grads_nd, self._unit_losses(rnd.meta_p[:, 0], trusted), t_compute=t_compute,
+                         t_comm=max(t_round - t_compute, 0.0), malformed_p=rnd.malformed_p)
 
-    def _unit_losses(self, losses_p: np.ndarray, malformed: np.ndarray) -> list[float]:
-        """Per unit, the loss its first well-formed member reported (all members compute the same)."""
+    def _unit_losses(self, losses_p: np.ndarray, trusted: np.ndarray) -> list[float]:
+        """Per unit, the median of its trusted members' losses (members compute the same batch: one liar in a
+        group with an honest majority cannot move it); units without a trusted member are left out."""
         size, out = self.s.plan.unit_size, []
         for u in range(self.s.plan.units):
-            for p in range(u * size, (u + 1) * size):
-                if not malformed[p] and np.isfinite(losses_p[p]):
-                    out.append(float(losses_p[p]))
-                    break
+            vals = losses_p[u * size : (u + 1) * size][trusted[u * size : (u + 1) * size]]
+            if vals.size:
+                out.append(float(np.median(vals)))
         return out
 
     def close(self) -> None:
-        self._broadcast(-1, CMD_STOP)
+        """Stop the workers and drain what they still send until each has acknowledged the stop."""
+        rnd = _Round(-1, time.perf_counter(), {TAG_BYE: set(range(1, self.P + 1))}, np.zeros(self.P, dtype=bool),
+                     np.full((self.P, 2), np.nan))
+        try:
+            self._serve(rnd, self._start_broadcast(-1, CMD_STOP))
+        except WorkerTimeout as err:  # training is over: record it, the world is aborted after the summary
+            self.unacknowledged = rnd.missing()
+            log.warning("%s", err)
+        if _driver_gave_up(self.out_dir):  # the driver recorded a failure: write nothing over it
+            log.error("the driver has recorded this job as failed: rank 0 stops without writing")
+            sys.stdout.flush()
+            self.comm.Abort(1)
+
+    def report(self) -> dict:
+        """What goes into summary.json next to the trainer's fields."""
+        return {"malformed_by_rank": {str(r): c for r, c in sorted(self.malformed_by_rank.items())}}
+
+
+def _driver_gave_up(out_dir: Path | None) -> bool:
+    """True if the driver has already written a failed summary (the driver deletes summary.json at start)."""
+    if out_dir is None:
+        return False
+    summary = _read_summary(out_dir / "summary.json")
+    return summary is not None and summary.get("status") == "failed"
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def _watch_driver() -> None:
+    """Rank 0: if the driver process disappears (killed outright), end the world within a second."""
+    pid = int(os.environ.get(DRIVER_PID_ENV) or 0)
+    if not pid or os.environ.get(DRIVER_HOST_ENV) != socket.gethostname():
+        return  # not launched by our driver, or on another host: its pid means nothing here
+
+    def alive() -> bool:
+        if Path("/proc").is_dir():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return False
+            return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead too
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def loop() -> None:
+        while alive():
+            time.sleep(1.0)
+        print(f"[detox] rank 0: the driver (pid {pid}) is gone: ending the MPI world", flush=True)
+        os._exit(1)  # mpiexec then kills every other rank
+
+    threading.Thread(target=loop, name="detox-driver-watch", daemon=True).start()
+
+
+# ------------------------------------------------------------------------------------------------ workers
 
 
 def _fault_payload(kind: str, payload: bytes, d: int) -> bytes | None:
@@ -267,6 +572,17 @@ def _fault_payload(kind: str, payload: bytes, d: int) -> bytes | None:
         "bad_blosc": b"\x02\x01\x21\x04" + struct.pack("<III", 4 * d, 4 * d, 64) + rng.bytes(48),
         "empty": b"",
     }.get(kind)
+
+
+def _send_big(comm, nbytes: int, tag: int) -> None:
+    """Send ``nbytes`` (rounded up to whole MiB) to the PS from one MiB of memory: a zero-extent datatype repeats
+    the same block, so a rogue needs no 2.4 GB to send 2.4 GB (sending overlapping entries is legal MPI)."""
+    block = np.full(CHUNK, 0x7F, dtype=np.uint8)
+    repeat = zero_extent_type(CHUNK)
+    try:
+        comm.Send([block, -(-nbytes // CHUNK), repeat], dest=0, tag=tag)
+    finally:
+        repeat.Free()
 
 
 def _worker(s: Setup, comm, rank: int) -> None:
@@ -286,6 +602,7 @@ def _worker(s: Setup, comm, rank: int) -> None:
     while True:
         comm.Ibcast(header, root=0).Wait()
         if header[1] == CMD_STOP:
+            comm.Send([np.empty(0, dtype=np.uint8), MPI.BYTE], dest=0, tag=TAG_BYE)
             return
         step = int(header[0])
         comm.Ibcast(w_np, root=0).Wait()
@@ -304,14 +621,28 @@ def _worker(s: Setup, comm, rank: int) -> None:
 
             payload = blosc.compress(payload.tobytes(), typesize=4, cname=str(cfg.engine.codec),
                                      clevel=int(cfg.engine.clevel), shuffle=blosc.SHUFFLE)
-        if fault is not None and step >= int(fault.get("step", 0)):
-            if fault.kind == "exit":
-                os._exit(3)
-            if fault.kind == "hang":
-                time.sleep(10**6)
-            payload = _fault_payload(str(fault.kind), bytes(payload), out_d.numel())
-        comm.Send([payload, MPI.BYTE], dest=0, tag=TAG_GRAD)
-        comm.Send([np.array([loss, t_compute], dtype=np.float64), MPI.BYTE], dest=0, tag=TAG_META)
+        meta = np.array([loss, t_compute], dtype=np.float64)
+        kind = str(fault.kind) if fault is not None and step >= int(fault.get("step", 0)) else None
+        if kind == "exit":
+            os._exit(3)
+        if kind == "hang":
+            time.sleep(10**6)
+        if kind in PAYLOAD_FAULTS:
+            payload = _fault_payload(kind, bytes(payload), out_d.numel())
+        if kind == "lying_meta":
+            meta[:] = 1e300
+        if kind == "huge":
+            _send_big(comm, HUGE_BYTES, TAG_GRAD)  # instead of its gradient
+        else:
+            comm.Send([payload, MPI.BYTE], dest=0, tag=TAG_GRAD)
+        comm.Send([meta, MPI.BYTE], dest=0, tag=TAG_META)
+        if kind == "extra_message":  # a second gradient-sized message this step
+            comm.Send([payload, MPI.BYTE], dest=0, tag=TAG_GRAD)
+        if kind == "wrong_tag":
+            _send_big(comm, STRAY_BYTES, TAG_STRAY)
+
+
+# ------------------------------------------------------------------------------------------------ entry
 
 
 def _share_config(comm, path: Path | None) -> str:
@@ -333,6 +664,8 @@ def rank_main(job_dir: str) -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     out_dir = Path(job_dir)
+    if rank == 0:
+        _watch_driver()
     cfg = OmegaConf.create(_share_config(comm, out_dir / "resolved_config.yaml" if rank == 0 else None))
     # under mpiexec torch starts with 1 thread (DESIGN §7): always set it explicitly
     cfg.threads = int(cfg.engine.threads_per_rank or cfg.threads or 1)
@@ -341,16 +674,40 @@ def rank_main(job_dir: str) -> None:
         raise SystemExit(f"detox.mpi: world size {size} != workers + 1 = {plan.workers + 1}")
     s = setup(cfg, plan)
     if rank > 0:
-        _worker(s, comm, rank)
+        try:
+            _worker(s, comm, rank)
+        except Exception as err:  # say which rank, then take the world down (mpiexec reports the abort)
+            traceback.print_exc()
+            print(f"[detox] detox.mpi: rank {rank} failed: {type(err).__name__}: {err}", flush=True)
+            comm.Abort(1)
         return
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    rss_start = _peak_rss_mb()
+    source = MPISource(s, comm, out_dir)
+
+    def ps_fields(summary: dict) -> dict:
+        rss = _peak_rss_mb()
+        log.info("PS peak RSS %.0f MB (%.0f MB before training); malformed messages per rank: %s", rss, rss_start,
+                 dict(source.malformed_by_rank) or "none")
+        # malformed_messages: the trainer counts malformed gradients; add every other malformed message
+        other = sum(source.malformed_by_rank.values()) - source.malformed_rows
+        return {**summary, "malformed_messages": int(summary.get("malformed_messages") or 0) + other,
+                **source.report(), "ps_peak_rss_mb": round(rss, 1), "ps_rss_before_training_mb": round(rss_start, 1)}
+
     try:
-        train(s, MPISource(s, comm), out_dir)
+        summary = train(s, source, out_dir)
     except Exception as err:
         traceback.print_exc()
-        write_json(out_dir / "summary.json",
-                   {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"})
+        prefix = "" if isinstance(err, RankError) else "rank 0 (the PS): "
+        if not _driver_gave_up(out_dir):
+            write_json(out_dir / "summary.json", ps_fields({**base_summary(cfg), "status": "failed",
+                                                           "error": f"{prefix}{type(err).__name__}: {err}"}))
+        sys.stdout.flush()
+        comm.Abort(1)
+    if not _driver_gave_up(out_dir):
+        write_json(out_dir / "summary.json", ps_fields(summary))
+    if source.unacknowledged:  # those ranks would hold MPI_Finalize forever
         sys.stdout.flush()
         comm.Abort(1)
 

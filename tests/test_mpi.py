@@ -101,8 +101,9 @@ def test_mpi_multirun_each_job_its_own_world(tmp_path: Path) -> None:
                 "seed=0,1", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [json.loads(x) for x in (tmp_path / "summary.jsonl").read_text().splitlines()]
-    assert [(x["job"], x["status"], x["seed"]) for x in lines] == [(0, "completed", 0), (1, "completed", 1)]
-    assert all((tmp_path / str(j) / "mpi.log").exists() for j in (0, 1))
+    # job folders are named by the sweep's naming scheme (numbers or overrides): only their content matters here
+    assert sorted((x["status"], x["seed"]) for x in lines) == [("completed", 0), ("completed", 1)]
+    assert len({x["dir"] for x in lines}) == 2 and all((Path(x["dir"]) / "mpi.log").exists() for x in lines)
 
 
 def test_decode_gradient_bounds_every_message() -> None:
