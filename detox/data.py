@@ -1,4 +1,5 @@
-"""Datasets (``dataset`` option -> loader) as in-memory tensors, and the per-unit batch streams.
+"""Datasets (``dataset`` option -> loader) as in-memory tensors, the per-unit batch streams, and the command that
+lays out a data set's files: ``python -m detox.data prepare <dataset>`` (see ``main``).
 
 Every loader is ``fn(cfg_dataset) -> Data`` with images as float32 (N, C, H, W), standardised per channel
 with training-set statistics. Batches are drawn by index, statelessly from (seed, unit, step): any rank can
@@ -7,13 +8,17 @@ produce any unit's batch for any step, and a resumed run draws what an uninterru
 
 from __future__ import annotations
 
+import argparse
 import gzip
+import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -124,12 +129,13 @@ def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bo
         try:
             train = cls(str(root), train=True, download=bool(cfg.download))
             test = cls(str(root), train=False, download=bool(cfg.download))
-        except Exception as err:  # torchvision raises RuntimeError / URLError offline
+        except Exception as err:  # torchvision raises RuntimeError / URLError offline, others on torn files
             why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not cfg.download:
+                why = "dataset.download=false"
             raise DataUnavailable(
-                f"dataset={cfg.name}: files not found under {root / folder} and not downloadable ({why}); "
-                f"download them once on a machine with internet (torchvision.datasets.{cls_name}"
-                f"(root='{root}', download=True)) and copy {root / folder} here, or set dataset.root"
+                f"dataset={cfg.name}: no usable files under {root / folder} and no download ({why}); "
+                f"{_prepare_hint(str(cfg.name), root)}"
             ) from None
         return _finish(_images(train.data, channels_last), train.targets,
                        _images(test.data, channels_last), test.targets, num_classes)
@@ -138,28 +144,15 @@ def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bo
     return load
 
 
-_FASHION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                  "t10k-labels-idx1-ubyte")
-
-
 def fashion_mnist(cfg) -> Data:
-    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (gunzipped once into the torchvision layout)."""
-    raw = _root(cfg) / "FashionMNIST" / "raw"
-    source = Path(str(cfg.source))
-    missing = [n for n in _FASHION_FILES if not (raw / n).exists()]
-    if missing and all((source / f"{n}.gz").exists() for n in missing):
-        raw.mkdir(parents=True, exist_ok=True)
-        for n in missing:  # torchvision checks the raw files; links to the .gz fail its checksum
-            # a private temporary name and an atomic rename: MPI ranks may unpack at the same time
-            part = raw / f"{n}.{os.getpid()}.part"
-            with gzip.open(source / f"{n}.gz", "rb") as src, open(part, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            os.replace(part, raw / n)
-    elif missing and not cfg.download:
-        raise DataUnavailable(
-            f"dataset=fashion_mnist: {len(missing)} IDX files missing under {raw} and none at {source}; "
-            f"run 'apt-get install dataset-fashion-mnist', or put the files in {raw}, or set dataset.source"
-        )
+    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (verified and gunzipped once into the torchvision
+    layout, as ``python -m detox.data prepare fashion_mnist`` does)."""
+    root, source = _root(cfg), Path(str(cfg.source)).expanduser()
+    raw = root / SPECS["fashion_mnist"].where
+    missing = [n for n in IDX_FILES["fashion_mnist"] if not (raw / n).exists()]
+    if missing and all(_find_idx(source, n, "FashionMNIST") is not None for n in missing):
+        # MPI ranks may unpack at the same time: each writes a private part file and renames it atomically
+        _prepare_idx("fashion_mnist", source, root, str(source))
     return _torchvision("FashionMNIST", "FashionMNIST", 10, False)(cfg)
 
 
@@ -197,3 +190,363 @@ class UnitSampler:
             self._epoch = epoch
             self._perm = rng_for(self.seed, TAG_DATA, self.unit, epoch).permutation(self.n_train)
         return torch.from_numpy(self._perm[i * self.batch_size : (i + 1) * self.batch_size])
+
+
+# --- preparing data sets: the original's data_prepare.sh as a command ---------------------------------------------
+# ``python -m detox.data prepare <dataset> [--from PATH] [--root DIR]`` lays out the files a machine has (Debian's
+# Fashion-MNIST, or release archives a user copied over) where torchvision reads them, after checking them against
+# the releases' checksums; every data error names that command. Nothing here downloads anything.
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one data set is laid out under the data root and what ``--from`` must hold."""
+
+    kind: str  # "idx" (MNIST family), "cifar" or "svhn": which preparation routine
+    torchvision_class: str  # the torchvision.datasets class that reads the layout (and holds the checksums)
+    where: str  # the folder under the data root the files go to
+    files: str  # what the user puts at --from, for messages
+    url: str  # where the release comes from, for messages
+
+
+SPECS: dict[str, Spec] = {
+    "fashion_mnist": Spec("idx", "FashionMNIST", "FashionMNIST/raw",
+                          "the 4 IDX files (train-images-idx3-ubyte.gz, ...)",
+                          "https://github.com/zalandoresearch/fashion-mnist"),
+    "mnist": Spec("idx", "MNIST", "MNIST/raw", "the 4 IDX files (train-images-idx3-ubyte.gz, ...)",
+                  "https://ossci-datasets.s3.amazonaws.com/mnist/"),
+    "cifar10": Spec("cifar", "CIFAR10", "cifar-10-batches-py", "cifar-10-python.tar.gz",
+                    "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    "cifar100": Spec("cifar", "CIFAR100", "cifar-100-python", "cifar-100-python.tar.gz",
+                     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"),
+    "svhn": Spec("svhn", "SVHN", "svhn", "train_32x32.mat and test_32x32.mat (extra_32x32.mat optional)",
+                 "http://ufldl.stanford.edu/housenumbers/"),
+}
+
+# md5 and size of the *uncompressed* IDX files of each release. torchvision records only the checksums of the
+# .gz files, and Debian recompressed Fashion-MNIST's (other .gz checksums, same contents): the contents are what
+# identifies a release.
+IDX_FILES: dict[str, dict[str, tuple[str, int]]] = {
+    "mnist": {
+        "train-images-idx3-ubyte": ("6bbc9ace898e44ae57da46a324031adb", 47040016),
+        "train-labels-idx1-ubyte": ("a25bea736e30d166cdddb491f175f624", 60008),
+        "t10k-images-idx3-ubyte": ("2646ac647ad5339dbf082846283269ea", 7840016),
+        "t10k-labels-idx1-ubyte": ("27ae3e4e09519cfbb04c329615203637", 10008),
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte": ("f4a8712d7a061bf5bd6d2ca38dc4d50a", 47040016),
+        "train-labels-idx1-ubyte": ("9018921c3c673c538a1fc5bad174d6f9", 60008),
+        "t10k-images-idx3-ubyte": ("8181f5470baa50b63fa0f6fddb340f0a", 7840016),
+        "t10k-labels-idx1-ubyte": ("15d484375f8d13e6eb1aabb0c3f46965", 10008),
+    },
+}
+
+# sizes of the archives whose md5 torchvision holds: a wrong size says "truncated download" without hashing
+KNOWN_SIZES: dict[str, int] = {
+    "c58f30108f718f92721af3b95e74349a": 170498071,  # cifar-10-python.tar.gz
+    "eb9058c3a382ffc7106e4002c42a8d85": 169001437,  # cifar-100-python.tar.gz
+    "e26dedcc434d2e4c54c9b2d4a06d8373": 182040794,  # train_32x32.mat
+    "eb5a983be6a315427106f1b164d9cef3": 64275384,  # test_32x32.mat
+    "a93ce644f1a588dc4d68dda5feec44a7": 1329278602,  # extra_32x32.mat
+}
+
+
+def default_root() -> Path:
+    """The config's default ``data_root``: ``$DETOX_DATA`` or ``~/.cache/detox/data``."""
+    return Path(os.environ.get("DETOX_DATA", "~/.cache/detox/data")).expanduser()
+
+
+def prepare_command(name: str, root: Path | None = None, source: str | None = None) -> str:
+    """The command line that prepares ``name`` (``--root`` only where it differs from the default)."""
+    cmd = f"python -m detox.data prepare {name}"
+    if source is not None:
+        cmd += f" --from {source}"
+    if root is not None and Path(root).expanduser() != default_root():
+        cmd += f" --root {root}"
+    return cmd
+
+
+def _prepare_hint(name: str, root: Path) -> str:
+    """What to run when ``name`` is missing under ``root``: the one command that makes it usable here."""
+    if name == "fashion_mnist":
+        cmd = prepare_command(name, root)
+        if not DEBIAN_FASHION_MNIST.is_dir():
+            cmd = f"apt-get install -y dataset-fashion-mnist && {cmd}"
+        return f"run '{cmd}'"
+    spec = SPECS[name]
+    return (f"copy {spec.files} from {spec.url} into a folder and run "
+            f"'{prepare_command(name, root, '<that folder>')}'")
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _find_idx(source: Path, name: str, folder: str) -> Path | None:
+    """``name`` or ``name.gz`` in ``source`` (or in ``source/<folder>/raw``: another data root works too)."""
+    for base in (source, source / folder / "raw"):
+        for candidate in (base / name, base / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _copy_hashing(src: Path, dst: Path, gunzip: bool) -> tuple[str, int]:
+    """Copy (gunzipping if asked) ``src`` to ``dst``; the md5 and size of what was written."""
+    digest, size = hashlib.md5(usedforsecurity=False), 0
+    opener = gzip.open if gunzip else open
+    with opener(src, "rb") as fin, open(dst, "wb") as fout:
+        for block in iter(lambda: fin.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+            fout.write(block)
+    return digest.hexdigest(), size
+
+
+def _prepare_idx(name: str, source: Path | None, root: Path, source_arg: str | None) -> str:
+    """MNIST-family IDX files (gzipped or not) from ``source`` into ``root/<Class>/raw``, contents verified."""
+    spec, expected = SPECS[name], IDX_FILES[name]
+    raw, cls_folder = root / spec.where, spec.torchvision_class
+    retry = prepare_command(name, root, source_arg)
+    kept, unpacked = [], []
+    for fname, (md5, size) in expected.items():
+        dest = raw / fname
+        if dest.is_file() and dest.stat().st_size == size and _md5(dest) == md5:
+            kept.append(fname)
+            continue
+        src = _find_idx(source, fname, cls_folder) if source is not None else None
+        if src is None:
+            where = f"{fname}[.gz] not found at {source}" if source is not None else "no --from given"
+            raise DataUnavailable(f"{name}: no {fname} under {raw} and {where}; " + _prepare_hint(name, root))
+        raw.mkdir(parents=True, exist_ok=True)
+        part = raw / f".{fname}.{os.getpid()}.part"  # private name + atomic rename: MPI ranks may race here
+        try:
+            got_md5, got_size = _copy_hashing(src, part, gunzip=src.suffix == ".gz")
+        except (OSError, EOFError, gzip.BadGzipFile) as err:
+            part.unlink(missing_ok=True)
+            raise DataUnavailable(f"{name}: {src} is unreadable or truncated ({type(err).__name__}: {err}); "
+                                  f"replace it with the release's file from {spec.url} and rerun '{retry}'") from None
+        if (got_md5, got_size) != (md5, size):
+            part.unlink(missing_ok=True)
+            raise DataUnavailable(
+                f"{name}: {src} is not the release's {fname} (contents: md5 {got_md5}, {got_size:,} bytes; expected "
+                f"md5 {md5}, {size:,} bytes); replace it with the file from {spec.url} and rerun '{retry}'")
+        os.replace(part, dest)
+        unpacked.append(fname)
+    if not unpacked:
+        return f"{name}: {raw} already holds the {len(kept)} verified IDX files; nothing to do"
+    return (f"{name}: verified {len(unpacked)} IDX file(s) from {source} (md5 of the contents = the release's) and "
+            f"wrote them to {raw}" + (f"; {len(kept)} already there" if kept else ""))
+
+
+def _bad_files(folder: Path, files: dict[str, str]) -> list[str]:
+    """The names in ``files`` that are missing from ``folder`` or fail their md5."""
+    return [f for f, md5 in files.items() if not (folder / f).is_file() or _md5(folder / f) != md5]
+
+
+def _check_archive(path: Path, md5: str, name: str, spec: Spec, retry: str) -> None:
+    size, want = path.stat().st_size, KNOWN_SIZES.get(md5)
+    got = _md5(path) if want is None or size == want else "(not computed: wrong size)"
+    if got != md5:
+        expect = f"md5 {md5}" + (f", {want:,} bytes" if want is not None else "")
+        raise DataUnavailable(f"{name}: {path} is not the release torchvision knows ({size:,} bytes, md5 {got}; "
+                              f"expected {expect}); download it again from {spec.url} and rerun '{retry}'")
+
+
+def _replace_folder(new: Path, dest: Path) -> str:
+    """Move ``new`` to ``dest``; an existing (unverified) ``dest`` is kept aside as ``dest.invalid``."""
+    note = ""
+    if dest.exists():
+        aside = dest.with_name(dest.name + ".invalid")
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(dest, aside)
+        note = f" (the files that were there failed verification: moved to {aside})"
+    os.replace(new, dest)
+    return note
+
+
+def _prepare_cifar(name: str, source: Path | None, root: Path, source_arg: str | None) -> str:
+    """CIFAR-10/100: the release archive (or its extracted folder) into ``root/<base_folder>``, md5-verified."""
+    import tarfile
+
+    import torchvision
+
+    spec = SPECS[name]
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
+    base, dest = cls.base_folder, root / cls.base_folder
+    files = {f: md5 for f, md5 in [*cls.train_list, *cls.test_list]} | {cls.meta["filename"]: cls.meta["md5"]}
+    if dest.is_dir() and not _bad_files(dest, files):
+        return f"{name}: {dest} already holds the {len(files)} verified files; nothing to do"
+    if source is None:
+        raise DataUnavailable(f"{name}: no files under {dest} and no --from given; " + _prepare_hint(name, root))
+    retry = prepare_command(name, root, source_arg)
+    candidates = [source, source / cls.filename, source / base] if source.is_dir() else [source]
+    archive = next((p for p in candidates if p.is_file() and p.name == cls.filename), None)
+    folder = next((p for p in candidates if p.is_dir() and all((p / f).is_file() for f in files)), None)
+    if archive is None and folder is None:
+        raise DataUnavailable(f"{name}: {source} is neither {cls.filename} nor a folder holding it or {base}/; "
+                              + _prepare_hint(name, root))
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{base}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        if archive is not None:
+            _check_archive(archive, cls.tgz_md5, name, spec, retry)
+            with tarfile.open(archive, "r:gz") as tar:
+                # only the data folder, and the 'data' filter refuses links, devices and paths leaving tmp
+                members = [m for m in tar.getmembers() if m.name == base or m.name.startswith(base + "/")]
+                tar.extractall(tmp, members=members, filter="data")
+            what = f"verified {archive} (md5 = torchvision's) and extracted it"
+        else:
+            (tmp / base).mkdir()
+            for f in files:
+                shutil.copyfile(folder / f, tmp / base / f)
+            what = f"copied {folder}"
+        if bad := _bad_files(tmp / base, files):
+            raise DataUnavailable(f"{name}: {', '.join(bad)} in {archive or folder} missing or failing torchvision's "
+                                  f"md5; download {spec.url} again and rerun '{retry}'")
+        note = _replace_folder(tmp / base, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return f"{name}: {what} to {dest}; all {len(files)} files match torchvision's md5{note}"
+
+
+def _prepare_svhn(name: str, source: Path | None, root: Path, source_arg: str | None) -> str:
+    """SVHN: the .mat files into ``root/svhn`` (torchvision.datasets.SVHN(root/svhn, split=...)), md5-verified."""
+    import torchvision
+
+    spec = SPECS[name]
+    splits = getattr(torchvision.datasets, spec.torchvision_class).split_list
+    dest = root / spec.where
+    need = {splits[s][1]: splits[s][2] for s in ("train", "test")}
+    optional = {splits["extra"][1]: splits["extra"][2]}
+    if dest.is_dir() and not _bad_files(dest, need):
+        return f"{name}: {dest} already holds the verified {' and '.join(need)}; nothing to do"
+    if source is None or not source.is_dir():
+        got = "no --from given" if source is None else f"--from {source} is not a folder"
+        raise DataUnavailable(f"{name}: no files under {dest} and {got}; " + _prepare_hint(name, root))
+    retry = prepare_command(name, root, source_arg)
+    missing = [f for f in need if not (source / f).is_file()]
+    if missing:
+        raise DataUnavailable(f"{name}: {', '.join(missing)} not found in {source}; " + _prepare_hint(name, root))
+    todo = {**need, **{f: m for f, m in optional.items() if (source / f).is_file()}}
+    for f, md5 in todo.items():
+        _check_archive(source / f, md5, name, spec, retry)
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in todo:
+        part = dest / f".{f}.{os.getpid()}.part"
+        try:  # a hard link costs no space when the data root is on the same file system
+            os.link(source / f, part)
+        except OSError:
+            shutil.copyfile(source / f, part)
+        os.replace(part, dest / f)
+    return f"{name}: verified {', '.join(todo)} from {source} (md5 = torchvision's) and placed them in {dest}"
+
+
+_PREPARE = {"idx": _prepare_idx, "cifar": _prepare_cifar, "svhn": _prepare_svhn}
+
+
+def _load_check(name: str, root: Path) -> str:
+    """Load the prepared layout through torchvision, as training will: the proof that it is usable."""
+    import torchvision
+
+    cls = getattr(torchvision.datasets, SPECS[name].torchvision_class)
+    if name == "svhn":
+        train, test = (cls(str(root / SPECS[name].where), split=s) for s in ("train", "test"))
+    else:
+        train, test = (cls(str(root), train=t) for t in (True, False))
+    return f"{len(train)} training / {len(test)} test images load"
+
+
+def prepare(name: str, source: str | Path | None = None, root: str | Path | None = None) -> list[str]:
+    """Lay out, verify and load-check data set ``name``; the lines saying what was done.
+
+    ``source``: a folder (or archive) holding the release's files; Fashion-MNIST defaults to Debian's package.
+    ``root``: the data root (default: as the config, ``$DETOX_DATA`` or ``~/.cache/detox/data``)."""
+    if name not in SPECS:
+        raise DataUnavailable(f"prepare {name}: unknown data set; one of {', '.join(SPECS)} "
+                              f"(digits and synthetic need no preparation), e.g. 'python -m detox.data prepare "
+                              f"fashion_mnist'")
+    root_path = Path(root).expanduser() if root is not None else default_root()
+    source_arg = None if source is None else str(source)
+    src = Path(source).expanduser() if source is not None else None
+    if src is None and name == "fashion_mnist" and DEBIAN_FASHION_MNIST.is_dir():
+        src = DEBIAN_FASHION_MNIST
+    if src is not None and not src.exists():
+        raise DataUnavailable(f"{name}: --from {src} does not exist; " + _prepare_hint(name, root_path))
+    did = _PREPARE[SPECS[name].kind](name, src, root_path, source_arg)
+    try:
+        loads = _load_check(name, root_path)
+    except Exception as err:  # the files verified, so this is a torchvision/layout problem worth reporting as is
+        raise DataUnavailable(f"{name}: verified files under {root_path} do not load through torchvision "
+                              f"({type(err).__name__}: {err}); rerun '{prepare_command(name, root_path)}'") from None
+    use = (f"use dataset={name} (data_root={root_path})" if name in DATASETS else
+           f"torchvision.datasets.{SPECS[name].torchvision_class} reads it (no dataset={name} option yet)")
+    return [did, f"{name}: ready: {loads}; {use}"]
+
+
+def status(root: str | Path | None = None) -> list[str]:
+    """One line per preparable data set: whether its files are laid out under the data root (by name, unhashed)."""
+    import torchvision
+
+    root_path = Path(root).expanduser() if root is not None else default_root()
+    lines = []
+    for name, spec in SPECS.items():
+        cls = getattr(torchvision.datasets, spec.torchvision_class)
+        if spec.kind == "idx":
+            names = list(IDX_FILES[name])
+        elif spec.kind == "cifar":
+            names = [f for f, _ in [*cls.train_list, *cls.test_list]] + [cls.meta["filename"]]
+        else:
+            names = [cls.split_list[s][1] for s in ("train", "test")]
+        folder = root_path / (cls.base_folder if spec.kind == "cifar" else spec.where)
+        if all((folder / n).is_file() for n in names):
+            lines.append(f"{name}: present in {folder}")
+        else:
+            lines.append(f"{name}: missing: {_prepare_hint(name, root_path)}")
+    return lines
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line naming the fix, like every other refusal."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"detox.data: error: {message}; see 'python -m detox.data prepare --help'\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m detox.data prepare <dataset> [--from PATH] [--root DIR]`` and ``python -m detox.data status``."""
+    parser = _OneLineParser(prog="python -m detox.data",
+                            description="Lay out data sets where detox (torchvision) reads them, verified.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
+    prep = sub.add_parser("prepare", help="verify and lay out one data set from files on this machine",
+                          description="Verify a data set's release files (md5) and lay them out under the data root "
+                                      "where detox and torchvision read them. Nothing is downloaded.")
+    prep.add_argument("dataset", help=f"one of {', '.join(SPECS)}")
+    prep.add_argument("--from", dest="source", metavar="PATH",
+                      help="folder (or archive) with the release's files; fashion_mnist defaults to Debian's "
+                           f"dataset-fashion-mnist ({DEBIAN_FASHION_MNIST})")
+    prep.add_argument("--root", metavar="DIR", help="data root (default: $DETOX_DATA or ~/.cache/detox/data, as "
+                                                    "the config's data_root)")
+    stat = sub.add_parser("status", help="which data sets are laid out under the data root")
+    stat.add_argument("--root", metavar="DIR", help="data root (default: $DETOX_DATA or ~/.cache/detox/data)")
+    args = parser.parse_args(argv)
+    try:
+        lines = prepare(args.dataset, args.source, args.root) if args.command == "prepare" else status(args.root)
+    except DataUnavailable as err:
+        print(f"detox.data: error: {err}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(f"detox.data: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

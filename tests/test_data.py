@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import make_cfg
 
-from detox.data import DataUnavailable, UnitSampler, load_data
+from detox import data
+from detox.data import IDX_FILES, SPECS, DataUnavailable, UnitSampler, load_data, prepare
 
 
 def test_digits_split_is_fixed_and_standardised() -> None:
@@ -46,23 +57,246 @@ def test_unit_sampler_drops_incomplete_batch() -> None:
 
 
 @pytest.mark.parametrize("name", ["mnist", "cifar10", "cifar100"])
-def test_absent_torchvision_data_fails_with_where_to_put_it(name: str, data_root: Path) -> None:
+def test_absent_torchvision_data_fails_naming_the_prepare_command(name: str, data_root: Path) -> None:
     cfg = make_cfg([f"dataset={name}", "dataset.download=false"])
     with pytest.raises(DataUnavailable) as info:
         load_data(cfg.dataset)
     msg = str(info.value)
-    assert "\n" not in msg and f"dataset={name}" in msg and str(data_root) in msg and "download" in msg
+    assert "\n" not in msg and f"dataset={name}" in msg and str(data_root) in msg
+    assert msg.endswith(f"into a folder and run 'python -m detox.data prepare {name} --from <that folder>'")
 
 
-def test_fashion_mnist_without_debian_files_says_apt(tmp_path: Path, data_root: Path) -> None:
-    cfg = make_cfg(["dataset=fashion_mnist", "dataset.download=false", f"dataset.source={tmp_path / 'none'}"])
-    with pytest.raises(DataUnavailable, match="apt-get install dataset-fashion-mnist"):
-        load_data(cfg.dataset)
-
-
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").exists(),
-                    reason="Debian's dataset-fashion-mnist is not installed (.ci/run installs it)")
-def test_fashion_mnist_from_debian_package(data_root: Path) -> None:
+def test_fashion_mnist_unpacks_debian_files_on_first_use(data_root: Path) -> None:
+    debian_fashion_mnist()
     d = load_data(make_cfg(["dataset=fashion_mnist"]).dataset)
     assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
     assert (data_root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte").exists()
+
+
+# --- python -m detox.data prepare ---------------------------------------------------------------------------------
+
+DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def debian_fashion_mnist() -> Path:
+    """Debian's files, which the CPU-twin sweeps and these tests need: absent, the test fails saying how to fix it."""
+    if not all((DEBIAN / f"{n}.gz").is_file() for n in IDX_NAMES):
+        pytest.fail(f"Debian's dataset-fashion-mnist is not installed ({DEBIAN}); run "
+                    f"'apt-get install -y dataset-fashion-mnist' (.ci/run installs it)")
+    return DEBIAN
+
+
+def prepare_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m detox.data ARGS`` as a user types it."""
+    return subprocess.run([sys.executable, "-m", "detox.data", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def test_prepare_fashion_mnist_from_debian_package(data_root: Path, capsys: pytest.CaptureFixture) -> None:
+    debian_fashion_mnist()
+    first = prepare_cli("prepare", "fashion_mnist")
+    assert first.returncode == 0, first.stderr
+    raw = data_root / "FashionMNIST" / "raw"
+    assert f"verified 4 IDX file(s) from {DEBIAN}" in first.stdout and str(raw) in first.stdout
+    assert "ready: 60000 training / 10000 test images load" in first.stdout
+    for name, (want, size) in IDX_FILES["fashion_mnist"].items():  # the release's contents, gunzipped
+        assert md5((raw / name).read_bytes()) == want and (raw / name).stat().st_size == size
+    assert sorted(p.name for p in raw.iterdir()) == sorted(IDX_NAMES)  # no part files left behind
+    assert data.main(["prepare", "fashion_mnist"]) == 0
+    assert "already holds the 4 verified IDX files; nothing to do" in capsys.readouterr().out
+    assert data.main(["status"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert f"detox.data: fashion_mnist: present in {raw}" in listing
+    assert any(line.startswith("detox.data: cifar10: missing: ") and "prepare cifar10 --from" in line
+               for line in listing)
+    d = load_data(make_cfg(["dataset=fashion_mnist", "dataset.source=/nonexistent"]).dataset)  # prepared: no source
+    assert d.train_x.shape == (60000, 1, 28, 28) and d.test_x.shape == (10000, 1, 28, 28)
+
+
+def test_prepare_refuses_a_damaged_fashion_mnist_file(tmp_path: Path, data_root: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in IDX_NAMES[:3]:
+        (src / f"{n}.gz").symlink_to(debian_fashion_mnist() / f"{n}.gz")
+    labels = bytearray(gzip.decompress((DEBIAN / "t10k-labels-idx1-ubyte.gz").read_bytes()))
+    labels[100] = (labels[100] + 1) % 10  # one relabelled test image: same size, other md5
+    (src / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels)))
+    bad = prepare_cli("prepare", "fashion_mnist", "--from", str(src))
+    line = one_line(bad.stderr)
+    assert bad.returncode == 2 and line.startswith("detox.data: error: fashion_mnist: ")
+    assert f"{src / 't10k-labels-idx1-ubyte.gz'} is not the release's t10k-labels-idx1-ubyte" in line
+    assert f"rerun 'python -m detox.data prepare fashion_mnist --from {src}'" in line
+    raw = data_root / "FashionMNIST" / "raw"
+    assert not (raw / "t10k-labels-idx1-ubyte").exists() and not list(raw.glob(".*part"))
+
+    (src / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(labels))[:-40])  # a torn download
+    with pytest.raises(DataUnavailable, match=r"t10k-labels-idx1-ubyte.gz is unreadable or truncated \(EOFError"):
+        prepare("fashion_mnist", src)
+
+
+def test_prepare_usage_errors_are_one_line_naming_the_command(tmp_path: Path, data_root: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    def error(*argv: str) -> str:
+        assert data.main(list(argv)) == 2
+        return one_line(capsys.readouterr().err)
+
+    assert error("prepare", "imagenet").startswith(
+        "detox.data: error: prepare imagenet: unknown data set; one of fashion_mnist, mnist, cifar10, cifar100, svhn")
+    line = error("prepare", "mnist")
+    assert f"no train-images-idx3-ubyte under {data_root / 'MNIST' / 'raw'} and no --from given" in line
+    assert line.endswith("run 'python -m detox.data prepare mnist --from <that folder>'")
+    assert f"--from {tmp_path / 'nowhere'} does not exist" in error("prepare", "cifar10", "--from",
+                                                                    str(tmp_path / "nowhere"))
+    assert error("prepare", "svhn", "--root", str(tmp_path / "r")).endswith(
+        f"prepare svhn --from <that folder> --root {tmp_path / 'r'}'")
+    with pytest.raises(SystemExit) as exit_info:
+        data.main(["prepare"])
+    assert exit_info.value.code == 2
+    assert one_line(capsys.readouterr().err) == ("detox.data: error: the following arguments are required: dataset; "
+                                                 "see 'python -m detox.data prepare --help'")
+
+
+def test_load_errors_name_the_prepare_command(data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", data_root / "no-debian-package")
+    cfg = make_cfg(["dataset=fashion_mnist", "dataset.download=false", f"dataset.source={data_root / 'none'}"])
+    with pytest.raises(DataUnavailable) as info:
+        load_data(cfg.dataset)
+    assert str(info.value).endswith(
+        "run 'apt-get install -y dataset-fashion-mnist && python -m detox.data prepare fashion_mnist'")
+
+
+# fake releases: the same formats at a few images, with torchvision's checksums patched to theirs
+
+def idx_bytes(images: np.ndarray, labels: np.ndarray) -> tuple[bytes, bytes]:
+    n = len(labels)
+    return (struct.pack(">IIII", 2051, n, 28, 28) + images.astype(np.uint8).tobytes(),
+            struct.pack(">II", 2049, n) + labels.astype(np.uint8).tobytes())
+
+
+def test_prepare_mnist_from_user_files(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(0)
+    src, table = tmp_path / "mnist-files", {}
+    src.mkdir()
+    arrays = {}
+    for split, n in (("train", 40), ("t10k", 12)):
+        images, labels = rng.integers(0, 256, (n, 28, 28)), rng.integers(0, 10, n)
+        arrays[split] = labels
+        for kind, blob in zip(("images-idx3", "labels-idx1"), idx_bytes(images, labels), strict=True):
+            name = f"{split}-{kind}-ubyte"
+            table[name] = (md5(blob), len(blob))
+            # the user's copy: gzipped as released, except one file they had already unpacked
+            if name == "t10k-labels-idx1-ubyte":
+                (src / name).write_bytes(blob)
+            else:
+                (src / f"{name}.gz").write_bytes(gzip.compress(blob))
+    monkeypatch.setitem(IDX_FILES, "mnist", table)
+    lines = prepare("mnist", src)
+    assert lines[0] == (f"mnist: verified 4 IDX file(s) from {src} (md5 of the contents = the release's) and wrote "
+                        f"them to {data_root / 'MNIST' / 'raw'}")
+    assert lines[1].startswith("mnist: ready: 40 training / 12 test images load")
+    d = load_data(make_cfg(["dataset=mnist", "dataset.download=false"]).dataset)
+    assert d.train_x.shape == (40, 1, 28, 28) and d.test_x.shape == (12, 1, 28, 28)
+    assert d.train_y.tolist() == arrays["train"].tolist() and d.test_y.tolist() == arrays["t10k"].tolist()
+
+    monkeypatch.setitem(IDX_FILES, "mnist", {**table, "t10k-labels-idx1-ubyte": ("0" * 32, 20)})
+    with pytest.raises(DataUnavailable, match=r"t10k-labels-idx1-ubyte is not the release's .*expected md5 0{32}, "
+                                              r"20 bytes\); replace it"):
+        prepare("mnist", src)
+
+
+def cifar_archive(path: Path, base: str, label_key: str, meta_name: str, meta_key: str,
+                  batches: list[str]) -> tuple[dict[str, str], list[int]]:
+    """A CIFAR-format archive (pickled dicts of uint8 rows) with a few images per batch; md5 of each file."""
+    rng, md5s, labels = np.random.default_rng(1), {}, []
+    with tarfile.open(path, "w:gz") as tar:
+        def add(name: str, obj: dict) -> None:
+            blob = pickle.dumps(obj)
+            md5s[name] = md5(blob)
+            info = tarfile.TarInfo(f"{base}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+        for name in batches:
+            y = rng.integers(0, 10, 6).tolist()
+            labels += y
+            add(name, {"data": rng.integers(0, 256, (6, 3072), dtype=np.uint8), label_key: y})
+        add(meta_name, {meta_key: [f"class{i}" for i in range(100)]})
+        evil = tarfile.TarInfo("../escaped.txt")  # a hostile member: must not land outside the data root
+        evil.size = 4
+        tar.addfile(evil, io.BytesIO(b"evil"))
+    return md5s, labels
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_prepare_cifar_from_release_archive(name: str, tmp_path: Path, data_root: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cls = getattr(torchvision.datasets, SPECS[name].torchvision_class)
+    train = [f for f, _ in cls.train_list]
+    test = [f for f, _ in cls.test_list]
+    src = tmp_path / "downloads"
+    src.mkdir()
+    archive = src / cls.filename
+    md5s, labels = cifar_archive(archive, cls.base_folder, "labels" if name == "cifar10" else "fine_labels",
+                                 cls.meta["filename"], cls.meta["key"], [*train, *test])
+    monkeypatch.setattr(cls, "train_list", [[f, md5s[f]] for f in train])
+    monkeypatch.setattr(cls, "test_list", [[f, md5s[f]] for f in test])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+    real_md5 = cls.tgz_md5
+
+    # torchvision's own checksum of the real archive: the fake one is refused, with the size it should have
+    with pytest.raises(DataUnavailable, match=rf"is not the release torchvision knows .*expected md5 {real_md5}, "
+                                              rf"1[67]\d,\d{{3}},\d{{3}} bytes\); download it again from"):
+        prepare(name, src)
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive.read_bytes()))
+    (data_root / cls.base_folder).mkdir()
+    (data_root / cls.base_folder / train[0]).write_bytes(b"torn")  # an earlier broken copy: set aside, not mixed in
+    lines = prepare(name, src)
+    dest = data_root / cls.base_folder
+    assert lines[0].startswith(f"{name}: verified {archive} (md5 = torchvision's) and extracted it to {dest}")
+    assert f"moved to {dest}.invalid" in lines[0]
+    assert (dest.parent / f"{cls.base_folder}.invalid" / train[0]).read_bytes() == b"torn"
+    assert not (tmp_path / "escaped.txt").exists() and not (data_root.parent / "escaped.txt").exists()
+    d = load_data(make_cfg([f"dataset={name}", "dataset.download=false"]).dataset)
+    assert d.train_x.shape == (6 * len(train), 3, 32, 32) and d.test_x.shape == (6 * len(test), 3, 32, 32)
+    assert d.train_y.tolist() + d.test_y.tolist() == labels
+    assert "nothing to do" in prepare(name, src)[0]
+
+    # an extracted folder works as well as the archive
+    other = tmp_path / "root2"
+    assert prepare(name, dest, root=other)[0].startswith(f"{name}: copied {dest} to {other / cls.base_folder}")
+
+
+def test_prepare_svhn_from_mat_files(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scipy.io import savemat
+
+    src = tmp_path / "svhn-files"
+    src.mkdir()
+    rng, split_list = np.random.default_rng(2), {}
+    for split, n in (("train", 7), ("test", 5)):
+        savemat(src / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                             "y": rng.integers(1, 11, (n, 1), dtype=np.uint8)})
+        split_list[split] = ["unused-url", f"{split}_32x32.mat", md5((src / f"{split}_32x32.mat").read_bytes())]
+    split_list["extra"] = ["unused-url", "extra_32x32.mat", "0" * 32]
+    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)
+    lines = prepare("svhn", src)
+    assert lines == [f"svhn: verified train_32x32.mat, test_32x32.mat from {src} (md5 = torchvision's) and placed "
+                     f"them in {data_root / 'svhn'}",
+                     "svhn: ready: 7 training / 5 test images load; torchvision.datasets.SVHN reads it (no "
+                     "dataset=svhn option yet)"]
+    loaded = torchvision.datasets.SVHN(str(data_root / "svhn"), split="test")
+    assert loaded.data.shape == (5, 3, 32, 32)
+
+    (src / "extra_32x32.mat").write_bytes(b"not the extra split")  # optional, but verified when present
+    with pytest.raises(DataUnavailable, match=r"extra_32x32.mat is not the release torchvision knows \(19 bytes"):
+        prepare("svhn", src, root=tmp_path / "root2")
