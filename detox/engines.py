@@ -36,7 +36,9 @@ class LocalSource:
         for u, sampler in enumerate(self.samplers):
             t0 = time.perf_counter()
             idx = sampler.indices(step).to(s.data.train_x.device)
-            losses.append(gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx]))
+            loss = gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx])
+            if not byz_p[u * size : (u + 1) * size].all():  # a unit of Byzantines only reports nothing we keep
+                losses.append(loss)
             slowest = max(slowest, time.perf_counter() - t0)
             self.grads_nd[u * size : (u + 1) * size] = s.g_d
         # a cluster's workers compute in parallel: the step waits for the slowest one, as t_compute in MPI

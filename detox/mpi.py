@@ -104,6 +104,9 @@ def launch_command(cfg: DictConfig, job_dir: Path) -> list[str]:
     return [*cmd, str(e.python or sys.executable), "-m", "mpi4py", "-m", "detox.mpi", str(job_dir)]
 
 
+LAUNCH_TIME_ENV = "DETOX_MPI_LAUNCH_TIME"
+
+
 def launch_env(cfg: DictConfig) -> dict[str, str]:
     env = dict(os.environ)
     if hasattr(os, "geteuid") and os.geteuid() == 0:  # Open MPI refuses root without both variables
@@ -111,7 +114,17 @@ def launch_env(cfg: DictConfig) -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     # rank 0 watches the driver: a driver killed outright (SIGKILL) must not leave a world writing into its folder
     env[DRIVER_PID_ENV], env[DRIVER_HOST_ENV] = str(os.getpid()), socket.gethostname()
+    env[LAUNCH_TIME_ENV] = repr(time.time())  # rank 0's progress lines say how long the start-up took
     return env
+
+
+def _progress(message: str) -> None:
+    """A start-up line from rank 0 that the driver echoes (it echoes lines holding "[detox]")."""
+    try:
+        since = f" ({time.time() - float(os.environ[LAUNCH_TIME_ENV]):.1f} s after launch)"
+    except (KeyError, ValueError):
+        since = ""
+    print(f"[detox] engine=mpi: {message}{since}", flush=True)
 
 
 def _tee(stream, log_path: Path) -> None:
@@ -149,7 +162,8 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     log_path = out_dir / "mpi.log"
     cmd = launch_command(cfg, out_dir)
     log_path.write_text("$ " + " ".join(cmd) + "\n")
-    log.info("engine=mpi: %d ranks (PS + %d workers); output in %s", plan.workers + 1, plan.workers, log_path)
+    log.info("engine=mpi: starting %d ranks (PS + %d workers) with mpiexec; each imports torch first, which takes "
+             "a while when ranks outnumber cores; output in %s", plan.workers + 1, plan.workers, log_path)
     proc: subprocess.Popen | None = None
     tee: threading.Thread | None = None
     restore = _sigterm_raises()
@@ -368,6 +382,7 @@ class MPISource:
         self.sink = zero_extent_type(SINK_BYTES)
         self.status = MPI.Status()
         self._deadline = 0.0  # monotonic end of the current exchange
+        self.answered_once = False  # the first round is reported as start-up progress
         self.malformed_by_rank: Counter[int] = Counter()
         self.malformed_rows = 0  # malformed gradients (the trainer counts these rows itself)
         self.rogue_p = np.zeros(self.P, dtype=bool)  # ranks that ever sent a malformed message: reports ignored
@@ -478,8 +493,12 @@ class MPISource:
                      np.full((self.P, 2), np.nan))
         self._serve(rnd, self._start_broadcast(step, CMD_STEP))
         t_round = time.perf_counter() - t0
-        # reports of ranks that ever misbehaved, or whose gradient is malformed now, never enter the metrics
-        trusted = ~self.rogue_p & ~rnd.malformed_p & np.isfinite(rnd.meta_p[:, 0])
+        if not self.answered_once:
+            self.answered_once = True
+            _progress(f"step {step}: all {self.P} workers answered ({t_round:.1f} s round trip); training")
+        # reports of ranks that ever misbehaved, whose gradient is malformed now, or that are Byzantine this step
+        # never enter the metrics (engine=local leaves out the same units: see LocalSource)
+        trusted = ~self.rogue_p & ~rnd.malformed_p & np.isfinite(rnd.meta_p[:, 0]) & ~byz_p
         secs = rnd.meta_p[trusted, 1]
         # capped by the round: a report can move time between t_compute and t_comm, never add any
         t_compute = min(float(secs.max()), t_round) if secs.size else 0.0
@@ -672,7 +691,12 @@ def rank_main(job_dir: str) -> None:
     plan = plan_from_cfg(cfg)
     if size != plan.workers + 1:
         raise SystemExit(f"detox.mpi: world size {size} != workers + 1 = {plan.workers + 1}")
+    if rank == 0:
+        _progress(f"{size} ranks started (the PS and {size - 1} workers); loading dataset={cfg.dataset.name}")
     s = setup(cfg, plan)
+    if rank == 0:
+        _progress(f"data and network={cfg.network.name} ready on the PS; step 0 starts when the workers have "
+                  f"theirs")
     if rank > 0:
         try:
             _worker(s, comm, rank)

@@ -104,6 +104,13 @@ def test_mpi_multirun_each_job_its_own_world(tmp_path: Path) -> None:
     # job folders are named by the sweep's naming scheme (numbers or overrides): only their content matters here
     assert sorted((x["status"], x["seed"]) for x in lines) == [("completed", 0), ("completed", 1)]
     assert len({x["dir"] for x in lines}) == 2 and all((Path(x["dir"]) / "mpi.log").exists() for x in lines)
+    # start-up is not silent: each stage is echoed as it happens, in order, for each job
+    out = proc.stdout + proc.stderr
+    stages = ["engine=mpi: starting 4 ranks", "engine=mpi: 4 ranks started", "data and network=fc ready on the PS",
+              "step 0: all 3 workers answered"]
+    assert all(out.count(stage) == 2 for stage in stages), out[-3000:]
+    first = [out.index(stage) for stage in stages]
+    assert first == sorted(first)
 
 
 def test_decode_gradient_bounds_every_message() -> None:
