@@ -1,0 +1,163 @@
+"""detox.bench_scaling: the PS step's cost vs P from the presets (tiny sizes) and Figure C's split from a sweep."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_cfg
+
+from detox.approaches import Plan
+from detox.bench_scaling import (
+    SCALING_COLUMNS,
+    bench_scaling,
+    fill,
+    fit_exponents,
+    largest_d,
+    main,
+    peak_bytes,
+    preset_plan,
+    read_split,
+    savings,
+    scale_layers,
+)
+from detox.config import validate
+
+# methods whose presets run at both P = 9 and P = 18 (DETOX-Bulyan needs q = 1 at P = 18), and one that the
+# preset refuses at P = 9 (5 buckets of 3 groups)
+TINY_METHODS = ("vanilla-multi-krum", "vanilla-coord-median", "detox-bulyan", "detox-coord-median")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[list[dict], dict]:
+    return bench_scaling([9, 18], d=1000, methods=TINY_METHODS, repeats=3, warmup=1, extra=(), log=False)
+
+
+def test_scaling_rows_have_the_columns_and_finite_positive_times(tiny: tuple[list[dict], dict]) -> None:
+    rows, setting = tiny
+    assert setting["d"] == 1000 and setting["d_note"] == "as asked"
+    assert [(r["workers"], r["method"]) for r in rows] == [(p, m) for p in (9, 18) for m in TINY_METHODS]
+    for r in rows:
+        assert set(r) == set(SCALING_COLUMNS)
+        if (r["workers"], r["method"]) == (9, "detox-coord-median"):
+            assert r["t_step"] is None and r["note"].startswith("refused")
+            continue
+        for k in ("t_step", "t_step_min", "t_aggregate", "t_update"):
+            assert math.isfinite(r[k]) and r[k] > 0, (r["method"], r["workers"], k)
+        assert r["t_step_min"] <= r["t_step"]
+        # the phases are parts of the timed step
+        assert r["t_vote"] + r["t_aggregate"] + r["t_update"] <= r["t_step"] * 1.0001
+        assert (r["t_vote"] > 0) == r["method"].startswith("detox")
+
+
+def test_scaling_plans_are_the_presets(tiny: tuple[list[dict], dict]) -> None:
+    at = {(r["workers"], r["method"]): r for r in tiny[0]}
+    # vanilla: every worker is an input, f = q = floor(P / 9)
+    assert (at[9, "vanilla-multi-krum"]["rule_inputs"], at[9, "vanilla-multi-krum"]["f"]) == (9, 1)
+    assert (at[18, "vanilla-multi-krum"]["rule_inputs"], at[18, "vanilla-multi-krum"]["byzantine"]) == (18, 2)
+    # DETOX-median: the preset's 5 buckets; DETOX-Bulyan: one input per group, q lowered to what the preset takes
+    assert at[18, "detox-coord-median"]["rule_inputs"] == 5 and at[18, "detox-coord-median"]["approach"] == \
+        "draco-lite"
+    assert at[18, "detox-bulyan"]["rule_inputs"] == 6 and at[18, "detox-bulyan"]["byzantine"] == 1
+    assert "largest q that fits" in at[18, "detox-bulyan"]["note"]
+    plan, _, _ = preset_plan("detox-multi-krum", 45)
+    assert plan is not None and (plan.buckets, plan.inner, plan.mode, plan.vote, plan.f) == (
+        2, "multi-krum", "mean", "boyer-moore", 2)
+    assert plan.inner_params == {"m": "original", "neighbours": "original"}
+    # setting workers on the composed preset is what the override does; a refused q falls to the largest that fits
+    plan, _, note = preset_plan("detox-coord-median", 60)
+    assert plan == validate(make_cfg(["method=detox-coord-median", "workers=60", "worker_fail=5"]))
+    assert "q=6 refused" in note
+    plan, _, note = preset_plan("vanilla-bulyan", 90)
+    assert plan == validate(make_cfg(["method=vanilla-bulyan", "workers=90"])) and plan.f == 10 and not note
+    assert preset_plan("detox-multi-krum", 15)[0] is None  # 2 buckets of 3 and 2 winners: no q fits
+
+
+def test_fitted_exponents(tiny: tuple[list[dict], dict]) -> None:
+    fits = fit_exponents(tiny[0])
+    for m in ("vanilla-multi-krum", "vanilla-coord-median", "detox-bulyan"):
+        assert fits[m]["points"] == 2 and math.isfinite(fits[m]["b"])
+    assert fits["detox-coord-median"]["points"] == 1 and math.isnan(fits["detox-coord-median"]["b"])
+    # the fit recovers a known power law
+    rows = [{"method": "m", "workers": p, "t_step": 0.01 * p**1.7} for p in (15, 30, 45, 60, 90)]
+    fit = fit_exponents(rows)["m"]
+    assert fit["b"] == pytest.approx(1.7) and math.exp(fit["a"]) == pytest.approx(0.01) and fit["r2"] == 1.0
+
+
+def test_scaling_command_writes_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "scaling"
+    assert main(["scaling", "--workers", "9", "18", "--d", "1000", "--repeats", "3", "--override",
+                 "--methods", "vanilla-coord-median", "vanilla-bulyan", "--out", str(out)]) == 0
+    with open(out / "scaling.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == SCALING_COLUMNS and len(rows) == 4
+    md = (out / "scaling.md").read_text()
+    assert "fitted exponent b" in md and "--workers 9 18" in md
+    assert json.loads((out / "scaling.json").read_text())["fits"]["vanilla-bulyan"]["points"] == 2
+    assert (out / "scaling.png").stat().st_size > 10_000 and (out / "scaling.pdf").exists()
+
+
+def test_fill_holds_group_gradients_and_the_attack() -> None:
+    cfg = make_cfg(["method=detox-bulyan", "workers=9", "worker_fail=1"])
+    plan = Plan(approach="draco-lite", workers=9, group_size=3, byzantine=1, mode="bulyan", f=0)
+    groups = torch.arange(3 * 5, dtype=torch.float32).reshape(3, 5) + 1
+    work = torch.empty(9, 5)
+    byz = np.zeros(9, dtype=bool)
+    byz[4] = True
+    fill(work, groups, plan, byz, cfg, 0)
+    honest = np.flatnonzero(~byz)
+    assert torch.equal(work[honest], groups[honest // 3])
+    assert torch.equal(work[4], -float(cfg.err_mode.scale) * groups[1])  # rev_grad of its group's gradient
+    # baseline: every worker has its own batch, so no two rows are equal
+    base = Plan(approach="baseline", workers=9, group_size=3, byzantine=1, mode="bulyan", f=1)
+    fill(work, groups, base, np.zeros(9, dtype=bool), cfg, 0)
+    assert len({tuple(r.tolist()) for r in work}) == 9
+
+
+def test_memory_budget_picks_the_largest_d() -> None:
+    assert largest_d(90, 3, 11_173_962, 8 * 2**30) == 11_173_962  # ResNet-18 fits 8 GiB at P = 90
+    d = largest_d(90, 3, 11_173_962, 4 * 2**30)
+    assert d < 11_173_962 and peak_bytes(90, 3, d) <= 4 * 2**30 < peak_bytes(90, 3, d + 1000)
+    sizes = (1728, 64, 64, 36864, 640, 10)
+    scaled = scale_layers(sizes, 10_000)
+    assert sum(scaled) == 10_000 and len(scaled) == len(sizes) and min(scaled) >= 1
+    assert scale_layers(sizes, sum(sizes)) == sizes
+
+
+# ------------------------------------------------------------------------------------------------- split
+
+
+def _job(root: Path, method: str, phases: dict[str, float], status: str = "completed") -> None:
+    job = root / f"method={method}"
+    job.mkdir(parents=True)
+    (job / "summary.json").write_text(json.dumps({"status": status, "steps": 3, "choices": {"method": method}}))
+    first = {"step": 0, **dict.fromkeys(phases, None)}
+    last = {"step": 3, **{k: 99.0 for k in phases}, **{f"{k}_median": v for k, v in phases.items()}}
+    (job / "metrics.jsonl").write_text(json.dumps(first) + "\n" + json.dumps(last) + "\n")
+
+
+def test_split_reads_medians_and_computes_savings(tmp_path: Path) -> None:
+    root = tmp_path / "fig_c_paper"
+    _job(root, "detox-bulyan", {"t_compute": 1.0, "t_comm": 0.0, "t_vote": 0.2, "t_aggregate": 0.3,
+                                "t_update": 0.05})
+    _job(root, "vanilla-bulyan", {"t_compute": 1.0, "t_comm": 0.0, "t_vote": 0.0, "t_aggregate": 1.5,
+                                  "t_update": 0.05})
+    rows = read_split(root)
+    assert [r["method"] for r in rows] == ["vanilla-bulyan", "detox-bulyan"]  # the paper's order, not by name
+    v, t = rows
+    assert v["t_step"] == pytest.approx(2.55) and v["aggregate_share"] == pytest.approx(1.5 / 2.55)
+    assert t["ps_share"] == pytest.approx(0.55 / 1.55)
+    (s,) = savings(rows)
+    assert s["rule"] == "bulyan" and s["saved_per_step"] == pytest.approx(1.0)
+    assert s["ps_speedup"] == pytest.approx(1.55 / 0.55) and s["step_speedup"] == pytest.approx(2.55 / 1.55)
+    out = tmp_path / "out"
+    assert main(["split", str(root), "--out", str(out)]) == 0
+    md = (out / "table.md").read_text()
+    assert "| vanilla-bulyan | completed | 3 | 1.000 | 0.000 | 1.500 | 0.050 | 2.550 | 59 % |" in md
+    assert (out / "fig_c_paper.png").stat().st_size > 10_000
+    assert main(["split", str(tmp_path / "nowhere")]) == 2
