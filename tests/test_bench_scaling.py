@@ -50,8 +50,8 @@ def test_scaling_rows_have_the_columns_and_finite_positive_times(tiny: tuple[lis
         for k in ("t_step", "t_step_min", "t_aggregate", "t_update"):
             assert math.isfinite(r[k]) and r[k] > 0, (r["method"], r["workers"], k)
         assert r["t_step_min"] <= r["t_step"]
-        # the phases are parts of the timed step
-        assert r["t_vote"] + r["t_aggregate"] + r["t_update"] <= r["t_step"] * 1.0001
+        # each phase is part of every timed step, so its median is at most the step's
+        assert max(r["t_vote"], r["t_aggregate"], r["t_update"]) <= r["t_step"]
         assert (r["t_vote"] > 0) == r["method"].startswith("detox")
 
 
