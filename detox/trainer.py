@@ -119,19 +119,34 @@ def evaluate(s: Setup) -> dict[str, float]:
 
 
 class _Window:
-    """Per-step sums since the previous metrics record."""
+    """Per-step values since the previous metrics record: their means, and per phase the median.
+
+    The means are what the phase times have always meant; the medians are the robust statistic: on a shared
+    machine a step that the OS preempts takes several times its length, and a few such steps move the mean of a
+    window (and so ``cluster_time``) far more than they move the median.
+    """
 
     def __init__(self) -> None:
-        self.steps, self.sums, self.losses = 0, dict.fromkeys(PHASES + COUNTS, 0.0), []
+        self.steps, self.values, self.losses = 0, {k: [] for k in PHASES + COUNTS}, []
 
     def add(self, diag: dict, grads: Gradients) -> None:
         self.steps += 1
         for k in PHASES + COUNTS:
-            self.sums[k] += diag.get(k, 0.0)
+            self.values[k].append(float(diag.get(k, 0.0)))
         self.losses += grads.losses
 
+    def robust_step(self) -> float:
+        """Seconds of a typical step: the sum over phases of each phase's median in this window."""
+        return sum(float(np.median(self.values[k])) for k in PHASES) if self.steps else 0.0
+
     def means(self) -> dict[str, float | None]:
-        out: dict[str, float | None] = {k: (v / self.steps if self.steps else None) for k, v in self.sums.items()}
+        out: dict[str, float | None] = {k: (float(np.mean(v)) if v else None) for k, v in self.values.items()}
+        out.update(dict.fromkeys(ROBUST_KEYS[1:]))
+        if self.steps:
+            out.update({f"{k}_median": float(np.median(self.values[k])) for k in PHASES})
+            # the spread of a whole step's time (the sum of its phases) within the window
+            totals = np.sum([self.values[k] for k in PHASES], axis=0)
+            out["t_step_p10"], out["t_step_p90"] = (float(x) for x in np.quantile(totals, [0.1, 0.9]))
         out["train_loss"] = float(np.mean(self.losses)) if self.losses else None
         return out
 
@@ -171,9 +186,12 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         t0 = time.perf_counter()
         ev = evaluate(s)
         eval_time = time.perf_counter() - t0
+        # cluster_time_median: cluster_time built from each window's per-phase medians (robust to load spikes);
+        # accumulated through the records, so a resumed run continues it from its last record
+        robust = (records[-1]["cluster_time_median"] if records else 0.0) + window.steps * window.robust_step()
         rec = {"step": step, "epoch": step * samples_per_step / n_train, "wall_time": wall,
-               "cluster_time": cluster, "eval_time": eval_time, "samples": step * samples_per_step,
-               **window.means(), **ev, "byzantine_workers": plan.byzantine}
+               "cluster_time": cluster, "cluster_time_median": robust, "eval_time": eval_time,
+               "samples": step * samples_per_step, **window.means(), **ev, "byzantine_workers": plan.byzantine}
         rec = {k: rec[k] for k in METRIC_KEYS}
         if metrics_path is not None:
             append_jsonl(metrics_path, rec)
@@ -294,8 +312,11 @@ def checkpoint_problem(cfg: DictConfig, state: object, w_d: torch.Tensor) -> str
     return None
 
 
+# the DESIGN §4 keys first; then extra robust timing keys (per-window phase medians, the cluster time built from
+# them, and the 10th/90th percentile of a step's time), which the analysis prefers where present
+ROBUST_KEYS = ("cluster_time_median", *(f"{k}_median" for k in PHASES), "t_step_p10", "t_step_p90")
 METRIC_KEYS = ("step", "epoch", "wall_time", "cluster_time", "eval_time", "samples", "train_loss", "test_loss",
-               "test_acc", "test_acc5", *PHASES, "byzantine_workers", *COUNTS)
+               "test_acc", "test_acc5", *PHASES, "byzantine_workers", *COUNTS, *ROBUST_KEYS)
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
