@@ -1,28 +1,58 @@
 """Turn a multirun root (one folder per job, named by its overrides; DESIGN §4) into pandas DataFrames.
 
-``load_runs(root)``    — one row per job: config choices as columns, the summary's numbers, and per-step
-                         time split means computed from ``metrics.jsonl``.
+``load_runs(root)``    — one row per job: config choices as columns, the summary's numbers, the label of the
+                         config it actually ran (``analysis.labels``), ``seed``, ``config`` (the same for jobs that
+                         differ only in their seed: what ``analysis.stats`` aggregates over) and per-step time
+                         split means and medians computed from ``metrics.jsonl``.
 ``load_metrics(root)`` — one row per evaluation of every job, with the job's choices as columns.
-Jobs are ordered as ``detox.results.job_dirs`` lists them (numbered folders by number, then by name). A job without a readable summary is a row with status
-``missing``; a failed job keeps its ``error``.
+Jobs are ordered as ``detox.results.job_dirs`` lists them (numbered folders by number, then by name). A job without
+a readable summary is a row with status ``missing``; a failed job keeps its ``error``. Relative roots are found
+from the repository root (where the sweeps write ``multirun/...``) when they are not under the current folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from analysis.labels import attack_label, labels
 from detox.results import job_dirs, job_id
 
+REPO = Path(__file__).resolve().parents[1]
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
 PHASES = ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update")
+# robust per-step statistics of metrics.jsonl (extra keys next to DESIGN §4's): per-window phase medians and the
+# 10th/90th percentile of a step's time; older runs lack them and the analysis falls back to the means
+MEDIAN_PHASES = tuple(f"{k}_median" for k in PHASES)
+STEP_SPREAD = ("t_step_p10", "t_step_p90")
 # summary keys copied into the runs table
 SUMMARY_KEYS = ("status", "error", "figure", "workers", "worker_fail", "group_size", "batch_size", "lr", "seed",
                 "max_steps", "placement", "target_acc", "steps", "final_test_acc", "best_test_acc",
                 "final_test_loss", "wall_time", "cluster_time", "time_to_target", "malformed_messages")
+# settings that make two jobs the same configuration up to the seed, for runs without resolved_config.yaml
+CONFIG_KEYS = ("label", "err_mode", "worker_fail", "workers", "group_size", "batch_size", "lr", "max_steps", "task",
+               "network", "dataset", "engine", "placement", "figure", "target_acc")
+# resolved-config keys that do not make a different configuration: the seed (aggregated over) and where files go
+NOT_CONFIG = ("seed", "data_root", "save", "save_model", "checkpoint")
+
+
+def repo_root() -> Path:
+    """The repository this package lives in (its ``multirun/`` is where the sweeps write)."""
+    return REPO
+
+
+def sweep_root(path: str | Path) -> Path:
+    """``path`` itself when absolute or present under the current folder, else under the repository root (a
+    notebook kernel starts in ``analysis/``, so ``multirun/fig_a_cpu`` means the repository's)."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    return REPO / path
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -37,50 +67,75 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def labels(method: str | None, approach: str | None, mode: str | None) -> tuple[str, str, str]:
-    """(label, defence, rule): ``detox-bulyan`` -> ("detox-bulyan", "detox", "bulyan")."""
-    if not method:
-        prefix = {"baseline": "vanilla", "draco-lite": "detox", "maj_vote": "maj-vote"}.get(approach or "", approach)
-        method = f"{prefix}-{mode}" if prefix != "maj-vote" else "maj-vote"
-    for defence in ("vanilla", "detox"):
-        if method.startswith(defence + "-"):
-            return method, defence, method[len(defence) + 1 :]
-    return method, "other", method
+def _read_yaml(path: Path) -> dict | None:
+    try:
+        out = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
-def step_weighted_phases(records: list[dict]) -> dict[str, float]:
-    """Mean per-step seconds of each phase over a run (records hold means since the previous record)."""
+def step_weighted(records: list[dict], keys: tuple[str, ...] = PHASES) -> dict[str, float]:
+    """Mean per step of each key over a run: records hold one value per window since the previous record (a
+    mean or a median of that window), so each is weighted by its window's steps."""
     out = {}
     prev = 0
     weights = []
     for r in records:
         weights.append(r["step"] - prev)
         prev = r["step"]
-    total = sum(w for w, r in zip(weights, records, strict=True) if r.get("t_compute") is not None)
-    for k in PHASES:
+    for k in keys:
         vals = [(w, r[k]) for w, r in zip(weights, records, strict=True) if r.get(k) is not None]
+        total = sum(w for w, _ in vals)
         out[k] = sum(w * v for w, v in vals) / total if total else np.nan
-    corr = [(w, r["corrupted_groups"]) for w, r in zip(weights, records, strict=True)
-            if r.get("corrupted_groups") is not None]
-    out["corrupted_per_step"] = sum(w * v for w, v in corr) / total if total else np.nan
     return out
+
+
+def step_weighted_phases(records: list[dict]) -> dict[str, float]:
+    """Mean per-step seconds of each phase (means and, where recorded, medians), the spread of a step's time
+    and corrupted groups per step over a run."""
+    out = step_weighted(records, (*PHASES, *MEDIAN_PHASES, *STEP_SPREAD))
+    out["corrupted_per_step"] = step_weighted(records, ("corrupted_groups",))["corrupted_groups"]
+    last = records[-1] if records else {}
+    out["cluster_time_median"] = last.get("cluster_time_median", np.nan)
+    if out["cluster_time_median"] is None:
+        out["cluster_time_median"] = np.nan
+    return out
+
+
+def config_key(config: dict | None, row: dict) -> str:
+    """A short id shared by exactly the jobs whose configs differ only in the seed."""
+    if config:
+        rest = {k: v for k, v in config.items() if k not in NOT_CONFIG}
+        text = json.dumps(rest, sort_keys=True, default=str)
+    else:  # an older run without resolved_config.yaml: the settings the summary holds
+        text = json.dumps([row.get(k) for k in CONFIG_KEYS], default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def load_runs(root: str | Path) -> pd.DataFrame:
     rows = []
-    for job in job_dirs(root):
+    for job in job_dirs(sweep_root(root)):
         try:
             summary = json.loads((job / "summary.json").read_text())
         except (OSError, ValueError):
             summary = {"status": "missing", "error": "no readable summary.json"}
+        config = _read_yaml(job / "resolved_config.yaml")
         row: dict = {"job": job_id(job), "dir": str(job)}
         choices = summary.get("choices") or {}
         row.update({k: choices.get(k) for k in CHOICES})
         row.update({k: summary.get(k) for k in SUMMARY_KEYS})
-        row["label"], row["defence"], row["rule"] = labels(row["method"], row["approach"], row["mode"])
+        if row["method"] or row["approach"] or config:
+            row["label"], row["defence"], row["rule"] = labels(row["method"], row["approach"], row["mode"], config)
+        else:  # nothing says what ran (a job killed before writing): name it by its folder
+            row["label"], row["defence"], row["rule"] = str(row["job"]), "other", None
+        row["attack"] = attack_label(config, row["err_mode"])
+        row["num_classes"] = ((config or {}).get("dataset") or {}).get("num_classes") or 10
+        row["config"] = config_key(config, row)
         row.update(step_weighted_phases(_read_jsonl(job / "metrics.jsonl")))
         rows.append(row)
-    cols = ["job", "dir", *CHOICES, "label", "defence", "rule", *SUMMARY_KEYS, *PHASES, "corrupted_per_step"]
+    cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
+            "cluster_time_median", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, "corrupted_per_step"]
     return pd.DataFrame(rows, columns=cols).set_index("job", drop=False).rename_axis(None)
 
 
@@ -92,16 +147,26 @@ def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataF
         if not records:
             continue
         df = pd.DataFrame(records)
-        for k in ("job", *CHOICES, "label", "defence", "rule", "worker_fail", "status", "figure"):
+        for k in ("job", *CHOICES, "label", "defence", "rule", "attack", "config", "seed", "worker_fail", "status",
+                  "figure"):
             df[k] = run[k] if k != "job" else job
         frames.append(df)
     if not frames:
-        return pd.DataFrame(columns=["job", "step", "test_acc"])
+        return pd.DataFrame(columns=["job", "step", "test_acc", "config", "seed"])
     # frames are in job_dirs order, each in step order (job ids may mix numbers and names: no sort by id)
     return pd.concat(frames, ignore_index=True)
 
 
-def time_to_target(metrics: pd.DataFrame, target: float, x: str = "cluster_time") -> pd.Series:
-    """Per job, the first ``x`` at which test accuracy reached ``target`` (NaN if never)."""
+def time_column(df: pd.DataFrame) -> str:
+    """The clock to compare approaches on: ``cluster_time_median`` (built from per-phase medians, robust to a
+    loaded machine) where the runs recorded it, else ``cluster_time`` (per-phase means; older runs)."""
+    col = "cluster_time_median"
+    return col if col in df.columns and df[col].notna().any() and (df[col] > 0).any() else "cluster_time"
+
+
+def time_to_target(metrics: pd.DataFrame, target: float, x: str | None = None) -> pd.Series:
+    """Per job, the first ``x`` (default: ``time_column``) at which test accuracy reached ``target`` (NaN if
+    never)."""
+    x = x or time_column(metrics)
     hit = metrics[metrics["test_acc"] >= target].groupby("job")[x].min()
     return hit.reindex(metrics["job"].unique())

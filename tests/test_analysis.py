@@ -1,111 +1,356 @@
-"""Sweeps in sweeps/ and the analysis package: loader, figures, report command, resumable sweeps."""
+"""Sweeps in sweeps/ and the analysis package: loader, labels, aggregation over seeds, figures, report command,
+the walkthrough notebook, robust timing records, resumable sweeps."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-import numpy as np
-import pytest
-import yaml
-from conftest import CONF, ROOT, cli
-from hydra import compose, initialize_config_dir
+import matplotlib
 
-from analysis import figures as F
-from analysis.load import load_metrics, load_runs, time_to_target
-from analysis.report import main as report_main
-from detox.config import validate
+matplotlib.use("Agg")  # the tests only draw into files and objects
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from conftest import CONF, ROOT, TINY, cli, make_cfg, read_metrics, run_job  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
+
+from analysis import figures as F  # noqa: E402
+from analysis.labels import labels, preset  # noqa: E402
+from analysis.load import load_metrics, load_runs, sweep_root, time_column, time_to_target  # noqa: E402
+from analysis.report import main as report_main  # noqa: E402
+from analysis.stats import aggregate, fmt, interval  # noqa: E402
+from detox.config import validate  # noqa: E402
+from detox.trainer import ROBUST_KEYS, _Window  # noqa: E402
 
 SWEEPS = ROOT / "sweeps"
 SWEEP_FILES = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
-# ----------------------------------------------------------------------------------- a synthetic multirun
+# ----------------------------------------------------------------------------------- synthetic multiruns
 
 
-def _write_job(root: Path, job: int, method: str, attack: str, q: int, accs: list[float], status: str = "completed",
-               figure: str = "A") -> None:
-    d = root / str(job)
+def write_job(root: Path, method: str, attack: str, seed: int, accs: list[float], *, q: int = 5,
+              status: str = "completed", figure: str = "A", per_step: float | None = None, t_comm: float = 0.0,
+              corrupted: float | None = None, approach_changes: dict | None = None,
+              attack_params: dict | None = None) -> Path:
+    """A finished job folder as a sweep writes it (named by its overrides), with metrics every 10 steps."""
+    name = f"err_mode={attack},method={method},seed={seed},task=fc-fashion" + (f",worker_fail={q}" if figure == "E"
+                                                                                else "")
+    d = root / name
     d.mkdir(parents=True)
-    defence, rule = method.split("-", 1)
-    approach = "baseline" if defence == "vanilla" else "draco-lite"
-    summary = {"status": status, "choices": {"network": "fc", "dataset": "digits", "mode": rule, "approach": approach,
-                                             "err_mode": attack, "engine": "local", "task": None, "method": method},
+    settings = preset(method)
+    settings["approach"].update(approach_changes or {})
+    config = {**settings, "err_mode": {"name": attack, **(attack_params or {})}, "seed": seed, "workers": 45,
+              "worker_fail": q, "dataset": {"name": "fashion_mnist", "num_classes": 10}, "data_root": f"/tmp/{seed}"}
+    (d / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    defence = "detox" if method.startswith("detox") else "vanilla"
+    summary = {"status": status, "choices": {"network": "fc", "dataset": "fashion_mnist",
+                                             "mode": settings["mode"]["name"],
+                                             "approach": settings["approach"]["name"], "err_mode": attack,
+                                             "engine": "local", "task": "fc-fashion", "method": method},
                "workers": 45, "worker_fail": q, "group_size": 3, "placement": "random", "figure": figure,
-               "target_acc": 0.5}
+               "target_acc": 0.85, "seed": seed}
     if status == "failed":
         summary["error"] = "RuntimeError: boom"
         (d / "summary.json").write_text(json.dumps(summary))
-        return
+        return d
+    per_step = per_step if per_step is not None else (0.01 if defence == "detox" else 0.03)
     records = []
     for i, acc in enumerate(accs):
-        step = 10 * i
-        timed = None if i == 0 else 1.0
-        records.append({"step": step, "cluster_time": step * (0.1 if defence == "detox" else 0.3),
-                        "wall_time": step * 0.2, "test_acc": acc, "t_compute": timed and 0.01,
-                        "t_comm": timed and 0.0, "t_vote": timed and (0.001 if defence == "detox" else 0.0),
-                        "t_aggregate": timed and (0.002 if defence == "detox" else 0.02), "t_update": timed and 1e-4,
-                        "corrupted_groups": None if i == 0 else (0.4 if defence == "detox" else q)})
+        step, timed = 10 * i, i > 0
+        # the mean-based clock carries a load spike in seed 1's vanilla runs; the median-based one does not
+        spike = 1.0 + (2.0 if seed == 1 and defence == "vanilla" else 0.0)
+        records.append({"step": step, "cluster_time": step * per_step * spike, "cluster_time_median": step * per_step,
+                        "wall_time": step * 0.05, "test_acc": acc, "t_compute": timed and 0.3 * per_step,
+                        "t_comm": timed and t_comm, "t_vote": timed and (0.2 * per_step if defence == "detox" else 0),
+                        "t_aggregate": timed and 0.5 * per_step * spike, "t_update": timed and 0.01 * per_step,
+                        "t_compute_median": timed and 0.3 * per_step, "t_comm_median": timed and t_comm,
+                        "t_vote_median": timed and (0.2 * per_step if defence == "detox" else 0.0),
+                        "t_aggregate_median": timed and 0.5 * per_step, "t_update_median": timed and 0.01 * per_step,
+                        "t_step_p10": timed and 0.8 * per_step, "t_step_p90": timed and 1.5 * per_step,
+                        "corrupted_groups": None if not timed else (corrupted if corrupted is not None else
+                                                                    (0.4 if defence == "detox" else q))})
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     summary.update({"final_test_acc": accs[-1], "best_test_acc": max(accs), "steps": 10 * (len(accs) - 1)})
     (d / "summary.json").write_text(json.dumps(summary))
+    return d
 
 
-@pytest.fixture
-def sweep(tmp_path: Path) -> Path:
-    root = tmp_path / "multirun"
-    job = 0
-    for attack in ("rev_grad", "constant"):
-        for rule in ("multi-krum", "coord-median"):
-            _write_job(root, job, f"vanilla-{rule}", attack, 5, [0.1, 0.3, 0.45, 0.6])
-            _write_job(root, job + 1, f"detox-{rule}", attack, 5, [0.1, 0.5, 0.7, 0.8])
-            job += 2
-    _write_job(root, job, "vanilla-bulyan", "rev_grad", 5, [], status="failed")  # job 8
-    _write_job(root, job + 1, "detox-bulyan", "rev_grad", 5, [0.1, 0.2, 0.3, 0.4])  # 9
-    _write_job(root, job + 2, "detox-bulyan", "constant", 5, [0.1, 0.2, 0.3, 0.9])  # 10
-    (root / str(job + 3) / ".hydra").mkdir(parents=True)  # 11: a job killed before it wrote anything
+def _curve(defence: str, seed: int, bad: bool = False) -> list[float]:
+    """Accuracies at steps 0..60 that differ in the third decimal, as the real robust curves do."""
+    top = 0.872 if defence == "vanilla" else 0.862
+    curve = [0.1, 0.70, 0.80, 0.84, 0.85, 0.86, top]
+    if bad:
+        curve = [0.1, 0.70, 0.72, 0.68, 0.64, 0.60, 0.56]
+    return [round(a + (0 if i == 0 else 0.003 * (seed - 1)), 4) for i, a in enumerate(curve)]
+
+
+def sweep_a(root: Path) -> Path:
+    """Figure A: 2 attacks x 2 rules x vanilla/DETOX x 3 seeds; DETOX-Bulyan with one seed (n=1), vanilla Bulyan
+    failed, one job killed before it wrote anything, one folder that is no job."""
+    for attack, rule, defence, seed in itertools.product(("rev_grad", "constant"), ("multi-krum", "coord-median"),
+                                                         ("vanilla", "detox"), (0, 1, 2)):
+        bad = attack == "constant" and rule == "coord-median" and defence == "vanilla"
+        write_job(root, f"{defence}-{rule}", attack, seed, _curve(defence, seed, bad),
+                  attack_params={"scale": 100.0} if attack == "rev_grad" else {"value": -100.0})
+    write_job(root, "vanilla-bulyan", "rev_grad", 0, [], status="failed")
+    write_job(root, "detox-bulyan", "rev_grad", 0, _curve("detox", 1))
+    (root / "err_mode=constant,method=detox-bulyan,seed=0,task=fc-fashion" / ".hydra").mkdir(parents=True)
     (root / "report-notes").mkdir()  # not a job folder
     return root
 
 
-def test_loader_orders_jobs_numerically_and_keeps_failures(sweep: Path) -> None:
+def sweep_b(root: Path) -> Path:
+    for rule, defence, seed in itertools.product(("multi-krum", "bulyan", "coord-median"), ("vanilla", "detox"),
+                                                 (0, 1, 2)):
+        write_job(root, f"{defence}-{rule}", "rev_grad", seed, _curve(defence, seed), figure="B",
+                  per_step=0.02 * (1 + 0.1 * seed) if defence == "detox" else 0.03 * (1 + 0.05 * seed))
+    return root
+
+
+def sweep_c(root: Path) -> Path:
+    for method in ("vanilla-multi-krum", "detox-multi-krum", "vanilla-mean", "maj-vote"):
+        for seed in (0, 1, 2):
+            if method == "vanilla-mean":
+                write_job(root, method, "rev_grad", seed, [0.1, 0.1], status="diverged", figure="C", per_step=0.004)
+            elif method == "maj-vote":
+                write_job(root, method, "rev_grad", seed, [0.1, 0.1, 0.1], figure="C", per_step=0.006)
+            else:
+                write_job(root, method, "rev_grad", seed, _curve(method.split("-")[0], seed), figure="C")
+    return root
+
+
+def sweep_d(root: Path) -> Path:
+    for method, final in (("vanilla-multi-krum", 0.63), ("detox-multi-krum", 0.83), ("sign-sgd", 0.65)):
+        for seed in (0, 1, 2):
+            write_job(root, method, "alie", seed, [0.1, 0.7, 0.78, final + 0.01 * seed], figure="D",
+                      attack_params={"z": 1.0})
+    return root
+
+
+def sweep_e(root: Path) -> Path:
+    expected = [0, 0, 0.045, 0.134, 0.264, 0.433]
+    for method, q, seed in itertools.product(("vanilla-mean", "vanilla-multi-krum", "detox-multi-krum",
+                                              "vanilla-coord-median", "detox-coord-median"), range(6), (0, 1, 2)):
+        defence = method.split("-")[0]
+        if method == "vanilla-mean" and q > 0:
+            write_job(root, method, "rev_grad", seed, [0.1, 0.1], q=q, status="diverged", figure="E")
+            continue
+        drop = {"vanilla-multi-krum": 0.0, "detox-multi-krum": 0.002, "vanilla-coord-median": 0.004,
+                "detox-coord-median": 0.003, "vanilla-mean": 0.0}[method] * q
+        accs = [0.1, 0.8, 0.87 - drop + 0.001 * seed]
+        # every grouped method with the same seed meets the same Byzantine draws: identical counts
+        write_job(root, method, "rev_grad", seed, accs, q=q, figure="E",
+                  corrupted=(expected[q] + 0.01 * (seed - 1)) if defence == "detox" else q)
+    return root
+
+
+@pytest.fixture
+def sweep(tmp_path: Path) -> Path:
+    return sweep_a(tmp_path / "multirun")
+
+
+# ----------------------------------------------------------------------------------- loader and labels
+
+
+def test_loader_groups_seeds_and_keeps_failures(sweep: Path) -> None:
     runs = load_runs(sweep)
-    assert list(runs["job"]) == list(range(12))
-    assert runs.loc[8, "status"] == "failed" and runs.loc[8, "error"] == "RuntimeError: boom"
-    assert runs.loc[11, "status"] == "missing"
-    assert runs.loc[10, ["label", "defence", "rule", "err_mode"]].tolist() == ["detox-bulyan", "detox", "bulyan",
-                                                                               "constant"]
-    assert runs.loc[1, "t_aggregate"] == pytest.approx(0.002) and runs.loc[0, "corrupted_per_step"] == 5
+    assert len(runs) == 2 * 2 * 2 * 3 + 3
+    assert all(isinstance(j, str) and "seed=" in j for j in runs["job"])
+    failed = runs[runs["status"] == "failed"].iloc[0]
+    assert failed["error"] == "RuntimeError: boom" and failed["label"] == "vanilla-bulyan"
+    assert (runs["status"] == "missing").sum() == 1
+    mk = runs[(runs["label"] == "detox-multi-krum") & (runs["err_mode"] == "rev_grad")]
+    assert sorted(mk["seed"]) == [0, 1, 2] and mk["config"].nunique() == 1  # seeds: one configuration
+    assert runs[runs["label"] == "detox-multi-krum"]["config"].nunique() == 2  # two attacks: two configurations
+    assert mk[["defence", "rule"]].drop_duplicates().values.tolist() == [["detox", "multi-krum"]]
+    assert mk["attack"].iloc[0] == "rev_grad (scale = 100)"
+    assert mk["t_aggregate"].iloc[0] == pytest.approx(0.005) and mk["t_aggregate_median"].iloc[0] == pytest.approx(
+        0.005)
+    spiked = runs[(runs["label"] == "vanilla-multi-krum") & (runs["seed"] == 1)].iloc[0]
+    assert spiked["t_aggregate"] == pytest.approx(3 * spiked["t_aggregate_median"])
+    assert spiked["cluster_time_median"] == pytest.approx(60 * 0.03) and spiked["corrupted_per_step"] == 5
     metrics = load_metrics(sweep, runs)
-    assert len(metrics) == 10 * 4  # 10 jobs with 4 evaluations each
-    assert list(metrics["job"].unique()) == [j for j in range(11) if j != 8]
-    assert set(metrics.columns) >= {"step", "test_acc", "label", "err_mode", "approach", "worker_fail"}
+    assert len(metrics) == 25 * 7
+    assert set(metrics.columns) >= {"step", "test_acc", "label", "err_mode", "config", "seed", "worker_fail"}
+    assert time_column(metrics) == "cluster_time_median"
+    assert time_column(metrics.drop(columns="cluster_time_median")) == "cluster_time"
 
 
-def test_time_to_target_and_speedup(sweep: Path) -> None:
-    runs, metrics = load_runs(sweep), None
-    metrics = load_metrics(sweep, runs)
-    ttt = time_to_target(metrics, 0.5)
-    assert ttt[0] == pytest.approx(30 * 0.3) and ttt[1] == pytest.approx(10 * 0.1) and np.isnan(ttt[9])
-    sp = F.speedups(runs, metrics, 0.5)
-    row = sp[(sp["rule"] == "multi-krum") & (sp["err_mode"] == "rev_grad")].iloc[0]
-    assert row["speedup"] == pytest.approx(9.0)
+def test_relative_sweep_roots_resolve_from_the_repository(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(ROOT / "analysis")  # where a notebook kernel starts
+    assert sweep_root("multirun/fig_a_cpu") == ROOT / "multirun" / "fig_a_cpu"
+    assert sweep_root(tmp_path) == tmp_path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    assert sweep_root("here") == Path("here")  # present under the current folder: taken as it is
 
 
-def test_every_plotting_function_draws(sweep: Path) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_preset_settings_match_hydra_composition(method: str) -> None:
+    cfg = make_cfg([f"method={method}"])
+    composed = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in ("approach", "mode")}
+    assert preset(method) == composed
+    assert labels(method, None, None, OmegaConf.to_container(cfg, resolve=True))[0] == method
+
+
+def test_labels_come_from_the_config_that_ran() -> None:
+    def label(*overrides: str) -> tuple[str, str, str]:
+        cfg = OmegaConf.to_container(make_cfg(list(overrides)), resolve=True)
+        return labels(cfg.get("method"), cfg["approach"]["name"], cfg["mode"]["name"], cfg)
+
+    assert label("method=detox-multi-krum") == ("detox-multi-krum", "detox", "multi-krum")
+    assert label("approach=draco-lite", "mode=multi-krum") == ("draco-lite/multi-krum", "detox", "multi-krum")
+    assert label("method=detox-multi-krum", "approach.buckets=null")[0] == "draco-lite/mean (vote=boyer-moore)"
+    assert label("method=detox-coord-median", "approach.buckets=3") == (
+        "draco-lite/3×mean→coord-median (vote=boyer-moore)", "detox", "coord-median")
+    assert label("method=vanilla-multi-krum", "mode.m=10") == ("baseline/multi-krum (m=10, neighbours=original)",
+                                                               "vanilla", "multi-krum")
+    assert label("approach=baseline", "mode=bulyan") == ("baseline/bulyan", "vanilla", "bulyan")
+    assert labels("detox-bulyan", "draco-lite", "bulyan") == ("detox-bulyan", "detox", "bulyan")  # no config: trusted
+
+
+# ----------------------------------------------------------------------------------- aggregation over seeds
+
+
+def test_interval_is_the_student_t_interval() -> None:
+    s = interval([0.80, 0.82, 0.87, None, float("nan")])
+    assert s.n == 3 and s.mean == pytest.approx(0.83) and s.sd == pytest.approx(np.std([0.8, 0.82, 0.87], ddof=1))
+    half = scipy_stats.t.ppf(0.975, 2) * s.sd / math.sqrt(3)
+    assert (s.lo, s.hi) == pytest.approx((0.83 - half, 0.83 + half))
+    assert half == pytest.approx(4.303 * s.sd / math.sqrt(3), rel=1e-3)
+    one = interval([0.9])
+    assert one.n == 1 and math.isnan(one.sd) and math.isnan(one.lo) and one.text() == "0.9 (n=1)"
+    assert interval([]).n == 0 and fmt(np.nan, np.nan, 0) == ""
+    assert s.text() == "0.83 ± 0.036 (n=3)"
+    same = interval([0.4, 0.4])
+    assert (same.lo, same.hi) == (0.4, 0.4)
+    agg = aggregate(pd.DataFrame({"config": ["a", "a", "a", "b"], "v": [1.0, 2.0, 3.0, 10.0]}), "config", ["v"])
+    assert agg["v"].tolist() == [2.0, 10.0] and agg["v_n"].tolist() == [3, 1] and math.isnan(agg["v_lo"].iloc[1])
+
+
+def test_time_to_target_and_speedup_over_seeds(tmp_path: Path) -> None:
+    root = sweep_b(tmp_path / "b")
+    runs = load_runs(root)
+    metrics = load_metrics(root, runs)
+    ttt = time_to_target(metrics, 0.85)
+    job = runs[(runs["label"] == "vanilla-bulyan") & (runs["seed"] == 1)]["job"].iloc[0]
+    # vanilla seed 1 reaches 0.85 at step 40 (0.847 + 0.003); on the median clock 40 * 0.03 * 1.05
+    assert ttt[job] == pytest.approx(40 * 0.03 * 1.05)
+    assert time_to_target(metrics, 0.85, "cluster_time")[job] == pytest.approx(3 * 40 * 0.03 * 1.05)  # the spike
+    sp = F.speedups(runs, metrics, 0.85).set_index("rule")
+    # both reach 0.85 at step 50, 40, 40 in seeds 0, 1, 2 (seed 0 is 0.003 lower); their clocks differ per seed
+    ratios = [0.03 * (1 + 0.05 * s) / (0.02 * (1 + 0.1 * s)) for s in (0, 1, 2)]
+    assert sp.loc["bulyan", "speedup"] == pytest.approx(np.mean(ratios))
+    assert sp.loc["bulyan", "speedup_n"] == 3 and sp.loc["bulyan", "vanilla_reached"] == 3
+    assert sp.loc["bulyan", "speedup_lo"] < sp.loc["bulyan", "speedup"] < sp.loc["bulyan", "speedup_hi"]
+    assert sp.loc["bulyan", "clock"] == "cluster_time_median"
+
+
+# ----------------------------------------------------------------------------------- figures
+
+
+def _texts(fig: plt.Figure) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts] + [
+        t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def test_fig_a_shades_intervals_counts_seeds_and_zooms(sweep: Path) -> None:
     runs = load_runs(sweep)
     metrics = load_metrics(sweep, runs)
-    fig = F.fig_a(metrics, "cluster_time")
+    fig = F.fig_a(metrics)
     assert len(fig.axes) == 2 * 3  # attacks x rules
-    assert len(fig.axes[0].get_lines()) == 2  # vanilla and DETOX
-    for fig in (F.fig_a(metrics, "step"), F.fig_b(runs, metrics, 0.5), F.fig_c(runs), F.fig_d(runs), F.fig_e(runs),
-                F.fig_theory(runs)):
-        assert fig.axes and any(ax.has_data() for ax in fig.axes)
-        plt.close(fig)
+    ax = fig.axes[0]  # multi-krum, rev_grad
+    assert [ln.get_color() for ln in ax.get_lines()] == ["tab:blue", "tab:orange"]  # vanilla, DETOX
+    assert len(ax.collections) == 2  # one shaded interval per configuration
+    assert set(_texts(fig)) >= {"vanilla-multi-krum (n=3)", "detox-multi-krum (n=3)", "detox-bulyan (n=1)"}
+    assert ax.get_ylim()[0] > 0.6 and ax.get_ylim()[1] < 0.95  # zoomed onto 0.70-0.875
+    assert ax.get_xlabel() == "cluster time (s, per-phase medians)"
+    bulyan = fig.axes[1]
+    band = bulyan.collections[0].get_paths()
+    assert all(len(p.vertices) == 0 for p in band)  # n=1: nothing shaded
+    bad = fig.axes[5]  # coord-median, constant: the vanilla median falls to 0.56
+    assert bad.get_ylim()[0] < 0.56 and bad.get_ylim()[0] > 0.4
+    plt.close("all")
+
+
+def test_fig_b_labels_sit_over_their_pair_below_the_frame(tmp_path: Path) -> None:
+    root = sweep_b(tmp_path / "b")
+    runs = load_runs(root)
+    fig = F.fig_b(runs, load_metrics(root, runs), 0.85)
+    ax = fig.axes[0]
+    labels_ = [t for t in ax.texts if "×" in t.get_text()]
+    assert [round(t.get_position()[0], 6) for t in labels_] == [0.0, 1.0, 2.0]  # centred on each pair
+    assert all("[" in t.get_text() and "n=3" in t.get_text() for t in labels_)  # interval and seed count
+    fig.canvas.draw()
+    frame = ax.get_window_extent()
+    for t in labels_:
+        assert t.get_window_extent().y1 < frame.y1 - 2  # clear of the frame
+    bars = ax.patches
+    assert bars[0].get_facecolor() == matplotlib.colors.to_rgba("tab:blue")  # vanilla as in fig_a
+    assert bars[3].get_facecolor() == matplotlib.colors.to_rgba("tab:orange")
+    assert len([c for c in ax.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]) == 2
+    plt.close("all")
+
+
+def test_fig_c_drops_zero_phases_and_marks_failed_methods(tmp_path: Path) -> None:
+    root = sweep_c(tmp_path / "c")
+    fig = F.fig_c(load_runs(root))
+    texts = _texts(fig)
+    assert "comm" not in texts and {"compute", "vote", "aggregate", "update"} <= set(texts)
+    assert "diverged\n3/3 seeds" in texts and "chance\naccuracy" in texts
+    assert fig.axes[0].get_ylabel() == "ms per iteration (median per phase)"
+    total = fig.axes[0].containers[-1]  # the 95 % whiskers of the totals
+    assert isinstance(total, matplotlib.container.ErrorbarContainer)
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert ticks[0] == "vanilla-multi-krum\n(n=3)"
+    # the vanilla multi-krum bar stacks the medians (30 ms per step), not the spiked means
+    heights = [p.get_height() + p.get_y() for p in fig.axes[0].patches[:16] if abs(p.get_x() + 0.3) < 1e-9]
+    assert max(heights) == pytest.approx(30 * (0.3 + 0.5 + 0.01))
+    plt.close("all")
+
+
+def test_fig_d_title_names_the_attack_strength_and_colours_match(tmp_path: Path) -> None:
+    root = sweep_d(tmp_path / "d")
+    fig = F.fig_d(load_runs(root))
+    ax = fig.axes[0]
+    assert "alie (z = 1)" in ax.get_title() and "q = 5 of P = 45" in ax.get_title()
+    colours = [p.get_facecolor() for p in ax.patches[:3]]
+    assert colours == [matplotlib.colors.to_rgba(c) for c in ("tab:blue", "tab:orange", "tab:gray")]
+    plt.close("all")
+
+
+def test_fig_e_shows_the_gap_to_the_clean_run(tmp_path: Path) -> None:
+    root = sweep_e(tmp_path / "e")
+    runs = load_runs(root)
+    fig = F.fig_e(runs)
+    left, right = fig.axes
+    assert left.get_ylim() == (0, 1)
+    assert "not drawn (diverged or at chance): vanilla-mean" in right.get_title()
+    assert len(right.get_legend().get_texts()) == 4
+    lo, hi = right.get_ylim()
+    assert -0.03 < lo < -0.02 and hi < 0.01  # zoomed onto the gaps (down to -0.02 at q = 5)
+    # the detox-coord-median gap at q = 5: -0.003 * 5 in every seed
+    line = [ln for ln in right.get_lines() if ln.get_color() == "tab:orange" and ln.get_marker() == "^"][0]
+    assert line.get_ydata()[-1] == pytest.approx(-0.015)
     theory = F.fig_theory(runs)
-    expected = theory.axes[0].get_lines()[-1].get_ydata()
+    ax = theory.axes[0]
+    expected = ax.get_lines()[-1].get_ydata()
     assert expected[5] == pytest.approx(0.433, abs=1e-3)  # P=45, q=5, r=3
+    measured = [c.lines[0] for c in ax.containers]
+    assert len(measured) == 2
+    xs = [m.get_xdata()[5] for m in measured]
+    assert xs[0] != xs[1]  # the same counts, set side by side
+    assert [m.get_ydata()[5] for m in measured] == pytest.approx([0.433, 0.433])
+    plt.close("all")
 
 
 def test_report_command_writes_figures_and_tables(sweep: Path, tmp_path: Path) -> None:
@@ -114,24 +359,99 @@ def test_report_command_writes_figures_and_tables(sweep: Path, tmp_path: Path) -
     for name in ("fig_a_time", "fig_a_iter"):
         assert (out / f"{name}.png").stat().st_size > 1000 and (out / f"{name}.pdf").exists()
     md = (out / "table.md").read_text()
-    assert "detox-bulyan" in md and "failed" in md
+    assert "| detox-multi-krum | rev_grad | 5 | 3 | 3 completed | 0.862 ± 0.003 (n=3)" in md
+    assert "| detox-bulyan | rev_grad | 5 | 1 | 1 completed | 0.862 (n=1)" in md
+    assert "| vanilla-bulyan | rev_grad | 5 | 1 | 1 failed |" in md
+    assert "| err_mode=constant,method=detox-bulyan,seed=0,task=fc-fashion |  |  | 1 | 1 missing |" in md
+    assert "| 5 ± 0 (n=3) |" in md and "| 0.4 ± 0 (n=3) |" in md  # corrupted groups: no round-off noise
+    assert "t_aggregate_median_ms" in md and "| 15 ± 0 (n=3) |" in md  # 0.5 x 30 ms, the spike left out
+    jobs = (out / "jobs.csv").read_text().splitlines()
+    assert len(jobs) == 1 + 27
     assert report_main([str(tmp_path / "nowhere")]) == 2
+    root_b = sweep_b(tmp_path / "b")
+    assert report_main([str(root_b), "--out", str(tmp_path / "rb")]) == 0
+    md = (tmp_path / "rb" / "table.md").read_text()
+    assert "## Speedup to 85% test accuracy (cluster time (s, per-phase medians))" in md
+    assert "(n=3)" in md.split("## Speedup")[1] and (tmp_path / "rb" / "fig_b.png").exists()
+
+
+def test_analysis_leaves_the_backend_to_the_caller() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = "import matplotlib, analysis.figures, analysis.report; print(matplotlib.get_backend())"
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert out.stdout.strip() == "svg", out.stderr[-2000:]  # importing picks no backend
+    assert 'matplotlib.use("Agg")' in (ROOT / "analysis" / "report.py").read_text()  # the command picks Agg
+
+
+# ----------------------------------------------------------------------------------- the notebook
+
+
+def test_notebook_executes_top_to_bottom_and_draws(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nbformat  # the test extra brings nbclient, nbformat and ipykernel
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "analysis" / "walkthrough.ipynb", as_version=4)
+    monkeypatch.setenv("DETOX_SWEEP", str(sweep))
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    # the kernel starts in analysis/, as Jupyter starts it for this notebook
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "analysis")}}
+                   ).execute()
+    pngs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
+    assert len(pngs) >= 7  # fig_a twice, fig_b, fig_c, fig_d, fig_e, fig_theory
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert not errors
+
+
+# ----------------------------------------------------------------------------------- robust timing records
+
+
+def test_window_medians_ignore_a_preempted_step() -> None:
+    class G:
+        losses = [1.0]
+
+    w = _Window()
+    for t in (0.010, 0.011, 0.009, 0.500, 0.010):  # one step descheduled for half a second
+        w.add({"t_compute": t, "t_comm": 0.0, "t_vote": 0.001, "t_aggregate": 0.002, "t_update": 0.0}, G())
+    m = w.means()
+    assert m["t_compute"] == pytest.approx(0.108)  # the mean keeps its meaning
+    assert m["t_compute_median"] == pytest.approx(0.010)
+    assert w.robust_step() == pytest.approx(0.013)
+    # step totals 0.012, 0.013, 0.013, 0.014, 0.503: the 10th percentile interpolates 0.012 -> 0.013
+    assert m["t_step_p10"] == pytest.approx(0.0124) and m["t_step_p90"] > 0.3
+    assert set(ROBUST_KEYS) - {"cluster_time_median"} <= set(m)
+
+
+def test_runs_record_the_median_clock(tmp_path: Path) -> None:
+    run_job([*TINY, "max_steps=6", "eval_freq=3"], tmp_path)
+    records = read_metrics(tmp_path)
+    assert records[0]["cluster_time_median"] == 0.0 and records[0]["t_compute_median"] is None
+    for prev, rec in itertools.pairwise(records):
+        step = sum(rec[f"{k}_median"] for k in ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update"))
+        assert rec["cluster_time_median"] == pytest.approx(prev["cluster_time_median"] + 3 * step)
+        assert rec["t_step_p10"] <= rec["t_step_p90"]
 
 
 # ----------------------------------------------------------------------------------- the sweep configs
 
 
-def _sweep_jobs(name: str) -> list[list[str]]:
+def _sweep_params(name: str) -> dict[str, list[str]]:
     raw = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
-    params = raw["hydra"]["sweeper"]["params"]
-    keys = list(params)
-    values = [str(params[k]).split(",") for k in keys]
-    return [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*values)]
+    return {k: str(v).split(",") for k, v in raw["hydra"]["sweeper"]["params"].items()}
 
 
 @pytest.mark.parametrize("name", SWEEP_FILES)
 def test_every_sweep_job_composes_and_validates(name: str) -> None:
-    jobs = _sweep_jobs(name)
+    params = _sweep_params(name)
+    if name.endswith(("_cpu", "_full")):  # the figure sweeps (issue #11: every point a mean over >= 3 seeds)
+        assert len(params.get("seed", [])) >= 3, "every figure sweep runs at least 3 seeds"
+    if "seed" in params:
+        params["seed"] = params["seed"][:1]  # the seed changes no composition: one is enough to validate
+    keys = list(params)
+    jobs = [[f"{k}={v}" for k, v in zip(keys, combo, strict=True)] for combo in itertools.product(*params.values())]
     assert jobs
     with initialize_config_dir(version_base="1.3", config_dir=str(SWEEPS)):
         for overrides in jobs:
@@ -149,33 +469,22 @@ def test_tiny_sweep_end_to_end_and_rerun_trains_nothing(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     args = ["-m", "--config-dir", "sweeps", "--config-name", "fig_a_cpu", f"hydra.sweep.dir={root}",
             # command-line sweeps take precedence over the config's sweeper params
-            "task=fc-digits", "err_mode=rev_grad", "method=vanilla-coord-median,detox-coord-median", "max_steps=4",
-            "eval_freq=2"]
+            "task=fc-digits", "err_mode=rev_grad", "method=vanilla-coord-median,detox-coord-median", "seed=0,1",
+            "max_steps=4", "eval_freq=2"]
     proc = cli(args, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (root / "summary.jsonl").read_text().splitlines()]
-    assert [(x["job"], x["status"], x["choices"]["method"]) for x in lines] == [
-        ("err_mode=rev_grad,eval_freq=2,max_steps=4,method=detox-coord-median,task=fc-digits", "completed",
-         "detox-coord-median"),
-        ("err_mode=rev_grad,eval_freq=2,max_steps=4,method=vanilla-coord-median,task=fc-digits", "completed",
-         "vanilla-coord-median")]
+    assert [(x["job"], x["status"]) for x in lines] == [
+        (f"err_mode=rev_grad,eval_freq=2,max_steps=4,method={m}-coord-median,seed={s},task=fc-digits", "completed")
+        for m in ("detox", "vanilla") for s in (0, 1)]
     out = tmp_path / "report"
     assert report_main([str(root), "--out", str(out)]) == 0
-    assert (out / "fig_a_time.png").exists() and (out / "table.csv").exists()
+    assert (out / "fig_a_time.png").exists()
+    md = (out / "table.md").read_text()
+    assert md.count("2 completed") == 2 and "(n=2)" in md  # two configurations of two seeds each
 
     before = {p: p.stat().st_mtime_ns for p in root.glob("*/metrics.jsonl")}
     again = cli(args, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {p: p.stat().st_mtime_ns for p in root.glob("*/metrics.jsonl")} == before
-    assert (again.stdout + again.stderr).count("skipping") == 2
-
-
-def test_notebook_runs_on_a_sweep(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nb = json.loads((ROOT / "analysis" / "walkthrough.ipynb").read_text())
-    monkeypatch.setenv("DETOX_SWEEP", str(sweep))
-    scope: dict = {}
-    for cell in nb["cells"]:
-        if cell["cell_type"] == "code":
-            exec("".join(cell["source"]), scope)  # noqa: S102 - our own notebook
-    assert len(scope["runs"]) == 12
-    plt.close("all")
+    assert (again.stdout + again.stderr).count("skipping") == 4
