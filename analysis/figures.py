@@ -147,7 +147,8 @@ def fig_a(metrics: pd.DataFrame, x: str | None = None) -> Figure:
             if shown:
                 ax.legend(fontsize=7, loc="best")
     note = "mean over seeds, shaded: 95 % t-interval (none for n=1)"
-    fig.suptitle(note + ("; y axes zoomed (step 0 is below them)" if zoomed else ""), fontsize=9)
+    fig.suptitle(note + ("\ny axes zoomed to where the methods differ (step 0 is below them)" if zoomed else ""),
+                 fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -221,7 +222,8 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
     ax.set_xticks(pos, [f"{r.rule}\n{r.err_mode}\nreached {r.vanilla_reached}/{r.vanilla_seeds} · "
                         f"{r.detox_reached}/{r.detox_seeds}" for r in table.itertuples()], fontsize=8)
     ax.set_ylabel(f"{X_LABELS.get(x, x)}\nto {target:.0%} accuracy")
-    ax.set_title("mean over seeds, whiskers: 95 % t-interval; speedup: mean of per-seed ratios", fontsize=9)
+    ax.set_title("mean over seeds, whiskers: 95 % t-interval\nspeedup: mean of per-seed ratios [95 % interval]",
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -277,8 +279,9 @@ def fig_c(runs: pd.DataFrame) -> Figure:
         tick.set_color(FAMILY_COLOURS.get(defence, FAMILY_COLOURS["other"]))
     ax.set_ylabel(f"ms per iteration ({'median' if robust else 'mean'} per phase)")
     extra = [Line2D([], [], color="k", marker="_", lw=1, label="95 % interval over seeds"),
-             Line2D([], [], color="0.45", lw=2, label="10th–90th pct of a step"),
-             Patch(facecolor="white", edgecolor="0.3", hatch="//", label="diverged / chance")]
+             Line2D([], [], color="0.45", lw=2, label="10th–90th pct of a step")]
+    if bad.any():
+        extra.append(Patch(facecolor="white", edgecolor="0.3", hatch="//", label="diverged / chance"))
     handles, _ = ax.get_legend_handles_labels()
     ax.legend(handles=handles + extra, fontsize=7, ncol=2, loc="upper right")
     ax.grid(axis="y", alpha=0.3)
