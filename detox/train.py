@@ -124,7 +124,8 @@ class ValidateFirst(Callback):
             sys.exit(2)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# an absolute path: a console script (detox-train) would make Hydra read "../conf" as a Python package
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     summary = run(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
