@@ -727,6 +727,7 @@ def test_permutation_invariance_order_free_rules(data):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.slow
 @PROPS
 @given(data=int_matrices())
 def test_permutation_invariance_geometric_median(data):

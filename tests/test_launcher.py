@@ -56,6 +56,7 @@ def summary(job: Path) -> dict:
 SWEEP = ["seed=0,1,2", "max_steps=150", "eval_freq=50", "threads=1"]
 
 
+@pytest.mark.slow
 def test_a_killed_job_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
     root, log = tmp_path / "parallel", tmp_path / "parallel.log"
     with open(log, "w") as out:
@@ -179,6 +180,7 @@ def sleeper_pids(root: Path) -> list[int] | None:
     return [int(t) for t in texts] if len(texts) == 2 and all(texts) else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopping_the_launcher_stops_every_job_and_what_they_started(task: Path, tmp_path: Path,
                                                                      sig: signal.Signals) -> None:

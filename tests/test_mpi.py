@@ -14,7 +14,7 @@ from conftest import ROOT, cli, make_cfg, read_metrics, run_job
 
 from detox.mpi import BLOSC_HEADER, decode_gradient, launch_command
 
-pytestmark = pytest.mark.mpi
+pytestmark = [pytest.mark.mpi, pytest.mark.slow]  # 40-80 s a test: MPI worlds start slowly on 2 cores
 
 SMALL = ["workers=6", "worker_fail=1", "group_size=3", "max_steps=8", "eval_freq=4", "threads=1",
          "save_model=true"]

@@ -71,6 +71,7 @@ def training(job_dir: Path) -> bool:
     return path.exists() and path.stat().st_size > 0
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_mpi_ps_survives_rogue_ranks_with_bounded_memory(tmp_path: Path) -> None:
     job = ["workers=9", "worker_fail=0", "mode=mean", f"max_steps={STEPS}", "eval_freq=4", "threads=1",
@@ -102,6 +103,7 @@ def test_mpi_ps_survives_rogue_ranks_with_bounded_memory(tmp_path: Path) -> None
     assert f"rank 9: unexpected message (tag 99, {STRAY_BYTES} bytes)" in log
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_mpi_driver_failure_kills_its_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import detox.mpi
@@ -120,6 +122,7 @@ def test_mpi_driver_failure_kills_its_world(tmp_path: Path, monkeypatch: pytest.
     assert (tmp_path / "metrics.jsonl").stat().st_size == size  # nobody writes into the folder any more
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_mpi_signalled_driver_leaves_no_world(sig: signal.Signals, tmp_path: Path) -> None:
@@ -185,6 +188,7 @@ else:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.mpi
 def test_receive_bounded_writes_nothing_past_its_buffer(tmp_path: Path) -> None:
     script = tmp_path / "bounded_receive.py"

@@ -25,6 +25,7 @@ CASES = ([(p, a, m) for p in PAYLOADS for a in ("baseline", "draco-lite") for m 
          + [(p, "maj_vote", "mean") for p in PAYLOADS])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("payload", "approach", "mode"), CASES, ids=["-".join(c) for c in CASES])
 def test_hostile_payloads(payload: str, approach: str, mode: str, tmp_path: Path) -> None:
     summary = run_job([*HOSTILE, f"err_mode.value={payload}", f"approach={approach}", f"mode={mode}"], tmp_path,
@@ -44,6 +45,7 @@ def test_hostile_payloads(payload: str, approach: str, mode: str, tmp_path: Path
     assert summary["final_test_acc"] >= 0.6, summary["final_test_acc"]  # chance is 0.1
 
 
+@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_trajectory(tmp_path: Path) -> None:
     job = ["approach=baseline", "mode=multi-krum", "max_steps=300", "eval_freq=10", "checkpoint.every=20",
            "save_model=true"]
@@ -88,6 +90,7 @@ def test_checkpoint_of_another_config_is_ignored(tmp_path: Path) -> None:
     assert summary["status"] == "completed" and [r["step"] for r in read_metrics(tmp_path)] == [0, 10, 20, 30]
 
 
+@pytest.mark.slow
 def test_sweep_records_a_failing_job_and_rerun_retries_only_it(tmp_path: Path) -> None:
     env_root = tmp_path / "data"
     env_root.mkdir()

@@ -69,6 +69,7 @@ def test_job_folder_names() -> None:
     assert job_dir_name("..") not in (".", "..")
 
 
+@pytest.mark.slow
 def test_narrowing_a_finished_sweep_adds_a_job_and_overwrites_nothing(tmp_path: Path) -> None:
     """The README's "narrow it" command once replaced job 0 of a finished sweep (numbered folders)."""
     first = _sweep(tmp_path)
@@ -97,6 +98,7 @@ def test_narrowing_a_finished_sweep_adds_a_job_and_overwrites_nothing(tmp_path: 
     assert {k: _snapshot(root)[k] for k in before} == before
 
 
+@pytest.mark.slow
 def test_two_sweeps_into_one_folder_never_run_a_job_twice(tmp_path: Path) -> None:
     a = _sweep(tmp_path, steps=60, wait=False)
     time.sleep(1.0)
@@ -120,6 +122,7 @@ def test_two_sweeps_into_one_folder_never_run_a_job_twice(tmp_path: Path) -> Non
     assert len(lines) == 4 and len({x["job"] for x in lines}) == 4
 
 
+@pytest.mark.slow
 def test_a_folder_of_another_config_is_never_written(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert cli(["max_steps=4", "eval_freq=2", f"hydra.run.dir={run_dir}"], cwd=ROOT).returncode == 0
@@ -130,6 +133,7 @@ def test_a_folder_of_another_config_is_never_written(tmp_path: Path) -> None:
     assert _snapshot(run_dir) == before
 
 
+@pytest.mark.slow
 def test_a_running_job_is_locked_and_the_lock_dies_with_its_process(tmp_path: Path) -> None:
     from detox.results import job_lock
 
@@ -250,6 +254,7 @@ def test_the_valid_state_of_these_tests_resumes(tmp_path: Path) -> None:
     assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20, 30]  # resumed after the step-10 record
 
 
+@pytest.mark.slow
 def test_a_sweep_ends_with_its_table_and_fails_when_no_job_ran(tmp_path: Path) -> None:
     mixed = cli(["-m", "lr=0.05,inf", "max_steps=2", "eval_freq=2", f"hydra.sweep.dir={tmp_path / 'mixed'}"],
                 cwd=ROOT)

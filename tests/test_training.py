@@ -17,6 +17,7 @@ from detox.trainer import METRIC_KEYS
 PAPER = ["workers=45", "worker_fail=5", "group_size=3", "err_mode=rev_grad"]
 
 
+@pytest.mark.slow
 def test_main_command_as_typed(tmp_path: Path) -> None:
     """``python -m detox.train`` with every default: DETOX + multi-krum under rev_grad reaches >= 0.85."""
     proc = cli([f"hydra.run.dir={tmp_path}"], cwd=ROOT)
@@ -30,6 +31,7 @@ def test_main_command_as_typed(tmp_path: Path) -> None:
     assert "test_acc" in proc.stderr + proc.stdout  # a progress line per evaluation
 
 
+@pytest.mark.slow
 def test_bulyan_draco_lite_as_typed(tmp_path: Path) -> None:
     proc = cli(["mode=bulyan", "approach=draco-lite", f"hydra.run.dir={tmp_path}"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -46,6 +48,7 @@ def test_bulyan_draco_lite_as_typed(tmp_path: Path) -> None:
     ],
     ids=["baseline-mean", "baseline-multi-krum", "draco-lite-multi-krum"],
 )
+@pytest.mark.slow
 def test_rev_grad_breaks_mean_not_robust_rules(overrides: list[str], robust: bool, tmp_path: Path) -> None:
     summary = run_job([*PAPER, *overrides, "max_steps=200"], tmp_path)
     if robust:
@@ -63,6 +66,7 @@ def test_worst_placement_corrupts_floor_q_over_majority_groups(tmp_path: Path) -
     assert all(r["vote_fallbacks"] == 0 for r in records)
 
 
+@pytest.mark.slow
 def test_random_placement_matches_hypergeometric_expectation(tmp_path: Path) -> None:
     steps = 1200
     run_job([*PAPER, "mode=mean", "err_mode=constant", "err_mode.value=0.0", "max_steps=" + str(steps),
@@ -128,6 +132,7 @@ def test_local_engine_costs_one_backward_per_unit(tmp_path: Path, monkeypatch: p
     assert len(calls) == 2 * 9  # P workers
 
 
+@pytest.mark.slow
 def test_multirun_writes_summary_jsonl(tmp_path: Path) -> None:
     proc = cli(["-m", *TINY, "max_steps=2", "seed=0,1", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
