@@ -353,12 +353,12 @@ def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int) -> np.ndarray:
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
-def _weighted_sum(x, w, nthreads):  # pragma: no cover - compiled
+def _weighted_sum(x, w, out, nthreads):  # pragma: no cover - compiled
+    # accumulates in out's dtype (one compiled specialisation per dtype): float32, or float64 for Weiszfeld
     n, d = x.shape
-    out = np.empty(d, dtype=x.dtype)
     chunk = (d + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        acc = np.empty(_COLS, dtype=x.dtype)
+        acc = np.empty(_COLS, dtype=out.dtype)
         for a in range(t * chunk, min(d, (t + 1) * chunk), _COLS):
             m = min(d, (t + 1) * chunk, a + _COLS) - a
             acc[:m] = 0
@@ -373,34 +373,14 @@ def _weighted_sum(x, w, nthreads):  # pragma: no cover - compiled
     return out
 
 
-def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
-    """sum_r w_r x_r over the rows with w_r != 0 (float32, one read of those rows, in row order)."""
+def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int, dtype: type = np.float32) -> np.ndarray:
+    """sum_r w_r x_r over the rows with w_r != 0, in one read of those rows, in row order; accumulated and
+    returned in ``dtype`` (float32, or float64 for ``x`` float32 where round-off matters)."""
     threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    return _weighted_sum(x, np.ascontiguousarray(w, dtype=x.dtype), threads)
-
-
-@njit(parallel=True, cache=True, fastmath=_FAST)
-def _weighted_sum64(x, w, nthreads):  # pragma: no cover - compiled
-    n, d = x.shape
-    out = np.empty(d, dtype=np.float64)
-    chunk = (d + nthreads - 1) // nthreads
-    for t in prange(nthreads):
-        acc = np.empty(_COLS, dtype=np.float64)
-        for a in range(t * chunk, min(d, (t + 1) * chunk), _COLS):
-            m = min(d, (t + 1) * chunk, a + _COLS) - a
-            acc[:m] = 0
-            for r in range(n):
-                wr = w[r]
-                if wr == 0:
-                    continue  # skipped, not multiplied: 0 * NaN would be NaN
-                row = x[r, a : a + m]
-                for j in range(m):
-                    acc[j] += wr * np.float64(row[j])
-            out[a : a + m] = acc[:m]
-    return out
+    out = np.empty(x.shape[1], dtype=dtype)
+    return _weighted_sum(x, np.ascontiguousarray(w, dtype=dtype), out, threads)
 
 
 def weighted_sum64(x: np.ndarray, w: np.ndarray, threads: int) -> np.ndarray:
     """sum_r w_r x_r over the rows with w_r != 0, accumulated and returned in float64 (``x`` float32)."""
-    threads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    return _weighted_sum64(x, np.ascontiguousarray(w, dtype=np.float64), threads)
+    return weighted_sum(x, w, threads, np.float64)
