@@ -191,10 +191,10 @@ def test_a_refused_sweep_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path,
 
 
 def test_huge_cluster_is_validated_by_arithmetic() -> None:
-    """workers=99999 used to run each rule on a dummy (n, 1) matrix: 60 s and 3.8 GB at 30000."""
+    """Validation used to run each rule on a dummy (n, 1) matrix: 60 s and 3.8 GB at workers=30000."""
     t0 = time.perf_counter()
-    plan = validate(make_cfg(["workers=99999", "worker_fail=5"]))
-    assert plan.rule_inputs == 33333
+    plan = validate(make_cfg(["workers=30000", "worker_fail=5"]))  # ~2 GiB: fits any machine running the tests
+    assert plan.rule_inputs == 10000
     assert time.perf_counter() - t0 < 2.0
     with pytest.raises(ConfigError, match=r"^workers=3000000: needs [\d.]+ GiB for the \(3000000, \d+\) float32 "
                                           r"gradient matrix .* and the rule's pairwise distances;"):
