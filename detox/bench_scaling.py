@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from scipy.stats import linregress
 
 import detox.results  # noqa: F401 - registers the resolvers the configs use
 import detox.schema  # noqa: F401
@@ -52,7 +53,7 @@ PHASES = ("t_compute", "t_vote", "t_aggregate", "t_update")
 PAPER_NETWORK = ("network=resnet18", "dataset=synthetic", "dataset.shape=[3,32,32]")
 SCALING_COLUMNS = ("method", "rule", "approach", "workers", "group_size", "byzantine", "f", "rule_inputs", "d",
                    "repeats", "t_step", "t_step_min", "t_vote", "t_aggregate", "t_update", "note")
-SPLIT_COLUMNS = ("method", "rule", "status", "steps", *PHASES, "t_step", "aggregate_share", "ps_share")
+SPLIT_COLUMNS = ("run", "method", "rule", "status", "steps", *PHASES, "t_step", "aggregate_share", "ps_share")
 GIB = 2**30
 
 
@@ -235,7 +236,8 @@ def bench_scaling(workers: Sequence[int], d: int | None = None, methods: Sequenc
 
 
 def fit_exponents(rows: Iterable[dict]) -> dict[str, dict]:
-    """Per method, the least-squares fit log(t_step) = a + b log(P) over the measured points: b, a, r^2."""
+    """Per method, the least-squares fit log(t_step) = a + b log(P) over the measured points: b, its standard
+    error b_se, a, r^2."""
     by: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         if r.get("t_step") is not None:
@@ -244,12 +246,12 @@ def fit_exponents(rows: Iterable[dict]) -> dict[str, dict]:
     for m, pts in by.items():
         x, y = np.log([p for p, _ in pts]), np.log([t for _, t in pts])
         if len(pts) < 2 or np.ptp(x) == 0:
-            fits[m] = {"b": math.nan, "a": math.nan, "r2": math.nan, "points": len(pts)}
+            fits[m] = {"b": math.nan, "b_se": math.nan, "a": math.nan, "r2": math.nan, "points": len(pts)}
             continue
-        b, a = np.polyfit(x, y, 1)
-        resid = y - (a + b * x)
-        ss = float(((y - y.mean()) ** 2).sum())
-        fits[m] = {"b": float(b), "a": float(a), "r2": 1 - float((resid**2).sum()) / ss if ss else 1.0,
+        fit = linregress(x, y)
+        # two points fit exactly: no residual to estimate an error from
+        se = float(fit.stderr) if len(pts) > 2 else math.nan
+        fits[m] = {"b": float(fit.slope), "b_se": se, "a": float(fit.intercept), "r2": float(fit.rvalue**2),
                    "points": len(pts)}
     return fits
 
@@ -273,8 +275,13 @@ def scaling_markdown(rows: list[dict], fits: dict[str, dict], setting: dict) -> 
             mark = "*" if r is not None and r["note"] and r["t_step"] is not None else ""
             cells.append(sec(m, p) + mark)
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines.append("| fitted exponent b | " + " | ".join(
-        f"{fits[m]['b']:.2f}" if m in fits and math.isfinite(fits[m]["b"]) else "n/a" for m in methods) + " |")
+    def exponent(m: str) -> str:
+        fit = fits.get(m)
+        if fit is None or not math.isfinite(fit["b"]):
+            return "n/a"
+        return f"{fit['b']:.2f}" + (f" ± {fit['b_se']:.2f}" if math.isfinite(fit["b_se"]) else "")
+
+    lines.append("| fitted exponent b (± s.e.) | " + " | ".join(exponent(m) for m in methods) + " |")
     rules = [x for x in RULES if f"vanilla-{x}" in methods and f"detox-{x}" in methods]
     if rules:
         lines += ["", "Speedup of the PS step, vanilla X / DETOX-X", "",
@@ -330,6 +337,11 @@ def plot_scaling(rows: list[dict], fits: dict[str, dict]):  # -> matplotlib Figu
     ax.set_xticks(workers)
     ax.set_xticklabels([str(p) for p in workers])
     ax.minorticks_off()
+    # labelled ticks at 1-2-5 steps: a log axis spanning one decade otherwise shows a single label
+    from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("workers P (r = 3, q ≈ P/9)")
     ax.set_ylabel("PS step (s): vote + aggregation + update")
     d = rows[0]["d"]
@@ -372,9 +384,9 @@ def read_split(root: str | Path) -> list[dict]:
             continue
         last = next((r for r in reversed(records) if r.get("step", 0) > 0), None)
         method = str(summary.get("choices", {}).get("method") or job.name)
-        row = dict.fromkeys(SPLIT_COLUMNS, None) | {"method": method, "rule": rule_of(method) if "-" in method
-                                                    else method, "status": summary.get("status"),
-                                                    "steps": summary.get("steps")}
+        row = dict.fromkeys(SPLIT_COLUMNS, None) | {
+            "run": Path(root).name, "method": method, "rule": rule_of(method) if "-" in method else method,
+            "status": summary.get("status"), "steps": summary.get("steps")}
         if last is not None:
             for k in PHASES:
                 v = last.get(f"{k}_median")
@@ -388,17 +400,26 @@ def read_split(root: str | Path) -> list[dict]:
     return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), r["method"]))
 
 
+def read_splits(roots: Sequence[str | Path]) -> list[dict]:
+    """``read_split`` of several sweeps (repeated runs of the same sweep), the runs of a method together."""
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = [row for root in roots for row in read_split(root)]
+    runs = {run: i for i, run in enumerate(dict.fromkeys(r["run"] for r in rows))}
+    return sorted(rows, key=lambda r: (order.get(r["method"], len(order)), r["method"], runs[r["run"]]))
+
+
 def savings(rows: list[dict]) -> list[dict]:
-    """Per rule with both runs: what DETOX-X saves per iteration against vanilla X (whole step and PS side)."""
-    at = {r["method"]: r for r in rows if r["t_step"] is not None}
+    """Per run and rule with both methods: what DETOX-X saves per iteration against vanilla X (whole step and PS
+    side)."""
+    at = {(r["run"], r["method"]): r for r in rows if r["t_step"] is not None}
     out = []
-    for x in RULES:
-        v, t = at.get(f"vanilla-{x}"), at.get(f"detox-{x}")
+    for run, x in ((run, x) for run in dict.fromkeys(r["run"] for r in rows) for x in RULES):
+        v, t = at.get((run, f"vanilla-{x}")), at.get((run, f"detox-{x}"))
         if not (v and t):
             continue
         ps_v = v["t_vote"] + v["t_aggregate"] + v["t_update"]
         ps_t = t["t_vote"] + t["t_aggregate"] + t["t_update"]
-        out.append({"rule": x, "vanilla_step": v["t_step"], "detox_step": t["t_step"],
+        out.append({"run": run, "rule": x, "vanilla_step": v["t_step"], "detox_step": t["t_step"],
                     "saved_per_step": v["t_step"] - t["t_step"], "step_speedup": v["t_step"] / t["t_step"],
                     "vanilla_ps": ps_v, "detox_ps": ps_t, "ps_speedup": ps_v / ps_t if ps_t > 0 else math.inf})
     return out
@@ -408,25 +429,29 @@ def split_markdown(rows: list[dict], saved: list[dict]) -> str:
     def f(x: float | None, digits: int = 3) -> str:
         return "" if x is None else f"{x:.{digits}f}"
 
-    lines = ["| method | status | steps | compute (s) | vote (s) | aggregate (s) | update (s) | step (s) | "
-             "aggregate share | PS share |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| run | method | status | steps | compute (s) | vote (s) | aggregate (s) | update (s) | step (s) | "
+             "aggregate share | PS share |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         share = "" if r["aggregate_share"] is None else f"{100 * r['aggregate_share']:.0f} %"
         ps = "" if r["ps_share"] is None else f"{100 * r['ps_share']:.0f} %"
-        lines.append(f"| {r['method']} | {r['status']} | {r['steps']} | {f(r['t_compute'])} | {f(r['t_vote'])} | "
-                     f"{f(r['t_aggregate'])} | {f(r['t_update'])} | {f(r['t_step'])} | {share} | {ps} |")
+        lines.append(f"| {r['run']} | {r['method']} | {r['status']} | {r['steps']} | {f(r['t_compute'])} | "
+                     f"{f(r['t_vote'])} | {f(r['t_aggregate'])} | {f(r['t_update'])} | {f(r['t_step'])} | "
+                     f"{share} | {ps} |")
     if saved:
-        lines += ["", "| rule | vanilla step (s) | DETOX step (s) | saved per step (s) | step speedup | "
+        lines += ["", "| run | rule | vanilla step (s) | DETOX step (s) | saved per step (s) | step speedup | "
                   "vanilla PS side (s) | DETOX PS side (s) | PS-side speedup |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for s in saved:
-            lines.append(f"| {s['rule']} | {f(s['vanilla_step'])} | {f(s['detox_step'])} | "
+            lines.append(f"| {s['run']} | {s['rule']} | {f(s['vanilla_step'])} | {f(s['detox_step'])} | "
                          f"{f(s['saved_per_step'])} | {s['step_speedup']:.2f}× | {f(s['vanilla_ps'])} | "
                          f"{f(s['detox_ps'])} | {s['ps_speedup']:.1f}× |")
     return "\n".join(lines) + "\n"
 
 
 def plot_split(rows: list[dict]):  # -> matplotlib Figure
+    """Left: the whole iteration, phase by phase. Right: the PS side alone (vote, aggregate, update), where DETOX
+    acts; compute is the same work in every job (one forward/backward of a batch of 32), so differences there
+    are the machine's load, not the method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,23 +461,28 @@ def plot_split(rows: list[dict]):  # -> matplotlib Figure
     colours = {"t_compute": "tab:gray", "t_vote": "tab:orange", "t_aggregate": "tab:red", "t_update": "tab:blue"}
     labels = {"t_compute": "compute (slowest unit)", "t_vote": "vote", "t_aggregate": "aggregate",
               "t_update": "update"}
-    fig, ax = plt.subplots(figsize=(7.6, 0.55 * len(rows) + 1.6))
+    fig, (ax, ax_ps) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 2.0), sharey=True,
+                                    gridspec_kw={"width_ratios": [3, 2]})
     y = np.arange(len(rows))[::-1]
-    left = np.zeros(len(rows))
-    for k in PHASES:
-        vals = np.array([r[k] for r in rows])
-        ax.barh(y, vals, left=left, color=colours[k], label=labels[k], height=0.7)
-        left += vals
-    for yi, r in zip(y, rows, strict=True):
-        ax.text(r["t_step"], yi, f"  {r['t_step']:.2f} s, aggregate {100 * r['aggregate_share']:.0f} %",
-                va="center", fontsize=8)
+    for axis, phases in ((ax, PHASES), (ax_ps, PHASES[1:])):
+        left = np.zeros(len(rows))
+        for k in phases:
+            vals = np.array([r[k] for r in rows])
+            axis.barh(y, vals, left=left, color=colours[k], label=labels[k], height=0.7)
+            left += vals
+        for yi, total, r in zip(y, left, rows, strict=True):
+            note = f" {total:.2f} s" + (f", aggregate {100 * r['aggregate_share']:.0f} %" if axis is ax else "")
+            axis.text(total, yi, note, va="center", fontsize=7)
+        axis.set_xlim(0, left.max() * (1.5 if axis is ax else 1.25))
     ax.set_yticks(y)
-    ax.set_yticklabels([r["method"] for r in rows])
-    ax.set_xlim(0, max(r["t_step"] for r in rows) * 1.6)
+    several = len({r["run"] for r in rows}) > 1
+    ax.set_yticklabels([f"{r['method']} ({r['run']})" if several else r["method"] for r in rows], fontsize=8)
     ax.set_xlabel("seconds per iteration (median over the steps)")
-    ax.set_title("Per-iteration split at ResNet-18 size (d = 11.2M), P = 45, r = 3, q = 5", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    ax_ps.set_xlabel("PS side: vote + aggregate + update (s)")
+    ax.set_title("Per-iteration split, ResNet-18 size (d = 11.2M), P = 45, r = 3, q = 5", fontsize=9)
+    ax_ps.set_title("the PS side alone", fontsize=9)
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -491,15 +521,17 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--override", nargs="*", default=list(PAPER_NETWORK),
                     help="config overrides for every plan (default: ResNet-18 on 3x32x32)")
     sc.add_argument("--out", type=Path, default=None, help="folder for scaling.{csv,md,json,png,pdf}")
+    rp = sub.add_parser("replot", help="redraw scaling.{md,png,pdf} of a folder from its scaling.json")
+    rp.add_argument("folder", type=Path)
     sp = sub.add_parser("split", help="per-iteration split of a fig_c_paper sweep")
-    sp.add_argument("root", type=Path)
+    sp.add_argument("roots", type=Path, nargs="+", help="multirun roots of fig_c_paper (repeated runs)")
     sp.add_argument("--out", type=Path, default=None, help="folder for table.{md,csv} and fig_c_paper.{png,pdf}")
     args = parser.parse_args(argv)
     command = "python -m detox.bench_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
 
     if args.command == "split":
         try:
-            rows = read_split(args.root)
+            rows = read_splits(args.roots)
         except FileNotFoundError as err:
             print(err, file=sys.stderr)
             return 2
@@ -507,6 +539,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_split(rows, args.out, command)
             print(f"wrote {args.out}/table.md, table.csv, fig_c_paper.png/.pdf")
+        return 0
+
+    if args.command == "replot":
+        saved = json.loads((args.folder / "scaling.json").read_text())
+        write_scaling(saved["rows"], fit_exponents(saved["rows"]), saved["setting"], args.folder, saved["command"])
+        print(f"redrew {args.folder}/scaling.md, .png, .pdf")
         return 0
 
     if args.repeats < 1 or min(args.workers) < 3:

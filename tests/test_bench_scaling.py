@@ -23,6 +23,7 @@ from detox.bench_scaling import (
     peak_bytes,
     preset_plan,
     read_split,
+    read_splits,
     savings,
     scale_layers,
 )
@@ -86,7 +87,10 @@ def test_fitted_exponents(tiny: tuple[list[dict], dict]) -> None:
     # the fit recovers a known power law
     rows = [{"method": "m", "workers": p, "t_step": 0.01 * p**1.7} for p in (15, 30, 45, 60, 90)]
     fit = fit_exponents(rows)["m"]
-    assert fit["b"] == pytest.approx(1.7) and math.exp(fit["a"]) == pytest.approx(0.01) and fit["r2"] == 1.0
+    assert fit["b"] == pytest.approx(1.7) and math.exp(fit["a"]) == pytest.approx(0.01)
+    assert fit["r2"] == pytest.approx(1.0) and fit["b_se"] == pytest.approx(0.0, abs=1e-9)
+    noisy = fit_exponents([{**r, "t_step": r["t_step"] * (1.2 if i % 2 else 0.8)} for i, r in enumerate(rows)])
+    assert 0 < noisy["m"]["b_se"] < 1 and noisy["m"]["r2"] < 1
 
 
 def test_scaling_command_writes_table_and_plot(tmp_path: Path) -> None:
@@ -158,6 +162,18 @@ def test_split_reads_medians_and_computes_savings(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert main(["split", str(root), "--out", str(out)]) == 0
     md = (out / "table.md").read_text()
-    assert "| vanilla-bulyan | completed | 3 | 1.000 | 0.000 | 1.500 | 0.050 | 2.550 | 59 % |" in md
+    assert "| fig_c_paper | vanilla-bulyan | completed | 3 | 1.000 | 0.000 | 1.500 | 0.050 | 2.550 | 59 % |" in md
     assert (out / "fig_c_paper.png").stat().st_size > 10_000
     assert main(["split", str(tmp_path / "nowhere")]) == 2
+    # repeated runs: rows of a method together, savings per run
+    rerun = tmp_path / "again"
+    _job(rerun, "vanilla-bulyan", {"t_compute": 2.0, "t_comm": 0.0, "t_vote": 0.0, "t_aggregate": 3.0,
+                                   "t_update": 0.05})
+    _job(rerun, "detox-bulyan", {"t_compute": 2.0, "t_comm": 0.0, "t_vote": 0.2, "t_aggregate": 0.3,
+                                 "t_update": 0.05})
+    both = read_splits([root, rerun])
+    assert [(r["method"], r["run"]) for r in both] == [("vanilla-bulyan", "fig_c_paper"), ("vanilla-bulyan", "again"),
+                                                       ("detox-bulyan", "fig_c_paper"), ("detox-bulyan", "again")]
+    assert [s["saved_per_step"] for s in savings(both)] == pytest.approx([1.0, 2.5])
+    assert main(["split", str(root), str(rerun), "--out", str(out)]) == 0
+    assert (out / "table.md").read_text().count("| again |") == 3
