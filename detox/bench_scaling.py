@@ -28,7 +28,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ import detox.schema  # noqa: F401
 from detox.approaches import Plan
 from detox.attacks import byzantine_mask
 from detox.config import ConfigError, validate
-from detox.models import MODELS
+from detox.models import MODELS, bind_flat, build_model, gradient
 from detox.results import job_dirs
 from detox.step import ParameterServer, apply_attack
 
@@ -168,15 +168,23 @@ def fill(work: torch.Tensor, groups: torch.Tensor, plan: Plan, byz: np.ndarray, 
 
 
 def time_ps_step(plan: Plan, cfg: DictConfig, work: torch.Tensor, groups: torch.Tensor, repeats: int,
-                 warmup: int = 1) -> dict:
+                 warmup: int = 1, compute: Callable[[], object] | None = None) -> dict:
     """Median seconds of ``ParameterServer.step`` (vote, buckets, rule, momentum update; the attack is the
-    workers' doing and is applied before the clock starts) and of its phases, over ``repeats`` steps."""
+    workers' doing and is applied before the clock starts) and of its phases, over ``repeats`` steps.
+
+    ``compute`` (one worker's forward/backward) is timed before each step, so that compute and PS step are
+    sampled alternately under the same load: their ratio is a same-run ratio even on a busy machine."""
     d = work.shape[1]
     ps = ParameterServer(plan, torch.zeros(d), attack=str(cfg.err_mode.name), attack_params={}, lr=1e-3,
                          momentum=float(cfg.momentum))
     steps: list[float] = []
     phases: dict[str, list[float]] = {k: [] for k in ("t_vote", "t_aggregate", "t_update")}
+    computes: list[float] = []
     for i in range(warmup + repeats):
+        if compute is not None:
+            t0 = time.perf_counter()
+            compute()
+            computes.append(time.perf_counter() - t0)
         byz = byzantine_mask(str(cfg.adversary.placement), i, plan.workers, plan.byzantine, plan.unit_size,
                              plan.seed)
         fill(work, groups, plan, byz, cfg, i)
@@ -187,8 +195,11 @@ def time_ps_step(plan: Plan, cfg: DictConfig, work: torch.Tensor, groups: torch.
             steps.append(t)
             for k in phases:
                 phases[k].append(float(diag.get(k, 0.0)))
-    return {"t_step": statistics.median(steps), "t_step_min": min(steps),
-            **{k: statistics.median(v) for k, v in phases.items()}}
+    out = {"t_step": statistics.median(steps), "t_step_min": min(steps),
+           **{k: statistics.median(v) for k, v in phases.items()}}
+    if compute is not None:
+        out["t_compute"] = statistics.median(computes[warmup:])
+    return out
 
 
 def bench_scaling(workers: Sequence[int], d: int | None = None, methods: Sequence[str] = METHODS,
@@ -231,6 +242,51 @@ def bench_scaling(workers: Sequence[int], d: int | None = None, methods: Sequenc
                 t = "n/a" if row["t_step"] is None else f"{row['t_step']:.3f} s"
                 print(f"  P={p:<3} {m:<21} q={row['byzantine']} f={row['f']} inputs={row['rule_inputs']}: "
                       f"{t}  {note}", flush=True)
+    setting["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
+    return rows, setting
+
+
+def bench_iteration(workers: int = 45, methods: Sequence[str] = METHODS, repeats: int = 5, warmup: int = 1,
+                    extra: Sequence[str] = PAPER_NETWORK, log: bool = True) -> tuple[list[dict], dict]:
+    """Figure C's split at the presets' setting measured in one process: per method, one worker's forward/backward
+    of the real network (the config's batch_size, random inputs of the dataset's shape) alternating with the PS
+    step at P workers; rows in ``read_split``'s format (run = "bench"), compute = the median unit."""
+    plans = {m: preset_plan(m, workers, extra) for m in methods}
+    cfg0 = next(iter(plans.values()))[1]
+    params = {k: v for k, v in cfg0.network.items() if k not in ("name", "input_shape")}
+    shape, classes = tuple(cfg0.dataset.shape), int(cfg0.dataset.num_classes)
+    model = build_model(str(cfg0.network.name), shape, classes, int(cfg0.seed), params)
+    _, g_d = bind_flat(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((int(cfg0.batch_size), *shape), generator=gen)
+    y = torch.randint(0, classes, (int(cfg0.batch_size),), generator=gen)
+    d, r = g_d.numel(), int(cfg0.group_size)
+    layers = layer_sizes(cfg0)
+    setting = {"network": str(cfg0.network.name), "d": d, "workers": workers, "batch_size": int(cfg0.batch_size),
+               "threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__}
+    if log:
+        print(f"bench_iteration: {setting['network']} d = {d:,}, P = {workers}, batch {setting['batch_size']}, "
+              f"{repeats} repeats, {setting['threads']} threads", flush=True)
+    groups = honest_groups(workers // r, d)
+    work = torch.empty((workers, d))
+    rows = []
+    for m in methods:
+        plan, cfg, note = plans[m]
+        row = dict.fromkeys(SPLIT_COLUMNS, None) | {"run": "bench", "method": m, "rule": rule_of(m),
+                                                    "status": "refused" if plan is None else "completed",
+                                                    "steps": repeats}
+        if plan is not None:
+            plan = dataclasses.replace(plan, layer_sizes=layers)
+            t = time_ps_step(plan, cfg, work, groups, repeats, warmup,
+                             compute=lambda: gradient(model, g_d, x, y))
+            row.update({k: t[k] for k in PHASES})
+            row["t_step"] = sum(row[k] for k in PHASES)
+            row["aggregate_share"] = row["t_aggregate"] / row["t_step"]
+            row["ps_share"] = (row["t_vote"] + row["t_aggregate"] + row["t_update"]) / row["t_step"]
+        rows.append(row)
+        if log and plan is not None:
+            print(f"  {m:<21} compute {row['t_compute']:.3f} s, vote {row['t_vote']:.3f}, aggregate "
+                  f"{row['t_aggregate']:.3f}, update {row['t_update']:.3f}  {note}", flush=True)
     setting["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB
     return rows, setting
 
@@ -448,7 +504,7 @@ def split_markdown(rows: list[dict], saved: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_split(rows: list[dict]):  # -> matplotlib Figure
+def plot_split(rows: list[dict], compute_label: str = "compute (slowest unit)"):  # -> matplotlib Figure
     """Left: the whole iteration, phase by phase. Right: the PS side alone (vote, aggregate, update), where DETOX
     acts; compute is the same work in every job (one forward/backward of a batch of 32), so differences there
     are the machine's load, not the method."""
@@ -459,7 +515,7 @@ def plot_split(rows: list[dict]):  # -> matplotlib Figure
 
     rows = [r for r in rows if r["t_step"] is not None]
     colours = {"t_compute": "tab:gray", "t_vote": "tab:orange", "t_aggregate": "tab:red", "t_update": "tab:blue"}
-    labels = {"t_compute": "compute (slowest unit)", "t_vote": "vote", "t_aggregate": "aggregate",
+    labels = {"t_compute": compute_label, "t_vote": "vote", "t_aggregate": "aggregate",
               "t_update": "update"}
     fig, (ax, ax_ps) = plt.subplots(1, 2, figsize=(11, 0.45 * len(rows) + 2.0), sharey=True,
                                     gridspec_kw={"width_ratios": [3, 2]})
@@ -486,20 +542,21 @@ def plot_split(rows: list[dict]):  # -> matplotlib Figure
     return fig
 
 
-def write_split(rows: list[dict], out: Path, command: str) -> list[dict]:
+def write_split(rows: list[dict], out: Path, command: str, table: str = "table", figure: str = "fig_c_paper",
+                compute_label: str = "compute (slowest unit)") -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     saved = savings(rows)
-    with open(out / "table.csv", "w", newline="") as fh:
+    with open(out / f"{table}.csv", "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=SPLIT_COLUMNS)
         w.writeheader()
         w.writerows({k: r.get(k) for k in SPLIT_COLUMNS} for r in rows)
-    (out / "table.md").write_text(f"```bash\n{command}\n```\n\n" + split_markdown(rows, saved))
+    (out / f"{table}.md").write_text(f"```bash\n{command}\n```\n\n" + split_markdown(rows, saved))
     if any(r["t_step"] is not None for r in rows):
         import matplotlib.pyplot as plt
 
-        fig = plot_split(rows)
+        fig = plot_split(rows, compute_label)
         for ext in ("png", "pdf"):
-            fig.savefig(out / f"fig_c_paper.{ext}", dpi=150)
+            fig.savefig(out / f"{figure}.{ext}", dpi=150)
         plt.close(fig)
     return saved
 
@@ -521,6 +578,14 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--override", nargs="*", default=list(PAPER_NETWORK),
                     help="config overrides for every plan (default: ResNet-18 on 3x32x32)")
     sc.add_argument("--out", type=Path, default=None, help="folder for scaling.{csv,md,json,png,pdf}")
+    it = sub.add_parser("iteration", help="Figure C's split measured in one process: compute and PS step alternating")
+    it.add_argument("--workers", type=int, default=45)
+    it.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    it.add_argument("--repeats", type=int, default=5)
+    it.add_argument("--warmup", type=int, default=1)
+    it.add_argument("--override", nargs="*", default=list(PAPER_NETWORK))
+    it.add_argument("--out", type=Path, default=None,
+                    help="folder for iteration.{md,csv,json} and fig_c_iteration.{png,pdf}")
     rp = sub.add_parser("replot", help="redraw scaling.{md,png,pdf} of a folder from its scaling.json")
     rp.add_argument("folder", type=Path)
     sp = sub.add_parser("split", help="per-iteration split of a fig_c_paper sweep")
@@ -539,6 +604,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_split(rows, args.out, command)
             print(f"wrote {args.out}/table.md, table.csv, fig_c_paper.png/.pdf")
+        return 0
+
+    if args.command == "iteration":
+        t0 = time.perf_counter()
+        rows, setting = bench_iteration(args.workers, args.methods, args.repeats, args.warmup, args.override)
+        print()
+        print(split_markdown(rows, savings(rows)))
+        print(f"peak RSS {setting['peak_rss_gib']:.2f} GiB; {time.perf_counter() - t0:.0f} s")
+        if args.out:
+            write_split(rows, args.out, command, table="iteration", figure="fig_c_iteration",
+                        compute_label="compute (one unit, median)")
+            (args.out / "iteration.json").write_text(json.dumps({"command": command, "setting": setting,
+                                                                 "rows": rows}, indent=2) + "\n")
+            print(f"wrote {args.out}/iteration.md, .csv, .json, fig_c_iteration.png/.pdf")
         return 0
 
     if args.command == "replot":

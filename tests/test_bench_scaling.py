@@ -15,6 +15,8 @@ from conftest import make_cfg
 from detox.approaches import Plan
 from detox.bench_scaling import (
     SCALING_COLUMNS,
+    SPLIT_COLUMNS,
+    bench_iteration,
     bench_scaling,
     fill,
     fit_exponents,
@@ -104,6 +106,25 @@ def test_scaling_command_writes_table_and_plot(tmp_path: Path) -> None:
     assert "fitted exponent b" in md and "--workers 9 18" in md
     assert json.loads((out / "scaling.json").read_text())["fits"]["vanilla-bulyan"]["points"] == 2
     assert (out / "scaling.png").stat().st_size > 10_000 and (out / "scaling.pdf").exists()
+
+
+def test_iteration_alternates_compute_and_ps_step(tmp_path: Path) -> None:
+    rows, setting = bench_iteration(9, ("vanilla-bulyan", "detox-bulyan", "detox-coord-median"), repeats=2,
+                                    extra=("dataset=synthetic",), log=False)
+    assert setting["workers"] == 9 and setting["d"] > 0
+    by = {r["method"]: r for r in rows}
+    assert by["detox-coord-median"]["status"] == "refused" and by["detox-coord-median"]["t_step"] is None
+    for m in ("vanilla-bulyan", "detox-bulyan"):
+        r = by[m]
+        assert set(r) == set(SPLIT_COLUMNS) and r["run"] == "bench" and r["t_compute"] > 0
+        assert r["t_step"] == pytest.approx(sum(r[k] for k in ("t_compute", "t_vote", "t_aggregate", "t_update")))
+        assert 0 < r["aggregate_share"] <= r["ps_share"] < 1
+    assert by["detox-bulyan"]["t_vote"] > 0 == by["vanilla-bulyan"]["t_vote"]
+    out = tmp_path / "it"
+    assert main(["iteration", "--workers", "9", "--repeats", "1", "--override", "dataset=synthetic", "--methods",
+                 "vanilla-coord-median", "--out", str(out)]) == 0
+    assert "| bench | vanilla-coord-median | completed | 1 |" in (out / "iteration.md").read_text()
+    assert (out / "fig_c_iteration.png").stat().st_size > 10_000
 
 
 def test_fill_holds_group_gradients_and_the_attack() -> None:
