@@ -1,4 +1,4 @@
-"""The paper's scale, measured (issue #11 item 7): two commands.
+"""The paper's scale, measured (issue #11 item 7).
 
 ``python -m detox.bench_scaling scaling`` — Claim 2: the PS step (vote, buckets, rule, update) of vanilla X and
 DETOX-X, X in {multi-krum, bulyan, coord-median}, as the number of workers P grows, with r = 3, q = floor(P / 9)
@@ -7,11 +7,16 @@ plan is composed from its preset (``conf/method/``) exactly as a training job co
 what the presets run. Per (method, P): the median of ``--repeats`` steps after a warm-up, on P rows where each
 group's honest members send the same gradient and the Byzantine workers (redrawn every step, as in training)
 send the preset's attack; then a least-squares fit of log(seconds) = a + b log(P) per method, a table and a
-log-log plot.
+log-log plot. ``replot <folder>`` redraws them from the saved scaling.json.
 
-``python -m detox.bench_scaling split multirun/fig_c_paper`` — Figure C at ResNet-18 size: the per-iteration
-split (compute, vote, aggregate, update; per-step medians from metrics.jsonl) of the sweep ``fig_c_paper``, the
-aggregation's share of the iteration and what DETOX saves per iteration, as a table and a figure.
+``python -m detox.bench_scaling split multirun/fig_c_paper [more roots]`` — Figure C at ResNet-18 size: the
+per-iteration split (compute, vote, aggregate, update; per-step medians from metrics.jsonl) of the sweep
+``fig_c_paper``, the aggregation's share of the iteration and what DETOX saves per iteration, as a table and a
+figure. Several roots (repeated runs of the sweep) are shown side by side.
+
+``python -m detox.bench_scaling iteration`` — the same split measured in one process: one worker's
+forward/backward of ResNet-18 alternating with each method's PS step at P = 45, so that compute and aggregation
+are sampled under the same load (the sweep's jobs run minutes apart on a shared machine).
 """
 
 from __future__ import annotations
