@@ -86,7 +86,9 @@ def _minmax(a, b, lo, hi, width):  # pragma: no cover - compiled
 
 
 @njit(fastmath=_FAST, cache=True)
-def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - compiled
+def _network_block(x, rows, start, width, net, buf):  # pragma: no cover - compiled
+    """Gather columns [start, start + width) of x[rows] into buf (NaN as +inf) and run the compare-exchange
+    network on them; returns (pos, free): logical row -> physical row of buf, and one free row of buf."""
     m = rows.shape[0]
     for r in range(m):
         src = x[rows[r]]
@@ -108,6 +110,12 @@ def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - 
         pos[k] = f2
         f1 = pi
         f2 = pk
+    return pos, f1
+
+
+@njit(fastmath=_FAST, cache=True)
+def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - compiled
+    pos, f1 = _network_block(x, rows, start, width, net, buf)
     # sum the kept rows row by row (contiguous, vectorised) into the first free row
     acc = buf[f1]
     first = buf[pos[lo]]
@@ -154,25 +162,7 @@ def sorting_network(m: int) -> np.ndarray:
 @njit(fastmath=_FAST, cache=True)
 def _closest_block(x, rows, start, width, net, beta, buf, med, first, out):  # pragma: no cover - compiled
     m = rows.shape[0]
-    for r in range(m):
-        src = x[rows[r]]
-        dst = buf[r]
-        for j in range(width):
-            v = src[start + j]
-            dst[j] = np.inf if v != v else v
-    pos = np.arange(m)
-    f1 = m
-    f2 = m + 1
-    for c in range(net.shape[0]):  # the full network: every position ends sorted
-        i = net[c, 0]
-        k = net[c, 1]
-        pi = pos[i]
-        pk = pos[k]
-        _minmax(buf[pi], buf[pk], buf[f1], buf[f2], width)
-        pos[i] = f1
-        pos[k] = f2
-        f1 = pi
-        f2 = pk
+    pos, f1 = _network_block(x, rows, start, width, net, buf)  # the full network: every position sorted
     hi_mid = buf[pos[m // 2]]
     lo_mid = buf[pos[(m - 1) // 2]]
     for j in range(width):  # float64: the median of two float32 values and the distances below are exact
