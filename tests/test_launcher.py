@@ -66,7 +66,9 @@ def test_a_killed_job_is_recorded_failed_and_the_sweep_goes_on(tmp_path: Path) -
             # the seed=1 job, as soon as it has evaluated step 0: mid-run (it has 150 steps to go)
             victim, pid = wait_for(lambda: next((v for k, v in started(log).items() if "seed=1" in k.split()), None),
                                    120, "the seed=1 job to start")
-            wait_for(lambda: (victim / "metrics.jsonl").exists(), 120, "the seed=1 job's first evaluation")
+            # a whole first record, not just the file: the job creates metrics.jsonl empty before its first evaluation
+            metrics = victim / "metrics.jsonl"
+            wait_for(lambda: metrics.exists() and metrics.read_text().endswith("\n"), 120, "the first evaluation")
             os.kill(pid, signal.SIGKILL)
             assert proc.wait(timeout=300) == 0, log.read_text()
         finally:
