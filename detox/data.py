@@ -120,15 +120,21 @@ def _root(cfg) -> Path:
     return Path(str(cfg.root)).expanduser()
 
 
-def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bool) -> Callable[..., Data]:
+def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bool,
+                 by_split: bool = False) -> Callable[..., Data]:
+    """A loader for a torchvision data set. ``by_split``: the class takes ``split="train"|"test"`` and reads its
+    files straight from the folder it is given (SVHN: ``root/svhn/{train,test}_32x32.mat``), labels in ``.labels``;
+    otherwise ``train=True|False`` under the data root, labels in ``.targets``."""
     def load(cfg) -> Data:
         import torchvision
 
         cls = getattr(torchvision.datasets, cls_name)
         root = _root(cfg)
         try:
-            train = cls(str(root), train=True, download=bool(cfg.download))
-            test = cls(str(root), train=False, download=bool(cfg.download))
+            if by_split:
+                train, test = (cls(str(root / folder), split=s, download=bool(cfg.download)) for s in ("train", "test"))
+            else:
+                train, test = (cls(str(root), train=t, download=bool(cfg.download)) for t in (True, False))
         except Exception as err:  # torchvision raises RuntimeError / URLError offline, others on torn files
             why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             if not cfg.download:
@@ -137,8 +143,9 @@ def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bo
                 f"dataset={cfg.name}: no usable files under {root / folder} and no download ({why}); "
                 f"{_prepare_hint(str(cfg.name), root)}"
             ) from None
-        return _finish(_images(train.data, channels_last), train.targets,
-                       _images(test.data, channels_last), test.targets, num_classes)
+        labels = "labels" if by_split else "targets"
+        return _finish(_images(train.data, channels_last), getattr(train, labels),
+                       _images(test.data, channels_last), getattr(test, labels), num_classes)
 
     load.__name__ = folder.lower()
     return load
@@ -162,6 +169,8 @@ DATASETS: dict[str, Callable[..., Data]] = {
     "mnist": _torchvision("MNIST", "MNIST", 10, False),
     "cifar10": _torchvision("CIFAR10", "cifar-10-batches-py", 10, True),
     "cifar100": _torchvision("CIFAR100", "cifar-100-python", 100, True),
+    # the .mat files hold (N, 3, 32, 32) after torchvision's transpose; digit 0's label 10 is mapped to 0 there
+    "svhn": _torchvision("SVHN", "svhn", 10, False, by_split=True),
     "synthetic": synthetic,
 }
 
@@ -487,9 +496,7 @@ def prepare(name: str, source: str | Path | None = None, root: str | Path | None
     except Exception as err:  # the files verified, so this is a torchvision/layout problem worth reporting as is
         raise DataUnavailable(f"{name}: verified files under {root_path} do not load through torchvision "
                               f"({type(err).__name__}: {err}); rerun '{prepare_command(name, root_path)}'") from None
-    use = (f"use dataset={name} (data_root={root_path})" if name in DATASETS else
-           f"torchvision.datasets.{SPECS[name].torchvision_class} reads it (no dataset={name} option yet)")
-    return [did, f"{name}: ready: {loads}; {use}"]
+    return [did, f"{name}: ready: {loads}; use dataset={name} (data_root={root_path})"]
 
 
 def status(root: str | Path | None = None) -> list[str]:

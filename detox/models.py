@@ -1,7 +1,9 @@
 """Networks (``network`` option -> constructor) and the flat-parameter view the PS works on.
 
 Every constructor is ``fn(input_shape, num_classes, **params) -> nn.Module`` with ``input_shape`` = (C, H, W).
-ResNet-18 and VGG13-BN come from torchvision, adapted to 32x32 inputs as in the CIFAR literature.
+The CIFAR networks (ResNet-18/34/50, VGG-11/13 with batch norm, DenseNet-121) are torchvision's builders adapted to
+32x32 inputs as the original DETOX code (hwang595/DETOX, src/model_ops) has them: a 3x3 stride-1 stem without
+max-pool, and VGG's 512 -> classes head.
 """
 
 from __future__ import annotations
@@ -45,32 +47,64 @@ class LeNet(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def resnet18(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """torchvision's ResNet-18 with the CIFAR stem: 3x3 stride-1 first conv, no max-pool."""
-    from torchvision.models import resnet18 as tv_resnet18  # torchvision costs ~2 s to import: only when used
+def _cifar_resnet(block_name: str, layers: Sequence[int]) -> Callable[..., nn.Module]:
+    """torchvision's ResNet builder (BasicBlock or Bottleneck, blocks per stage) with the CIFAR stem: a 3x3
+    stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution into the first stage."""
+    def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        from torchvision.models import resnet as tv  # torchvision costs ~2 s to import: only when used
 
-    net = tv_resnet18(num_classes=num_classes)
-    net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
-    net.maxpool = nn.Identity()
+        net = tv.ResNet(getattr(tv, block_name), list(layers), num_classes=num_classes)
+        net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+        return net
+
+    return build
+
+
+resnet18 = _cifar_resnet("BasicBlock", (2, 2, 2, 2))
+resnet34 = _cifar_resnet("BasicBlock", (3, 4, 6, 3))
+resnet50 = _cifar_resnet("Bottleneck", (3, 4, 6, 3))
+
+
+def _cifar_vgg(table: str) -> Callable[..., nn.Module]:
+    """VGG with batch norm from torchvision's layer table (``"A"`` = VGG-11, ``"B"`` = VGG-13) and the
+    512 -> classes CIFAR head of the original's model_ops/vgg.py (no 4096-wide fully connected layers)."""
+    def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+        from torchvision.models.vgg import cfgs as vgg_cfgs
+
+        layers: list[nn.Module] = []
+        c = input_shape[0]
+        for v in vgg_cfgs[table]:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+
+    return build
+
+
+vgg11 = _cifar_vgg("A")
+vgg13 = _cifar_vgg("B")
+
+
+def densenet121(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """torchvision's DenseNet-121 (growth 32, blocks 6-12-24-16, 64 initial features) with the CIFAR stem of the
+    original's model_ops/densenet.py: one 3x3 stride-1 conv, without the stem's batch norm, ReLU and max-pool."""
+    from torchvision.models import DenseNet
+
+    net = DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
+    net.features.conv0 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
+    for name in ("norm0", "relu0", "pool0"):
+        setattr(net.features, name, nn.Identity())
     return net
 
 
-def vgg13(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """VGG13 with batch norm (torchvision's layer table "B") and the 512 -> classes CIFAR head."""
-    from torchvision.models.vgg import cfgs as vgg_cfgs
-
-    layers: list[nn.Module] = []
-    c = input_shape[0]
-    for v in vgg_cfgs["B"]:
-        if v == "M":
-            layers.append(nn.MaxPool2d(2))
-        else:
-            layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
-            c = int(v)
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {"fc": fc, "lenet": LeNet, "resnet18": resnet18, "vgg13": vgg13}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "fc": fc, "lenet": LeNet, "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50, "vgg11": vgg11,
+    "vgg13": vgg13, "densenet121": densenet121,
+}
 
 
 def build_model(name: str, input_shape: Sequence[int], num_classes: int, seed: int, params: dict) -> nn.Module:

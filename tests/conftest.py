@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -59,3 +60,26 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root.mkdir()
     monkeypatch.setenv("DETOX_DATA", str(root))
     return root
+
+
+def fake_svhn(folder: Path, monkeypatch: pytest.MonkeyPatch, sizes: tuple[int, int] = (7, 5),
+              seed: int = 2) -> dict[str, np.ndarray]:
+    """Tiny SVHN release files in ``folder`` in the real format (scipy .mat: ``X`` uint8 (32, 32, 3, N), ``y``
+    (N, 1) with labels 1..10, 10 meaning digit 0), and torchvision's md5 table patched to accept them (the real
+    files are 180 MB and cannot be downloaded here). Returns the labels written per split."""
+    import hashlib
+
+    import torchvision
+    from scipy.io import savemat
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, split_list, labels = np.random.default_rng(seed), {}, {}
+    for split, n in zip(("train", "test"), sizes, strict=True):
+        labels[split] = rng.integers(1, 11, (n, 1), dtype=np.uint8)
+        savemat(folder / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
+                                                "y": labels[split]})
+        digest = hashlib.md5((folder / f"{split}_32x32.mat").read_bytes(), usedforsecurity=False).hexdigest()
+        split_list[split] = ["unused-url", f"{split}_32x32.mat", digest]
+    split_list["extra"] = ["unused-url", "extra_32x32.mat", "0" * 32]
+    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)
+    return labels

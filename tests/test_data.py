@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import make_cfg
+from conftest import fake_svhn, make_cfg
 
 from detox import data
 from detox.data import IDX_FILES, SPECS, DataUnavailable, UnitSampler, load_data, prepare
@@ -278,25 +278,31 @@ def test_prepare_cifar_from_release_archive(name: str, tmp_path: Path, data_root
 
 
 def test_prepare_svhn_from_mat_files(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scipy.io import savemat
-
     src = tmp_path / "svhn-files"
-    src.mkdir()
-    rng, split_list = np.random.default_rng(2), {}
-    for split, n in (("train", 7), ("test", 5)):
-        savemat(src / f"{split}_32x32.mat", {"X": rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8),
-                                             "y": rng.integers(1, 11, (n, 1), dtype=np.uint8)})
-        split_list[split] = ["unused-url", f"{split}_32x32.mat", md5((src / f"{split}_32x32.mat").read_bytes())]
-    split_list["extra"] = ["unused-url", "extra_32x32.mat", "0" * 32]
-    monkeypatch.setattr(torchvision.datasets.SVHN, "split_list", split_list)
+    labels = fake_svhn(src, monkeypatch)
     lines = prepare("svhn", src)
     assert lines == [f"svhn: verified train_32x32.mat, test_32x32.mat from {src} (md5 = torchvision's) and placed "
                      f"them in {data_root / 'svhn'}",
-                     "svhn: ready: 7 training / 5 test images load; torchvision.datasets.SVHN reads it (no "
-                     "dataset=svhn option yet)"]
+                     f"svhn: ready: 7 training / 5 test images load; use dataset=svhn (data_root={data_root})"]
     loaded = torchvision.datasets.SVHN(str(data_root / "svhn"), split="test")
     assert loaded.data.shape == (5, 3, 32, 32)
+
+    # dataset=svhn reads the prepared files: channels first, labels 1..10 with 10 meaning the digit 0
+    d = load_data(make_cfg(["dataset=svhn", "dataset.download=false"]).dataset)
+    assert d.shape == (3, 32, 32) and d.num_classes == 10 and len(d.train_y) == 7 and len(d.test_y) == 5
+    assert d.train_y.tolist() == [int(y) % 10 for y in labels["train"].ravel()]
+    assert d.test_y.tolist() == [int(y) % 10 for y in labels["test"].ravel()]
+    assert torch.allclose(d.train_x.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)  # standardised per channel
 
     (src / "extra_32x32.mat").write_bytes(b"not the extra split")  # optional, but verified when present
     with pytest.raises(DataUnavailable, match=r"extra_32x32.mat is not the release torchvision knows \(19 bytes"):
         prepare("svhn", src, root=tmp_path / "root2")
+
+
+def test_svhn_missing_names_the_prepare_command(data_root: Path) -> None:
+    with pytest.raises(DataUnavailable) as info:
+        load_data(make_cfg(["dataset=svhn", "dataset.download=false"]).dataset)
+    message = str(info.value)
+    assert message.startswith(f"dataset=svhn: no usable files under {data_root / 'svhn'} and no download "
+                              "(dataset.download=false); copy train_32x32.mat and test_32x32.mat"), message
+    assert "python -m detox.data prepare svhn --from <that folder>" in message
