@@ -98,9 +98,17 @@ def launcher_path(cfg: DictConfig) -> str:
 
 def launch_command(cfg: DictConfig, job_dir: Path) -> list[str]:
     e = cfg.engine
-    cmd = [launcher_path(cfg), *map(str, e.launcher_args), "-n", str(int(cfg.workers) + 1)]
+    args = [str(a) for a in e.launcher_args]
+    cmd = [launcher_path(cfg), *args, "-n", str(int(cfg.workers) + 1)]
     if e.hostfile:
         cmd += ["--hostfile", str(Path(str(e.hostfile)).expanduser())]
+        # ranks go to the hosts in file order, each host's slots filled before the next (the PS on the first
+        # host): Open MPI 5's default mapping with --oversubscribe (our default launcher_args) puts every rank
+        # on the first host instead, silently (seen with three namespaced hosts, tests/test_multihost.py)
+        if not any(a == "--map-by" or a.startswith("--map-by=") for a in args):
+            cmd += ["--map-by", "slot"]
+        # mpiexec passes its own environment to the ranks on its host only; ranks elsewhere get it from -x
+        cmd += ["-x", "PYTHONUNBUFFERED"]
     return [*cmd, str(e.python or sys.executable), "-m", "mpi4py", "-m", "detox.mpi", str(job_dir)]
 
 
@@ -683,6 +691,8 @@ def rank_main(job_dir: str) -> None:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     out_dir = Path(job_dir)
+    # one line per rank in mpi.log: where each rank runs (with a hostfile, the host it was mapped to)
+    print(f"detox.mpi: rank {rank} of {size} runs on host {socket.gethostname()} (pid {os.getpid()})", flush=True)
     if rank == 0:
         _watch_driver()
     cfg = OmegaConf.create(_share_config(comm, out_dir / "resolved_config.yaml" if rank == 0 else None))

@@ -142,3 +142,11 @@ def test_launch_command_uses_hostfile_and_mpi4py(tmp_path: Path) -> None:
     assert cmd[1:3] == ["--bind-to", "none"] and cmd[cmd.index("-n") + 1] == "7"
     assert cmd[cmd.index("--hostfile") + 1] == str(hosts)
     assert cmd[-5:] == ["-m", "mpi4py", "-m", "detox.mpi", str(tmp_path)]
+    # with a hostfile: hosts filled in file order (plain --oversubscribe maps every rank to the first host), and
+    # PYTHONUNBUFFERED reaches the ranks on other hosts
+    assert cmd[cmd.index("--map-by") + 1] == "slot" and cmd[cmd.index("-x") + 1] == "PYTHONUNBUFFERED"
+    own = launch_command(make_cfg(["engine=mpi", "workers=6", f"engine.hostfile={hosts}",
+                                   "engine.launcher_args=[--map-by,ppr:2:node]"]), tmp_path)
+    assert own.count("--map-by") == 1 and own[own.index("--map-by") + 1] == "ppr:2:node"  # the user's mapping
+    alone = launch_command(make_cfg(["engine=mpi", "workers=6"]), tmp_path)
+    assert "--map-by" not in alone and "-x" not in alone  # one host: the command is as before
