@@ -1,7 +1,10 @@
 """Robust aggregation rules (DESIGN §3).
 
-Each rule is ``fn(grads_nd, f, **params) -> agg_d``: ``grads_nd`` is an (n, d) float tensor, one row per
-input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor. Ties are broken by the
+Each rule is ``fn(grads_nd, f, rows=None, **params) -> agg_d``: ``grads_nd`` is an (n, d) float tensor, one
+row per input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor. ``rows`` (int
+indices) makes the rule aggregate ``grads_nd[rows]`` without copying those rows: on the CPU the kernels read
+them in place (DETOX's group winners and buckets are index arrays into the PS's matrix), elsewhere torch
+gathers them. Either way the result is bit for bit the one of ``fn(grads_nd[rows], f)``. Ties are broken by the
 lower row index (stable sorts everywhere). ``AGGREGATORS`` maps each ``mode`` option name to its rule.
 
 Counts on which the literature and the original DETOX code differ (Multi-Krum's ``m``, Bulyan's ``theta``,
@@ -156,15 +159,35 @@ def requirement_error(rule: str, n: int, f: int, params: dict | None = None) -> 
     return _settings(rule, n, f, params)[1]
 
 
-def _check(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None) -> tuple[int, int, dict]:
-    """Validate the input matrix, then (n, f, params) (``requirement_error``); raise one clear ValueError."""
+def _check(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None,
+           rows: object = None) -> tuple[int, int, dict, torch.Tensor, np.ndarray | None]:
+    """Validate the input matrix, the row indices, then (n, f, params) (``requirement_error``); raise one clear
+    ValueError. Returns (n, d, settings, matrix, rows): the rows the rule reads, as int64 indices into the
+    matrix on the CPU kernels' path (None: all rows), else gathered by torch (rows None)."""
     if not isinstance(grads_nd, torch.Tensor) or grads_nd.dim() != 2 or not grads_nd.is_floating_point():
         raise ValueError(f"{name}: grads must be a 2-D float tensor (n, d), got {_describe(grads_nd)}")
     n, d = grads_nd.shape
+    idx = None
+    if rows is not None:
+        idx = _indices(name, rows, n)
+        n = idx.shape[0]
     settings, err = _settings(name, n, f, params)
     if err:
         raise ValueError(err)
-    return n, d, settings
+    if idx is not None and not _cpu32(grads_nd):
+        return n, d, settings, grads_nd[torch.from_numpy(idx).to(grads_nd.device)], None
+    return n, d, settings, grads_nd, idx
+
+
+def _indices(name: str, rows: object, n: int) -> np.ndarray:
+    """``rows`` as C-contiguous int64 indices into n rows, or a ValueError."""
+    idx = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise ValueError(f"{name}: rows must be a 1-D array of row indices, got shape {idx.shape} {idx.dtype}")
+    idx = np.ascontiguousarray(idx, dtype=np.int64)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise ValueError(f"{name}: rows must index the {n} rows of grads, got {int(idx.min())}..{int(idx.max())}")
+    return idx
 
 
 def _describe(x: object) -> str:
@@ -173,20 +196,23 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def _middle_rows(grads_nd: torch.Tensor, rows: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
-    """Per coordinate, the mean of the sorted values at positions [lo, hi) among the selected rows.
+def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: int) -> torch.Tensor:
+    """Per coordinate, the mean of the sorted values at positions [lo, hi) among the selected rows (int64
+    indices, or a tensor of them; None: all).
 
     On the CPU a compiled selection network does it block by block (``detox.kernels``); elsewhere (CUDA,
     float64) torch sorts cache-sized column blocks. Either way NaN sorts above +inf, so it can become an
     order statistic only if more than the tolerated number of rows carry it.
     """
+    rows = rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows
     if grads_nd.device.type == "cpu" and grads_nd.dtype == torch.float32:
         from detox.kernels import middle_mean  # numba compiles (or loads from its cache) on first use
 
-        idx = np.arange(grads_nd.shape[0]) if rows is None else rows.cpu().numpy()
+        idx = np.arange(grads_nd.shape[0]) if rows is None else rows
         x = grads_nd.contiguous().numpy()
         return torch.from_numpy(middle_mean(x, idx, lo, hi, torch.get_num_threads()))
-    n_sel = grads_nd.shape[0] if rows is None else rows.numel()
+    n_sel = grads_nd.shape[0] if rows is None else rows.shape[0]
+    rows = None if rows is None else torch.from_numpy(rows).to(grads_nd.device)
     d = grads_nd.shape[1]
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
     step = max(1, _BLOCK_ELEMS // n_sel)
@@ -196,17 +222,19 @@ def _middle_rows(grads_nd: torch.Tensor, rows: torch.Tensor | None, lo: int, hi:
     return out_d
 
 
-def _closest_rows(grads_nd: torch.Tensor, rows: torch.Tensor, beta: int) -> torch.Tensor:
+def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta: int) -> torch.Tensor:
     """Per coordinate, the mean of the ``beta`` values among the selected rows closest to their median (for an
     even count the median is the mean of the two middle values). The beta closest values are a window of beta
     consecutive sorted values; of equally close windows the lowest is taken (NaN counts as +inf).
     """
+    rows = np.ascontiguousarray(rows.cpu().numpy() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
     if grads_nd.device.type == "cpu" and grads_nd.dtype == torch.float32:
         from detox.kernels import closest_mean
 
         x = grads_nd.contiguous().numpy()
-        return torch.from_numpy(closest_mean(x, rows.cpu().numpy(), beta, torch.get_num_threads()))
-    m, d = rows.numel(), grads_nd.shape[1]
+        return torch.from_numpy(closest_mean(x, rows, beta, torch.get_num_threads()))
+    m, d = rows.shape[0], grads_nd.shape[1]
+    rows = torch.from_numpy(rows)
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
     step = max(1, _BLOCK_ELEMS // m)
     for s in range(0, d, step):
@@ -224,25 +252,25 @@ def _closest_rows(grads_nd: torch.Tensor, rows: torch.Tensor, beta: int) -> torc
     return out_d
 
 
-def mean(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
+def mean(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
     """Arithmetic mean of the rows (no robustness; f is accepted for a uniform signature)."""
-    n, _, _ = _check("mean", grads_nd, f, other)
+    n, _, _, grads_nd, rows = _check("mean", grads_nd, f, other, rows)
     if _cpu32(grads_nd):  # one compiled pass at memory speed; sum then divide, as torch.mean
-        return _weighted_rows(grads_nd, torch.ones(n, dtype=torch.float64)).div_(n)
+        return _weighted_rows(grads_nd, torch.ones(n, dtype=torch.float64), rows).div_(n)
     return grads_nd.mean(dim=0)
 
 
-def coord_median(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
+def coord_median(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values. Needs n > 2f."""
-    n, _, _ = _check("coord-median", grads_nd, f, other)
+    n, _, _, grads_nd, rows = _check("coord-median", grads_nd, f, other, rows)
     # numpy's convention: for even n the mean of the two middle values
-    return _middle_rows(grads_nd, None, (n - 1) // 2, n // 2 + 1)
+    return _middle_rows(grads_nd, rows, (n - 1) // 2, n // 2 + 1)
 
 
-def trimmed_mean(grads_nd: torch.Tensor, f: int, **other: object) -> torch.Tensor:
+def trimmed_mean(grads_nd: torch.Tensor, f: int, rows: object = None, **other: object) -> torch.Tensor:
     """Per coordinate, drop the f smallest and f largest values and average the rest. Needs n > 2f."""
-    n, _, _ = _check("trimmed-mean", grads_nd, f, other)
-    return _middle_rows(grads_nd, None, f, n - f)
+    n, _, _, grads_nd, rows = _check("trimmed-mean", grads_nd, f, other, rows)
+    return _middle_rows(grads_nd, rows, f, n - f)
 
 
 def _cpu32(x: torch.Tensor) -> bool:
@@ -254,13 +282,16 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _candidates(x_nd: torch.Tensor, k: int) -> list[int]:
-    """Rows ranked by a Krum-style score on a sample of columns (float64, cheap): the first lie inside the
-    bulk of the data. The sample is a few contiguous column segments, so it costs little memory traffic."""
-    n, d = x_nd.shape
+def _candidates(x_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> list[int]:
+    """Rows (positions in ``rows``) ranked by a Krum-style score on a sample of columns (float64, cheap): the
+    first lie inside the bulk of the data. The sample is a few contiguous column segments, so it costs little
+    memory traffic."""
+    d = x_nd.shape[1]
+    n = x_nd.shape[0] if rows is None else rows.shape[0]
     seg = max(1, _SAMPLE_COLS // 8)
     starts = np.linspace(0, max(d - seg, 0), num=8, dtype=np.int64)
-    sample = torch.cat([x_nd[:, s : s + seg] for s in np.unique(starts).tolist()], dim=1).double()
+    sel = slice(None) if rows is None else torch.from_numpy(rows)
+    sample = torch.cat([x_nd[sel, s : s + seg] for s in np.unique(starts).tolist()], dim=1).double()
     sample = sample - sample[0]
     gram = sample @ sample.t()
     sq = gram.diagonal()
@@ -272,25 +303,27 @@ def _candidates(x_nd: torch.Tensor, k: int) -> list[int]:
     return torch.sort(d2.topk(k, dim=1, largest=False).values.sum(dim=1), stable=True).indices.tolist()
 
 
-def _finite_rows(x_nd: torch.Tensor) -> torch.Tensor:
-    """(n,) bool: rows without NaN or inf (one read; only needed when a hostile row shows up)."""
+def _finite_rows(x_nd: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """(n,) bool: rows (of ``rows``) without NaN or inf (one read; only needed when a hostile row shows up)."""
     if _cpu32(x_nd):
         from detox.kernels import row_sq_dists
 
         zero = np.zeros(x_nd.shape[1], dtype=np.float32)
-        return torch.isfinite(torch.from_numpy(row_sq_dists(x_nd.contiguous().numpy(), zero, _threads())))
+        return torch.isfinite(torch.from_numpy(row_sq_dists(x_nd.contiguous().numpy(), zero, _threads(), rows)))
     return torch.isfinite(x_nd).all(dim=1).cpu()
 
 
-def _reference_row(x_nd: torch.Tensor, k: int, finite: torch.Tensor | None = None) -> int:
-    """A row inside the bulk of the data (the best-ranked candidate; among ``finite`` rows if given), or -1."""
-    for i in _candidates(x_nd, k):
+def _reference_row(x_nd: torch.Tensor, k: int, finite: torch.Tensor | None = None,
+                   rows: np.ndarray | None = None) -> int:
+    """A row inside the bulk of the data (the best-ranked candidate; among ``finite`` rows if given), or -1;
+    a position in ``rows`` when given."""
+    for i in _candidates(x_nd, k, rows):
         if finite is None or bool(finite[i]):
             return i
     return -1
 
 
-def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
+def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
     """(n, n) float64 Gram matrix of the rows minus ``ref_d``, one column block at a time.
 
     Blocks are centred into a reused buffer, multiplied in float32 and accumulated in float64: one read of
@@ -301,7 +334,7 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
     if _cpu32(x_nd):
         from detox.kernels import centred_gram
 
-        return torch.from_numpy(centred_gram(x_nd.contiguous().numpy(), ref_d.numpy(), _threads()))
+        return torch.from_numpy(centred_gram(x_nd.contiguous().numpy(), ref_d.numpy(), _threads(), rows))
     gram_t = torch.zeros((n, n), dtype=torch.float64, device=x_nd.device)
     for s in range(0, d, step):
         blk = x_nd[:, s : s + step] - ref_d[s : s + step]
@@ -309,7 +342,7 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor) -> torch.Tensor:
     return gram_t
 
 
-def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None) -> torch.Tensor:
+def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None, rows: np.ndarray | None = None) -> torch.Tensor:
     """(n, n) float64 squared Euclidean distances; a row with a non-finite entry (or whose squared norm
     overflows float32) is +inf from every other row. The diagonal is exactly 0.
 
@@ -317,17 +350,18 @@ def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None) -> torch.Ten
     it) before the Gram matrix is formed: without centring, ||a||^2 + ||b||^2 - 2<a, b> in float32 loses
     every digit when rows share a large common component.
     """
-    n, d = grads_nd.shape
+    n = grads_nd.shape[0] if rows is None else rows.shape[0]
     k = k if k is not None else n // 2
-    gram = _centred_gram(grads_nd, grads_nd[_reference_row(grads_nd, k)]).cpu()
+    at = (lambda i: i) if rows is None else (lambda i: int(rows[i]))  # position in rows -> row of grads_nd
+    gram = _centred_gram(grads_nd, grads_nd[at(_reference_row(grads_nd, k, None, rows))], rows).cpu()
     sq = gram.diagonal()
     if n > 1 and not bool(torch.isfinite(sq).any()):
         # the reference row itself carried a NaN/inf (outside the sample): centre on a finite row instead
-        ref = _reference_row(grads_nd, k, _finite_rows(grads_nd))
+        ref = _reference_row(grads_nd, k, _finite_rows(grads_nd, rows), rows)
         if ref < 0:
             d2 = torch.full((n, n), float("inf"), dtype=torch.float64)
             return d2.fill_diagonal_(0.0)
-        gram = _centred_gram(grads_nd, grads_nd[ref]).cpu()
+        gram = _centred_gram(grads_nd, grads_nd[at(ref)], rows).cpu()
         sq = gram.diagonal()
     # each Gram entry involves only its two rows: a hostile row spoils its own row and column, nothing else
     ok = torch.isfinite(sq)
@@ -346,9 +380,9 @@ def _scores(d2_nn: np.ndarray, k: int) -> np.ndarray:
     return np.sort(d2_nn, axis=1)[:, :k].sum(axis=1)
 
 
-def _distances(grads_nd: torch.Tensor, k: int) -> np.ndarray:
+def _distances(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> np.ndarray:
     """(n, n) float64 squared distances with +inf on the diagonal (a row is not its own neighbour)."""
-    d2 = pairwise_sq_dists(grads_nd, max(k, 1)).numpy().copy()
+    d2 = pairwise_sq_dists(grads_nd, max(k, 1), rows).numpy().copy()
     np.fill_diagonal(d2, np.inf)
     return d2
 
@@ -366,32 +400,34 @@ def _lowest(scores_n: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(scores_n, kind="stable")[:k]
 
 
-def krum(grads_nd: torch.Tensor, f: int, neighbours: int | str | None = None, **other: object) -> torch.Tensor:
+def krum(grads_nd: torch.Tensor, f: int, neighbours: int | str | None = None, rows: object = None,
+         **other: object) -> torch.Tensor:
     """The row with the lowest Krum score (Blanchard et al. 2017). Needs n >= 2f + 3."""
-    _, _, s = _check("krum", grads_nd, f, {"neighbours": neighbours, **other})
+    _, _, s, grads_nd, rows = _check("krum", grads_nd, f, {"neighbours": neighbours, **other}, rows)
     k = s["neighbours"]
-    best = _lowest(_scores(_distances(grads_nd, k), k), 1)
-    return grads_nd[int(best[0])].clone()
+    best = int(_lowest(_scores(_distances(grads_nd, k, rows), k), 1)[0])
+    return grads_nd[best if rows is None else int(rows[best])].clone()
 
 
-def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i G_i over the rows with w_i != 0 (a zero-weight row is skipped, so its NaN cannot leak)."""
+def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """sum_i w_i G_i over the rows (of ``rows``) with w_i != 0 (a zero-weight row is skipped, so its NaN cannot
+    leak)."""
     if _cpu32(grads_nd):
         from detox.kernels import weighted_sum
 
-        return torch.from_numpy(weighted_sum(grads_nd.contiguous().numpy(), w_n.numpy(), _threads()))
+        return torch.from_numpy(weighted_sum(grads_nd.contiguous().numpy(), w_n.numpy(), _threads(), rows=rows))
     keep = torch.nonzero(w_n).flatten()
     w = w_n.to(grads_nd.dtype).to(grads_nd.device)
     return w[keep] @ grads_nd[keep.to(grads_nd.device)]
 
 
-def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
+def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
     """(d,) float64 sum_i w_i G_i over the rows with w_i != 0, accumulated in float64 (Weiszfeld's iterate:
     float32 accumulation misses the optimum by far more than float32 rounding when rows share a large offset)."""
     if _cpu32(grads_nd):
         from detox.kernels import weighted_sum64
 
-        return torch.from_numpy(weighted_sum64(grads_nd.contiguous().numpy(), w_n.numpy(), _threads()))
+        return torch.from_numpy(weighted_sum64(grads_nd.contiguous().numpy(), w_n.numpy(), _threads(), rows))
     keep = torch.nonzero(w_n).flatten().to(grads_nd.device)
     w = w_n.to(torch.float64).to(grads_nd.device)[keep]
     n, d = grads_nd.shape
@@ -402,19 +438,20 @@ def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor) -> torch.Tensor:
     return out_d
 
 
-def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray) -> torch.Tensor:
-    w_n = torch.zeros(grads_nd.shape[0], dtype=torch.float64)
+def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The mean of the rows at positions ``idx`` (of ``rows``), summed in row order."""
+    w_n = torch.zeros(grads_nd.shape[0] if rows is None else rows.shape[0], dtype=torch.float64)
     w_n[torch.from_numpy(np.asarray(idx))] = 1.0 / len(idx)
-    return _weighted_rows(grads_nd, w_n)
+    return _weighted_rows(grads_nd, w_n, rows)
 
 
 def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,
-               neighbours: int | str | None = None, **other: object) -> torch.Tensor:
+               neighbours: int | str | None = None, rows: object = None, **other: object) -> torch.Tensor:
     """Mean of the m rows of lowest Krum score. m: 'literature' n - f (Blanchard et al. 2017), 'original'
     n - f - 2 (the DETOX code), or an integer. Needs n >= 2f + 3."""
-    _, _, s = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other})
+    _, _, s, grads_nd, rows = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other}, rows)
     k = s["neighbours"]
-    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k), k), s["m"]))
+    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k, rows), k), s["m"]), rows)
 
 
 def _iterative_selection(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:
@@ -435,7 +472,8 @@ def _iterative_selection(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | N
 
 
 def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neighbours: int | str | None = None,
-           selection: str | None = None, average: str | None = None, **other: object) -> torch.Tensor:
+           selection: str | None = None, average: str | None = None, rows: object = None,
+           **other: object) -> torch.Tensor:
     """Bulyan: select theta rows by Krum, then per coordinate average beta = theta - 2f of their values.
 
     literature (El Mhamdi et al. 2018, the defaults): theta = n - 2f rows selected by re-running Krum on the
@@ -443,29 +481,31 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
     theta = n - f - 2 rows of lowest Krum score in one pass; per coordinate the mean of the middle beta sorted
     values. Each setting can be chosen alone. Needs n >= 4f + 3.
     """
-    n, _, s = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours, "selection": selection,
-                                             "average": average, **other})
+    n, _, s, grads_nd, rows = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours,
+                                                             "selection": selection, "average": average, **other},
+                                     rows)
     th, k_fixed = s["theta"], s["neighbours"]
     beta = th - 2 * f
-    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed)
+    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed, rows)
     if s["selection"] == ORIGINAL:
         k = n - f - 2 if k_fixed is None else k_fixed
         selected = np.sort(_lowest(_scores(d2, k), th))
     else:
         selected = _iterative_selection(d2, f, th, k_fixed)
-    rows = torch.from_numpy(selected)
+    chosen = np.ascontiguousarray(selected if rows is None else rows[selected], dtype=np.int64)
     if s["average"] == ORIGINAL:
-        return _middle_rows(grads_nd, rows, f, th - f)
-    return _closest_rows(grads_nd, rows, beta)
+        return _middle_rows(grads_nd, chosen, f, th - f)
+    return _closest_rows(grads_nd, chosen, beta)
 
 
-def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance of every row to z in float64 (a finite 1e38 would overflow float32 squares);
-    one read, no (n, d) temporary. ``z_d`` may be float64 (Weiszfeld's iterate) or the rows' dtype."""
+def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """Euclidean distance of every row (of ``rows``) to z in float64 (a finite 1e38 would overflow float32
+    squares); one read, no (n, d) temporary. ``z_d`` may be float64 (Weiszfeld's iterate) or the rows' dtype."""
     if _cpu32(rows_nd):
         from detox.kernels import row_sq_dists
 
-        return torch.from_numpy(row_sq_dists(rows_nd.contiguous().numpy(), z_d.numpy(), _threads())).sqrt_()
+        x = rows_nd.contiguous().numpy()
+        return torch.from_numpy(row_sq_dists(x, z_d.numpy(), _threads(), rows)).sqrt_()
     n, d = rows_nd.shape
     acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
     step = max(1, _GEMM_BLOCK_ELEMS // n)
@@ -476,7 +516,7 @@ def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor) -> torch.Tensor:
 
 
 def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = None,
-                     max_iter: int | None = None, **other: object) -> torch.Tensor:
+                     max_iter: int | None = None, rows: object = None, **other: object) -> torch.Tensor:
     """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from a medoid (Vardi-Zhang step at data points).
 
     The iterate is kept and accumulated in float64 and rounded to the rows' dtype once, at the end. Stops
@@ -485,18 +525,25 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
     satisfies the optimality condition. Rows with a non-finite entry are infinitely far from every candidate
     and get weight 0. Needs n > 2f (its breakdown point is 1/2).
     """
-    n, d, s = _check("geometric-median", grads_nd, f, {"tol": tol, "max_iter": max_iter, **other})
+    n, d, s, grads_nd, idx = _check("geometric-median", grads_nd, f, {"tol": tol, "max_iter": max_iter, **other},
+                                    rows)
     tol, max_iter = s["tol"], s["max_iter"]
-    z_d = grads_nd[_reference_row(grads_nd, n // 2)].to(torch.float64)  # inside the bulk, unlike the mean
-    dist_n = _row_dists(grads_nd, z_d)
+    at = (lambda i: i) if idx is None else (lambda i: int(idx[i]))  # position in idx -> row of grads_nd
+    z_d = grads_nd[at(_reference_row(grads_nd, n // 2, None, idx))].to(torch.float64)  # inside the bulk
+    dist_n = _row_dists(grads_nd, z_d, idx)
     if not bool(torch.isfinite(dist_n).any()):  # the start row carried a NaN/inf: start from a finite row
-        start = _reference_row(grads_nd, n // 2, _finite_rows(grads_nd))
+        start = _reference_row(grads_nd, n // 2, _finite_rows(grads_nd, idx), idx)
         if start < 0:
             return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
-        z_d = grads_nd[start].to(torch.float64)
-        dist_n = _row_dists(grads_nd, z_d)
+        z_d = grads_nd[at(start)].to(torch.float64)
+        dist_n = _row_dists(grads_nd, z_d, idx)
     finite = torch.isfinite(dist_n)  # distances to a finite z: non-finite exactly for rows with NaN/inf
-    rows = grads_nd if bool(finite.all()) else grads_nd[finite.to(grads_nd.device)]  # copies only if hostile
+    if not bool(finite.all()):  # leave the hostile rows out: by index on the CPU, else a copy
+        if _cpu32(grads_nd):
+            idx = (np.arange(n) if idx is None else idx)[finite.numpy()]
+        else:
+            grads_nd = grads_nd[finite.to(grads_nd.device)]
+    rows = grads_nd
     dist_n = dist_n[finite]
     for _ in range(max_iter):
         scale = float(dist_n.median())
@@ -505,7 +552,7 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
         w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
         if float(w_n.sum()) == 0.0:
             break  # every row coincides with z
-        t_d = _weighted_rows64(rows, w_n / w_n.sum())
+        t_d = _weighted_rows64(rows, w_n / w_n.sum(), idx)
         eta = int(at_z.sum())
         if eta:
             # Vardi & Zhang (2000): z is optimal iff ||R|| <= eta, R = sum over other rows of unit vectors
@@ -517,17 +564,17 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
         z_d = t_d
         if moved <= tol * scale:
             break
-        dist_n = _row_dists(rows, z_d)
+        dist_n = _row_dists(rows, z_d, idx)
     return z_d.to(grads_nd.dtype)
 
 
-def sign_sgd(grads_nd: torch.Tensor, f: int = 0, **other: object) -> torch.Tensor:
+def sign_sgd(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
     """signSGD with majority vote: sign of the sum of the rows' signs (NaN votes 0). Needs n > 2f."""
-    _check("sign-sgd", grads_nd, f, other)
+    _, _, _, grads_nd, rows = _check("sign-sgd", grads_nd, f, other, rows)
     if _cpu32(grads_nd):
         from detox.kernels import sign_votes
 
-        return torch.sign(torch.from_numpy(sign_votes(grads_nd.contiguous().numpy(), _threads())))
+        return torch.sign(torch.from_numpy(sign_votes(grads_nd.contiguous().numpy(), _threads(), rows)))
     votes_d = torch.zeros(grads_nd.shape[1], dtype=grads_nd.dtype, device=grads_nd.device)
     for row in grads_nd:
         votes_d.add_(torch.nan_to_num(torch.sign(row), nan=0.0))
@@ -546,8 +593,9 @@ AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def aggregate(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None) -> torch.Tensor:
-    """Look up ``name`` in AGGREGATORS and apply it."""
+def aggregate(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None,
+              rows: object = None) -> torch.Tensor:
+    """Look up ``name`` in AGGREGATORS and apply it (to ``grads_nd[rows]`` when rows are given, read in place)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation rule {name!r}; choose from {sorted(AGGREGATORS)}")
-    return AGGREGATORS[name](grads_nd, f, **(params or {}))
+    return AGGREGATORS[name](grads_nd, f, rows=rows, **(params or {}))

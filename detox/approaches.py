@@ -9,8 +9,10 @@ The vote (``approach.vote``): ``strict`` (default) keeps the vector a strict maj
 falls back to the group's coordinate median; ``boyer-moore`` is the original DETOX code's vote, Boyer-Moore per
 layer (per parameter tensor, ``Plan.layer_sizes``) keeping the surviving candidate unchecked.
 
-``APPROACHES`` maps each option name to ``fn(grads_nd, byz_p, plan, step) -> (agg_d, diagnostics)``. The PS owns
-``grads_nd``: grouped approaches compact the group winners into its first rows (no per-step copy).
+``APPROACHES`` maps each option name to ``fn(grads_nd, byz_p, plan, step) -> (agg_d, diagnostics)``. The vote
+leaves the winners where they are: the rules read them as row indices into ``grads_nd`` (no copy). The PS owns
+``grads_nd``: a kept vector no single member sent (median fallback, Boyer-Moore layers of several members) is
+written into its group's first row.
 """
 
 from __future__ import annotations
@@ -120,12 +122,25 @@ def plan_from_cfg(cfg) -> Plan:
     )
 
 
+@dataclass(frozen=True)
+class Votes:
+    """The vote of every group, as rows of the gradient matrix (no winner is copied out of it)."""
+
+    rows: np.ndarray  # (k,) int64: the row holding group g's kept vector
+    win_rows: np.ndarray  # (k,) int64: the member that sent it, -1 where none did (fallback or assembled vector)
+    fallbacks: int  # groups without a strict majority (boyer-moore: on some layer)
+    corrupted: int  # groups whose kept vector lacks the support of a strict majority of honest members
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+
+
 def _same(a_d: torch.Tensor, b_d: torch.Tensor, tol: float) -> bool:
     if tol > 0:
         return bool((a_d - b_d).abs().max() <= tol)  # NaN compares False: never a match
     # bit-exact on the raw bits, so identical NaN payloads match and -0.0 != 0.0
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a_d.element_size()]
-    return torch.equal(a_d.view(bits), b_d.view(bits))
+    return torch.equal(_bits(a_d), _bits(b_d))
 
 
 def _vote(rows_rd: torch.Tensor, tol: float) -> tuple[int, list[int]]:
@@ -153,30 +168,6 @@ def vote_group(rows_rd: torch.Tensor, tol: float = 0.0) -> int:
     return _vote(rows_rd, tol)[0]
 
 
-def _majority(
-    grads_nd: torch.Tensor, r: int, tol: float, in_place: bool = False
-) -> tuple[torch.Tensor, np.ndarray, list[list[int]]]:
-    """Votes of every group. ``in_place``: the winners are compacted into the first P/r rows of ``grads_nd``
-    and returned as a view (the PS owns that buffer; a fresh (P/r, d) matrix per step costs page faults)."""
-    k = grads_nd.shape[0] // r
-    win_rows = np.full(k, -1, dtype=np.int64)
-    classes: list[list[int]] = []
-    winners_kd = grads_nd[:k] if in_place else torch.empty((k, grads_nd.shape[1]), dtype=grads_nd.dtype,
-                                                            device=grads_nd.device)
-    for g in range(k):
-        rows_rd = grads_nd[g * r : (g + 1) * r]
-        i, members = _vote(rows_rd, tol)
-        classes.append([g * r + j for j in members])
-        # group g's rows start at g * r >= g: writing row g never overwrites a later group's rows
-        if i >= 0:
-            win_rows[g] = g * r + i
-            if g * r + i != g or not in_place:
-                winners_kd[g] = rows_rd[i]
-        else:
-            winners_kd[g] = coord_median(rows_rd)  # computed into a fresh vector before it is written
-    return winners_kd, win_rows, classes
-
-
 def _layer_starts(d: int, layer_sizes: tuple[int, ...] | None) -> np.ndarray:
     """Start offsets of the layers in a flat vector of length d (one layer when no sizes are given)."""
     if not layer_sizes:
@@ -192,45 +183,59 @@ def _layer_agreement(rows_rd: torch.Tensor, tol: float, starts: np.ndarray) -> n
     """(r, r, L) bool: whether members i and j send the same values on layer l (``_same``'s equality)."""
     r, n_layers = rows_rd.shape[0], starts.size
     eq = np.ones((r, r, n_layers), dtype=bool)
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[rows_rd.element_size()]
     for i in range(r):
         for j in range(i + 1, r):
             if tol > 0:
                 differ = ~((rows_rd[i] - rows_rd[j]).abs() <= tol)  # NaN compares False: never a match
                 if not bool(differ.any()):
                     continue
-            elif torch.equal(rows_rd[i].view(bits), rows_rd[j].view(bits)):
+            elif torch.equal(_bits(rows_rd[i]), _bits(rows_rd[j])):
                 continue  # without a (d,) temporary
             else:
-                differ = rows_rd[i].view(bits) != rows_rd[j].view(bits)
+                differ = _bits(rows_rd[i]) != _bits(rows_rd[j])
             eq[i, j] = eq[j, i] = ~np.logical_or.reduceat(differ.cpu().numpy(), starts)
     return eq
 
 
-def _boyer_moore(
-    grads_nd: torch.Tensor, r: int, tol: float, layer_sizes: tuple[int, ...] | None, honest_p: np.ndarray | None,
-    in_place: bool = False,
-) -> tuple[torch.Tensor, np.ndarray, int, int]:
-    """The original DETOX vote: per group and per layer, Boyer-Moore over the members in order (a member equal
-    to the candidate adds one, another takes one away, at zero the next member becomes the candidate), and the
-    surviving candidate's layer is kept unchecked. Returns (winners, per group a row that sent the kept vector or
-    -1 where no member did, groups without a strict majority on some layer, corrupted groups)."""
-    k, d = grads_nd.shape[0] // r, grads_nd.shape[1]
+def _fallback(grads_nd: torch.Tensor, g: int, r: int) -> None:
+    """No strict majority in group g: its members' coordinate median, written into its first row."""
+    grads_nd[g * r] = coord_median(grads_nd[g * r : (g + 1) * r])  # computed into a fresh vector first
+
+
+def _vote_reference(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "strict",
+                    layer_sizes: tuple[int, ...] | None = None, honest_p: np.ndarray | None = None) -> Votes:
+    """The vote as a Python loop over groups and pairs of members (torch): the definition the compiled vote is
+    tested against, and the path for tensors the kernels do not take (CUDA, float16, non-contiguous).
+
+    A kept vector that no single member sent (strict: the median fallback; boyer-moore: layers of several
+    members) is written into the group's first row."""
+    k = grads_nd.shape[0] // r
+    need = majority(r)
+    honest_p = np.ones(grads_nd.shape[0], dtype=bool) if honest_p is None else honest_p
+    rows = np.arange(k, dtype=np.int64) * r
+    win_rows = np.full(k, -1, dtype=np.int64)
+    fallbacks = corrupted = 0
+    if vote == "strict":
+        for g in range(k):
+            i, members = _vote(grads_nd[g * r : (g + 1) * r], tol)
+            if i >= 0:
+                rows[g] = win_rows[g] = g * r + i
+                corrupted += int(int(honest_p[[g * r + j for j in members]].sum()) < need)
+            else:
+                fallbacks += 1
+                _fallback(grads_nd, g, r)
+        return Votes(rows, win_rows, fallbacks, corrupted)
+    d = grads_nd.shape[1]
     starts = _layer_starts(d, layer_sizes)
     ends = np.append(starts[1:], d)
-    n_layers, need, layer_idx = starts.size, majority(r), np.arange(starts.size)
-    win_rows = np.full(k, -1, dtype=np.int64)
-    winners_kd = grads_nd[:k] if in_place else torch.empty((k, d), dtype=grads_nd.dtype, device=grads_nd.device)
-    fallbacks = corrupted = 0
+    n_layers, layer_idx = starts.size, np.arange(starts.size)
     for g in range(k):
         rows_rd = grads_nd[g * r : (g + 1) * r]
+        honest = honest_p[g * r : (g + 1) * r]
         if all(_same(rows_rd[0], rows_rd[i], tol) for i in range(1, r)):
             # unanimous (every honest group): member 0 wins every layer, supported by all
             win_rows[g] = g * r
-            if g != 0 or not in_place:
-                winners_kd[g] = rows_rd[0]
-            if honest_p is not None:
-                corrupted += int(int(honest_p[g * r : (g + 1) * r].sum()) < need)
+            corrupted += int(int(honest.sum()) < need)
             continue
         eq = _layer_agreement(rows_rd, tol, starts)
         cand = np.zeros(n_layers, dtype=np.int64)
@@ -242,21 +247,54 @@ def _boyer_moore(
             count = np.where(fresh, 1, np.where(same, count + 1, count - 1))
         support = eq[cand, :, layer_idx]  # (L, r): members that send the candidate's values on each layer
         fallbacks += int((support.sum(axis=1) < need).any())
-        if honest_p is not None:
-            honest = honest_p[g * r : (g + 1) * r]
-            corrupted += int(((support & honest).sum(axis=1) < need).any())
+        corrupted += int(((support & honest).sum(axis=1) < need).any())
         senders = np.flatnonzero(support.all(axis=0))  # members that sent the kept values on every layer
         if (cand == cand[0]).all() or senders.size:
             c = int(cand[0]) if (cand == cand[0]).all() else int(senders[0])
-            win_rows[g] = g * r + c
-            if g * r + c != g or not in_place:
-                winners_kd[g] = rows_rd[c]
+            rows[g] = win_rows[g] = g * r + c
         else:
-            # group g's rows start at g * r >= g: writing row g never overwrites a row still to be read
-            for layer in range(n_layers):
+            for layer in range(n_layers):  # every layer comes from a member of this group
                 s, e = int(starts[layer]), int(ends[layer])
-                winners_kd[g, s:e] = rows_rd[int(cand[layer]), s:e]
-    return winners_kd, win_rows, fallbacks, corrupted
+                rows_rd[0, s:e] = rows_rd[int(cand[layer]), s:e]
+    return Votes(rows, win_rows, fallbacks, corrupted)
+
+
+def _compiled(grads_nd: torch.Tensor) -> bool:
+    """Whether the compiled vote applies: a contiguous float32/float64 matrix on the CPU (it writes in place)."""
+    return (grads_nd.device.type == "cpu" and grads_nd.dtype in (torch.float32, torch.float64)
+            and grads_nd.is_contiguous())
+
+
+def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "strict",
+              layer_sizes: tuple[int, ...] | None = None, honest_p: np.ndarray | None = None) -> Votes:
+    """The vote of every contiguous group of r rows (``strict`` or the original's ``boyer-moore``, DESIGN §3),
+    as row indices into ``grads_nd``: one compiled pass over the rows each group must compare (on the CPU).
+
+    ``grads_nd`` belongs to the caller's step: where no single member sent the kept vector (the strict vote's
+    median fallback, or Boyer-Moore layers of several members) it is written into the group's first row.
+    ``honest_p`` (default: everyone) is what ``corrupted`` is counted against."""
+    decisive(r, vote)  # validates the name
+    starts = _layer_starts(grads_nd.shape[1], layer_sizes) if vote == "boyer-moore" else None
+    if not _compiled(grads_nd) or grads_nd.shape[0] < r:
+        return _vote_reference(grads_nd, r, tol, vote, layer_sizes, honest_p)
+    from detox.kernels import boyer_moore_vote, strict_vote
+
+    k, need = grads_nd.shape[0] // r, majority(r)
+    honest_p = np.ones(grads_nd.shape[0], dtype=bool) if honest_p is None else np.asarray(honest_p, dtype=bool)
+    x = grads_nd.numpy()
+    x = x if tol > 0 else _bits(grads_nd).numpy()
+    rows = np.arange(k, dtype=np.int64) * r
+    if vote == "strict":
+        leader, member = strict_vote(x, r, need, tol)
+        won = leader >= 0
+        win_rows = np.where(won, rows + leader, -1)
+        honest = honest_p[: k * r].reshape(k, r)
+        corrupted = int((won & ((member & honest).sum(axis=1) < need)).sum())
+        for g in np.flatnonzero(~won).tolist():
+            _fallback(grads_nd, g, r)
+        return Votes(np.where(won, win_rows, rows), win_rows, int((~won).sum()), corrupted)
+    win_rows, fallback, corrupted, _ = boyer_moore_vote(x, r, need, tol, starts, honest_p, write=True)
+    return Votes(np.where(win_rows >= 0, win_rows, rows), win_rows, int(fallback.sum()), int(corrupted.sum()))
 
 
 def majority_vote(
@@ -264,38 +302,28 @@ def majority_vote(
     layer_sizes: tuple[int, ...] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Per contiguous group of r rows, the majority vector (``strict``: median of members if none;
-    ``boyer-moore``: the original's per-layer vote).
+    ``boyer-moore``: the original's per-layer vote), as a fresh (P/r, d) matrix (``grads_nd`` is left as it is).
 
     Returns the (P/r, d) winners and, per group, the winning row index in ``grads_nd`` (-1: fallback, or a
     Boyer-Moore winner assembled from layers that no single member sent together).
     """
     decisive(r, vote)  # validates the name
-    if vote == "boyer-moore":
-        winners_kd, win_rows, _, _ = _boyer_moore(grads_nd, r, tol, layer_sizes, None)
-        return winners_kd, win_rows
-    winners_kd, win_rows, _ = _majority(grads_nd, r, tol)
-    return winners_kd, win_rows
+    work = grads_nd.clone()
+    votes = vote_rows(work, r, tol, vote, layer_sizes)
+    return work[torch.from_numpy(votes.rows).to(work.device)], votes.win_rows
 
 
-def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[torch.Tensor, dict]:
+def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[Votes, dict]:
     t0 = time.perf_counter()
-    decisive(plan.group_size, plan.vote)  # validates the name
-    need = majority(plan.group_size)
-    if plan.vote == "boyer-moore":
-        winners_kd, _, fallbacks, corrupted = _boyer_moore(grads_nd, plan.group_size, plan.vote_tol,
-                                                           plan.layer_sizes, ~byz_p, in_place=True)
-    else:
-        winners_kd, win_rows, classes = _majority(grads_nd, plan.group_size, plan.vote_tol, in_place=True)
-        # a group is corrupted when its winning vector lacks the support of a strict majority of honest
-        # members: the Byzantines decided the vote (even if they chose to send the honest vector)
-        corrupted = sum(1 for members in classes if members and int((~byz_p[members]).sum()) < need)
-        fallbacks = int((win_rows < 0).sum())
+    # corrupted: the kept vector lacks the support of a strict majority of honest members, so the Byzantines
+    # decided the vote (even if they chose to send the honest vector)
+    votes = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p)
     diag = {
-        "corrupted_groups": corrupted,
-        "vote_fallbacks": fallbacks,
+        "corrupted_groups": votes.corrupted,
+        "vote_fallbacks": votes.fallbacks,
         "t_vote": time.perf_counter() - t0,
     }
-    return winners_kd, diag
+    return votes, diag
 
 
 def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
@@ -310,30 +338,39 @@ def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -
 
 
 def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
-    winners_kd, diag = _vote_stage(grads_nd, byz_p, plan)
+    votes, diag = _vote_stage(grads_nd, byz_p, plan)
     t0 = time.perf_counter()
-    agg_d = aggregate("mean", winners_kd, 0)
+    agg_d = aggregate("mean", grads_nd, 0, rows=votes.rows)
     diag["t_aggregate"] = time.perf_counter() - t0
     return agg_d, diag
 
 
+def bucket_rows(
+    grads_nd: torch.Tensor, rows: np.ndarray, plan: Plan, step: int
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """What ``mode`` aggregates: the winners ``grads_nd[rows]`` shuffled into ``plan.buckets`` near-equal
+    buckets, the ``inner`` rule per bucket (reading its rows in place) -> ((buckets, d) outputs, None); without
+    bucketing (grads_nd, rows) itself."""
+    k = rows.shape[0]
+    if not plan.buckets or plan.buckets >= k:
+        return grads_nd, rows
+    perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(k)
+    outs = [aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=rows[np.sort(chunk)])
+            for chunk in np.array_split(perm, plan.buckets)]
+    return torch.stack(outs), None
+
+
 def bucketize(winners_kd: torch.Tensor, plan: Plan, step: int) -> torch.Tensor:
     """Shuffle the winners into ``plan.buckets`` near-equal buckets; ``inner`` rule per bucket."""
-    k = winners_kd.shape[0]
-    if not plan.buckets or plan.buckets >= k:
-        return winners_kd
-    perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(k)
-    outs = [
-        aggregate(plan.inner, winners_kd[torch.from_numpy(np.sort(chunk))], plan.inner_f, plan.inner_params)
-        for chunk in np.array_split(perm, plan.buckets)
-    ]
-    return torch.stack(outs)
+    out, rows = bucket_rows(winners_kd, np.arange(winners_kd.shape[0]), plan, step)
+    return out if rows is None else winners_kd
 
 
 def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
-    winners_kd, diag = _vote_stage(grads_nd, byz_p, plan)
+    votes, diag = _vote_stage(grads_nd, byz_p, plan)
     t0 = time.perf_counter()
-    agg_d = aggregate(plan.mode, bucketize(winners_kd, plan, step), plan.f, plan.mode_params)
+    inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step)
+    agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows)
     diag["t_aggregate"] = time.perf_counter() - t0
     return agg_d, diag
 

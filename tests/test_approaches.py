@@ -245,10 +245,12 @@ def test_boyer_moore_diagnostics_and_in_place_compaction():
     strict = plan("maj_vote", workers=9, r=3, q=5)
     agg_s, diag_s = APPROACHES["maj_vote"](g.clone(), byz, strict, 0)
     assert diag_s["vote_fallbacks"] == 2 and diag_s["corrupted_groups"] == 0
-    # draco-lite compacts the composed winners into the PS's buffer in place, and the result matches
+    # draco-lite copies no winner: the rule reads rows 2 (y), 3 (h1) and 8 (the honest member, whose values are
+    # kept on both layers) where they are, and the buffer is left as it was
     buf = g.clone()
     agg_d, _ = APPROACHES["draco-lite"](buf, byz, p, 0)
-    torch.testing.assert_close(buf[:3], expected)
+    torch.testing.assert_close(buf[[2, 3, 8]], expected)
+    assert torch.equal(buf, g)
     torch.testing.assert_close(agg_d, expected.mean(dim=0))
 
 
@@ -528,9 +530,13 @@ def test_diagnostics_count_byzantine_winners_and_fallbacks():
 
 
 def test_grouped_approaches_may_overwrite_their_input_but_not_the_result():
-    """The PS owns the (P, d) buffer: the vote compacts winners into it instead of allocating a copy."""
+    """The PS owns the (P, d) buffer: winners stay where they are (the rule reads them by row index), and only a
+    fallback median, which no member sent, is written into its group's first row."""
     g, byz, winners = grouped_matrix()
+    before = g.clone()
     expected = winners.mean(dim=0)
     agg, _ = APPROACHES["maj_vote"](g, byz, plan("maj_vote"), 0)
     torch.testing.assert_close(agg, expected)
-    torch.testing.assert_close(g[: winners.shape[0]], winners)  # winners compacted to the front
+    assert torch.equal(g[6], winners[2])  # group 2 (rows 6-8) has no majority: its median sits in row 6
+    keep = [i for i in range(12) if i != 6]
+    assert torch.equal(g[keep], before[keep])  # no winner copied or moved
