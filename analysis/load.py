@@ -5,6 +5,8 @@
                          differ only in their seed: what ``analysis.stats`` aggregates over) and per-step time
                          split means and medians computed from ``metrics.jsonl``.
 ``load_metrics(root)`` — one row per evaluation of every job, with the job's choices as columns.
+A run with ``evaluation=external`` leaves its metrics.jsonl's test fields empty and ``python -m detox.evaluate``
+writes them to ``eval.jsonl``: both tables fill them (and the summary's accuracies) from it (``run_records``).
 Jobs are ordered as ``detox.results.job_dirs`` lists them (numbered folders by number, then by name). A job without
 a readable summary is a row with status ``missing``; a failed job keeps its ``error``. Relative roots are found
 from the repository root (where the sweeps write ``multirun/...``) when they are not under the current folder.
@@ -38,7 +40,9 @@ SUMMARY_KEYS = ("status", "error", "figure", "workers", "worker_fail", "group_si
 CONFIG_KEYS = ("label", "err_mode", "worker_fail", "workers", "group_size", "batch_size", "lr", "max_steps", "task",
                "network", "dataset", "engine", "placement", "figure", "target_acc")
 # resolved-config keys that do not make a different configuration: the seed (aggregated over) and where files go
-NOT_CONFIG = ("seed", "data_root", "save", "save_model", "checkpoint")
+NOT_CONFIG = ("seed", "data_root", "save", "save_model", "checkpoint", "model_dir")
+# the evaluation fields python -m detox.evaluate records per step in eval.jsonl (detox.evaluate.EVAL_KEYS)
+EVAL_FIELDS = ("test_loss", "test_acc", "test_acc5", "eval_time")
 
 
 def repo_root() -> Path:
@@ -73,6 +77,33 @@ def _read_yaml(path: Path) -> dict | None:
     except (OSError, yaml.YAMLError):
         return None
     return out if isinstance(out, dict) else None
+
+
+def run_records(job: Path) -> list[dict]:
+    """The job's metrics.jsonl records, their evaluation fields filled from eval.jsonl (the separate evaluator's,
+    by step) where the run did not evaluate in-loop; a job with only eval.jsonl gives its records."""
+    records = _read_jsonl(job / "metrics.jsonl")
+    evals = {r["step"]: r for r in _read_jsonl(job / "eval.jsonl") if isinstance(r, dict) and "step" in r}
+    if not records:
+        return sorted(evals.values(), key=lambda r: r["step"])
+    for r in records:
+        ev = evals.get(r.get("step"))
+        if ev is not None and r.get("test_acc") is None:
+            r.update({k: ev.get(k) for k in EVAL_FIELDS})
+    return records
+
+
+def _fill_summary(row: dict, records: list[dict]) -> None:
+    """A run evaluated externally ends with no accuracy in its summary: take them from the evaluator's records."""
+    evaluated = [r for r in records if r.get("test_acc") is not None]
+    if row.get("final_test_acc") is not None or not evaluated:
+        return
+    last = records[-1]
+    row["final_test_acc"], row["final_test_loss"] = last.get("test_acc"), last.get("test_loss")
+    row["best_test_acc"] = max(r["test_acc"] for r in evaluated)
+    target = row.get("target_acc")
+    if target is not None and row.get("time_to_target") is None:
+        row["time_to_target"] = next((r.get("wall_time") for r in evaluated if r["test_acc"] >= target), None)
 
 
 def step_weighted(records: list[dict], keys: tuple[str, ...] = PHASES) -> dict[str, float]:
@@ -132,7 +163,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         row["attack"] = attack_label(config, row["err_mode"])
         row["num_classes"] = ((config or {}).get("dataset") or {}).get("num_classes") or 10
         row["config"] = config_key(config, row)
-        row.update(step_weighted_phases(_read_jsonl(job / "metrics.jsonl")))
+        records = run_records(job)
+        _fill_summary(row, records)
+        row.update(step_weighted_phases(records))
         rows.append(row)
     cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
             "cluster_time_median", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, "corrupted_per_step"]
@@ -143,7 +176,7 @@ def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataF
     runs = load_runs(root) if runs is None else runs
     frames = []
     for job, run in runs.iterrows():
-        records = _read_jsonl(Path(run["dir"]) / "metrics.jsonl")
+        records = run_records(Path(run["dir"]))
         if not records:
             continue
         df = pd.DataFrame(records)

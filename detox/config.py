@@ -78,6 +78,10 @@ def validate(cfg: DictConfig) -> Plan:
     if every is not None and every % int(cfg.eval_freq):
         raise ConfigError(f"checkpoint.every={every!r}: must be null or a positive multiple of "
                           f"eval_freq ({cfg.eval_freq}): checkpoints are taken at evaluations")
+    if not cfg.save and (cfg.evaluation == "external" or cfg.model_dir is not None):
+        key = "evaluation=external" if cfg.evaluation == "external" else f"model_dir={cfg.model_dir!r}"
+        raise ConfigError(f"{key}: the run writes weights files (for python -m detox.evaluate), which needs "
+                          f"save=true")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device!r}: no CUDA device is available here; use device=cpu")
 

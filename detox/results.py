@@ -25,7 +25,7 @@ GROUPS = ("network", "dataset", "mode", "approach", "err_mode", "engine")
 PRESETS = ("task", "method")
 # numeric/top-level settings copied into summary.json
 SETTINGS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "momentum", "weight_decay",
-            "max_steps", "eval_freq", "seed", "target_acc", "device", "figure")
+            "max_steps", "eval_freq", "seed", "target_acc", "device", "figure", "evaluation")
 
 
 def clean_json(value: Any) -> Any:
@@ -39,12 +39,63 @@ def clean_json(value: Any) -> Any:
     return value
 
 
+def _private_tmp(path: Path) -> Path:
+    """A temporary name next to ``path`` that no other process or thread uses, hidden (dot) and ending in .tmp,
+    so nothing that lists the folder for finished files mistakes it for one."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file of this process, then rename: a reader (or a concurrent writer) never sees
     half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = _private_tmp(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """``torch.save`` through a temporary file, then rename: a reader (the evaluator) never sees half a file."""
+    import torch
+
+    tmp = _private_tmp(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- weights files for the separate evaluator (python -m detox.evaluate), named as the original's ------------------
+
+MODEL_PREFIX = "model_step_"
+_MODEL_FILE = re.compile(r"model_step_(\d+)")
+
+
+def writes_models(cfg: DictConfig) -> bool:
+    """Whether a run writes a weights file at every evaluation step: with evaluation=external, or a model_dir set."""
+    return cfg.get("evaluation") == "external" or cfg.get("model_dir") is not None
+
+
+def model_dir(cfg: DictConfig, out_dir: Path) -> Path:
+    """The run's weights folder: ``model_dir`` (``~`` expanded; relative to where the run was started), else
+    ``<job folder>/models``."""
+    return Path(str(cfg.model_dir)).expanduser() if cfg.get("model_dir") is not None else out_dir / "models"
+
+
+def model_path(folder: Path, step: int) -> Path:
+    """The original's name, ``model_step_<t>``, without a suffix (its evaluator reads exactly that)."""
+    return folder / f"{MODEL_PREFIX}{step}"
+
+
+def model_files(folder: Path) -> dict[int, Path]:
+    """step -> path of every finished weights file in ``folder``, by step. Only exact ``model_step_<t>`` names
+    count: a file being written has a temporary name (``.model_step_<t>.<pid>.<thread>.tmp``) until it is whole."""
+    found = {}
+    for p in folder.iterdir():
+        m = _MODEL_FILE.fullmatch(p.name)
+        if m and p.is_file():
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -237,6 +237,8 @@ SCHEMA: dict[str, Any] = {
     "weight_decay": Num(lo=0.0),
     "max_steps": POSITIVE,
     "eval_freq": POSITIVE,
+    "evaluation": Str(("inloop", "external")),
+    "model_dir": Str(pattern=r"[^\x00-\x1f]+", null=True),
     "eval_batch_size": POSITIVE,
     "bn_calibration_batches": COUNT,
     "target_acc": Num(lo=0.0, hi=1.0, open_lo=True, null=True),
@@ -345,15 +347,15 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"{key}: does not resolve ({reason})") from None
 
 
-def check(cfg: DictConfig) -> dict[str, Any]:
-    """Check every key's type and range; return the resolved values. Raises ConfigError (one line) on the first
-    problem."""
+def check(cfg: DictConfig, schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
+    """Check every key's type and range against ``schema`` (the training config's by default); return the resolved
+    values. Raises ConfigError (one line) on the first problem."""
     values = leaves(resolve(cfg))
     for path, value in values.items():
-        spec = SCHEMA.get(path)
+        spec = schema.get(path)
         if spec is None:
             group = path.split(".")[0]
-            known = sorted(k.split(".", 1)[1] for k in SCHEMA if k.startswith(group + ".")) if "." in path else []
+            known = sorted(k.split(".", 1)[1] for k in schema if k.startswith(group + ".")) if "." in path else []
             hint = f"; {group} keys: {', '.join(known)}" if known else ""
             raise ConfigError(f"{path}={value!r}: unknown setting{hint}")
         problem = _spec_error(spec, value)

@@ -143,7 +143,7 @@ def _one_line(err: Exception) -> str:
     return " ".join([head, *rest])
 
 
-def _hydra_errors_in_one_line() -> None:
+def _hydra_errors_in_one_line(prog: str = "detox") -> None:
     """A bad override (unknown option or key, an unparsable value) gets one line and exit 2 like every other
     refusal, instead of Hydra's multi-line report and exit 1 (HYDRA_FULL_ERROR=1 keeps Hydra's own)."""
     from hydra._internal import utils as hydra_utils
@@ -158,7 +158,7 @@ def _hydra_errors_in_one_line() -> None:
             except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"detox: error: {_one_line(err)}", file=sys.stderr)
+                print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
                 raise SystemExit(2) from None
         return original(guarded)
 

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,17 @@ from detox.attacks import byzantine_mask
 from detox.config import ConfigError
 from detox.data import Data, UnitSampler, load_data
 from detox.models import bind_flat, build_model, has_batchnorm, recalibrate_batchnorm
-from detox.results import append_jsonl, base_summary, clean_json, resolved_yaml, write_json
+from detox.results import (
+    append_jsonl,
+    base_summary,
+    clean_json,
+    model_dir,
+    model_path,
+    resolved_yaml,
+    save_torch_atomic,
+    write_json,
+    writes_models,
+)
 from detox.step import ParameterServer
 
 log = logging.getLogger("detox")
@@ -118,6 +127,10 @@ def evaluate(s: Setup) -> dict[str, float]:
     return {"test_loss": loss_sum / n, "test_acc": top1 / n, "test_acc5": top5 / n}
 
 
+# the evaluation fields of a metrics record of a run with evaluation=external: its evaluator fills them (eval.jsonl)
+NO_EVALUATION: dict[str, float | None] = {"test_loss": None, "test_acc": None, "test_acc5": None}
+
+
 class _Window:
     """Per-step values since the previous metrics record: their means, and per phase the median.
 
@@ -181,10 +194,18 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         log.info("resuming from %s at step %d", ckpt_path, records[-1]["step"])
     if metrics_path is not None:  # the file holds exactly the records of this trajectory so far
         metrics_path.write_text("".join(json.dumps(clean_json(r)) + "\n" for r in records))
+    # evaluation=external: no evaluation here (the original ran its evaluator on its own node so that it never
+    # slowed training); the weights of every evaluation step go to model_step_<t> files for python -m detox.evaluate
+    external = cfg.get("evaluation") == "external"
+    models = model_dir(cfg, out_dir) if save and writes_models(cfg) else None
+    if models is not None:
+        models.mkdir(parents=True, exist_ok=True)
 
     def record(step: int) -> dict:
         t0 = time.perf_counter()
-        ev = evaluate(s)
+        if models is not None:  # written whole under a temporary name, then renamed: never read half-written
+            save_torch_atomic(model_path(models, step), s.model.state_dict())
+        ev = NO_EVALUATION if external else evaluate(s)
         eval_time = time.perf_counter() - t0
         # cluster_time_median: cluster_time built from each window's per-phase medians (robust to load spikes);
         # accumulated through the records, so a resumed run continues it from its last record
@@ -195,8 +216,8 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         rec = {k: rec[k] for k in METRIC_KEYS}
         if metrics_path is not None:
             append_jsonl(metrics_path, rec)
-        log.info("step %5d | train_loss %s | test_loss %.4f | test_acc %.4f | corrupted/step %s | %.1fs",
-                 step, _fmt(rec["train_loss"]), ev["test_loss"], ev["test_acc"],
+        log.info("step %5d | train_loss %s | test_loss %s | test_acc %s | corrupted/step %s | %.1fs",
+                 step, _fmt(rec["train_loss"]), _fmt(ev["test_loss"]), _fmt(ev["test_acc"]),
                  _fmt(rec["corrupted_groups"], 3), wall)
         records.append(rec)
         return rec
@@ -233,7 +254,8 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
 
     accs = [r["test_acc"] for r in records if r["test_acc"] is not None and math.isfinite(r["test_acc"])]
     target = cfg.target_acc
-    hit = next((r["wall_time"] for r in records if target is not None and r["test_acc"] >= target), None)
+    hit = next((r["wall_time"] for r in records
+                if target is not None and r["test_acc"] is not None and r["test_acc"] >= target), None)
     summary.update({
         "status": status, "steps": records[-1]["step"], "final_test_acc": records[-1]["test_acc"],
         "best_test_acc": max(accs) if accs else None, "final_test_loss": records[-1]["test_loss"],
@@ -253,9 +275,7 @@ CHECKPOINT = "checkpoint.pt"
 
 def save_checkpoint(cfg: DictConfig, path: Path, state: dict) -> None:
     """Weights, momentum, RNG state, step and the records so far; written atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({**state, "w": state["w"].cpu(), "v": state["v"].cpu(), "config": resolved_yaml(cfg)}, tmp)
-    os.replace(tmp, path)
+    save_torch_atomic(path, {**state, "w": state["w"].cpu(), "v": state["v"].cpu(), "config": resolved_yaml(cfg)})
 
 
 def load_checkpoint(cfg: DictConfig, path: Path, w_d: torch.Tensor) -> dict | None:

@@ -1,0 +1,267 @@
+"""The separate evaluator: ``python -m detox.evaluate run_dir=<job folder> [follow=true]`` (conf/evaluate.yaml).
+
+The original DETOX ran its evaluator (``distributed_evaluator.py``) on a node of its own: the training side saved the
+model every ``eval_freq`` steps as ``model_step_<t>`` and the evaluator loaded each file as it appeared, so evaluation
+never slowed training. Here a run with ``evaluation=external`` writes those files (atomically: a temporary name, then
+a rename) and evaluates nothing itself; this command evaluates each file with the run's own network, data set and
+evaluation settings (``resolved_config.yaml``) and the same code as in-loop evaluation (``detox.trainer.evaluate``,
+BatchNorm statistics recalibrated from the same training batches), so the numbers are the ones in-loop evaluation
+gives. One record per step goes to ``eval.jsonl``, with the evaluation keys of ``metrics.jsonl``; ``analysis.load``
+fills a run's accuracies from it.
+
+``follow=true`` keeps watching the weights folder (every ``poll`` seconds) and stops once the run's ``summary.json``
+says it ended and every file is evaluated; without it, the files present are evaluated and the command ends. A bad
+request (no such folder, not a run folder, no weights files) is one line and exit 2, before any work.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from detox.approaches import plan_from_cfg
+from detox.data import DataUnavailable
+from detox.errors import ConfigError
+from detox.results import MODEL_PREFIX, append_jsonl, model_dir, model_files, writes_models
+from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
+
+# the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
+EVAL_KEYS = ("step", "epoch", "eval_time", "samples", "test_loss", "test_acc", "test_acc5")
+# the statuses summary.json holds once a run has ended (detox.train writes it on every way out)
+ENDED = ("completed", "diverged", "failed")
+
+OPT_PATH = Str(pattern=PATH.pattern, null=True)
+SCHEMA: dict[str, Any] = {
+    "run_dir": OPT_PATH,
+    "model_dir": OPT_PATH,
+    "follow": Bool(),
+    "poll": Num(lo=0.0, open_lo=True),
+    "timeout": Num(lo=0.0, open_lo=True, null=True),
+    "out": OPT_PATH,
+    "eval_batch_size": Int(lo=1, null=True),
+    "device": Str(pattern=DEVICE.pattern, null=True),
+    "threads": Int(lo=1, hi=4096, null=True),
+}
+
+
+class EvalError(RuntimeError):
+    """A request the evaluator cannot serve; the message is the one line the user sees."""
+
+
+def say(message: str) -> None:
+    print(f"detox.evaluate: {message}", flush=True)
+
+
+@dataclass
+class Target:
+    """What to evaluate: the run's folder and config, where its weights are, where the records go."""
+
+    run_dir: Path
+    run_cfg: DictConfig
+    models: Path
+    out: Path
+
+
+def _path(value: Any) -> Path | None:
+    return None if value is None else Path(str(value)).expanduser()
+
+
+def _run_config(run_dir: Path, cfg: DictConfig) -> DictConfig | None:
+    """The run's resolved config; None while it does not exist yet (follow: the run has not started). Raises
+    EvalError when the folder cannot be a run folder."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise EvalError(f"run_dir={run_dir}: not a folder (give the run's job folder, which holds "
+                        f"resolved_config.yaml)")
+    path = run_dir / "resolved_config.yaml"
+    if not path.is_file():
+        if cfg.follow:
+            return None
+        what = "no such folder" if not run_dir.exists() else "no resolved_config.yaml there: not a detox run folder"
+        raise EvalError(f"run_dir={run_dir}: {what} (give the job folder a run wrote, or follow=true to wait "
+                        f"for a run that has not started)")
+    try:
+        run_cfg = OmegaConf.load(path)
+        run_cfg.network.name, run_cfg.dataset.name, run_cfg.eval_batch_size  # noqa: B018 - the keys it needs
+    except Exception as err:
+        raise EvalError(f"{path}: not a detox run config ({type(err).__name__}: {err})") from None
+    return run_cfg
+
+
+def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
+    """Resolve the request into a Target; None if following a run that has not written its config yet."""
+    run_dir, models = _path(cfg.run_dir), _path(cfg.model_dir)
+    if run_dir is None and models is None:
+        raise EvalError("give run_dir=<the run's job folder> (or model_dir=<its weights folder>, whose parent is "
+                        "the run's folder)")
+    if models is not None and models.exists() and not models.is_dir():
+        raise EvalError(f"model_dir={models}: not a folder")
+    if run_dir is None:
+        run_dir = models.parent  # type: ignore[union-attr]  # the default layout: <job folder>/models
+    run_cfg = _run_config(run_dir, cfg)
+    if run_cfg is None:
+        return None
+    if models is None:
+        models = model_dir(run_cfg, run_dir)
+        if not writes_models(run_cfg) and not models.is_dir():
+            raise EvalError(f"run_dir={run_dir}: the run used evaluation={run_cfg.get('evaluation', 'inloop')} "
+                            f"without a model_dir, so it writes no weights files (its metrics.jsonl holds the "
+                            f"accuracies); start it with evaluation=external")
+    if not cfg.follow and (not models.is_dir() or not model_files(models)):
+        raise EvalError(f"model_dir={models}: no {MODEL_PREFIX}<t> files "
+                        f"({'no such folder' if not models.exists() else 'empty'}); follow=true waits for them")
+    out = _path(cfg.out) or run_dir / "eval.jsonl"
+    return Target(run_dir, run_cfg, models, out)
+
+
+def run_ended(run_dir: Path) -> bool:
+    """The run wrote its final summary (detox.train writes one however it ends, a kill -9 aside: see ``timeout``)."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("status") in ENDED
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def done_steps(out: Path) -> set[int]:
+    """Steps already recorded in ``out`` (a rerun evaluates only the new files)."""
+    if not out.is_file():
+        return set()
+    steps = set()
+    for line in out.read_text().splitlines():
+        try:
+            steps.add(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a kill: its step is evaluated again
+    return steps
+
+
+class Evaluator:
+    """The run's network and data, built once; evaluates one weights file at a time."""
+
+    def __init__(self, t: Target, cfg: DictConfig) -> None:
+        from detox.trainer import setup
+
+        run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
+                                              if cfg[k] is not None})
+        if str(run_cfg.device).startswith("cuda") and not torch.cuda.is_available():
+            raise EvalError(f"device={run_cfg.device}: no CUDA device is available here; give device=cpu")
+        plan = plan_from_cfg(run_cfg)
+        self.t, self.s = t, setup(run_cfg, plan)
+        self.samples_per_step = plan.units * int(run_cfg.batch_size)  # as the trainer counts them
+
+    def evaluate(self, step: int, path: Path) -> dict | None:
+        """The record of one weights file (also appended to eval.jsonl), or None if the file cannot be read."""
+        from detox.trainer import evaluate
+
+        try:
+            # weights_only: loading runs no code from the file, whatever it holds
+            state = torch.load(path, map_location=self.s.cfg.device, weights_only=True)
+            self.s.model.load_state_dict(state)
+        except Exception as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"detox.evaluate: skipping {path}: not weights of network={self.s.cfg.network.name} "
+                  f"({type(err).__name__}: {reason})", file=sys.stderr, flush=True)
+            return None
+        t0 = time.perf_counter()
+        ev = evaluate(self.s)
+        n_train = len(self.s.data.train_y)
+        rec = {"step": step, "epoch": step * self.samples_per_step / n_train, "eval_time": time.perf_counter() - t0,
+               "samples": step * self.samples_per_step, **ev}
+        rec = {k: rec[k] for k in EVAL_KEYS}
+        append_jsonl(self.t.out, rec)
+        say(f"step {step:5d} | test_loss {rec['test_loss']:.4f} | test_acc {rec['test_acc']:.4f} | "
+            f"test_acc5 {rec['test_acc5']:.4f} | {rec['eval_time']:.1f}s")
+        return rec
+
+
+def evaluate_run(cfg: DictConfig) -> int:
+    """Evaluate the run's weights files (following it if asked); the exit status: 0, or 1 when a file could not be
+    read or ``timeout`` passed without a new file. Raises EvalError / ConfigError for a bad request."""
+    check(cfg, SCHEMA)
+    t = target(cfg)
+    start = time.monotonic()
+    if t is None:  # following a run that has not started: wait for its config
+        run_dir = _path(cfg.run_dir) or _path(cfg.model_dir).parent  # type: ignore[union-attr]
+        say(f"waiting for {run_dir / 'resolved_config.yaml'} (the run has not started)")
+        while (t := target(cfg)) is None:
+            if cfg.timeout is not None and time.monotonic() - start > cfg.timeout:
+                say(f"no run appeared in {run_dir} within timeout={cfg.timeout:g} s; giving up")
+                return 1
+            time.sleep(cfg.poll)
+    done = done_steps(t.out)
+    ev = Evaluator(t, cfg)
+    say(f"run {t.run_dir} (network={t.run_cfg.network.name}, dataset={t.run_cfg.dataset.name}): weights from "
+        f"{t.models}, records to {t.out}" + (f"; {len(done)} steps already there" if done else ""))
+    evaluated, failed, idle_since = 0, 0, time.monotonic()
+    while True:
+        # the summary is read before the folder is listed: every file the run wrote before it ended is then seen
+        ended = cfg.follow and run_ended(t.run_dir)
+        files = model_files(t.models) if t.models.is_dir() else {}
+        for step, path in files.items():
+            if step in done:
+                continue
+            done.add(step)  # an unreadable file is reported once, not retried every poll
+            if ev.evaluate(step, path) is None:
+                failed += 1
+            else:
+                evaluated += 1
+            idle_since = time.monotonic()
+        if not cfg.follow or ended:
+            break
+        if cfg.timeout is not None and time.monotonic() - idle_since > cfg.timeout:
+            say(f"no new weights file in {t.models} for timeout={cfg.timeout:g} s and the run has not ended; "
+                f"giving up")
+            return 1
+        time.sleep(cfg.poll)
+    say(f"evaluated {evaluated} steps" + (f", skipped {failed} unreadable files" if failed else "") +
+        f"; records in {t.out}")
+    return 1 if failed else 0
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),
+            config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        code = evaluate_run(cfg)
+    except (EvalError, ConfigError, DataUnavailable) as err:
+        print(f"detox.evaluate: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(code)
+
+
+# Hydra reads ``key=a,b`` as a sweep and ``=``/spaces as syntax; a job folder of a sweep is named like
+# ``err_mode=alie,method=detox-bulyan``. A path argument is quoted for Hydra, so every folder name works as typed.
+_PATH_ARG = re.compile(r"^(\+{0,2})(run_dir|model_dir|out)=(.*)$", re.S)
+
+
+def _quote_paths(argv: list[str]) -> list[str]:
+    out = []
+    for arg in argv:
+        m = _PATH_ARG.match(arg)
+        quoted = len(m.group(3)) > 1 and m.group(3)[0] == m.group(3)[-1] and m.group(3)[0] in "'\"" if m else True
+        if m and m.group(3) and m.group(3) != "null" and not quoted:
+            value = m.group(3).replace("\\", "\\\\").replace("'", "\\'")
+            arg = f"{m.group(1)}{m.group(2)}='{value}'"
+        out.append(arg)
+    return out
+
+
+def cli() -> None:
+    """``python -m detox.evaluate``: Hydra's composition errors as one line and exit 2, like detox.train."""
+    from detox.train import _hydra_errors_in_one_line
+
+    _hydra_errors_in_one_line("detox.evaluate")
+    sys.argv = [sys.argv[0], *_quote_paths(sys.argv[1:])]
+    main()
+
+
+if __name__ == "__main__":
+    cli()
