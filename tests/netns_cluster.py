@@ -9,7 +9,8 @@ the set-up fails half-way.
 
 ``ssh_wrapper`` is a script that runs ``ssh`` with the cluster's key and options: Open MPI's ``plm_ssh_agent``
 and ``python -m detox.cluster.provision --ssh`` both use it. The filesystem is shared by all namespaces (one
-machine), which tests that rely on it must say.
+machine), except ``local``: a folder that every host has a copy of its own of at the same path (a bind mount in
+the mount namespace of its sshd, backed by ``disk(host)``), as a disk of its own would be.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ class NetnsCluster:
         self.cidr = f"10.213.{self.subnet}.0/24"
         self.key = self.tmp / "id_ed25519"
         self.ssh_wrapper = self.tmp / "ssh"
+        self.local = self.tmp / "host-local"  # each host's own folder at this path (see disk())
         self._made: list[str] = []
         try:
             self._build(tag)
@@ -119,6 +121,9 @@ class NetnsCluster:
             "-o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=10 \"$@\"\n")
         self.ssh_wrapper.chmod(0o755)
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder
+        self.local.mkdir()
+        for host in self.hosts:
+            self.disk(host).mkdir(parents=True)
         for host in self.hosts:
             self._start_sshd(host)
         for host in self.hosts:
@@ -132,10 +137,12 @@ class NetnsCluster:
             "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
             "UsePAM no", "StrictModes no", "PrintMotd no", "Subsystem sftp internal-sftp", ""]))
         log = open(self.tmp / f"sshd_{host.name}.log", "w")  # noqa: SIM115 (lives as long as the daemon)
-        # a UTS namespace of its own: every host has its own hostname, as separate machines do
+        # a UTS namespace of its own: every host has its own hostname, as separate machines do; a mount namespace
+        # of its own (private propagation, unshare's default): its disk() appears at `local` for it alone
         host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "sh", "-c",
-             f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host.name, str(conf)],
+            ["ip", "netns", "exec", host.netns, "unshare", "--uts", "--mount", "sh", "-c",
+             f'hostname "$1" && mount --bind "$3" "$4" && exec {SSHD} -D -e -f "$2"', "sh", host.name, str(conf),
+             str(self.disk(host)), str(self.local)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def _wait_ssh(self, host: Host, timeout: float = 20.0) -> None:
@@ -151,6 +158,10 @@ class NetnsCluster:
             time.sleep(0.2)
 
     # ---------------------------------------------------------------------------------------------- use
+
+    def disk(self, host: Host) -> Path:
+        """What ``host`` sees at ``self.local``, as seen from this machine."""
+        return self.tmp / "disks" / host.name
 
     def in_ns(self, host: Host, cmd: list[str]) -> list[str]:
         """``cmd`` run inside ``host``'s network namespace (its own addresses, the machine's hostname)."""

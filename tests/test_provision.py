@@ -1,0 +1,169 @@
+"""``python -m detox.cluster.provision``: over ssh against three namespaced hosts (tests/netns_cluster.py).
+
+The hosts share this machine's filesystem except one folder each (``cluster.local``, a bind mount per host): the
+Python environment provisioned and the data root live there, so what provision installs or prepares on one host
+is on that host only, and a later run can find one host broken and the others fine. The environment is a fresh
+venv whose dependencies come from this venv (a folder of links to its site-packages, without detox): as on hosts
+built from one image, provision installs detox only, offline. Provision's workdir is a folder without a checkout
+(a checkout there would be imported first, as mpiexec starts the ranks in it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+from netns_cluster import NetnsCluster, netns_cluster  # noqa: F401 (the fixture)
+from test_multihost import mpi_args
+
+from detox.cluster.provision import main, source_hash
+
+SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
+FASHION = ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def provision(cluster: NetnsCluster, hostfile: Path, workdir: Path, *extra: str) -> tuple[int, list[str], str]:
+    """Run the command from the PS host's namespace, as on the PS; (exit code, stdout lines, stderr)."""
+    key_opts = ["-i", str(cluster.key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR"]
+    cmd = cluster.in_ns(cluster.hosts[0], [
+        "env", f"PYTHONPATH={cluster.tmp / 'checkout'}", sys.executable, "-m", "detox.cluster.provision",
+        str(hostfile), *key_opts,
+        "--python", str(cluster.local / "venv" / "bin" / "python"), "--workdir", str(workdir),
+        "--dataset", "fashion_mnist", "--data-root", str(cluster.local / "data"), *extra])
+    t0 = time.monotonic()
+    got = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=600)
+    print(f"\nprovision: exit {got.returncode} after {time.monotonic() - t0:.1f} s\n{got.stdout}", end="")
+    return got.returncode, got.stdout.splitlines(), got.stderr
+
+
+def states(lines: list[str]) -> list[tuple[str, str]]:
+    return [(line.split()[0], line.split()[1].rstrip(":")) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def hosts(netns_cluster: NetnsCluster) -> NetnsCluster:  # noqa: F811
+    """Each host gets an empty venv at the same path (its own copy) and an empty data root; provision runs from a
+    snapshot of this checkout (others may edit the working tree while the test runs)."""
+    cluster = netns_cluster
+    checkout = cluster.tmp / "checkout"
+    for name in ("detox", "analysis", "hydra_plugins"):
+        shutil.copytree(ROOT / name, checkout / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, checkout / name)
+    deps = cluster.tmp / "deps"  # this venv's site-packages without detox: the image's dependencies
+    deps.mkdir()
+    here = Path(sysconfig.get_paths()["purelib"])
+    for entry in here.iterdir():
+        if not entry.name.startswith(("detox", "__editable__", "_detox", "__pycache__")):
+            (deps / entry.name).symlink_to(entry)
+    template = cluster.local / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(template)], check=True)
+    (template / SITE / "image-deps.pth").write_text(f"{deps}\n")  # pip comes from here too
+    for host in cluster.hosts:
+        shutil.copytree(template, cluster.disk(host) / "venv", symlinks=True)
+        (cluster.disk(host) / "data").mkdir()
+    shutil.rmtree(template)
+    return cluster
+
+
+@pytest.mark.slow  # about a minute: a wheel build, and each host imports torch and prepares Fashion-MNIST
+def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, tmp_path: Path) -> None:
+    cluster, (ps, w1, w2) = hosts, hosts.hosts
+    addresses = [h.address for h in cluster.hosts]
+    hostfile = tmp_path / "hosts_address"
+    ghost = "10.213.213.99"  # in the subnet, no host: ssh cannot connect
+    hostfile.write_text(f"{ps.address} slots=1\n{w1.address} slots=3\n{w2.address} slots=3\n{ghost}\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    for host in cluster.hosts:  # before: nothing of detox in any host's venv
+        assert not (cluster.disk(host) / "venv" / SITE / "detox").exists()
+
+    # 1. fresh hosts: detox installed from the wheel and Fashion-MNIST prepared on each; the ghost fails
+    code, lines, err = provision(cluster, hostfile, workdir)
+    assert code == 1, (lines, err)
+    assert states(lines) == [(a, "fixed") for a in addresses] + [(ghost, "failed")], lines
+    for line in lines[:3]:
+        assert "installed detox-0.1.0-py3-none-any.whl" in line and "No module named 'detox'" in line, line
+        assert f"prepared fashion_mnist under {cluster.local / 'data'}" in line, line
+    assert "unreachable over ssh" in lines[3], lines
+    want = source_hash(cluster.tmp / "checkout" / "detox")  # what provision ran from
+    for host in cluster.hosts:  # each host's own copy: installed and prepared there
+        pkg = cluster.disk(host) / "venv" / SITE / "detox"
+        assert source_hash(pkg) == want
+        assert all((cluster.disk(host) / "data" / "FashionMNIST" / "raw" / f).is_file() for f in FASHION)
+    assert not list(cluster.local.iterdir())  # on the hosts' own disks only, not on this machine's
+
+    # 2. again, without the ghost: nothing to do
+    hostfile.write_text("".join(f"{a} slots=1\n" for a in addresses))
+    code, lines, err = provision(cluster, hostfile, workdir)
+    assert code == 0, (lines, err)
+    assert states(lines) == [(a, "ok") for a in addresses], lines
+    assert all(f"source {want[:12]}" in line and "data present: fashion_mnist" in line for line in lines)
+
+    # 3. w1 loses its data, w2's detox drifts (one file edited): only they are fixed, each with what it lacked
+    shutil.rmtree(cluster.disk(w1) / "data" / "FashionMNIST")
+    with open(cluster.disk(w2) / "venv" / SITE / "detox" / "mpi.py", "a") as fh:
+        fh.write("# edited on this host\n")
+    code, lines, err = provision(cluster, hostfile, workdir)
+    assert code == 0, (lines, err)
+    assert states(lines) == [(ps.address, "ok"), (w1.address, "fixed"), (w2.address, "fixed")], lines
+    assert "prepared fashion_mnist" in lines[1] and "installed" not in lines[1], lines
+    assert "installed" in lines[2] and "with other sources" in lines[2] and "prepared" not in lines[2], lines
+    assert source_hash(cluster.disk(w2) / "venv" / SITE / "detox") == want
+
+    # 4. the chain's last step: engine=mpi on the provisioned hosts, every rank on the detox provision installed
+    # (engine.python) and on its own host's Fashion-MNIST (data_root: the same path, each host's own copy)
+    hostfile.write_text(f"{ps.address} slots=1\n{w1.address} slots=2\n{w2.address} slots=2\n")
+    run_dir = tmp_path / "run"
+    job = ["engine=mpi", "workers=4", "worker_fail=0", "approach=baseline", "mode=mean", "dataset=fashion_mnist",
+           "max_steps=3", "eval_freq=3", f"engine.hostfile={hostfile}", f"data_root={cluster.local / 'data'}",
+           f"engine.python={cluster.local / 'venv' / 'bin' / 'python'}", mpi_args(cluster), f"hydra.run.dir={run_dir}"]
+    got = cluster.ssh(ps, f"cd {workdir} && {shlex.join([sys.executable, '-m', 'detox.train', *job])}", check=False,
+                      timeout=300)
+    log = (run_dir / "mpi.log").read_text() if (run_dir / "mpi.log").exists() else ""
+    assert got.returncode == 0, (got.stdout[-2000:], got.stderr[-2000:], log[-3000:])
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+    hosts_of = dict(re.findall(r"detox\.mpi: rank (\d+) of 5 runs on host (\S+)", log))
+    assert hosts_of == {"0": "detox-ps", "1": "detox-w1", "2": "detox-w1", "3": "detox-w2", "4": "detox-w2"}, log
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (None, "no such file"),
+        ("10.0.0.1 slots=1\n10.0.0.2 slots=two\n", "line 2 '10.0.0.2 slots=two': slots='two' must be an integer"),
+        ("# only a comment\n", "no hosts in the file"),
+    ],
+    ids=["missing", "malformed", "empty"],
+)
+def test_provision_bad_hostfile_is_one_line_exit_2(content: str | None, says: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    hostfile = tmp_path / "hosts"
+    if content is not None:
+        hostfile.write_text(content)
+    printed: list[str] = []
+    assert main([str(hostfile), "--ssh", "/nonexistent/ssh"], out=printed.append) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("detox.cluster.provision: error: ") and says in err, err
+    assert printed == []  # nothing was contacted
+
+
+def test_provision_bad_flag_is_one_line_exit_2(tmp_path: Path) -> None:
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("10.0.0.1\n")
+    for args in (["--dataset", "imagenet"], ["--identity", str(tmp_path / "nokey")], ["--jobs", "0"]):
+        got = subprocess.run([sys.executable, "-m", "detox.cluster.provision", str(hostfile), *args],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": ""})
+        assert got.returncode == 2 and got.stderr.count("\n") == 1 and got.stdout == "", (args, got.stderr)
+        assert got.stderr.startswith("detox.cluster.provision: error: "), got.stderr
