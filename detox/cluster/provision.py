@@ -48,8 +48,6 @@ from detox.cluster.hostfile import parse_hostfile
 PROG = "detox.cluster.provision"
 # ssh never prompts (a prompt would hang a host's check) and gives up on a dead address
 SSH_DEFAULTS = ("BatchMode=yes", "ConnectTimeout=10")
-# the data sets ``python -m detox.data prepare`` knows (detox.data.SPECS; not imported here: it loads torch)
-DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "svhn")
 PROBE_TAG = "DETOX-PROVISION-PROBE "
 TIMEOUT_S = 600  # one remote step (a data preparation hashes and copies up to ~200 MB)
 
@@ -290,8 +288,12 @@ def install_wheel(ssh: Ssh, host: str, want: Want, wheel: Path) -> str | None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _OneLineParser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    from detox.data import SPECS  # the data sets 'python -m detox.data prepare' knows
+
+    datasets = list(SPECS)
+    parser = _OneLineParser(prog=f"python -m {PROG}",
+                            description="Check every host of an MPI hostfile over ssh (reachable, same Python, same "
+                                        "detox, data present), install what is missing, print one line per host.")
     parser.add_argument("hostfile", help="Open MPI hostfile (what 'python -m detox.cluster.ec2 hosts' writes)")
     parser.add_argument("--user", "-l", help="login on the hosts (default: ssh's: your name or ~/.ssh/config)")
     parser.add_argument("--identity", "-i", metavar="FILE", help="private key for ssh and scp")
@@ -303,8 +305,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the Python on the hosts (default: this one's path, as engine.python)")
     parser.add_argument("--workdir", default=str(Path.cwd()),
                         help="where the ranks start (default: this directory, as mpiexec does)")
-    parser.add_argument("--dataset", action="append", default=[], choices=DATASETS, metavar="NAME",
-                        help=f"a data set that must be prepared on every host (repeatable): {', '.join(DATASETS)}")
+    parser.add_argument("--dataset", action="append", default=[], choices=datasets, metavar="NAME",
+                        help=f"a data set that must be prepared on every host (repeatable): {', '.join(datasets)}")
     parser.add_argument("--data-root", help="data root on the hosts (default: $DETOX_DATA or ~/.cache/detox/data "
                                             "as here, i.e. the config's data_root)")
     parser.add_argument("--data-from", metavar="PATH", help="folder on the hosts with the release files (passed "
