@@ -5,7 +5,14 @@ For each rule and each (n, d): the median time over repeats; ``floor`` = the tim
 (n, d) float32 matrix measured in the same run (``grads.sum()``); the ratio to a straightforward reference
 written the way the original code did it (numpy, a Python loop over pairs of rows for distances, np.median /
 np.sort for order statistics); and the peak extra memory during the call, in units of the input matrix.
-Then the PS step of ``draco-lite`` + X against ``baseline`` + X at P workers, r = 3, q Byzantine.
+At d = 1e3 the time is the rule's per-call overhead.
+
+Then, per d, the PS step (vote, buckets, rule) of ``vanilla-X`` against ``detox-X`` for X in ``--step-rules``,
+each plan composed from its preset (``conf/method/``, via ``detox.bench_scaling.preset_plan``: the original's
+Boyer-Moore vote per layer, buckets, counts) at P workers, q = floor(P / 9), r = 3, ResNet-18's layer sizes
+scaled to d; the workers' gradients are refilled (each group's honest gradient, the preset's attack) before
+every step, untimed. Printed per rule: both medians, baseline / DETOX, the vote's share of the DETOX step and
+the vote against one read of the rows it compares (every member of every group at r = 3).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 import torch
 
 from detox.aggregators import AGGREGATORS, _row_dists, _weighted_rows
-from detox.approaches import APPROACHES, Plan
+from detox.approaches import APPROACHES
 
 RULES = tuple(AGGREGATORS)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -182,32 +189,56 @@ def bench_rules(n: int, d: int, rules: list[str], repeats: int, device: str, wit
     return rows
 
 
-def _step_input(workers: int, r: int, q: int, d: int, device: str) -> tuple[torch.Tensor, np.ndarray]:
-    """P rows: each group's honest members hold identical gradients; q Byzantines send reversed ones."""
-    groups = _matrix(workers // r, d, device)
-    g = groups.repeat_interleave(r, dim=0)
-    byz = np.zeros(workers, dtype=bool)
-    byz[np.random.default_rng(0).choice(workers, q, replace=False)] = True
-    g[torch.from_numpy(byz).to(device)] *= -100.0
-    return g, byz
+def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: str) -> list[dict]:
+    """Per rule, the PS step (vote, buckets, rule) of vanilla-X and DETOX-X as their presets run it."""
+    import dataclasses
 
+    from detox.attacks import byzantine_mask
+    from detox.bench_scaling import PAPER_NETWORK, fill, honest_groups, layer_sizes, preset_plan, scale_layers
 
-def bench_steps(workers: int, r: int, q: int, d: int, rules: list[str], repeats: int, device: str) -> list[dict]:
-    g, byz = _step_input(workers, r, q, d, device)
+    plans = {(rule, kind): preset_plan(f"{kind}-{rule}", workers, PAPER_NETWORK)
+             for rule in rules for kind in ("vanilla", "detox")}
+    cfg0 = next(iter(plans.values()))[1]
+    layers = scale_layers(layer_sizes(cfg0), d)
+    r = int(cfg0.group_size)
+    groups = honest_groups(workers // r, d)
+    host = torch.empty((workers, d))  # filled on the CPU (the attacks' code), copied to the device
+    work = host if device == "cpu" else torch.empty((workers, d), device=device)
+    # the vote compares every member of every group with its first member (r = 3: all P rows): one read of them
+    floor = timed(lambda: work.sum(), max(repeats, 5), device)
     rows = []
     for rule in rules:
-        out = {"rule": rule, "workers": workers, "group_size": r, "byzantine": q, "d": d, "device": device}
-        for approach in ("baseline", "draco-lite"):
-            f = q if approach == "baseline" else q // (r // 2 + 1)
-            plan = Plan(approach=approach, workers=workers, group_size=r, byzantine=q, mode=rule, f=f)
-            work = torch.empty_like(g)  # the PS step owns and overwrites its input: a fresh copy per call
-            out[f"{approach}_seconds"] = timed(lambda p=plan, w=work: APPROACHES[p.approach](w, byz, p, 0)[0],
-                                               repeats, device, setup=lambda w=work: w.copy_(g))
-            del work
-        out["speedup"] = out["baseline_seconds"] / out["draco-lite_seconds"]
+        out = {"rule": rule, "workers": workers, "group_size": r, "d": d, "device": device, "read_seconds": floor}
+        for kind in ("vanilla", "detox"):
+            plan, cfg, note = plans[(rule, kind)]
+            if plan is None:
+                raise SystemExit(f"{kind}-{rule} at P = {workers}: {note}")
+            plan = dataclasses.replace(plan, layer_sizes=layers)
+            times, votes = [], []
+            for i in range(repeats + 1):  # a warm-up step, then the repeats
+                byz = byzantine_mask(str(cfg.adversary.placement), i, workers, plan.byzantine, plan.unit_size,
+                                     plan.seed)
+                fill(host, groups, plan, byz, cfg, i)
+                if work is not host:
+                    work.copy_(host)
+                _sync(device)
+                t0 = time.perf_counter()
+                _, diag = APPROACHES[plan.approach](work, byz, plan, i)
+                _sync(device)
+                if i:
+                    times.append(time.perf_counter() - t0)
+                    votes.append(diag["t_vote"])
+            out[f"{kind}_seconds"] = statistics.median(times)
+            out.update({f"{kind}_byzantine": plan.byzantine, f"{kind}_f": plan.f, f"{kind}_note": note})
+            if kind == "detox":
+                out["vote_seconds"] = statistics.median(votes)
+        out["speedup"] = out["vanilla_seconds"] / out["detox_seconds"]
+        out["vote_share"] = out["vote_seconds"] / out["detox_seconds"]
+        out["vote_x_read"] = out["vote_seconds"] / floor
         rows.append(out)
-        print(f"PS step {rule:>14}  P={workers} d={d:.3g}: baseline {out['baseline_seconds']:.3f} s, "
-              f"draco-lite {out['draco-lite_seconds']:.3f} s  ->  {out['speedup']:.1f}x", flush=True)
+        print(f"PS step {rule:>14}  P={workers} d={d:.3g}: vanilla {out['vanilla_seconds']:.4f} s, DETOX "
+              f"{out['detox_seconds']:.4f} s -> {out['speedup']:.1f}x; vote {out['vote_seconds']:.4f} s "
+              f"({out['vote_share']:.0%} of DETOX, {out['vote_x_read']:.1f}x one read of the rows)", flush=True)
     return rows
 
 
@@ -230,22 +261,37 @@ def markdown(result: dict) -> str:
         per = " (per iteration)" if r["rule"] == "geometric-median" else ""
         lines.append(f"| {r['rule']}{per} | {r['n']} | {r['d']:.3g} | {r['seconds']:.4f} | {r['x_floor']:.1f} | "
                      f"{mem} | {ref} |")
-    lines += ["", "| PS step | P | d | baseline (s) | draco-lite (s) | speedup |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| PS step (vote + buckets + rule) | P | d | vanilla (s) | DETOX (s) | vanilla / DETOX | vote (s) | "
+              "vote share | vote × one read |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in result["steps"]:
-        lines.append(f"| {s['rule']} | {s['workers']} | {s['d']:.3g} | {s['baseline_seconds']:.3f} | "
-                     f"{s['draco-lite_seconds']:.3f} | {s['speedup']:.1f} |")
+        lines.append(f"| {s['rule']} | {s['workers']} | {s['d']:.3g} | {s['vanilla_seconds']:.4f} | "
+                     f"{s['detox_seconds']:.4f} | {s['speedup']:.1f} | {s['vote_seconds']:.4f} | "
+                     f"{s['vote_share']:.0%} | {s['vote_x_read']:.1f} |")
+    load = result["machine"].get("loadavg")
+    if load:
+        lines += ["", f"Load average (1 min) at start / end: {load[0]} / {load[1]}"]
     return "\n".join(lines) + "\n"
+
+
+def loadavg() -> str:
+    """The 1-minute load average (the machine may be shared)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return fh.read().split()[0]
+    except OSError:
+        return "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detox.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, nargs="+", default=[15, 45], help="rows (inputs of the rule)")
-    parser.add_argument("--d", type=float, nargs="+", default=[1e5, 1.1e7], help="coordinates (1.1e7 ≈ ResNet-18)")
+    parser.add_argument("--d", type=float, nargs="+", default=[1e3, 1e5, 1.1e7],
+                        help="coordinates (1e3: per-call overhead; 1.1e7 ≈ ResNet-18)")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
     parser.add_argument("--step-rules", nargs="+", default=["multi-krum", "bulyan", "coord-median"], choices=RULES)
     parser.add_argument("--workers", type=int, default=45)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the loop-style references (slow)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (and a .md table)")
@@ -255,13 +301,17 @@ def main(argv: list[str] | None = None) -> int:
     dims = [int(d) for d in args.d]
     print(f"detox.bench on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}", flush=True)
+    load0 = loadavg()
+    print(f"load average {load0}", flush=True)
     result: dict = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "device": args.device},
                     "rules": [], "steps": []}
     for d in dims:
         for n in args.n:
             result["rules"] += bench_rules(n, d, args.rules, args.repeats, args.device, not args.no_reference)
-    result["steps"] = bench_steps(args.workers, 3, 5, max(dims), args.step_rules, args.repeats, args.device)
+    for d in dims:
+        result["steps"] += bench_steps(args.workers, d, args.step_rules, args.repeats, args.device)
+    result["machine"]["loadavg"] = [load0, loadavg()]
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(result))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}\n\n" + markdown(result), flush=True)

@@ -108,10 +108,11 @@ def _network_block(x, rows, start, width, net, buf):  # pragma: no cover - compi
     network on them; returns (pos, free): logical row -> physical row of buf, and one free row of buf."""
     m = rows.shape[0]
     for r in range(m):
-        src = x[rows[r]]
+        # slices indexed from 0 (here and below): numba drops its negative-index handling, so the loops vectorise
+        src = x[rows[r], start : start + width]
         dst = buf[r]
         for j in range(width):
-            v = src[start + j]
+            v = src[j]
             dst[j] = np.inf if v != v else v
     # logical row -> physical row; rows m and m+1 start free: a compare-exchange writes into the free pair
     pos = np.arange(m)
@@ -143,8 +144,9 @@ def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - 
         for j in range(width):
             acc[j] += row[j]
     scale = 1.0 / (hi - lo)
+    dst = out[start : start + width]
     for j in range(width):
-        out[start + j] = acc[j] * scale
+        dst[j] = acc[j] * scale
 
 
 @njit(parallel=True, cache=True)
@@ -202,8 +204,9 @@ def _closest_block(x, rows, start, width, net, beta, buf, med, first, out):  # p
             k = t - first[j]
             acc[j] += v[j] if k >= 0 and k < beta else np.float32(0.0)  # a select: stays vectorised
     scale = 1.0 / beta
+    dst = out[start : start + width]
     for j in range(width):
-        out[start + j] = acc[j] * scale
+        dst[j] = acc[j] * scale
 
 
 @njit(parallel=True, cache=True)
@@ -291,11 +294,12 @@ def sign_votes(x: np.ndarray, threads: int, rows: np.ndarray | None = None) -> n
 @njit(fastmath=_FAST, cache=True)
 def _gram_block(x, rows, ref, start, width, buf, acc):  # pragma: no cover - compiled
     n = rows.shape[0]
+    rf = ref[start : start + width]
     for r in range(n):
-        src = x[rows[r]]
+        src = x[rows[r], start : start + width]
         dst = buf[r]
         for j in range(width):
-            dst[j] = src[start + j] - ref[start + j]
+            dst[j] = src[j] - rf[j]
     for i in range(n):
         a = buf[i]
         k = i
@@ -409,14 +413,16 @@ def _differs(a, b, s, e, tol):  # pragma: no cover - compiled
     j = s
     while j < e:
         m = min(e, j + _VOTE_COLS)
+        # slices indexed from 0: numba then drops its negative-index handling and the loops vectorise (6x)
+        u = a[j:m]
+        v = b[j:m]
+        bad = 0
         if tol > 0:
-            bad = 0
-            for c in range(j, m):
-                bad += not (abs(a[c] - b[c]) <= tol)  # NaN compares False: a difference
+            for c in range(u.shape[0]):
+                bad += not (abs(u[c] - v[c]) <= tol)  # NaN compares False: a difference
         else:
-            bad = 0
-            for c in range(j, m):
-                bad += a[c] != b[c]  # typed for float views too, which never take this branch
+            for c in range(u.shape[0]):
+                bad += u[c] != v[c]  # typed for float views too, which never take this branch
         if bad != 0:
             return True
         j = m

@@ -59,4 +59,9 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
     assert {r["rule"] for r in result["rules"]} == set(AGGREGATORS)
     assert all(r["seconds"] > 0 and r["floor_seconds"] > 0 and "speedup_vs_reference" in r for r in result["rules"])
     assert {s["rule"] for s in result["steps"]} == {"multi-krum", "bulyan", "coord-median"}
-    assert "| PS step |" in out.with_suffix(".md").read_text()
+    for s in result["steps"]:  # the presets' plans: vanilla f = q = 5, DETOX's vote (r = 3) over the 45 rows
+        assert s["vanilla_f"] == 5 and s["detox_byzantine"] == 5 and s["d"] == 2000
+        assert s["speedup"] == pytest.approx(s["vanilla_seconds"] / s["detox_seconds"])
+        assert 0 < s["vote_seconds"] < s["detox_seconds"] and s["vote_share"] < 1 and s["vote_x_read"] > 0
+    md = out.with_suffix(".md").read_text()
+    assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
