@@ -11,7 +11,6 @@ built from one image, provision installs detox only, offline. Provision's workdi
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -26,7 +25,7 @@ from conftest import ROOT
 from netns_cluster import NetnsCluster, netns_cluster  # noqa: F401 (the fixture)
 from test_multihost import mpi_args
 
-from detox.cluster.provision import main, source_hash
+from detox.cluster.provision import Want, main, problems, source_hash
 
 SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
 FASHION = ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -111,6 +110,13 @@ def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, 
     assert states(lines) == [(a, "ok") for a in addresses], lines
     assert all(f"source {want[:12]}" in line and "data present: fashion_mnist" in line for line in lines)
 
+    # a Python that is not there is a failure provision cannot fix (the hosts come from one image)
+    w1_only = tmp_path / "w1_only"
+    w1_only.write_text(f"{w1.address}\n")
+    code, lines, err = provision(cluster, w1_only, workdir, "--python", "/opt/nowhere/bin/python")
+    assert code == 1 and lines == [f"{w1.address} failed: no Python at /opt/nowhere/bin/python (the hosts must "
+                                   f"have this Python at the same path)"], (lines, err)
+
     # 3. w1 loses its data, w2's detox drifts (one file edited): only they are fixed, each with what it lacked
     shutil.rmtree(cluster.disk(w1) / "data" / "FashionMNIST")
     with open(cluster.disk(w2) / "venv" / SITE / "detox" / "mpi.py", "a") as fh:
@@ -159,11 +165,27 @@ def test_provision_bad_hostfile_is_one_line_exit_2(content: str | None, says: st
     assert printed == []  # nothing was contacted
 
 
-def test_provision_bad_flag_is_one_line_exit_2(tmp_path: Path) -> None:
+def test_provision_bad_flag_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hostfile = tmp_path / "hosts"
     hostfile.write_text("10.0.0.1\n")
     for args in (["--dataset", "imagenet"], ["--identity", str(tmp_path / "nokey")], ["--jobs", "0"]):
-        got = subprocess.run([sys.executable, "-m", "detox.cluster.provision", str(hostfile), *args],
-                             capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": ""})
-        assert got.returncode == 2 and got.stderr.count("\n") == 1 and got.stdout == "", (args, got.stderr)
-        assert got.stderr.startswith("detox.cluster.provision: error: "), got.stderr
+        printed: list[str] = []
+        try:  # argparse's refusals exit, the checks after parsing return
+            code = main([str(hostfile), "--ssh", "/nonexistent/ssh", *args], out=printed.append)
+        except SystemExit as stop:
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and printed == [], (args, err)
+        assert err.startswith("detox.cluster.provision: error: "), err
+
+
+def test_provision_another_python_version_fails_without_installing() -> None:
+    want = Want(python="/venv/bin/python", python_version="3.11.7", detox_version="0.1.0", source="ab" * 32,
+                workdir="/", data_root="/data", datasets=["mnist"], data_from=None)
+    fatal, install, prepare = problems({"python": "3.10.12", "error": "ModuleNotFoundError: detox"}, want)
+    assert fatal.startswith("Python 3.10.12 at /venv/bin/python, this host runs 3.11.7") and not install
+    # the same Python: a missing detox is installed, other sources are reinstalled, missing data is prepared
+    assert problems({"python": "3.11.7", "error": "ModuleNotFoundError: detox"}, want) == (None, True, [])
+    have = {"python": "3.11.7", "detox_version": "0.1.0", "source": "cd" * 32, "data": {"mnist": True}}
+    assert problems(have, want) == (None, True, [])
+    assert problems({**have, "source": "ab" * 32, "data": {"mnist": False}}, want) == (None, False, ["mnist"])
