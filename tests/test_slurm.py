@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "cluster_fixtures" / "slurm.sh"
 
 # small-machine values for conf/hydra/launcher/slurm.yaml (its defaults are for real clusters: 4 CPUs, 16 GB, 4 h)
-SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=5", "threads=1"]
+SMALL = ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "threads=1"]
+FIVE_MINUTES = "hydra.launcher.timeout_min=5"
 RUN = ["max_steps=20"]
 
 pytestmark = [
@@ -97,8 +98,8 @@ def test_a_sweep_runs_through_slurm_and_matches_a_local_run(slurm: dict[str, str
 
     sweep = tmp_path / "sweep"
     # the command docs/cluster.md shows as verified; submitit runs each job with this same interpreter (the venv)
-    out = detox(["-m", "hydra/launcher=slurm", "seed=0,1", *RUN, f"hydra.sweep.dir={sweep}", *SMALL],
-                tmp_path, slurm)
+    out = detox(["-m", "hydra/launcher=slurm", "seed=0,1", *RUN, f"hydra.sweep.dir={sweep}", *SMALL,
+                 FIVE_MINUTES], tmp_path, slurm)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{(state / 'slurmctld.log').read_text()[-3000:]}"
     assert f"detox: sweep {sweep}: 2 jobs: 2 completed, 0 failed" in out.stdout, out.stdout
 
@@ -140,3 +141,61 @@ def test_a_sweep_runs_through_slurm_and_matches_a_local_run(slurm: dict[str, str
     mine, theirs = (json.loads((d / "summary.json").read_text()) for d in (local, through_slurm))
     assert mine["final_test_acc"] == theirs["final_test_acc"] and mine["final_test_loss"] == theirs["final_test_loss"]
     assert untimed_metrics(local) == untimed_metrics(through_slurm)
+
+
+def test_a_job_out_of_time_is_recorded_failed_and_the_sweep_goes_on(slurm: dict[str, str], tmp_path: Path) -> None:
+    """Slurm's time limit, for real: sbatch --signal=USR2@30 with a 1-minute limit signals the job after 30 s (up
+    to slurmctld's 30 s check period later); with hydra's max_num_timeout=0 submitit gives up on the job, detox
+    records why in its summary.json, and the other job of the sweep and the end-of-sweep report are unaffected.
+    (The signal must come after submitit has installed its handler, a few seconds into the job: USR2 before that
+    kills the job without a result file, and without sacct submitit would wait for it forever.)"""
+    sweep = tmp_path / "sweep"
+    out = detox(["-m", "hydra/launcher=slurm", "max_steps=20,1000000", "eval_freq=1000", f"hydra.sweep.dir={sweep}",
+                 *SMALL, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30"], tmp_path, slurm,
+                timeout=240)
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}"
+    assert "2 jobs: 1 completed, 1 failed" in out.stdout, out.stdout
+    rows = {r["max_steps"]: r for r in map(json.loads, (sweep / "summary.jsonl").read_text().splitlines())}
+    assert rows[20]["status"] == "completed"
+    assert rows[1000000]["status"] == "failed"
+    assert "timed-out" in rows[1000000]["error"], rows[1000000]["error"]
+
+
+def test_a_preempted_job_is_requeued_by_slurm_and_resumes_from_its_checkpoint(slurm: dict[str, str],
+                                                                              tmp_path: Path) -> None:
+    """USR2 sent through Slurm (scancel --signal, as a preemption or the time limit's warning would) once the job
+    has a checkpoint: submitit requeues it (scontrol requeue), Slurm starts it again, detox resumes from the
+    checkpoint, and the result is the uninterrupted run's, to the last bit."""
+    job = ["max_steps=200", "eval_freq=50", "checkpoint.every=50"]
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "detox.train", "-m", "hydra/launcher=slurm", *job,
+                             f"hydra.sweep.dir={sweep}", *SMALL, FIVE_MINUTES, "hydra.launcher.max_num_timeout=1"],
+                            cwd=tmp_path, env=slurm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(sweep.glob("*/checkpoint.pt")):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint before the job ended"
+            time.sleep(0.05)
+        (ids,) = {p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+", p.name)}
+        subprocess.run(["scancel", "--signal=USR2", ids], env=slurm, check=True, timeout=30)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout
+    assert "1 jobs: 1 completed, 0 failed" in stdout, stdout
+
+    (folder,) = [p for p in sweep.iterdir() if (p / "summary.json").exists()]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 200
+    resumed = re.findall(r"resuming from .*checkpoint\.pt at step (\d+)", (folder / "train.log").read_text())
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < 200, resumed
+    log = (sweep / ".submitit" / ids / f"{ids}_0_log.out").read_text()
+    assert log.count(f"Starting with JobEnvironment(job_id={ids},") == 2, log  # two runs of the same Slurm job
+    info = finished_job(ids, slurm)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", info
+
+    local = tmp_path / "local"
+    run = detox([*job, f"hydra.run.dir={local}"], tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert run.returncode == 0, run.stderr
+    assert untimed_metrics(local) == untimed_metrics(folder)

@@ -89,7 +89,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$m/munge.socket
+# cred_expire: a requeued job may start again cred_expire + 1 s later (default 120 s; 10 keeps tests short)
+AuthInfo=socket=$m/munge.socket,cred_expire=10
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool
 SlurmctldPidFile=$dir/slurmctld.pid
