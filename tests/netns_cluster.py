@@ -32,11 +32,11 @@ SSHD = "/usr/sbin/sshd"  # sshd must be started by its absolute path (it re-exec
 
 
 def unavailable() -> str | None:
-    """Why namespaced hosts cannot be built here (a skip reason), or None."""
+    """Why namespaced hosts cannot be built here (a skip reason), or None. As root with apt-get (CI), the Debian
+    packages needed (iproute2, openssh-server) are installed first: a failure to install fails the test."""
     if not hasattr(os, "geteuid") or os.geteuid() != 0:
         return "network namespaces and sshd need root (CI runs as root: there these tests run)"
-    if shutil.which("ip") is None:
-        return "iproute2's `ip` command is missing"
+    ensure_packages()
     probe = f"detoxprobe{os.getpid()}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
@@ -45,18 +45,29 @@ def unavailable() -> str | None:
     return None
 
 
-def ensure_sshd() -> None:
-    """Install Debian's openssh-server if sshd is missing (root is given). A failure fails the test: in CI,
-    root with apt, these tests must run, not skip."""
-    if Path(SSHD).exists() and shutil.which("ssh") and shutil.which("ssh-keygen"):
+def ensure_packages() -> None:
+    """Install Debian's iproute2 and openssh-server/-client where a tool is missing."""
+    if all(shutil.which(tool) for tool in ("ip", "ssh", "scp", "ssh-keygen", "unshare")) and Path(SSHD).exists():
         return
+    if shutil.which("apt-get") is None:
+        raise RuntimeError("ip, sshd or ssh is missing and there is no apt-get to install iproute2 and openssh")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "openssh-server", "openssh-client"]
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", "iproute2", "openssh-server", "openssh-client",
+           "util-linux"]
     if subprocess.run(cmd, capture_output=True, env=env).returncode != 0:
         subprocess.run(["apt-get", "update"], capture_output=True, env=env)
         got = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if got.returncode != 0:
-            raise RuntimeError(f"apt-get install openssh-server failed: {got.stderr.strip()[-500:]}")
+            raise RuntimeError(f"apt-get install iproute2 openssh-server failed: {got.stderr.strip()[-500:]}")
+
+
+def remove_stale() -> None:
+    """Namespaces a killed test run left behind (``dx<pid>-*`` of a pid that is gone)."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    for name in listed:
+        pid = name[2:].split("-", 1)[0] if name.startswith("dx") and "-" in name else ""
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
 def _ip(*args: str) -> None:
@@ -159,6 +170,12 @@ class NetnsCluster:
 
     # ---------------------------------------------------------------------------------------------- use
 
+    def mpi_launcher_args(self) -> str:
+        """``engine.launcher_args``: ssh with the cluster's key; every Open MPI TCP path on the test subnet only."""
+        args = ["--oversubscribe", "--mca", "plm_ssh_agent", str(self.ssh_wrapper),
+                "--mca", "btl_tcp_if_include", self.cidr, "--mca", "oob_tcp_if_include", self.cidr]
+        return "engine.launcher_args=[" + ",".join(args) + "]"
+
     def disk(self, host: Host) -> Path:
         """What ``host`` sees at ``self.local``, as seen from this machine."""
         return self.tmp / "disks" / host.name
@@ -208,7 +225,7 @@ def netns_cluster() -> Iterator[NetnsCluster]:
     reason = unavailable()
     if reason:
         pytest.skip(reason)
-    ensure_sshd()
+    remove_stale()
     cluster = NetnsCluster()
     try:
         yield cluster

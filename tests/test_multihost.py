@@ -29,13 +29,6 @@ JOB = [*SMALL, "approach=baseline", "mode=coord-median", "err_mode=rev_grad"]  #
 SLOTS = {"ps": 1, "w1": 3, "w2": 3}  # rank 0 on the PS's host, workers 1-3 on w1, 4-6 on w2
 
 
-def mpi_args(cluster: NetnsCluster) -> str:
-    """engine.launcher_args: ssh with the cluster's key, and every Open MPI TCP path on the test subnet only."""
-    args = ["--oversubscribe", "--mca", "plm_ssh_agent", str(cluster.ssh_wrapper),
-            "--mca", "btl_tcp_if_include", cluster.cidr, "--mca", "oob_tcp_if_include", cluster.cidr]
-    return "engine.launcher_args=[" + ",".join(args) + "]"
-
-
 def test_mpi_over_three_namespaced_hosts_matches_local(netns_cluster: NetnsCluster, tmp_path: Path) -> None:  # noqa: F811
     cluster = netns_cluster
     hosts = {h.name.removeprefix("detox-"): h for h in cluster.hosts}
@@ -45,7 +38,7 @@ def test_mpi_over_three_namespaced_hosts_matches_local(netns_cluster: NetnsClust
     # the job is started on the PS host as a user would, over ssh: cd to the checkout, the venv's Python
     out = tmp_path / "mpi"
     cmd = [sys.executable, "-m", "detox.train", *JOB, "engine=mpi", f"engine.hostfile={hostfile}",
-           mpi_args(cluster), f"hydra.run.dir={out}"]
+           cluster.mpi_launcher_args(), f"hydra.run.dir={out}"]
     got = cluster.ssh(hosts["ps"], f"cd {shlex.quote(str(ROOT))} && {shlex.join(cmd)}", check=False, timeout=300)
     after = {n: cluster.tx_rx_bytes(h) for n, h in hosts.items()}
     log = (out / "mpi.log").read_text() if (out / "mpi.log").exists() else ""

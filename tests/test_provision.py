@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from netns_cluster import NetnsCluster, netns_cluster  # noqa: F401 (the fixture)
-from test_multihost import mpi_args
 
 from detox.cluster.provision import Want, main, problems, source_hash
 
@@ -76,7 +75,8 @@ def hosts(netns_cluster: NetnsCluster) -> NetnsCluster:  # noqa: F811
     return cluster
 
 
-@pytest.mark.slow  # about a minute: a wheel build, and each host imports torch and prepares Fashion-MNIST
+@pytest.mark.mpi
+@pytest.mark.slow  # about two minutes: each host imports torch, prepares Fashion-MNIST; then an MPI job
 def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, tmp_path: Path) -> None:
     cluster, (ps, w1, w2) = hosts, hosts.hosts
     addresses = [h.address for h in cluster.hosts]
@@ -134,7 +134,8 @@ def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, 
     run_dir = tmp_path / "run"
     job = ["engine=mpi", "workers=4", "worker_fail=0", "approach=baseline", "mode=mean", "dataset=fashion_mnist",
            "max_steps=3", "eval_freq=3", f"engine.hostfile={hostfile}", f"data_root={cluster.local / 'data'}",
-           f"engine.python={cluster.local / 'venv' / 'bin' / 'python'}", mpi_args(cluster), f"hydra.run.dir={run_dir}"]
+           f"engine.python={cluster.local / 'venv' / 'bin' / 'python'}", cluster.mpi_launcher_args(),
+           f"hydra.run.dir={run_dir}"]
     got = cluster.ssh(ps, f"cd {workdir} && {shlex.join([sys.executable, '-m', 'detox.train', *job])}", check=False,
                       timeout=300)
     log = (run_dir / "mpi.log").read_text() if (run_dir / "mpi.log").exists() else ""
