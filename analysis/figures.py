@@ -6,7 +6,8 @@ picks a matplotlib backend: the caller does (``analysis.report`` picks Agg; a no
 Every configuration (the same config, any seed) is drawn as the mean over its seeds with the 95 % t-interval of
 ``analysis.stats`` (shaded around curves, whiskers on bars and points) and says how many seeds it holds (``n=3``);
 with n = 1 nothing is shaded. One colour per method family everywhere (vanilla X blue, DETOX-X orange, others
-grey); markers tell the rules apart. Time axes use ``cluster_time_median`` where the runs recorded it.
+grey); markers tell the rules apart. Time axes use ``cluster_time_cpu`` (per-phase CPU medians) where every run
+recorded it, else ``cluster_time_median``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy.stats import hypergeom
 
-from analysis.load import MEDIAN_PHASES, PHASES, time_column, time_to_target
+from analysis.load import CPU_MEDIAN_PHASES, MEDIAN_PHASES, PHASES, time_column, time_to_target
 from analysis.stats import aggregate, interval
 
 FAMILY_COLOURS = {"vanilla": "tab:blue", "detox": "tab:orange", "other": "tab:gray"}
@@ -30,7 +31,8 @@ RULE_MARKERS = {"multi-krum": "o", "bulyan": "s", "coord-median": "^", "mean": "
 PHASE_COLOURS = {"compute": "tab:cyan", "comm": "tab:purple", "vote": "tab:green", "aggregate": "tab:red",
                  "update": "tab:olive"}
 X_LABELS = {"cluster_time": "cluster time (s, per-phase means)",
-            "cluster_time_median": "cluster time (s, per-phase medians)", "wall_time": "wall-clock time (s)",
+            "cluster_time_median": "cluster time (s, per-phase medians)",
+            "cluster_time_cpu": "cluster time (s, per-phase CPU medians)", "wall_time": "wall-clock time (s)",
             "step": "iteration"}
 FINISHED = ("completed", "diverged")
 # presentation order (job folders are listed by name, which would put constant before rev_grad, DETOX before vanilla)
@@ -239,8 +241,11 @@ def fig_c(runs: pd.DataFrame) -> Figure:
     percentile); phases that are always 0 (communication in ``engine=local``) are left out; diverged and
     chance-level methods are hatched and named."""
     done = ordered(runs[runs["status"].isin(FINISHED)]).copy()
-    robust = done[list(MEDIAN_PHASES)].notna().any().any()
-    phases = list(MEDIAN_PHASES if robust else PHASES)
+    # the CPU clock where every run has it (a loaded machine leaves it alone), else wall-clock medians, else means
+    if done[list(CPU_MEDIAN_PHASES)].notna().all().all() and len(done):
+        phases = list(CPU_MEDIAN_PHASES)
+    else:
+        phases = list(MEDIAN_PHASES if done[list(MEDIAN_PHASES)].notna().any().any() else PHASES)
     done["total"] = done[phases].fillna(0.0).sum(axis=1)
     done["diverged"] = (done["status"] == "diverged").astype(float)
     done["chance"] = chance_level(done).astype(float)
@@ -253,7 +258,7 @@ def fig_c(runs: pd.DataFrame) -> Figure:
     bottom = np.zeros(len(agg))
     bad = (agg["diverged"] > 0) | (agg["chance"] >= 0.5)
     for phase in shown:
-        name = phase.removeprefix("t_").removesuffix("_median")
+        name = phase.removeprefix("t_").removesuffix("_median").removesuffix("_cpu")
         vals = agg[phase].fillna(0.0).to_numpy() * 1000
         ax.bar(pos, vals, 0.6, bottom=bottom, label=name, color=PHASE_COLOURS.get(name),
                hatch=["//" if b else None for b in bad], edgecolor="white", linewidth=0)
@@ -277,9 +282,10 @@ def fig_c(runs: pd.DataFrame) -> Figure:
     ax.set_xticks(pos, [f"{r.label}\n(n={r.n})" for r in agg.itertuples()], rotation=30, ha="right", fontsize=8)
     for tick, defence in zip(ax.get_xticklabels(), agg["defence"], strict=True):
         tick.set_color(FAMILY_COLOURS.get(defence, FAMILY_COLOURS["other"]))
-    ax.set_ylabel(f"ms per iteration ({'median' if robust else 'mean'} per phase)")
+    clock = {CPU_MEDIAN_PHASES[0]: "CPU median", MEDIAN_PHASES[0]: "median"}.get(phases[0], "mean")
+    ax.set_ylabel(f"ms per iteration ({clock} per phase)")
     extra = [Line2D([], [], color="k", marker="_", lw=1, label="95 % interval over seeds"),
-             Line2D([], [], color="0.45", lw=2, label="10th–90th pct of a step")]
+             Line2D([], [], color="0.45", lw=2, label="10th–90th pct of a step (wall clock)")]
     if bad.any():
         extra.append(Patch(facecolor="white", edgecolor="0.3", hatch="//", label="diverged / chance"))
     handles, _ = ax.get_legend_handles_labels()

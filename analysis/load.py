@@ -32,6 +32,9 @@ PHASES = ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update")
 # 10th/90th percentile of a step's time; older runs lack them and the analysis falls back to the means
 MEDIAN_PHASES = tuple(f"{k}_median" for k in PHASES)
 STEP_SPREAD = ("t_step_p10", "t_step_p90")
+# the CPU clock (detox.timing, engine=local): per-window CPU medians of the phases that work, and the cluster time
+# built from them, which a loaded machine leaves alone; MPI runs lack it
+CPU_MEDIAN_PHASES = tuple(f"{k}_cpu_median" for k in ("t_compute", "t_vote", "t_aggregate", "t_update"))
 # summary keys copied into the runs table
 SUMMARY_KEYS = ("status", "error", "figure", "workers", "worker_fail", "group_size", "batch_size", "lr", "seed",
                 "max_steps", "placement", "target_acc", "steps", "final_test_acc", "best_test_acc",
@@ -125,12 +128,11 @@ def step_weighted(records: list[dict], keys: tuple[str, ...] = PHASES) -> dict[s
 def step_weighted_phases(records: list[dict]) -> dict[str, float]:
     """Mean per-step seconds of each phase (means and, where recorded, medians), the spread of a step's time
     and corrupted groups per step over a run."""
-    out = step_weighted(records, (*PHASES, *MEDIAN_PHASES, *STEP_SPREAD))
+    out = step_weighted(records, (*PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES))
     out["corrupted_per_step"] = step_weighted(records, ("corrupted_groups",))["corrupted_groups"]
     last = records[-1] if records else {}
-    out["cluster_time_median"] = last.get("cluster_time_median", np.nan)
-    if out["cluster_time_median"] is None:
-        out["cluster_time_median"] = np.nan
+    for k in ("cluster_time_median", "cluster_time_cpu"):
+        out[k] = np.nan if last.get(k) is None else last[k]
     return out
 
 
@@ -168,7 +170,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         row.update(step_weighted_phases(records))
         rows.append(row)
     cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
-            "cluster_time_median", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, "corrupted_per_step"]
+            "cluster_time_median", "cluster_time_cpu", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES,
+            "corrupted_per_step"]
     return pd.DataFrame(rows, columns=cols).set_index("job", drop=False).rename_axis(None)
 
 
@@ -191,10 +194,15 @@ def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataF
 
 
 def time_column(df: pd.DataFrame) -> str:
-    """The clock to compare approaches on: ``cluster_time_median`` (built from per-phase medians, robust to a
-    loaded machine) where the runs recorded it, else ``cluster_time`` (per-phase means; older runs)."""
-    col = "cluster_time_median"
-    return col if col in df.columns and df[col].notna().any() and (df[col] > 0).any() else "cluster_time"
+    """The clock to compare approaches on: ``cluster_time_cpu`` (per-phase CPU medians: what a loaded machine
+    leaves alone) where every record has it, else ``cluster_time_median`` (per-phase wall-clock medians, robust to
+    load spikes) where the runs recorded it, else ``cluster_time`` (per-phase means; older runs)."""
+    def recorded(col: str) -> bool:
+        return col in df.columns and bool((df[col] > 0).any())
+
+    if recorded("cluster_time_cpu") and df["cluster_time_cpu"].notna().all():  # never one clock for some jobs only
+        return "cluster_time_cpu"
+    return "cluster_time_median" if recorded("cluster_time_median") else "cluster_time"
 
 
 def time_to_target(metrics: pd.DataFrame, target: float, x: str | None = None) -> pd.Series:

@@ -18,15 +18,15 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
-from analysis.load import MEDIAN_PHASES, PHASES, load_metrics, load_runs, time_column, time_to_target
+from analysis.load import CPU_MEDIAN_PHASES, MEDIAN_PHASES, PHASES, load_metrics, load_runs, time_column, time_to_target
 from analysis.stats import aggregate, fmt
 
 JOB_COLUMNS = ["job", "label", "seed", "err_mode", "worker_fail", "status", "final_test_acc", "best_test_acc",
-               "steps", "wall_time", "cluster_time", "cluster_time_median", "time_to_target", *PHASES,
-               *MEDIAN_PHASES, "t_step_p10", "t_step_p90", "corrupted_per_step"]
+               "steps", "wall_time", "cluster_time", "cluster_time_median", "cluster_time_cpu", "time_to_target",
+               *PHASES, *MEDIAN_PHASES, "t_step_p10", "t_step_p90", *CPU_MEDIAN_PHASES, "corrupted_per_step"]
 # the values a configuration's row aggregates over its seeds (times per phase in ms)
-VALUES = ["final_test_acc", "best_test_acc", "cluster_time", "cluster_time_median", *MEDIAN_PHASES,
-          "corrupted_per_step"]
+VALUES = ["final_test_acc", "best_test_acc", "cluster_time", "cluster_time_median", "cluster_time_cpu",
+          *MEDIAN_PHASES, *CPU_MEDIAN_PHASES, "corrupted_per_step"]
 
 
 def _figures(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> dict[str, Callable[[], plt.Figure]]:
@@ -52,9 +52,10 @@ def jobs_table(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) 
     if target is not None and len(metrics):
         x = time_column(metrics)
         out[f"{x}_to_{target:g}"] = time_to_target(metrics, target, x).reindex(out["job"]).to_numpy()
-    for k in (*PHASES, *MEDIAN_PHASES, "t_step_p10", "t_step_p90"):
+    ms = (*PHASES, *MEDIAN_PHASES, "t_step_p10", "t_step_p90", *CPU_MEDIAN_PHASES)
+    for k in ms:
         out[k] = out[k] * 1000
-    return out.rename(columns={k: f"{k}_ms" for k in (*PHASES, *MEDIAN_PHASES, "t_step_p10", "t_step_p90")})
+    return out.rename(columns={k: f"{k}_ms" for k in ms})
 
 
 def table(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> pd.DataFrame:
@@ -66,9 +67,9 @@ def table(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> pd
         x = time_column(metrics)
         data[f"{x}_to_{target:g}"] = data["job"].map(time_to_target(metrics, target, x)).astype(float)
         values.append(f"{x}_to_{target:g}")
-    for k in MEDIAN_PHASES:
+    for k in (*MEDIAN_PHASES, *CPU_MEDIAN_PHASES):
         data[f"{k}_ms"] = data[k] * 1000
-    values = [f"{v}_ms" if v in MEDIAN_PHASES else v for v in values]
+    values = [f"{v}_ms" if v in (*MEDIAN_PHASES, *CPU_MEDIAN_PHASES) else v for v in values]
     agg = aggregate(data, "config", values).rename(columns={"n": "seeds"})
     meta = data.groupby("config", sort=False).agg(
         label=("label", "first"), err_mode=("err_mode", "first"), worker_fail=("worker_fail", "first"),

@@ -17,7 +17,6 @@ written into its group's first row.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,6 +25,7 @@ import torch
 
 from detox.aggregators import aggregate, coord_median
 from detox.attacks import TAG_BUCKETS, rng_for
+from detox.timing import Timer
 
 VOTES = ("strict", "boyer-moore")
 
@@ -314,34 +314,26 @@ def majority_vote(
 
 
 def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[Votes, dict]:
-    t0 = time.perf_counter()
+    timer = Timer()
     # corrupted: the kept vector lacks the support of a strict majority of honest members, so the Byzantines
     # decided the vote (even if they chose to send the honest vector)
     votes = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p)
-    diag = {
-        "corrupted_groups": votes.corrupted,
-        "vote_fallbacks": votes.fallbacks,
-        "t_vote": time.perf_counter() - t0,
-    }
+    diag = timer.stop({"corrupted_groups": votes.corrupted, "vote_fallbacks": votes.fallbacks}, "t_vote")
     return votes, diag
 
 
 def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
-    t0 = time.perf_counter()
+    timer = Timer()
     agg_d = aggregate(plan.mode, grads_nd, plan.f, plan.mode_params)
-    return agg_d, {
-        "corrupted_groups": int(byz_p.sum()),
-        "vote_fallbacks": 0,
-        "t_vote": 0.0,
-        "t_aggregate": time.perf_counter() - t0,
-    }
+    diag = {"corrupted_groups": int(byz_p.sum()), "vote_fallbacks": 0, "t_vote": 0.0, "t_vote_cpu": 0.0}
+    return agg_d, timer.stop(diag, "t_aggregate")
 
 
 def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
     votes, diag = _vote_stage(grads_nd, byz_p, plan)
-    t0 = time.perf_counter()
+    timer = Timer()
     agg_d = aggregate("mean", grads_nd, 0, rows=votes.rows)
-    diag["t_aggregate"] = time.perf_counter() - t0
+    timer.stop(diag, "t_aggregate")
     return agg_d, diag
 
 
@@ -368,10 +360,10 @@ def bucketize(winners_kd: torch.Tensor, plan: Plan, step: int) -> torch.Tensor:
 
 def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
     votes, diag = _vote_stage(grads_nd, byz_p, plan)
-    t0 = time.perf_counter()
+    timer = Timer()
     inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step)
     agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows)
-    diag["t_aggregate"] = time.perf_counter() - t0
+    timer.stop(diag, "t_aggregate")
     return agg_d, diag
 
 

@@ -6,7 +6,6 @@ outputs are the trainer's.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 
 from detox.approaches import Plan
 from detox.models import gradient
+from detox.timing import Timer
 from detox.trainer import Gradients, Setup, setup, train, unit_samplers
 
 
@@ -32,17 +32,18 @@ class LocalSource:
 
     def gradients(self, step: int, byz_p: np.ndarray) -> Gradients:
         s, size = self.s, self.s.plan.unit_size
-        losses, slowest = [], 0.0
+        losses, slowest, slowest_cpu = [], 0.0, 0.0
         for u, sampler in enumerate(self.samplers):
-            t0 = time.perf_counter()
+            timer = Timer()
             idx = sampler.indices(step).to(s.data.train_x.device)
             loss = gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx])
             if not byz_p[u * size : (u + 1) * size].all():  # a unit of Byzantines only reports nothing we keep
                 losses.append(loss)
-            slowest = max(slowest, time.perf_counter() - t0)
+            wall, cpu = timer.elapsed()
+            slowest, slowest_cpu = max(slowest, wall), max(slowest_cpu, cpu)
             self.grads_nd[u * size : (u + 1) * size] = s.g_d
         # a cluster's workers compute in parallel: the step waits for the slowest one, as t_compute in MPI
-        return Gradients(self.grads_nd, losses, t_compute=slowest, t_comm=0.0)
+        return Gradients(self.grads_nd, losses, t_compute=slowest, t_comm=0.0, t_compute_cpu=slowest_cpu)
 
     def close(self) -> None:
         pass

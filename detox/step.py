@@ -7,13 +7,12 @@ trajectory for the same seed.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from detox.approaches import APPROACHES, Plan
 from detox.attacks import NEEDS_ALL_HONEST, HonestStats, attack_vector
+from detox.timing import Timer
 
 
 def byzantine_units(byz_p: np.ndarray, plan: Plan) -> dict[int, np.ndarray]:
@@ -80,11 +79,11 @@ class ParameterServer:
         if faulty_p is not None and faulty_p.any():
             byz_p = byz_p | faulty_p
         agg_d, diag = APPROACHES[self.plan.approach](grads_nd, byz_p, self.plan, step)
-        t0 = time.perf_counter()
+        timer = Timer()
         if self.weight_decay:
             agg_d.add_(self.w_d, alpha=self.weight_decay)
         self.v_d.mul_(self.momentum).add_(agg_d)
         self.w_d.add_(self.v_d, alpha=-self.lr)
         diag["finite"] = bool(torch.isfinite(self.w_d).all())
-        diag["t_update"] = time.perf_counter() - t0
+        timer.stop(diag, "t_update")
         return diag

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 
 import matplotlib
@@ -28,6 +29,7 @@ from analysis.load import load_metrics, load_runs, sweep_root, time_column, time
 from analysis.report import main as report_main  # noqa: E402
 from analysis.stats import aggregate, fmt, interval  # noqa: E402
 from detox.config import validate  # noqa: E402
+from detox.timing import Timer  # noqa: E402
 from detox.trainer import ROBUST_KEYS, _Window  # noqa: E402
 
 SWEEPS = ROOT / "sweeps"
@@ -433,6 +435,50 @@ def test_runs_record_the_median_clock(tmp_path: Path) -> None:
         step = sum(rec[f"{k}_median"] for k in ("t_compute", "t_comm", "t_vote", "t_aggregate", "t_update"))
         assert rec["cluster_time_median"] == pytest.approx(prev["cluster_time_median"] + 3 * step)
         assert rec["t_step_p10"] <= rec["t_step_p90"]
+
+    # the CPU clock: one value per window, accumulated the same way, never above the wall clock with threads=1
+    cpu = ("t_compute_cpu", "t_vote_cpu", "t_aggregate_cpu", "t_update_cpu")
+    assert records[0]["cluster_time_cpu"] == 0.0
+    for prev, rec in itertools.pairwise(records):
+        step = sum(rec[f"{k}_median"] for k in cpu)
+        assert rec["cluster_time_cpu"] == pytest.approx(prev["cluster_time_cpu"] + 3 * step)
+        assert 0 < step <= sum(rec[f"{k}_median"] for k in ("t_compute", "t_vote", "t_aggregate", "t_update")) + 1e-3
+
+
+def test_the_cpu_clock_leaves_out_time_spent_off_the_cpu() -> None:
+    # what a preempted or descheduled phase looks like to the process: time passes, no CPU is used
+    diag = Timer().stop({}, "t_phase")
+    timer = Timer()
+    time.sleep(0.2)
+    timer.stop(diag, "t_phase")
+    assert diag["t_phase"] >= 0.2 and diag["t_phase_cpu"] < 0.02
+    timer = Timer()
+    while timer.elapsed()[0] < 0.1:  # busy: both clocks advance
+        pass
+    timer.stop(diag, "t_phase")
+    assert diag["t_phase_cpu"] > 0.05
+
+
+def test_a_window_without_cpu_times_has_no_cpu_clock() -> None:
+    class G:
+        losses = [1.0]
+
+    w = _Window()
+    step = {"t_compute": 0.01, "t_comm": 0.002, "t_vote": 0.001, "t_aggregate": 0.002, "t_update": 0.0}
+    cpu = {"t_compute_cpu": 0.01, "t_vote_cpu": 0.001, "t_aggregate_cpu": 0.002, "t_update_cpu": 0.0}
+    w.add({**step, **cpu}, G())
+    assert w.cpu_step() == pytest.approx(0.013)
+    w.add({**step, **cpu, "t_compute_cpu": None}, G())  # engine=mpi: the workers' compute is wall-clock only
+    assert w.cpu_step() is None and w.means()["t_compute_cpu_median"] is None
+
+
+def test_time_column_uses_one_clock_for_every_job() -> None:
+    frame = pd.DataFrame({"job": [0, 0, 1, 1], "cluster_time": [0.0, 9.0, 0.0, 8.0],
+                          "cluster_time_median": [0.0, 3.0, 0.0, 2.0], "cluster_time_cpu": [0.0, 1.0, 0.0, 1.5]})
+    assert time_column(frame) == "cluster_time_cpu"
+    frame.loc[3, "cluster_time_cpu"] = np.nan  # job 1 ran on MPI: no CPU clock
+    assert time_column(frame) == "cluster_time_median"
+    assert time_column(frame.drop(columns=["cluster_time_median", "cluster_time_cpu"])) == "cluster_time"
 
 
 # ----------------------------------------------------------------------------------- the sweep configs
