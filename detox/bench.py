@@ -249,19 +249,19 @@ def _fmt_rule(r: dict) -> str:
            if "reference_seconds" in r else "")
     mem = f"  mem {r['peak_extra_x_input']:.2f}x" if r["peak_extra_x_input"] is not None else ""
     per = "/iter" if r["rule"] == "geometric-median" else ""
-    return (f"{r['rule']:>16} n={r['n']:<3} d={r['d']:<9.3g} {r['seconds']:8.4f} s{per:5} "
+    return (f"{r['rule']:>16} n={r['n']:<3} d={r['d']:<9.3g} {r['seconds'] * 1e3:9.3f} ms{per:5} "
             f"{r['x_floor']:6.1f}x floor ({r['floor_seconds']:.4f} s){mem}{ref}")
 
 
 def markdown(result: dict) -> str:
-    lines = ["| rule | n | d | seconds | × floor | peak extra memory (× input) | reference (s) | "
+    lines = ["| rule | n | d | ms | × floor | peak extra memory (× input) | reference (s) | "
              "speedup vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rules"]:
         mem = "" if r["peak_extra_x_input"] is None else f"{r['peak_extra_x_input']:.2f}"
         ref = (f"{r['reference_seconds']:.3f} | {r['speedup_vs_reference']:.1f}" if "reference_seconds" in r
                else " | ")
         per = " (per iteration)" if r["rule"] == "geometric-median" else ""
-        lines.append(f"| {r['rule']}{per} | {r['n']} | {r['d']:.3g} | {r['seconds']:.4f} | {r['x_floor']:.1f} | "
+        lines.append(f"| {r['rule']}{per} | {r['n']} | {r['d']:.3g} | {r['seconds'] * 1e3:.3f} | {r['x_floor']:.1f} | "
                      f"{mem} | {ref} |")
     lines += ["", "| PS step (vote + buckets + rule) | P | d | vanilla (s) | DETOX (s) | vanilla / DETOX | vote (s) | "
               "vote share | vote × one read |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
