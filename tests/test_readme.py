@@ -85,6 +85,10 @@ RULES = [
     Rule(r"python -m detox\.cluster\.ec2 ", "test_readme_cluster_commands", "run as typed against a local moto server"),
     Rule(r"cat hosts_address$", "test_readme_cluster_commands", "run after `hosts` wrote the file"),
     Rule(r"python -m detox\.train .*engine=mpi", "test_readme_mpi_commands_run", "run with max_steps=2 eval_freq=2"),
+    Rule(r"python -m detox\.evaluate ", "test_readme_evaluator_commands_run",
+         "in README order in one folder: the follow=true evaluator in the background, then the run, then the rerun"),
+    Rule(r"python -m detox\.train .*evaluation=external", "test_readme_evaluator_commands_run",
+         "run with max_steps=2 eval_freq=2 while the follow=true evaluator waits for it"),
     Rule(r"python -m detox\.train -m --config-dir sweeps ", "test_readme_paper_sweep_commands_run",
          "run in README order with max_steps=2 eval_freq=2, on the prepared Fashion-MNIST"),
     Rule(r"python -m analysis\.report ", "test_readme_paper_sweep_commands_run", "run on the sweep it reports"),
@@ -249,6 +253,34 @@ def test_readme_mpi_commands_run(command: str, tmp_path: Path) -> None:
     summaries = _summaries(tmp_path)
     assert len(summaries) == len(_jobs(command)) and all(s["status"] == "completed" for s in summaries), summaries
     assert all(s["workers"] == 15 for s in summaries)
+
+
+@pytest.mark.slow
+def test_readme_evaluator_commands_run(tmp_path: Path) -> None:
+    """The separate evaluator's workflow as typed: it waits for the run, follows it to its end, and a later run of
+    the plain command finds every step done."""
+    follow, train, after = commands_for("test_readme_evaluator_commands_run")
+    assert "follow=true" in follow and "follow" not in after
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONUNBUFFERED": "1"}
+    waiting = subprocess.Popen(["bash", "-c", f"{follow} timeout=300"], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ok(shell(with_args(train, SHORT), tmp_path), train)
+        out, _ = waiting.communicate(timeout=300)
+    finally:
+        waiting.kill()
+    assert waiting.returncode == 0, out
+    run = tmp_path / "runs" / "exp1"
+    records = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2] and all(0 <= r["test_acc"] <= 1 for r in records), out
+    assert sum(" | test_acc " in line for line in out.splitlines()) == 2, out
+    again = ok(shell(after, tmp_path), after)
+    assert "2 steps already there" in again and "evaluated 0 steps" in again, again
+    (run / "eval.jsonl").unlink()
+    ok(shell(after, tmp_path), after)
+    untimed = [{k: v for k, v in r.items() if k != "eval_time"} for r in records]
+    assert [{k: v for k, v in json.loads(line).items() if k != "eval_time"}
+            for line in (run / "eval.jsonl").read_text().splitlines()] == untimed
 
 
 @pytest.mark.slow
