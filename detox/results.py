@@ -82,6 +82,28 @@ def model_dir(cfg: DictConfig, out_dir: Path) -> Path:
     return Path(str(cfg.model_dir)).expanduser() if cfg.get("model_dir") is not None else out_dir / "models"
 
 
+MODEL_OWNER = ".detox_run"
+
+
+def model_dir_owner(cfg: DictConfig, out_dir: Path) -> str | None:
+    """Claim the run's weights folder for the job folder ``out_dir``; return the job folder that already owns it,
+    if another does. A folder holds one run's ``model_step_<t>`` files: jobs of a sweep given one ``model_dir``
+    would overwrite each other's weights (the owner file is created exclusively: two jobs cannot both claim it)."""
+    if not writes_models(cfg):
+        return None
+    folder, me = model_dir(cfg, out_dir), str(out_dir.resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    owner = folder / MODEL_OWNER
+    try:
+        fd = os.open(owner, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        other = owner.read_text(errors="replace").strip()
+        return None if other == me else other or "another run (claiming it now)"
+    with os.fdopen(fd, "w") as f:
+        f.write(me + "\n")
+    return None
+
+
 def model_path(folder: Path, step: int) -> Path:
     """The original's name, ``model_step_<t>``, without a suffix (its evaluator reads exactly that)."""
     return folder / f"{MODEL_PREFIX}{step}"

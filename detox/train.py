@@ -24,6 +24,8 @@ from detox.results import (
     finished_summary,
     foreign_run,
     job_lock,
+    model_dir,
+    model_dir_owner,
     save_resolved_config,
     write_json,
 )
@@ -79,6 +81,15 @@ def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
         log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
                  out_dir, done["status"])
         return done
+    if (owner := model_dir_owner(cfg, out_dir)) is not None:
+        err = ConfigError(f"model_dir={model_dir(cfg, out_dir)} holds the weights files of {owner}; every run needs "
+                          f"its own (model_dir=null: <job folder>/models)")
+        refuse(err)
+        summary = {**base_summary(cfg), "status": "failed", "error": f"ConfigError: {err}"}
+        write_json(out_dir / "summary.json", summary)
+        if not multirun:
+            sys.exit(2)
+        return summary
     # an unfinished earlier attempt: its summary is stale; metrics.jsonl is rewritten by the trainer
     # (kept up to the checkpoint it resumes from, if any)
     (out_dir / "summary.json").unlink(missing_ok=True)

@@ -105,7 +105,8 @@ def test_external_run_writes_weights_and_evaluates_nothing(runs: dict[str, Path]
     assert all(r["test_acc"] is None and r["test_loss"] is None and r["test_acc5"] is None for r in external)
     # training is the same trajectory: the training side of the records is identical
     assert [r["train_loss"] for r in external] == [r["train_loss"] for r in inloop]
-    assert sorted(p.name for p in (runs["external"] / "models").iterdir()) == [f"model_step_{t}" for t in STEPS]
+    names = sorted(p.name for p in (runs["external"] / "models").glob("model_step_*"))
+    assert names == [f"model_step_{t}" for t in STEPS]
     assert not (runs["inloop"] / "models").exists()  # in-loop evaluation writes no weights unless model_dir is set
     summary = json.loads((runs["external"] / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["evaluation"] == "external"
@@ -261,9 +262,31 @@ def test_model_dir_keeps_weights_next_to_inloop_evaluation(tmp_path: Path) -> No
     run's config."""
     models = tmp_path / "weights"
     assert run_job(["max_steps=4", "eval_freq=2", f"model_dir={models}"], tmp_path / "run")["status"] == "completed"
-    assert sorted(p.name for p in models.iterdir()) == ["model_step_0", "model_step_2", "model_step_4"]
+    assert sorted(p.name for p in models.glob("model_step_*")) == ["model_step_0", "model_step_2", "model_step_4"]
     assert evaluate_in_process([f"run_dir={tmp_path / 'run'}"]) == 0
     assert_same_evaluations(tmp_path / "run", read_jsonl(tmp_path / "run" / "eval.jsonl"))
+
+    assert (models / ".detox_run").read_text() == f"{(tmp_path / 'run').resolve()}\n"  # the folder's owner
+
+
+def test_a_weights_folder_belongs_to_one_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Jobs given one model_dir would overwrite each other's model_step_<t>: the first claims it, the others fail
+    saying whose it is, and the owner's weights stay as they were."""
+    shared, job = tmp_path / "shared", ["max_steps=4", "eval_freq=2", f"model_dir={tmp_path / 'shared'}"]
+    assert run_job([*job, "seed=0"], tmp_path / "a", multirun=True)["status"] == "completed"
+    before = {p.name: p.read_bytes() for p in shared.iterdir()}
+    other = run_job([*job, "seed=1"], tmp_path / "b", multirun=True)
+    assert other["status"] == "failed"
+    assert other["error"] == (f"ConfigError: model_dir={shared} holds the weights files of {(tmp_path / 'a').resolve()}"
+                              f"; every run needs its own (model_dir=null: <job folder>/models)")
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["status"] == "failed"
+    assert not (tmp_path / "b" / "metrics.jsonl").exists()  # refused before training
+    assert {p.name: p.read_bytes() for p in shared.iterdir()} == before
+    # a single run exits 2 with the same one line; the owner itself reruns into its folder (it resumes or skips)
+    with pytest.raises(SystemExit) as exit_:
+        run_job([*job, "seed=1"], tmp_path / "c")
+    assert exit_.value.code == 2 and "holds the weights files of" in capsys.readouterr().err
+    assert run_job([*job, "seed=0"], tmp_path / "a")["status"] == "completed"
 
 
 @pytest.mark.slow
@@ -275,8 +298,8 @@ def test_mpi_run_writes_the_weights_files(tmp_path: Path) -> None:
     assert run_job(job, tmp_path / "local")["status"] == "completed"
     summary = run_job([*job, "engine=mpi", "evaluation=external"], tmp_path / "mpi")
     assert summary["status"] == "completed", summary.get("error")
-    assert sorted(p.name for p in (tmp_path / "mpi" / "models").iterdir()) == ["model_step_0", "model_step_2",
-                                                                             "model_step_4"]
+    names = sorted(p.name for p in (tmp_path / "mpi" / "models").glob("model_step_*"))
+    assert names == ["model_step_0", "model_step_2", "model_step_4"]
     assert evaluate_in_process([f"run_dir={tmp_path / 'mpi'}"]) == 0
     evals, local = read_jsonl(tmp_path / "mpi" / "eval.jsonl"), read_metrics(tmp_path / "local")
     assert [r["step"] for r in evals] == [r["step"] for r in local]
