@@ -85,6 +85,10 @@ def configure_threads(cfg: DictConfig) -> None:
     # under mpiexec torch starts with 1 thread (DESIGN §7): the count is always set explicitly when given
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
+        # numba's parallel kernels (the vote, the rules) as well: threads=1 is one core, which the CPU clock assumes
+        import numba
+
+        numba.set_num_threads(max(1, min(int(cfg.threads), numba.config.NUMBA_NUM_THREADS)))
 
 
 def setup(cfg: DictConfig, plan: Plan) -> Setup:

@@ -436,13 +436,15 @@ def test_runs_record_the_median_clock(tmp_path: Path) -> None:
         assert rec["cluster_time_median"] == pytest.approx(prev["cluster_time_median"] + 3 * step)
         assert rec["t_step_p10"] <= rec["t_step_p90"]
 
-    # the CPU clock: one value per window, accumulated the same way, never above the wall clock with threads=1
+    # the CPU clock: one value per window, accumulated the same way; with threads=1 (torch and numba) about the
+    # wall clock's at most (the bound allows for other threads of the test process)
     cpu = ("t_compute_cpu", "t_vote_cpu", "t_aggregate_cpu", "t_update_cpu")
     assert records[0]["cluster_time_cpu"] == 0.0
     for prev, rec in itertools.pairwise(records):
         step = sum(rec[f"{k}_median"] for k in cpu)
         assert rec["cluster_time_cpu"] == pytest.approx(prev["cluster_time_cpu"] + 3 * step)
-        assert 0 < step <= sum(rec[f"{k}_median"] for k in ("t_compute", "t_vote", "t_aggregate", "t_update")) + 1e-3
+        wall = sum(rec[f"{k}_median"] for k in ("t_compute", "t_vote", "t_aggregate", "t_update"))
+        assert 0 < step <= 1.5 * wall + 2e-3
 
 
 def test_the_cpu_clock_leaves_out_time_spent_off_the_cpu() -> None:
@@ -453,10 +455,10 @@ def test_the_cpu_clock_leaves_out_time_spent_off_the_cpu() -> None:
     timer.stop(diag, "t_phase")
     assert diag["t_phase"] >= 0.2 and diag["t_phase_cpu"] < 0.02
     timer = Timer()
-    while timer.elapsed()[0] < 0.1:  # busy: both clocks advance
+    while timer.elapsed()[1] < 0.05 and timer.elapsed()[0] < 30:  # busy: the CPU clock advances (slowly if loaded)
         pass
     timer.stop(diag, "t_phase")
-    assert diag["t_phase_cpu"] > 0.05
+    assert diag["t_phase_cpu"] >= 0.05 and diag["t_phase"] >= diag["t_phase_cpu"] - 0.01
 
 
 def test_a_window_without_cpu_times_has_no_cpu_clock() -> None:
