@@ -34,6 +34,8 @@ from detox.trainer import ROBUST_KEYS, _Window  # noqa: E402
 
 SWEEPS = ROOT / "sweeps"
 SWEEP_FILES = sorted(p.stem for p in SWEEPS.glob("*.yaml"))
+# composing every job of a paper-scale sweep takes seconds each: the full suite checks them
+SWEEP_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n.endswith("_full") else n for n in SWEEP_FILES]
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
 
 # ----------------------------------------------------------------------------------- synthetic multiruns
@@ -392,6 +394,7 @@ def test_analysis_leaves_the_backend_to_the_caller() -> None:
 # ----------------------------------------------------------------------------------- the notebook
 
 
+@pytest.mark.slow
 def test_notebook_executes_top_to_bottom_and_draws(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nbformat  # the test extra brings nbclient, nbformat and ipykernel
     from nbclient import NotebookClient
@@ -491,7 +494,7 @@ def _sweep_params(name: str) -> dict[str, list[str]]:
     return {k: str(v).split(",") for k, v in raw["hydra"]["sweeper"]["params"].items()}
 
 
-@pytest.mark.parametrize("name", SWEEP_FILES)
+@pytest.mark.parametrize("name", SWEEP_PARAMS)
 def test_every_sweep_job_composes_and_validates(name: str) -> None:
     params = _sweep_params(name)
     if name.endswith(("_cpu", "_full")):  # the figure sweeps (issue #11: every point a mean over >= 3 seeds)
@@ -516,6 +519,7 @@ def test_sweeps_come_in_two_sizes() -> None:
         assert {f"fig_{letter}_cpu", f"fig_{letter}_full"} <= set(SWEEP_FILES)
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_and_rerun_trains_nothing(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     args = ["-m", "--config-dir", "sweeps", "--config-name", "fig_a_cpu", f"hydra.sweep.dir={root}",

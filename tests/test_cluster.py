@@ -327,6 +327,7 @@ def test_slurm_launcher_config_composes() -> None:
     assert type(slurm).__name__ == "SlurmLauncher" and slurm.params["partition"] == "cpu"
 
 
+@pytest.mark.slow
 def test_local_parallel_launcher_runs_jobs_in_separate_processes(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     pid = "hydra.job_logging.formatters.simple.format='pid=%(process)d %(message)s'"  # which process ran each job

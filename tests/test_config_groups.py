@@ -17,7 +17,11 @@ from detox.models import MODELS
 
 REGISTRIES = {"network": MODELS, "dataset": DATASETS, "mode": AGGREGATORS, "approach": APPROACHES,
               "err_mode": ATTACKS, "engine": ENGINES}
-ALL_OPTIONS = [(g, o) for g in GROUPS for o in options(g)]
+# the heaviest options (an MPI world, the largest networks) run in the full suite only: the quick subset
+# (-m "not slow") stays a few minutes
+HEAVY = {("engine", "mpi"), ("network", "resnet50"), ("network", "densenet121")}
+ALL_OPTIONS = [pytest.param(g, o, marks=pytest.mark.slow) if (g, o) in HEAVY else (g, o)
+               for g in GROUPS for o in options(g)]
 # jobs on a data set of the network's input shape, one group, mean: only the network's cost matters
 NETWORK_JOB = ["workers=3", "worker_fail=0", "group_size=3", "mode=mean", "max_steps=2", "eval_freq=1",
                "batch_size=4", "dataset=synthetic", "dataset.train_size=16", "dataset.test_size=8",

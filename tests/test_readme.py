@@ -164,6 +164,7 @@ def write_hostfile_like_ec2(path: Path, workers: int) -> None:
     path.write_text("".join(f"10.0.0.{i + 1} slots=1\n" for i in range(workers + 1)))
 
 
+@pytest.mark.slow
 def test_readme_train_configs_are_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     write_hostfile_like_ec2(tmp_path / "hosts_address", 15)  # what the README's ec2 `hosts` line writes
