@@ -282,24 +282,37 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _sample_cols(d: int) -> list[tuple[int, int]]:
+    """The column segments ranked on: 8 evenly spaced runs of _SAMPLE_COLS / 8 columns (overlapping when d is
+    small), duplicates dropped."""
+    seg = max(1, _SAMPLE_COLS // 8)
+    starts = np.linspace(0, max(d - seg, 0), num=8, dtype=np.int64)
+    return [(s, min(s + seg, d)) for s in np.unique(starts).tolist()]
+
+
 def _candidates(x_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> list[int]:
     """Rows (positions in ``rows``) ranked by a Krum-style score on a sample of columns (float64, cheap): the
     first lie inside the bulk of the data. The sample is a few contiguous column segments, so it costs little
     memory traffic."""
-    d = x_nd.shape[1]
     n = x_nd.shape[0] if rows is None else rows.shape[0]
-    seg = max(1, _SAMPLE_COLS // 8)
-    starts = np.linspace(0, max(d - seg, 0), num=8, dtype=np.int64)
+    if n == 1:
+        return [0]
+    k = min(max(k, 1), n - 1)
+    segs = _sample_cols(x_nd.shape[1])
+    if _cpu32(x_nd):
+        # one compiled call (the torch ops it replaces cost ~0.3 ms at d = 1e3, and MKL's threaded product waits
+        # for a second core: 16 ms on a loaded machine); float64 like them, summed in a fixed order
+        from detox.kernels import candidate_ranking
+
+        starts, ends = np.array(segs, dtype=np.int64).T
+        return candidate_ranking(x_nd.contiguous().numpy(), rows, starts, ends, k, _threads()).tolist()
     sel = slice(None) if rows is None else torch.from_numpy(rows)
-    sample = torch.cat([x_nd[sel, s : s + seg] for s in np.unique(starts).tolist()], dim=1).double()
+    sample = torch.cat([x_nd[sel, a:b] for a, b in segs], dim=1).double()
     sample = sample - sample[0]
     gram = sample @ sample.t()
     sq = gram.diagonal()
     d2 = torch.nan_to_num((sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0), nan=float("inf"))
     d2.fill_diagonal_(float("inf"))
-    if n == 1:
-        return [0]
-    k = min(max(k, 1), n - 1)
     return torch.sort(d2.topk(k, dim=1, largest=False).values.sum(dim=1), stable=True).indices.tolist()
 
 
@@ -342,6 +355,25 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor, rows: np.ndarray | No
     return gram_t
 
 
+def _sq_dists(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None, diagonal: float) -> np.ndarray:
+    """pairwise_sq_dists as a float64 numpy array whose diagonal is ``diagonal``."""
+    n = grads_nd.shape[0] if rows is None else rows.shape[0]
+    at = (lambda i: i) if rows is None else (lambda i: int(rows[i]))  # position in rows -> row of grads_nd
+    gram = _centred_gram(grads_nd, grads_nd[at(_reference_row(grads_nd, k, None, rows))], rows).cpu().numpy()
+    if n > 1 and not np.isfinite(gram.diagonal()).any():
+        # the reference row itself carried a NaN/inf (outside the sample): centre on a finite row instead
+        ref = _reference_row(grads_nd, k, _finite_rows(grads_nd, rows), rows)
+        if ref < 0:
+            d2 = np.full((n, n), np.inf)
+            np.fill_diagonal(d2, diagonal)
+            return d2
+        gram = _centred_gram(grads_nd, grads_nd[at(ref)], rows).cpu().numpy()
+    from detox.kernels import sq_dists_from_gram
+
+    # each Gram entry involves only its two rows: a hostile row spoils its own row and column, nothing else
+    return sq_dists_from_gram(gram, diagonal)
+
+
 def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None, rows: np.ndarray | None = None) -> torch.Tensor:
     """(n, n) float64 squared Euclidean distances; a row with a non-finite entry (or whose squared norm
     overflows float32) is +inf from every other row. The diagonal is exactly 0.
@@ -351,25 +383,7 @@ def pairwise_sq_dists(grads_nd: torch.Tensor, k: int | None = None, rows: np.nda
     every digit when rows share a large common component.
     """
     n = grads_nd.shape[0] if rows is None else rows.shape[0]
-    k = k if k is not None else n // 2
-    at = (lambda i: i) if rows is None else (lambda i: int(rows[i]))  # position in rows -> row of grads_nd
-    gram = _centred_gram(grads_nd, grads_nd[at(_reference_row(grads_nd, k, None, rows))], rows).cpu()
-    sq = gram.diagonal()
-    if n > 1 and not bool(torch.isfinite(sq).any()):
-        # the reference row itself carried a NaN/inf (outside the sample): centre on a finite row instead
-        ref = _reference_row(grads_nd, k, _finite_rows(grads_nd, rows), rows)
-        if ref < 0:
-            d2 = torch.full((n, n), float("inf"), dtype=torch.float64)
-            return d2.fill_diagonal_(0.0)
-        gram = _centred_gram(grads_nd, grads_nd[at(ref)], rows).cpu()
-        sq = gram.diagonal()
-    # each Gram entry involves only its two rows: a hostile row spoils its own row and column, nothing else
-    ok = torch.isfinite(sq)
-    sub = torch.nan_to_num((sq[:, None] + sq[None, :] - 2.0 * gram).clamp_(min=0.0), nan=float("inf"))
-    sub[~ok, :] = float("inf")
-    sub[:, ~ok] = float("inf")
-    sub.fill_diagonal_(0.0)
-    return sub
+    return torch.from_numpy(_sq_dists(grads_nd, k if k is not None else n // 2, rows, 0.0))
 
 
 def _scores(d2_nn: np.ndarray, k: int) -> np.ndarray:
@@ -382,9 +396,7 @@ def _scores(d2_nn: np.ndarray, k: int) -> np.ndarray:
 
 def _distances(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> np.ndarray:
     """(n, n) float64 squared distances with +inf on the diagonal (a row is not its own neighbour)."""
-    d2 = pairwise_sq_dists(grads_nd, max(k, 1), rows).numpy().copy()
-    np.fill_diagonal(d2, np.inf)
-    return d2
+    return _sq_dists(grads_nd, max(k, 1), rows, np.inf)
 
 
 def krum_scores(grads_nd: torch.Tensor, f: int, neighbours: int | None = None) -> torch.Tensor:
@@ -454,11 +466,12 @@ def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,
     return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k, rows), k), s["m"]), rows)
 
 
-def _iterative_selection(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:
+def _iterative_selection_reference(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:
     """El Mhamdi et al. 2018: apply Krum to the rows R not yet selected, move its choice to the selection,
     repeat until theta rows are selected. Krum on R uses |R| - f - 2 neighbours (or ``k_fixed``), clipped to
     [0, |R| - 1]: the last iterations run on fewer rows than Krum's own bound, where the paper leaves the
-    count undefined."""
+    count undefined. The rule runs the compiled twin (``detox.kernels.iterative_selection``, same rows); this
+    loop is what it is tested against."""
     left = np.arange(d2_nn.shape[0])
     chosen = []
     for _ in range(theta):
@@ -491,7 +504,9 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
         k = n - f - 2 if k_fixed is None else k_fixed
         selected = np.sort(_lowest(_scores(d2, k), th))
     else:
-        selected = _iterative_selection(d2, f, th, k_fixed)
+        from detox.kernels import iterative_selection
+
+        selected = iterative_selection(d2, f, th, k_fixed)
     chosen = np.ascontiguousarray(selected if rows is None else rows[selected], dtype=np.int64)
     if s["average"] == ORIGINAL:
         return _middle_rows(grads_nd, chosen, f, th - f)
@@ -544,19 +559,24 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
         else:
             grads_nd = grads_nd[finite.to(grads_nd.device)]
     rows = grads_nd
-    dist_n = dist_n[finite]
+    # the (n,) bookkeeping runs in numpy (a torch op on 45 numbers costs ~4 us, a dozen per iteration); the two
+    # reductions whose rounding depends on torch's summation order (the weights' total, the step's norm) stay
+    # torch's, so the iterates are the same bit for bit
+    dist = dist_n.numpy()[finite.numpy()]
+    mid = (dist.shape[0] - 1) // 2
     for _ in range(max_iter):
-        scale = float(dist_n.median())
+        scale = float(np.partition(dist, mid)[mid])  # torch.median: the lower middle value
         # rows at z (within round-off of the data's scale) would get an infinite Weiszfeld weight
-        at_z = dist_n <= 1e-12 * max(float(dist_n.max()), 1e-300)
-        w_n = torch.where(at_z, 0.0, 1.0 / dist_n)
-        if float(w_n.sum()) == 0.0:
+        at_z = dist <= 1e-12 * max(float(dist.max()), 1e-300)
+        w_n = torch.from_numpy(np.divide(1.0, dist, out=np.zeros_like(dist), where=~at_z))
+        total = w_n.sum()
+        if float(total) == 0.0:
             break  # every row coincides with z
-        t_d = _weighted_rows64(rows, w_n / w_n.sum(), idx)
+        t_d = _weighted_rows64(rows, w_n / total, idx)
         eta = int(at_z.sum())
         if eta:
             # Vardi & Zhang (2000): z is optimal iff ||R|| <= eta, R = sum over other rows of unit vectors
-            r = float(torch.linalg.vector_norm(t_d - z_d) * w_n.sum())
+            r = float(torch.linalg.vector_norm(t_d - z_d) * total)
             if r <= eta:
                 break
             t_d = t_d * (1 - eta / r) + z_d * (eta / r)
@@ -564,7 +584,7 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
         z_d = t_d
         if moved <= tol * scale:
             break
-        dist_n = _row_dists(rows, z_d, idx)
+        dist = _row_dists(rows, z_d, idx).numpy()
     return z_d.to(grads_nd.dtype)
 
 

@@ -65,3 +65,72 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
         assert 0 < s["vote_seconds"] < s["detox_seconds"] and s["vote_share"] < 1 and s["vote_x_read"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
+
+
+def test_compiled_bulyan_selection_equals_the_numpy_loop() -> None:
+    # the same rows, ties included (small integer distances tie often; ties go to the lower row)
+    from detox.aggregators import _iterative_selection_reference
+    from detox.kernels import iterative_selection
+
+    rng = np.random.default_rng(3)
+    for trial in range(400):
+        n = int(rng.integers(2, 60))
+        d2 = rng.integers(0, 4, (n, n)).astype(float) if trial % 2 else rng.random((n, n)) * 1e3
+        d2 = d2 + d2.T
+        if trial % 5 == 0:
+            d2[rng.integers(0, n)] = np.inf  # a hostile row: +inf from every other row
+            d2[:, rng.integers(0, n)] = np.inf
+        np.fill_diagonal(d2, np.inf)
+        f, theta = int(rng.integers(0, n // 4 + 1)), int(rng.integers(1, n + 1))
+        k_fixed = None if trial % 3 else int(rng.integers(0, n))
+        np.testing.assert_array_equal(iterative_selection(d2, f, theta, k_fixed),
+                                      _iterative_selection_reference(d2, f, theta, k_fixed))
+
+
+def test_pairwise_sum_is_numpys() -> None:
+    from detox.kernels import _pairwise_sum
+
+    for n in [0, 1, 7, 8, 9, 127, 128, 129, 300, 1000, 4099]:
+        a = RNG.random(n) * 10.0 ** RNG.uniform(-8, 8, n)
+        assert _pairwise_sum(a, 0, n) == np.add.reduce(a)  # bit for bit, not approximately
+
+
+def test_candidate_ranking_matches_float64_and_any_thread_count() -> None:
+    from detox.kernels import candidate_ranking
+
+    x = RNG.standard_normal((30, 40000)).astype(np.float32)
+    x[7] += 5.0  # an outlier ranks last
+    starts = np.arange(8, dtype=np.int64) * 5000
+    ends = starts + 2048
+    cols = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends, strict=True)])
+    s = x[:, cols].astype(np.float64) - x[0, cols].astype(np.float64)
+    g = s @ s.T
+    d2 = np.diag(g)[:, None] + np.diag(g)[None, :] - 2 * g
+    np.fill_diagonal(d2, np.inf)
+    want = np.argsort(np.sort(d2, axis=1)[:, :10].sum(axis=1), kind="stable")
+    got = [candidate_ranking(x, None, starts, ends, 10, threads) for threads in (1, 2)]
+    np.testing.assert_array_equal(got[0], got[1])  # summed in segment order whatever the thread count
+    np.testing.assert_array_equal(got[0], want)
+    assert got[0][-1] == 7
+
+
+def test_serial_twins_equal_the_pooled_kernels_on_one_thread() -> None:
+    # below _SERIAL_ELEMS a kernel skips numba's thread pool; its result must be the pooled kernel's on 1 thread
+    from detox import kernels as K
+
+    x = RNG.standard_normal((9, 5000)).astype(np.float32)
+    rows = np.array([0, 2, 3, 5, 8], dtype=np.int64)
+    w = RNG.random(5)
+    z = RNG.standard_normal(5000)
+    net = K.selection_network(5, 1, 4)
+    pairs = [
+        (K._middle_mean_serial(x, rows, net, 1, 4, K.BLOCK), K._middle_mean(x, rows, net, 1, 4, K.BLOCK, 1)),
+        (K._closest_mean_serial(x, rows, K.sorting_network(5), 3, K.BLOCK),
+         K._closest_mean(x, rows, K.sorting_network(5), 3, K.BLOCK, 1)),
+        (K._row_sq_dists_serial(x, rows, z), K._row_sq_dists(x, rows, z, 1)),
+        (K._sign_votes_serial(x, rows), K._sign_votes(x, rows, 1)),
+        (K._centred_gram_serial(x, rows, x[1], K.BLOCK * 4), K._centred_gram(x, rows, x[1], K.BLOCK * 4, 1)),
+        (K._weighted_sum_serial(x, rows, w, np.empty(5000)), K._weighted_sum(x, rows, w, np.empty(5000), 1)),
+    ]
+    for serial, pooled in pairs:
+        assert serial.tobytes() == pooled.tobytes()
