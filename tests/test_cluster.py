@@ -227,6 +227,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_life_cycle_against_moto_server(aws_env: dict[str, str], tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI as a user runs it, with boto3's own endpoint resolution (AWS_ENDPOINT_URL) to a local server."""

@@ -158,6 +158,7 @@ def test_follow_evaluates_files_as_they_appear_and_ignores_temp_files(runs: dict
     assert not any("step    40" in line for line in seen)
 
 
+@pytest.mark.slow
 def test_evaluator_started_before_the_run(runs: dict[str, Path], tmp_path: Path) -> None:
     """The original's workflow: the evaluator is up first and follows the run while it trains."""
     run = tmp_path / "run"
