@@ -276,6 +276,9 @@ def test_hostfile_round_trip(tmp_path: Path) -> None:
     assert parse_hostfile(path) == [("10.0.0.1", 1), ("10.0.0.2", 4), ("node3", 4)]
     path.write_text("# PS first\n\n10.0.0.1 slots=1   # the PS\n  10.0.0.2 slots=2 max_slots=4\n10.0.0.3\n")
     assert parse_hostfile(path) == [("10.0.0.1", 1), ("10.0.0.2", 2), ("10.0.0.3", 1)]  # bare host: one slot
+    path.write_text("ip-10-0-0-1.ec2.internal\nfe80::1 slots=2\n::1\nn\nnode_7\n")
+    assert parse_hostfile(path) == [("ip-10-0-0-1.ec2.internal", 1), ("fe80::1", 2), ("::1", 1), ("n", 1),
+                                    ("node_7", 1)]
 
 
 @pytest.mark.parametrize(("text", "message"), [
@@ -284,6 +287,11 @@ def test_hostfile_round_trip(tmp_path: Path) -> None:
     ("10.0.0.1 cores=4\n", "line 1 '10.0.0.1 cores=4': unknown option 'cores=4' (expected slots=<n>)"),
     ("slots=4\n", "line 1 'slots=4': the line must start with a host name"),
     ("# nothing\n\n", "no hosts in the file"),
+    # a host is an argument of ssh/scp/mpiexec: anything that could read as an option is refused
+    ("-F/tmp/evil slots=1\n", "line 1 '-F/tmp/evil slots=1': '-F/tmp/evil' is not a host name or an IP address"),
+    ("-oProxyCommand\n", "line 1 '-oProxyCommand': '-oProxyCommand' is not a host name or an IP address"),
+    ("node;rm\n", "line 1 'node;rm': 'node;rm' is not a host name or an IP address"),
+    ("node-\n", "line 1 'node-': 'node-' is not a host name or an IP address"),
 ])
 def test_malformed_hostfile(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "hosts"

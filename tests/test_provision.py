@@ -151,8 +151,9 @@ def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, 
         (None, "no such file"),
         ("10.0.0.1 slots=1\n10.0.0.2 slots=two\n", "line 2 '10.0.0.2 slots=two': slots='two' must be an integer"),
         ("# only a comment\n", "no hosts in the file"),
+        ("-F/tmp/evil\n", "'-F/tmp/evil' is not a host name or an IP address"),  # would be an ssh option
     ],
-    ids=["missing", "malformed", "empty"],
+    ids=["missing", "malformed", "empty", "option-as-host"],
 )
 def test_provision_bad_hostfile_is_one_line_exit_2(content: str | None, says: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -169,7 +170,8 @@ def test_provision_bad_hostfile_is_one_line_exit_2(content: str | None, says: st
 def test_provision_bad_flag_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hostfile = tmp_path / "hosts"
     hostfile.write_text("10.0.0.1\n")
-    for args in (["--dataset", "imagenet"], ["--identity", str(tmp_path / "nokey")], ["--jobs", "0"]):
+    for args in (["--dataset", "imagenet"], ["--identity", str(tmp_path / "nokey")], ["--jobs", "0"],
+                 ["--user", "-oProxyCommand=touch /tmp/pwned"]):
         printed: list[str] = []
         try:  # argparse's refusals exit, the checks after parsing return
             code = main([str(hostfile), "--ssh", "/nonexistent/ssh", *args], out=printed.append)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 from pathlib import Path
 
 # keys Open MPI accepts after the host name; only ``slots`` decides how many ranks a host takes by default
 SLOT_KEYS = ("slots", "max_slots", "max-slots")
+# a host name or an IPv4/IPv6 address: hosts end up as arguments of ssh, scp and mpiexec, where a leading '-'
+# (e.g. '-F/tmp/config' or '-oProxyCommand') would be read as an option and run what it names
+HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}")
 
 
 def hostfile_problem(path: str | Path) -> str | None:
@@ -74,6 +78,9 @@ def _parse_line(text: str) -> tuple[str, int]:
     host, *options = text.split()
     if "=" in host:
         raise ValueError("the line must start with a host name")
+    if not HOST.fullmatch(host):
+        raise ValueError(f"{host!r} is not a host name or an IP address (letters, digits, '.', '_', '-', not first "
+                         f"or last; IPv6 with ':')")
     slots = 1
     for option in options:
         key, sep, value = option.partition("=")

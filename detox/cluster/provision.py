@@ -31,6 +31,7 @@ import argparse
 import hashlib
 import json
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ PROG = "detox.cluster.provision"
 # ssh never prompts (a prompt would hang a host's check) and gives up on a dead address
 SSH_DEFAULTS = ("BatchMode=yes", "ConnectTimeout=10")
 PROBE_TAG = "DETOX-PROVISION-PROBE "
+USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 TIMEOUT_S = 600  # one remote step (a data preparation hashes and copies up to ~200 MB)
 
 class InputError(Exception):
@@ -327,6 +329,8 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
             raise InputError(f"{args.hostfile}: {err}") from None
         if args.jobs < 1:
             raise InputError(f"--jobs={args.jobs}: must be >= 1")
+        if args.user is not None and not USER.fullmatch(args.user):  # user@host is one ssh argument: no options
+            raise InputError(f"--user={args.user!r}: not a login name (letters, digits, '.', '_', '-', not first)")
         if args.identity and not Path(args.identity).expanduser().is_file():
             raise InputError(f"--identity {args.identity}: no such file")
     except InputError as err:
