@@ -10,7 +10,7 @@ gives. One record per step goes to ``eval.jsonl``, with the evaluation keys of `
 fills a run's accuracies from it.
 
 ``follow=true`` keeps watching the weights folder (every ``poll`` seconds) and stops once the run's ``summary.json``
-says it ended and every file is evaluated; without it, the files present are evaluated and the command ends. A bad
+says it ended and every file is evaluated, or once the run it watched dies without one (exit 1); without it, the files present are evaluated and the command ends. A bad
 request (no such folder, not a run folder, no weights files) is one line and exit 2, before any work.
 """
 
@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from detox.approaches import plan_from_cfg
 from detox.data import DataUnavailable
 from detox.errors import ConfigError
-from detox.results import MODEL_PREFIX, append_jsonl, model_dir, model_files, writes_models
+from detox.results import MODEL_PREFIX, append_jsonl, lock_held, model_dir, model_files, writes_models
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
 
 # the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
@@ -200,10 +200,17 @@ def evaluate_run(cfg: DictConfig) -> int:
     ev = Evaluator(t, cfg)
     say(f"run {t.run_dir} (network={t.run_cfg.network.name}, dataset={t.run_cfg.dataset.name}): weights from "
         f"{t.models}, records to {t.out}" + (f"; {len(done)} steps already there" if done else ""))
-    evaluated, failed, idle_since = 0, 0, time.monotonic()
+    evaluated, failed, idle_since, killed, seen_running = 0, 0, time.monotonic(), False, False
     while True:
-        # the summary is read before the folder is listed: every file the run wrote before it ended is then seen
+        # the summary is read before the folder is listed: every file the run wrote before it ended is then seen.
+        # A run killed outright writes none, but the OS releases its job lock: once this evaluator has seen the lock
+        # held, a free lock and still no summary (read again: a run that ends writes it before letting go) is a
+        # killed run
         ended = cfg.follow and run_ended(t.run_dir)
+        if cfg.follow and not ended:
+            held = lock_held(t.run_dir)
+            seen_running = seen_running or held is True
+            ended = killed = seen_running and held is False and not run_ended(t.run_dir)
         files = model_files(t.models) if t.models.is_dir() else {}
         for step, path in files.items():
             if step in done:
@@ -221,9 +228,12 @@ def evaluate_run(cfg: DictConfig) -> int:
                 f"giving up")
             return 1
         time.sleep(cfg.poll)
+    if killed:
+        say(f"the run in {t.run_dir} stopped without a summary (no process holds its .lock: killed?); stopping "
+            f"(follow it again if it resumes)")
     say(f"evaluated {evaluated} steps" + (f", skipped {failed} unreadable files" if failed else "") +
         f"; records in {t.out}")
-    return 1 if failed else 0
+    return 1 if failed or killed else 0
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"),

@@ -253,6 +253,22 @@ def job_lock(out_dir: Path) -> Iterator[None]:
         fh.close()
 
 
+def lock_held(out_dir: Path) -> bool | None:
+    """Whether some process holds ``out_dir``'s job lock now, read from /proc/locks without taking the lock (taking
+    it, even for a moment, could make a run starting then skip its folder); None where /proc/locks is unreadable."""
+    try:
+        inode = (out_dir / ".lock").stat().st_ino
+    except FileNotFoundError:
+        return False
+    try:
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2148173 0 EOF": the file is major:minor:inode
+    return any(f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == str(inode)
+               for f in (line.split() for line in locks.splitlines()) if len(f) > 5)
+
+
 def foreign_run(cfg: DictConfig, out_dir: Path) -> bool:
     """True when ``out_dir`` holds output of a run of a different config (never mix two configs in a folder)."""
     try:

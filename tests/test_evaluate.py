@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from detox.config import ConfigError, validate
 from detox.evaluate import EVAL_KEYS, EvalError, _quote_paths, evaluate_run
+from detox.results import job_lock, lock_held
 from detox.trainer import METRIC_KEYS
 
 # the default job (digits, MLP, P = 45, DETOX + Multi-Krum under rev_grad), shortened
@@ -176,6 +177,36 @@ def test_evaluator_started_before_the_run(runs: dict[str, Path], tmp_path: Path)
         seen.append(line)
     assert sum("| test_loss" in line for line in seen) == len(STEPS), seen
     assert_same_evaluations(runs["inloop"], read_jsonl(run / "eval.jsonl"))
+
+
+@pytest.mark.slow
+def test_following_a_run_that_is_killed_stops(tmp_path: Path) -> None:
+    """A run killed with SIGKILL writes no summary: the evaluator sees its job lock released and stops, exit 1."""
+    run = tmp_path / "run"
+    train = subprocess.Popen([sys.executable, "-m", "detox.train", "max_steps=100000", "eval_freq=5",
+                              "evaluation=external", f"hydra.run.dir={run}"], cwd=tmp_path,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = evaluator_process([f"run_dir={run}", "follow=true", "poll=0.1", "timeout=600"])
+    lines, seen = line_reader(proc), []
+    try:
+        wait_for_line(lines, "| test_loss", seen)  # following a live run
+        train.kill()
+        train.wait(timeout=60)
+        assert proc.wait(timeout=60) == 1  # well before timeout=600
+    finally:
+        train.kill()
+        proc.kill()
+    while (line := lines.get(timeout=10)) is not None:
+        seen.append(line)
+    assert any("stopped without a summary (no process holds its .lock: killed?)" in line for line in seen), seen
+    assert not (run / "summary.json").exists()
+
+
+def test_lock_held_reads_the_os_lock_table(tmp_path: Path) -> None:
+    assert lock_held(tmp_path) is False  # no lock file: no run
+    with job_lock(tmp_path):
+        assert lock_held(tmp_path) is True
+    assert lock_held(tmp_path) is False  # the file stays, the lock is gone
 
 
 def test_unreadable_weights_file_is_skipped_with_a_line(runs: dict[str, Path], tmp_path: Path,
