@@ -10,8 +10,9 @@ gives. One record per step goes to ``eval.jsonl``, with the evaluation keys of `
 fills a run's accuracies from it.
 
 ``follow=true`` keeps watching the weights folder (every ``poll`` seconds) and stops once the run's ``summary.json``
-says it ended and every file is evaluated, or once the run it watched dies without one (exit 1); without it, the files present are evaluated and the command ends. A bad
-request (no such folder, not a run folder, no weights files) is one line and exit 2, before any work.
+says it ended and every file is evaluated, or once the run it watched dies without one (exit 1); without it, the
+files present are evaluated and the command ends. A bad request (no such folder, not a run folder, no weights
+files) is one line and exit 2, before any work.
 """
 
 from __future__ import annotations
