@@ -260,6 +260,20 @@ def mean(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: objec
     return grads_nd.mean(dim=0)
 
 
+def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None) -> torch.Tensor:
+    """(len(buckets), d): row b the ``mean`` rule over ``grads_nd[buckets[b]]``, bit for bit the stacked per-bucket
+    means. On the compiled path all buckets in one pass over their rows, written in place (no per-bucket outputs,
+    no stack, no division pass)."""
+    if not _cpu32(grads_nd) or not buckets:
+        return torch.stack([aggregate("mean", grads_nd, f, params, rows=b) for b in buckets])
+    # validated as each per-bucket call would be (the same one-line errors)
+    idx = [_check("mean", grads_nd, f, params, b)[4] for b in buckets]
+    from detox.kernels import bucket_means as fused
+
+    starts = np.concatenate([[0], np.cumsum([i.shape[0] for i in idx])])
+    return torch.from_numpy(fused(grads_nd.contiguous().numpy(), np.concatenate(idx), starts, _threads()))
+
+
 def coord_median(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values. Needs n > 2f."""
     n, _, _, grads_nd, rows = _check("coord-median", grads_nd, f, other, rows)

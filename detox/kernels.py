@@ -523,6 +523,67 @@ def weighted_sum64(x: np.ndarray, w: np.ndarray, threads: int, rows: np.ndarray 
     return weighted_sum(x, w, threads, np.float64, rows)
 
 
+@njit(cache=True, fastmath=False)
+def _divide(dst, acc, m, den):  # pragma: no cover - compiled
+    # no fastmath: "arcp" would turn the division into a multiply by 1/den, which rounds differently from torch's
+    # true division (div_ by the count) for a third of the values. Stated explicitly: a callee with no fastmath
+    # option inherits its caller's (numba's _inherit_if_not_set), and _bucket_means_cols has "arcp"
+    for j in range(m):
+        dst[j] = acc[j] / den
+
+
+@njit(cache=True, fastmath=_FAST)
+def _bucket_means_cols(x, rows, starts, w, dens, out, lo, hi, acc):  # pragma: no cover - compiled
+    # columns [lo, hi) of every bucket's mean, _COLS at a time: per bucket the loop of _weighted_sum_cols (same
+    # operations per element, so the same sums), divided while the block is in cache and written to its row of out
+    nb = starts.shape[0] - 1
+    for a in range(lo, hi, _COLS):
+        m = min(hi, a + _COLS) - a
+        for b in range(nb):
+            acc[:m] = 0
+            for r in range(starts[b], starts[b + 1]):
+                wr = w[r]
+                if wr == 0:
+                    continue
+                row = x[rows[r], a : a + m]
+                for j in range(m):
+                    acc[j] += wr * row[j]
+            _divide(out[b, a : a + m], acc, m, dens[b])
+
+
+@njit(parallel=True, cache=True)
+def _bucket_means(x, rows, starts, w, dens, out, nthreads):  # pragma: no cover - compiled
+    d = x.shape[1]
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        _bucket_means_cols(x, rows, starts, w, dens, out, t * chunk, min(d, (t + 1) * chunk),
+                           np.empty(_COLS, dtype=out.dtype))
+    return out
+
+
+@njit(cache=True)
+def _bucket_means_serial(x, rows, starts, w, dens, out):  # pragma: no cover - compiled
+    _bucket_means_cols(x, rows, starts, w, dens, out, 0, x.shape[1], np.empty(_COLS, dtype=out.dtype))
+    return out
+
+
+def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: int) -> np.ndarray:
+    """(buckets, d): row b the mean of ``x[rows[starts[b]:starts[b + 1]]]`` (every bucket non-empty), all buckets in
+    one read of their rows. Bit for bit ``weighted_sum`` of ones over the bucket's rows (in their order, float32
+    accumulation) then a true division by the count, as the mean rule computes each bucket."""
+    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    counts = np.diff(starts)
+    if starts.ndim != 1 or starts.shape[0] < 2 or starts[0] != 0 or starts[-1] != rows.shape[0] or (counts < 1).any():
+        raise ValueError(f"bucket_means: starts must run from 0 to {rows.shape[0]} in steps >= 1, got {starts}")
+    out = np.empty((counts.shape[0], x.shape[1]), dtype=x.dtype)
+    w = np.ones(rows.shape[0], dtype=x.dtype)
+    dens = counts.astype(x.dtype)
+    threads = _threads(threads, x, rows)
+    if threads == 1:
+        return _bucket_means_serial(x, _rows(x, rows), starts, w, dens, out)
+    return _bucket_means(x, _rows(x, rows), starts, w, dens, out, threads)
+
+
 # ------------------------------------------------------------------------------------- Krum's distances and scores
 # Small (n, n) float64 work that used to be a dozen torch/numpy calls per rule call (~0.5 ms at d = 1e3): one
 # compiled call each, with numpy's and torch's arithmetic reproduced operation for operation (same results).

@@ -1,0 +1,102 @@
+"""Issue #15: DETOX's bucket means in one compiled pass equal the per-bucket ``mean`` rule bit for bit (float32 and
+float64, uneven buckets, NaN payloads, +-inf, -0.0, column blocks and thread chunks crossed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detox import kernels as K
+from detox.aggregators import aggregate, bucket_means
+from detox.approaches import Plan, bucket_rows
+from detox.attacks import TAG_BUCKETS, rng_for
+
+NAN_PAYLOADS = (0x7FC00000, 0x7FC00001, 0xFFC00000, 0x7F800001)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def hostile(rng: np.random.Generator, n: int, d: int, dtype: np.dtype) -> np.ndarray:
+    """Rows of mixed scales, some holding NaNs with payloads, +-inf, -0.0 (whole rows or scattered)."""
+    x = (rng.standard_normal((n, d)) * 10.0 ** rng.integers(-3, 4, size=(n, 1))).astype(dtype)
+    x[rng.random((n, d)) < 0.01] = -0.0
+    for r in rng.choice(n, size=min(n, 3), replace=False):
+        kind = rng.integers(4)
+        cols = rng.random(d) < (1.0 if kind == 0 else 0.02)
+        if kind < 2:
+            payload = NAN_PAYLOADS[rng.integers(len(NAN_PAYLOADS))]
+            if dtype == np.float32:
+                x[r].view(np.uint32)[cols] = payload
+            else:
+                x[r].view(np.uint64)[cols] = (payload & 0x80000000) << 32 | 0x7FF8000000000000 | (payload & 0xFF)
+        else:
+            x[r, cols] = np.inf if kind == 2 else -np.inf
+    return x
+
+
+def per_bucket(g: torch.Tensor, buckets: list[np.ndarray]) -> torch.Tensor:
+    return torch.stack([aggregate("mean", g, 0, rows=b) for b in buckets])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_bucket_means_equal_the_per_bucket_rule(dtype: np.dtype) -> None:
+    rng = np.random.default_rng(15)
+    # d: one partial column block; several blocks; over the one-thread threshold with two chunks whose boundary
+    # falls inside a column block
+    for d in (37, 3 * 4096 + 5, 70_001):
+        for _ in range(4):
+            n = int(rng.integers(3, 20))
+            x = torch.from_numpy(hostile(rng, n, d, dtype))
+            k = int(rng.integers(2, n + 1))
+            rows = rng.choice(n, size=k, replace=False)
+            nb = int(rng.integers(1, k + 1))
+            buckets = [rows[np.sort(c)] for c in np.array_split(rng.permutation(k), nb)]
+            want = per_bucket(x, buckets)
+            for threads in (1, 2):
+                before = torch.get_num_threads()
+                torch.set_num_threads(threads)
+                try:
+                    got = bucket_means(x, buckets)
+                finally:
+                    torch.set_num_threads(before)
+                assert got.shape == (nb, d) and got.dtype == x.dtype
+                assert torch.equal(bits(got), bits(want)), (d, n, [len(b) for b in buckets], threads)
+
+
+def test_serial_twin_equals_the_pooled_kernel() -> None:
+    rng = np.random.default_rng(3)
+    x = hostile(rng, 9, 9000, np.float32)
+    rows = np.array([8, 0, 3, 5, 1, 2, 7], dtype=np.int64)
+    starts = np.array([0, 3, 5, 7], dtype=np.int64)
+    w, dens = np.ones(7, np.float32), np.array([3, 2, 2], np.float32)
+    serial = K._bucket_means_serial(x, rows, starts, w, dens, np.empty((3, 9000), np.float32))
+    for t in (1, 2):
+        pooled = K._bucket_means(x, rows, starts, w, dens, np.empty((3, 9000), np.float32), t)
+        assert np.array_equal(serial.view(np.int32), pooled.view(np.int32))
+
+
+def test_bad_buckets_are_refused() -> None:
+    x = torch.zeros((4, 10))
+    with pytest.raises(ValueError, match="rows must index the 4 rows"):
+        bucket_means(x, [np.array([0, 1]), np.array([4])])
+    with pytest.raises(ValueError, match="starts must run"):
+        K.bucket_means(x.numpy(), np.array([0, 1], np.int64), np.array([0, 0, 2]), 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bucket_rows_equal_the_per_bucket_path(dtype: torch.dtype) -> None:
+    """DETOX's bucket stage (the preset's mean inside) gives what the per-bucket calls gave before fusing."""
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(hostile(rng, 45, 5000, np.float64)).to(dtype)
+    rows = np.sort(rng.choice(45, size=15, replace=False))
+    for buckets in (2, 4, 5, 7):
+        plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="coord-median", f=2,
+                    buckets=buckets, seed=11)
+        for step in range(3):
+            out, none = bucket_rows(x, rows, plan, step)
+            perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(rows.shape[0])
+            want = per_bucket(x, [rows[np.sort(c)] for c in np.array_split(perm, buckets)])
+            assert none is None and torch.equal(bits(out), bits(want))
