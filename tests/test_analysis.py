@@ -456,7 +456,7 @@ def test_the_cpu_clock_leaves_out_time_spent_off_the_cpu() -> None:
     timer = Timer()
     time.sleep(0.2)
     timer.stop(diag, "t_phase")
-    assert diag["t_phase"] >= 0.2 and diag["t_phase_cpu"] < 0.02
+    assert diag["t_phase"] >= 0.2 and diag["t_phase_cpu"] < 0.1  # (other threads of this process may add a little)
     timer = Timer()
     while timer.elapsed()[1] < 0.05 and timer.elapsed()[0] < 30:  # busy: the CPU clock advances (slowly if loaded)
         pass
