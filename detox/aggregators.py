@@ -1,10 +1,13 @@
 """Robust aggregation rules (DESIGN §3).
 
-Each rule is ``fn(grads_nd, f, rows=None, **params) -> agg_d``: ``grads_nd`` is an (n, d) float tensor, one
-row per input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor. ``rows`` (int
-indices) makes the rule aggregate ``grads_nd[rows]`` without copying those rows: on the CPU the kernels read
-them in place (DETOX's group winners and buckets are index arrays into the PS's matrix), elsewhere torch
-gathers them. Either way the result is bit for bit the one of ``fn(grads_nd[rows], f)``. Ties are broken by the
+Each rule is ``fn(grads_nd, f, rows=None, out=None, **params) -> agg_d``: ``grads_nd`` is an (n, d) float
+tensor, one row per input, ``f`` the number of rows it must tolerate; the result is a fresh (d,) tensor, or
+``out`` (a contiguous (d,) tensor of the same dtype and device, written in place: on the CPU the kernels write
+it directly, so a step reuses memory already mapped instead of faulting in a fresh 44 MB array; it may be a
+row of ``grads_nd`` that the rule does not read). ``rows`` (int indices) makes the rule aggregate
+``grads_nd[rows]`` without copying those rows: on the CPU the kernels read them in place (DETOX's group
+winners and buckets are index arrays into the PS's matrix), elsewhere torch gathers them. Either way the
+result is bit for bit the one of ``fn(grads_nd[rows], f)``. Ties are broken by the
 lower row index (stable sorts everywhere). ``AGGREGATORS`` maps each ``mode`` option name to its rule.
 
 Counts on which the literature and the original DETOX code differ (Multi-Krum's ``m``, Bulyan's ``theta``,
@@ -160,9 +163,9 @@ def requirement_error(rule: str, n: int, f: int, params: dict | None = None) -> 
 
 
 def _check(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None,
-           rows: object = None) -> tuple[int, int, dict, torch.Tensor, np.ndarray | None]:
-    """Validate the input matrix, the row indices, then (n, f, params) (``requirement_error``); raise one clear
-    ValueError. Returns (n, d, settings, matrix, rows): the rows the rule reads, as int64 indices into the
+           rows: object = None, out: object = None) -> tuple[int, int, dict, torch.Tensor, np.ndarray | None]:
+    """Validate the input matrix, the row indices, ``out``, then (n, f, params) (``requirement_error``); raise one
+    clear ValueError. Returns (n, d, settings, matrix, rows): the rows the rule reads, as int64 indices into the
     matrix on the CPU kernels' path (None: all rows), else gathered by torch (rows None)."""
     if not isinstance(grads_nd, torch.Tensor) or grads_nd.dim() != 2 or not grads_nd.is_floating_point():
         raise ValueError(f"{name}: grads must be a 2-D float tensor (n, d), got {_describe(grads_nd)}")
@@ -171,12 +174,43 @@ def _check(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None
     if rows is not None:
         idx = _indices(name, rows, n)
         n = idx.shape[0]
+    _check_out(name, grads_nd, idx, out)
     settings, err = _settings(name, n, f, params)
     if err:
         raise ValueError(err)
     if idx is not None and not _cpu32(grads_nd):
         return n, d, settings, grads_nd[torch.from_numpy(idx).to(grads_nd.device)], None
     return n, d, settings, grads_nd, idx
+
+
+def _check_out(name: str, grads_nd: torch.Tensor, idx: np.ndarray | None, out: object) -> None:
+    """``out`` must be a contiguous (d,) tensor like the rows, and may share memory with ``grads_nd`` only as one
+    whole row that the rule does not read (a rule reads a block of every row before it writes that block of
+    ``out``, but only other rows: writing into a row still to be read would change the result)."""
+    if out is None:
+        return
+    d = grads_nd.shape[1]
+    if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (d,) or out.dtype != grads_nd.dtype
+            or out.device != grads_nd.device or not out.is_contiguous()):
+        raise ValueError(f"{name}: out must be a contiguous ({d},) {grads_nd.dtype} tensor on {grads_nd.device}, "
+                         f"got {_describe(out)}")
+    if not grads_nd.is_contiguous() or out.untyped_storage().data_ptr() != grads_nd.untyped_storage().data_ptr():
+        return  # a rule reads a non-contiguous matrix through a contiguous copy
+    row_bytes = d * out.element_size()
+    offset = out.data_ptr() - grads_nd.data_ptr()
+    if offset + row_bytes <= 0 or offset >= grads_nd.shape[0] * row_bytes:
+        return
+    row, rem = divmod(offset, row_bytes)
+    if rem or idx is None or bool((idx == row).any()):
+        raise ValueError(f"{name}: out overlaps rows the rule reads; give a separate (d,) tensor or a row of grads "
+                         f"outside rows")
+
+
+def _into(out: torch.Tensor | None, agg_d: torch.Tensor) -> torch.Tensor:
+    """The result ``agg_d``, copied into ``out`` when one is given (and the rule did not write it there)."""
+    if out is None or agg_d.data_ptr() == out.data_ptr():
+        return agg_d
+    return out.copy_(agg_d)
 
 
 def _indices(name: str, rows: object, n: int) -> np.ndarray:
@@ -196,7 +230,8 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
-def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: int) -> torch.Tensor:
+def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
     """Per coordinate, the mean of the sorted values at positions [lo, hi) among the selected rows (int64
     indices, or a tensor of them; None: all).
 
@@ -210,11 +245,11 @@ def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: i
 
         idx = np.arange(grads_nd.shape[0]) if rows is None else rows
         x = grads_nd.contiguous().numpy()
-        return torch.from_numpy(middle_mean(x, idx, lo, hi, torch.get_num_threads()))
+        return torch.from_numpy(middle_mean(x, idx, lo, hi, torch.get_num_threads(), _np(out)))
     n_sel = grads_nd.shape[0] if rows is None else rows.shape[0]
     rows = None if rows is None else torch.from_numpy(rows).to(grads_nd.device)
     d = grads_nd.shape[1]
-    out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
+    out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device) if out is None else out
     step = max(1, _BLOCK_ELEMS // n_sel)
     for s in range(0, d, step):
         blk = grads_nd[:, s : s + step] if rows is None else grads_nd[rows, s : s + step]
@@ -222,7 +257,12 @@ def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: i
     return out_d
 
 
-def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta: int) -> torch.Tensor:
+def _np(out: torch.Tensor | None) -> np.ndarray | None:
+    return None if out is None else out.numpy()
+
+
+def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta: int,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Per coordinate, the mean of the ``beta`` values among the selected rows closest to their median (for an
     even count the median is the mean of the two middle values). The beta closest values are a window of beta
     consecutive sorted values; of equally close windows the lowest is taken (NaN counts as +inf).
@@ -232,10 +272,10 @@ def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta:
         from detox.kernels import closest_mean
 
         x = grads_nd.contiguous().numpy()
-        return torch.from_numpy(closest_mean(x, rows, beta, torch.get_num_threads()))
+        return torch.from_numpy(closest_mean(x, rows, beta, torch.get_num_threads(), _np(out)))
     m, d = rows.shape[0], grads_nd.shape[1]
     rows = torch.from_numpy(rows)
-    out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device)
+    out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device) if out is None else out
     step = max(1, _BLOCK_ELEMS // m)
     for s in range(0, d, step):
         srt = grads_nd[rows.to(grads_nd.device), s : s + step].t()
@@ -252,39 +292,64 @@ def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta:
     return out_d
 
 
-def mean(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
+def mean(grads_nd: torch.Tensor, f: int = 0, rows: object = None, out: torch.Tensor | None = None,
+         **other: object) -> torch.Tensor:
     """Arithmetic mean of the rows (no robustness; f is accepted for a uniform signature)."""
-    n, _, _, grads_nd, rows = _check("mean", grads_nd, f, other, rows)
-    if _cpu32(grads_nd):  # one compiled pass at memory speed; sum then divide, as torch.mean
-        return _weighted_rows(grads_nd, torch.ones(n, dtype=torch.float64), rows).div_(n)
-    return grads_nd.mean(dim=0)
+    n, d, _, grads_nd, rows = _check("mean", grads_nd, f, other, rows, out)
+    if _cpu32(grads_nd):  # one compiled pass at memory speed: sum, then a true division as torch.mean
+        from detox.kernels import bucket_means as fused
+
+        x = grads_nd.contiguous().numpy()
+        dst = np.empty((1, d), dtype=x.dtype) if out is None else out.numpy()[None, :]
+        fused(x, np.arange(n) if rows is None else rows, np.array([0, n]), _threads(), out=dst)
+        return torch.from_numpy(dst[0]) if out is None else out
+    return _into(out, grads_nd.mean(dim=0))
 
 
-def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None) -> torch.Tensor:
+def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
+                 dest: np.ndarray | None = None) -> torch.Tensor:
     """(len(buckets), d): row b the ``mean`` rule over ``grads_nd[buckets[b]]``, bit for bit the stacked per-bucket
     means. On the compiled path all buckets in one pass over their rows, written in place (no per-bucket outputs,
-    no stack, no division pass)."""
-    if not _cpu32(grads_nd) or not buckets:
-        return torch.stack([aggregate("mean", grads_nd, f, params, rows=b) for b in buckets])
+    no stack, no division pass). With ``dest`` (a row of ``grads_nd`` per bucket, none of them in any bucket) the
+    means are written into those rows and ``grads_nd`` is returned."""
+    if dest is not None:
+        dest = np.asarray(dest, dtype=np.int64)
+        if dest.shape != (len(buckets),) or np.unique(dest).size != dest.size:
+            raise ValueError(f"bucket_means: dest must give {len(buckets)} distinct rows, got {dest}")
+    if not _cpu32(grads_nd) or not buckets or not grads_nd.is_contiguous():
+        if dest is None:
+            return torch.stack([aggregate("mean", grads_nd, f, params, rows=b) for b in buckets])
+        for b, row in zip(buckets, dest.tolist(), strict=True):
+            aggregate("mean", grads_nd, f, params, rows=b, out=grads_nd[row])
+        return grads_nd
     # validated as each per-bucket call would be (the same one-line errors)
     idx = [_check("mean", grads_nd, f, params, b)[4] for b in buckets]
     from detox.kernels import bucket_means as fused
 
     starts = np.concatenate([[0], np.cumsum([i.shape[0] for i in idx])])
-    return torch.from_numpy(fused(grads_nd.contiguous().numpy(), np.concatenate(idx), starts, _threads()))
+    x = grads_nd.numpy()
+    rows = np.concatenate(idx)
+    if dest is None:
+        return torch.from_numpy(fused(x, rows, starts, _threads()))
+    if ((dest < 0) | (dest >= x.shape[0])).any() or np.isin(dest, rows).any():
+        raise ValueError(f"bucket_means: dest must be rows of grads outside every bucket, got {dest}")
+    fused(x, rows, starts, _threads(), out=x, dest=dest)
+    return grads_nd
 
 
-def coord_median(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
+def coord_median(grads_nd: torch.Tensor, f: int = 0, rows: object = None, out: torch.Tensor | None = None,
+                 **other: object) -> torch.Tensor:
     """Per-coordinate median; for even n the mean of the two middle values. Needs n > 2f."""
-    n, _, _, grads_nd, rows = _check("coord-median", grads_nd, f, other, rows)
+    n, _, _, grads_nd, rows = _check("coord-median", grads_nd, f, other, rows, out)
     # numpy's convention: for even n the mean of the two middle values
-    return _middle_rows(grads_nd, rows, (n - 1) // 2, n // 2 + 1)
+    return _middle_rows(grads_nd, rows, (n - 1) // 2, n // 2 + 1, out)
 
 
-def trimmed_mean(grads_nd: torch.Tensor, f: int, rows: object = None, **other: object) -> torch.Tensor:
+def trimmed_mean(grads_nd: torch.Tensor, f: int, rows: object = None, out: torch.Tensor | None = None,
+                 **other: object) -> torch.Tensor:
     """Per coordinate, drop the f smallest and f largest values and average the rest. Needs n > 2f."""
-    n, _, _, grads_nd, rows = _check("trimmed-mean", grads_nd, f, other, rows)
-    return _middle_rows(grads_nd, rows, f, n - f)
+    n, _, _, grads_nd, rows = _check("trimmed-mean", grads_nd, f, other, rows, out)
+    return _middle_rows(grads_nd, rows, f, n - f, out)
 
 
 def _cpu32(x: torch.Tensor) -> bool:
@@ -427,24 +492,27 @@ def _lowest(scores_n: np.ndarray, k: int) -> np.ndarray:
 
 
 def krum(grads_nd: torch.Tensor, f: int, neighbours: int | str | None = None, rows: object = None,
-         **other: object) -> torch.Tensor:
+         out: torch.Tensor | None = None, **other: object) -> torch.Tensor:
     """The row with the lowest Krum score (Blanchard et al. 2017). Needs n >= 2f + 3."""
-    _, _, s, grads_nd, rows = _check("krum", grads_nd, f, {"neighbours": neighbours, **other}, rows)
+    _, _, s, grads_nd, rows = _check("krum", grads_nd, f, {"neighbours": neighbours, **other}, rows, out)
     k = s["neighbours"]
     best = int(_lowest(_scores(_distances(grads_nd, k, rows), k), 1)[0])
-    return grads_nd[best if rows is None else int(rows[best])].clone()
+    row_d = grads_nd[best if rows is None else int(rows[best])]
+    return row_d.clone() if out is None else out.copy_(row_d)
 
 
-def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+def _weighted_rows(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_i w_i G_i over the rows (of ``rows``) with w_i != 0 (a zero-weight row is skipped, so its NaN cannot
-    leak)."""
+    leak); into ``out`` when given."""
     if _cpu32(grads_nd):
         from detox.kernels import weighted_sum
 
-        return torch.from_numpy(weighted_sum(grads_nd.contiguous().numpy(), w_n.numpy(), _threads(), rows=rows))
+        return torch.from_numpy(weighted_sum(grads_nd.contiguous().numpy(), w_n.numpy(), _threads(), rows=rows,
+                                             out=_np(out)))
     keep = torch.nonzero(w_n).flatten()
     w = w_n.to(grads_nd.dtype).to(grads_nd.device)
-    return w[keep] @ grads_nd[keep.to(grads_nd.device)]
+    return _into(out, w[keep] @ grads_nd[keep.to(grads_nd.device)])
 
 
 def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
@@ -464,20 +532,23 @@ def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray
     return out_d
 
 
-def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray, rows: np.ndarray | None = None) -> torch.Tensor:
+def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray, rows: np.ndarray | None = None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of the rows at positions ``idx`` (of ``rows``), summed in row order."""
     w_n = torch.zeros(grads_nd.shape[0] if rows is None else rows.shape[0], dtype=torch.float64)
     w_n[torch.from_numpy(np.asarray(idx))] = 1.0 / len(idx)
-    return _weighted_rows(grads_nd, w_n, rows)
+    return _weighted_rows(grads_nd, w_n, rows, out)
 
 
 def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,
-               neighbours: int | str | None = None, rows: object = None, **other: object) -> torch.Tensor:
+               neighbours: int | str | None = None, rows: object = None, out: torch.Tensor | None = None,
+               **other: object) -> torch.Tensor:
     """Mean of the m rows of lowest Krum score. m: 'literature' n - f (Blanchard et al. 2017), 'original'
     n - f - 2 (the DETOX code), or an integer. Needs n >= 2f + 3."""
-    _, _, s, grads_nd, rows = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other}, rows)
+    _, _, s, grads_nd, rows = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other}, rows,
+                                     out)
     k = s["neighbours"]
-    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k, rows), k), s["m"]), rows)
+    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k, rows), k), s["m"]), rows, out)
 
 
 def _iterative_selection_reference(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:
@@ -500,7 +571,7 @@ def _iterative_selection_reference(d2_nn: np.ndarray, f: int, theta: int, k_fixe
 
 def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neighbours: int | str | None = None,
            selection: str | None = None, average: str | None = None, rows: object = None,
-           **other: object) -> torch.Tensor:
+           out: torch.Tensor | None = None, **other: object) -> torch.Tensor:
     """Bulyan: select theta rows by Krum, then per coordinate average beta = theta - 2f of their values.
 
     literature (El Mhamdi et al. 2018, the defaults): theta = n - 2f rows selected by re-running Krum on the
@@ -510,7 +581,7 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
     """
     n, _, s, grads_nd, rows = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours,
                                                              "selection": selection, "average": average, **other},
-                                     rows)
+                                     rows, out)
     th, k_fixed = s["theta"], s["neighbours"]
     beta = th - 2 * f
     d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed, rows)
@@ -523,8 +594,8 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
         selected = iterative_selection(d2, f, th, k_fixed)
     chosen = np.ascontiguousarray(selected if rows is None else rows[selected], dtype=np.int64)
     if s["average"] == ORIGINAL:
-        return _middle_rows(grads_nd, chosen, f, th - f)
-    return _closest_rows(grads_nd, chosen, beta)
+        return _middle_rows(grads_nd, chosen, f, th - f, out)
+    return _closest_rows(grads_nd, chosen, beta, out)
 
 
 def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
@@ -545,7 +616,8 @@ def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor, rows: np.ndarray | None
 
 
 def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = None,
-                     max_iter: int | None = None, rows: object = None, **other: object) -> torch.Tensor:
+                     max_iter: int | None = None, rows: object = None, out: torch.Tensor | None = None,
+                     **other: object) -> torch.Tensor:
     """argmin_z sum_i ||G_i - z|| by Weiszfeld iterations from a medoid (Vardi-Zhang step at data points).
 
     The iterate is kept and accumulated in float64 and rounded to the rows' dtype once, at the end. Stops
@@ -555,7 +627,7 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
     and get weight 0. Needs n > 2f (its breakdown point is 1/2).
     """
     n, d, s, grads_nd, idx = _check("geometric-median", grads_nd, f, {"tol": tol, "max_iter": max_iter, **other},
-                                    rows)
+                                    rows, out)
     tol, max_iter = s["tol"], s["max_iter"]
     at = (lambda i: i) if idx is None else (lambda i: int(idx[i]))  # position in idx -> row of grads_nd
     z_d = grads_nd[at(_reference_row(grads_nd, n // 2, None, idx))].to(torch.float64)  # inside the bulk
@@ -563,7 +635,7 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
     if not bool(torch.isfinite(dist_n).any()):  # the start row carried a NaN/inf: start from a finite row
         start = _reference_row(grads_nd, n // 2, _finite_rows(grads_nd, idx), idx)
         if start < 0:
-            return torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device)
+            return _into(out, torch.full((d,), float("nan"), dtype=grads_nd.dtype, device=grads_nd.device))
         z_d = grads_nd[at(start)].to(torch.float64)
         dist_n = _row_dists(grads_nd, z_d, idx)
     finite = torch.isfinite(dist_n)  # distances to a finite z: non-finite exactly for rows with NaN/inf
@@ -599,20 +671,21 @@ def geometric_median(grads_nd: torch.Tensor, f: int = 0, tol: float | None = Non
         if moved <= tol * scale:
             break
         dist = _row_dists(rows, z_d, idx).numpy()
-    return z_d.to(grads_nd.dtype)
+    return _into(out, z_d.to(grads_nd.dtype))
 
 
-def sign_sgd(grads_nd: torch.Tensor, f: int = 0, rows: object = None, **other: object) -> torch.Tensor:
+def sign_sgd(grads_nd: torch.Tensor, f: int = 0, rows: object = None, out: torch.Tensor | None = None,
+             **other: object) -> torch.Tensor:
     """signSGD with majority vote: sign of the sum of the rows' signs (NaN votes 0). Needs n > 2f."""
-    _, _, _, grads_nd, rows = _check("sign-sgd", grads_nd, f, other, rows)
+    _, _, _, grads_nd, rows = _check("sign-sgd", grads_nd, f, other, rows, out)
     if _cpu32(grads_nd):
         from detox.kernels import sign_votes
 
-        return torch.sign(torch.from_numpy(sign_votes(grads_nd.contiguous().numpy(), _threads(), rows)))
+        return _into(out, torch.sign(torch.from_numpy(sign_votes(grads_nd.contiguous().numpy(), _threads(), rows))))
     votes_d = torch.zeros(grads_nd.shape[1], dtype=grads_nd.dtype, device=grads_nd.device)
     for row in grads_nd:
         votes_d.add_(torch.nan_to_num(torch.sign(row), nan=0.0))
-    return torch.sign(votes_d)
+    return _into(out, torch.sign(votes_d))
 
 
 AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
@@ -628,8 +701,9 @@ AGGREGATORS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 def aggregate(name: str, grads_nd: torch.Tensor, f: int, params: dict | None = None,
-              rows: object = None) -> torch.Tensor:
-    """Look up ``name`` in AGGREGATORS and apply it (to ``grads_nd[rows]`` when rows are given, read in place)."""
+              rows: object = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Look up ``name`` in AGGREGATORS and apply it (to ``grads_nd[rows]`` when rows are given, read in place;
+    into ``out`` when given)."""
     if name not in AGGREGATORS:
         raise ValueError(f"unknown aggregation rule {name!r}; choose from {sorted(AGGREGATORS)}")
-    return AGGREGATORS[name](grads_nd, f, rows=rows, **(params or {}))
+    return AGGREGATORS[name](grads_nd, f, rows=rows, out=out, **(params or {}))

@@ -322,17 +322,19 @@ def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan) -> tuple[
     return votes, diag
 
 
-def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
+def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     timer = Timer()
-    agg_d = aggregate(plan.mode, grads_nd, plan.f, plan.mode_params)
+    agg_d = aggregate(plan.mode, grads_nd, plan.f, plan.mode_params, out=out)
     diag = {"corrupted_groups": int(byz_p.sum()), "vote_fallbacks": 0, "t_vote": 0.0, "t_vote_cpu": 0.0}
     return agg_d, timer.stop(diag, "t_aggregate")
 
 
-def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
+def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
+             out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     votes, diag = _vote_stage(grads_nd, byz_p, plan)
     timer = Timer()
-    agg_d = aggregate("mean", grads_nd, 0, rows=votes.rows)
+    agg_d = aggregate("mean", grads_nd, 0, rows=votes.rows, out=out)
     timer.stop(diag, "t_aggregate")
     return agg_d, diag
 
@@ -340,31 +342,44 @@ def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -
 def bucket_rows(
     grads_nd: torch.Tensor, rows: np.ndarray, plan: Plan, step: int
 ) -> tuple[torch.Tensor, np.ndarray | None]:
-    """What ``mode`` aggregates: the winners ``grads_nd[rows]`` shuffled into ``plan.buckets`` near-equal
-    buckets, the ``inner`` rule per bucket (reading its rows in place) -> ((buckets, d) outputs, None); without
-    bucketing (grads_nd, rows) itself."""
+    """What ``mode`` aggregates, as (matrix, rows of it; None: all): the winners ``grads_nd[rows]`` shuffled into
+    ``plan.buckets`` near-equal buckets, the ``inner`` rule per bucket (reading its rows in place); without
+    bucketing (grads_nd, rows) itself.
+
+    The bucket outputs go into rows of ``grads_nd`` that are not in ``rows`` (the vote's losers: the step owns the
+    matrix, and nothing reads them again), returned as (grads_nd, those rows): no fresh (buckets, d) tensor, whose
+    page faults cost more than the rule at ResNet-18's d (issue #15). Where too few such rows exist, a stacked
+    (buckets, d) tensor and None."""
     k = rows.shape[0]
     if not plan.buckets or plan.buckets >= k:
         return grads_nd, rows
     perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(k)
     buckets = [rows[np.sort(chunk)] for chunk in np.array_split(perm, plan.buckets)]
-    if plan.inner == "mean":  # all bucket means in one pass (the same values as the per-bucket rule)
-        return bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params), None
-    return torch.stack([aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b)
-                        for b in buckets]), None
+    spare = np.setdiff1d(np.arange(grads_nd.shape[0]), rows)[: plan.buckets]
+    if spare.shape[0] < plan.buckets or not grads_nd.is_contiguous():
+        if plan.inner == "mean":  # all bucket means in one pass (the same values as the per-bucket rule)
+            return bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params), None
+        return torch.stack([aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b)
+                            for b in buckets]), None
+    if plan.inner == "mean":
+        return bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params, dest=spare), spare
+    for b, row in zip(buckets, spare.tolist(), strict=True):
+        aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b, out=grads_nd[row])
+    return grads_nd, spare
 
 
 def bucketize(winners_kd: torch.Tensor, plan: Plan, step: int) -> torch.Tensor:
     """Shuffle the winners into ``plan.buckets`` near-equal buckets; ``inner`` rule per bucket."""
     out, rows = bucket_rows(winners_kd, np.arange(winners_kd.shape[0]), plan, step)
-    return out if rows is None else winners_kd
+    return out if rows is None else winners_kd  # rows: every winner, no bucketing (no spare rows to write into)
 
 
-def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[torch.Tensor, dict]:
+def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     votes, diag = _vote_stage(grads_nd, byz_p, plan)
     timer = Timer()
     inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step)
-    agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows)
+    agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows, out=out)
     timer.stop(diag, "t_aggregate")
     return agg_d, diag
 

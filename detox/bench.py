@@ -208,6 +208,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
     # timed on written rows (an untouched allocation reads the shared zero page, far faster than memory)
     work.view(workers // r, r, d).copy_(groups[: workers // r, None, :].to(device))
     floor = timed(lambda: work.sum(), max(repeats, 5), device)
+    out_d = torch.empty(d, device=device)  # where the step's aggregate goes, as ParameterServer.step gives it
     rows = []
     for rule in rules:
         out = {"rule": rule, "workers": workers, "group_size": r, "d": d, "device": device, "read_seconds": floor}
@@ -225,7 +226,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
                     work.copy_(host)
                 _sync(device)
                 t0 = time.perf_counter()
-                _, diag = APPROACHES[plan.approach](work, byz, plan, i)
+                _, diag = APPROACHES[plan.approach](work, byz, plan, i, out=out_d)
                 _sync(device)
                 if i:
                     times.append(time.perf_counter() - t0)

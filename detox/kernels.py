@@ -49,6 +49,20 @@ def _threads(threads: int, x: np.ndarray, rows: np.ndarray | None) -> int:
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
 
 
+def _out(x: np.ndarray, out: np.ndarray | None, dtype: type | None = None) -> np.ndarray:
+    """Where a kernel writes its (d,) result: ``out`` (C-contiguous, of x's row length and ``dtype``, x's by
+    default; it may be a row of ``x`` that the kernel does not read: blocks are read before they are written,
+    but only other rows), or a fresh array. Writing into memory already mapped saves the page faults of a
+    fresh 44 MB array, which here cost 2-10x the kernel itself (issue #15)."""
+    dtype = x.dtype if dtype is None else np.dtype(dtype)
+    if out is None:
+        return np.empty(x.shape[1], dtype=dtype)
+    if out.shape != (x.shape[1],) or out.dtype != dtype or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"out must be a writable C-contiguous ({x.shape[1]},) {dtype} array, got {out.shape} "
+                         f"{out.dtype}")
+    return out
+
+
 def _batcher(m: int) -> list[tuple[int, int]]:
     """Batcher's odd-even merge sort for the next power of two >= m; compare-exchanges touching a padding
     input (which would hold +inf and never move) are dropped."""
@@ -152,9 +166,8 @@ def _block(x, rows, start, width, net, lo, hi, buf, out):  # pragma: no cover - 
 
 
 @njit(parallel=True, cache=True)
-def _middle_mean(x, rows, net, lo, hi, block, nthreads):  # pragma: no cover - compiled
+def _middle_mean(x, rows, net, lo, hi, block, nthreads, out):  # pragma: no cover - compiled
     d = x.shape[1]
-    out = np.empty(d, dtype=x.dtype)
     nblocks = (d + block - 1) // block
     for t in prange(nthreads):
         buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)  # one scratch buffer per thread
@@ -165,10 +178,9 @@ def _middle_mean(x, rows, net, lo, hi, block, nthreads):  # pragma: no cover - c
 
 
 @njit(cache=True)
-def _middle_mean_serial(x, rows, net, lo, hi, block):  # pragma: no cover - compiled
+def _middle_mean_serial(x, rows, net, lo, hi, block, out):  # pragma: no cover - compiled
     # _middle_mean on one thread, without entering the thread pool (see _threads)
     d = x.shape[1]
-    out = np.empty(d, dtype=x.dtype)
     buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)
     for b in range((d + block - 1) // block):
         start = b * block
@@ -176,16 +188,19 @@ def _middle_mean_serial(x, rows, net, lo, hi, block):  # pragma: no cover - comp
     return out
 
 
-def middle_mean(x: np.ndarray, rows: np.ndarray, lo: int, hi: int, threads: int) -> np.ndarray:
+def middle_mean(x: np.ndarray, rows: np.ndarray, lo: int, hi: int, threads: int,
+                out: np.ndarray | None = None) -> np.ndarray:
     """Per coordinate, the mean of the sorted values at positions [lo, hi) among ``x[rows]``.
 
-    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; runs on ``threads`` threads.
+    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; runs on ``threads`` threads. Written into
+    ``out`` when given (see ``_out``), else into a fresh array.
     """
     net = selection_network(int(rows.shape[0]), int(lo), int(hi))
+    out = _out(x, out)
     threads = _threads(threads, x, rows)
     if threads == 1:
-        return _middle_mean_serial(x, _rows(x, rows), net, int(lo), int(hi), BLOCK)
-    return _middle_mean(x, _rows(x, rows), net, int(lo), int(hi), BLOCK, threads)
+        return _middle_mean_serial(x, _rows(x, rows), net, int(lo), int(hi), BLOCK, out)
+    return _middle_mean(x, _rows(x, rows), net, int(lo), int(hi), BLOCK, threads, out)
 
 
 @lru_cache(maxsize=256)
@@ -227,9 +242,8 @@ def _closest_block(x, rows, start, width, net, beta, buf, med, first, out):  # p
 
 
 @njit(parallel=True, cache=True)
-def _closest_mean(x, rows, net, beta, block, nthreads):  # pragma: no cover - compiled
+def _closest_mean(x, rows, net, beta, block, nthreads, out):  # pragma: no cover - compiled
     d = x.shape[1]
-    out = np.empty(d, dtype=x.dtype)
     nblocks = (d + block - 1) // block
     for t in prange(nthreads):
         buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)
@@ -242,10 +256,9 @@ def _closest_mean(x, rows, net, beta, block, nthreads):  # pragma: no cover - co
 
 
 @njit(cache=True)
-def _closest_mean_serial(x, rows, net, beta, block):  # pragma: no cover - compiled
+def _closest_mean_serial(x, rows, net, beta, block, out):  # pragma: no cover - compiled
     # _closest_mean on one thread, without entering the thread pool (see _threads)
     d = x.shape[1]
-    out = np.empty(d, dtype=x.dtype)
     buf = np.empty((rows.shape[0] + 2, block), dtype=x.dtype)
     med = np.empty(block)
     first = np.empty(block, dtype=np.int64)
@@ -255,18 +268,21 @@ def _closest_mean_serial(x, rows, net, beta, block):  # pragma: no cover - compi
     return out
 
 
-def closest_mean(x: np.ndarray, rows: np.ndarray, beta: int, threads: int) -> np.ndarray:
+def closest_mean(x: np.ndarray, rows: np.ndarray, beta: int, threads: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
     """Per coordinate, the mean of the ``beta`` values among ``x[rows]`` closest to their median (Bulyan's
     second step, El Mhamdi et al. 2018): the window of beta consecutive sorted values with the least total
     distance to the median, the lowest such window where several tie.
 
-    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; NaN counts as +inf.
+    ``x``: C-contiguous float32 (n, d); ``rows``: int64 row indices; NaN counts as +inf. Written into ``out``
+    when given (see ``_out``).
     """
     net = sorting_network(int(rows.shape[0]))
+    out = _out(x, out)
     threads = _threads(threads, x, rows)
     if threads == 1:
-        return _closest_mean_serial(x, _rows(x, rows), net, int(beta), BLOCK)
-    return _closest_mean(x, _rows(x, rows), net, int(beta), BLOCK, threads)
+        return _closest_mean_serial(x, _rows(x, rows), net, int(beta), BLOCK, out)
+    return _closest_mean(x, _rows(x, rows), net, int(beta), BLOCK, threads, out)
 
 
 @njit(cache=True)
@@ -507,11 +523,11 @@ def _weighted_sum_serial(x, rows, w, out):  # pragma: no cover - compiled
 
 
 def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int, dtype: type = np.float32,
-                 rows: np.ndarray | None = None) -> np.ndarray:
+                 rows: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """sum_i w_i x[rows[i]] over the i with w_i != 0 (``rows``: all rows by default), in one read of those rows,
     in the order of ``rows``; accumulated and returned in ``dtype`` (float32, or float64 for ``x`` float32 where
-    round-off matters)."""
-    out = np.empty(x.shape[1], dtype=dtype)
+    round-off matters), into ``out`` when given (see ``_out``)."""
+    out = _out(x, out, dtype)
     threads = _threads(threads, x, rows)
     if threads == 1:
         return _weighted_sum_serial(x, _rows(x, rows), np.ascontiguousarray(w, dtype=dtype), out)
@@ -533,9 +549,10 @@ def _divide(dst, acc, m, den):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=_FAST)
-def _bucket_means_cols(x, rows, starts, w, dens, out, lo, hi, acc):  # pragma: no cover - compiled
+def _bucket_means_cols(x, rows, starts, w, dens, out, dest, lo, hi, acc):  # pragma: no cover - compiled
     # columns [lo, hi) of every bucket's mean, _COLS at a time: per bucket the loop of _weighted_sum_cols (same
-    # operations per element, so the same sums), divided while the block is in cache and written to its row of out
+    # operations per element, so the same sums), divided while the block is in cache and written to its row
+    # dest[b] of out
     nb = starts.shape[0] - 1
     for a in range(lo, hi, _COLS):
         m = min(hi, a + _COLS) - a
@@ -548,40 +565,60 @@ def _bucket_means_cols(x, rows, starts, w, dens, out, lo, hi, acc):  # pragma: n
                 row = x[rows[r], a : a + m]
                 for j in range(m):
                     acc[j] += wr * row[j]
-            _divide(out[b, a : a + m], acc, m, dens[b])
+            _divide(out[dest[b], a : a + m], acc, m, dens[b])
 
 
 @njit(parallel=True, cache=True)
-def _bucket_means(x, rows, starts, w, dens, out, nthreads):  # pragma: no cover - compiled
+def _bucket_means(x, rows, starts, w, dens, out, dest, nthreads):  # pragma: no cover - compiled
     d = x.shape[1]
     chunk = (d + nthreads - 1) // nthreads
     for t in prange(nthreads):
-        _bucket_means_cols(x, rows, starts, w, dens, out, t * chunk, min(d, (t + 1) * chunk),
+        _bucket_means_cols(x, rows, starts, w, dens, out, dest, t * chunk, min(d, (t + 1) * chunk),
                            np.empty(_COLS, dtype=out.dtype))
     return out
 
 
 @njit(cache=True)
-def _bucket_means_serial(x, rows, starts, w, dens, out):  # pragma: no cover - compiled
-    _bucket_means_cols(x, rows, starts, w, dens, out, 0, x.shape[1], np.empty(_COLS, dtype=out.dtype))
+def _bucket_means_serial(x, rows, starts, w, dens, out, dest):  # pragma: no cover - compiled
+    _bucket_means_cols(x, rows, starts, w, dens, out, dest, 0, x.shape[1], np.empty(_COLS, dtype=out.dtype))
     return out
 
 
-def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: int) -> np.ndarray:
+def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: int,
+                 out: np.ndarray | None = None, dest: np.ndarray | None = None) -> np.ndarray:
     """(buckets, d): row b the mean of ``x[rows[starts[b]:starts[b + 1]]]`` (every bucket non-empty), all buckets in
     one read of their rows. Bit for bit ``weighted_sum`` of ones over the bucket's rows (in their order, float32
-    accumulation) then a true division by the count, as the mean rule computes each bucket."""
+    accumulation) then a true division by the count, as the mean rule computes each bucket.
+
+    With ``out`` (a C-contiguous 2-D array of x's dtype and row length) bucket b is written into its row
+    ``dest[b]`` (default b) and ``out`` is returned. ``out`` may be ``x``'s memory when no ``dest`` row is read:
+    rows the caller no longer needs (DETOX's vote losers) then hold the means without a fresh allocation; any
+    other view of x's memory is the caller's to keep apart from the rows read."""
     starts = np.ascontiguousarray(starts, dtype=np.int64)
     counts = np.diff(starts)
     if starts.ndim != 1 or starts.shape[0] < 2 or starts[0] != 0 or starts[-1] != rows.shape[0] or (counts < 1).any():
         raise ValueError(f"bucket_means: starts must run from 0 to {rows.shape[0]} in steps >= 1, got {starts}")
-    out = np.empty((counts.shape[0], x.shape[1]), dtype=x.dtype)
+    rows = _rows(x, rows)
+    nb = counts.shape[0]
+    if out is None:
+        out = np.empty((nb, x.shape[1]), dtype=x.dtype)
+    elif (out.ndim != 2 or out.shape[1] != x.shape[1] or out.dtype != x.dtype or not out.flags.c_contiguous
+          or not out.flags.writeable):
+        raise ValueError(f"bucket_means: out must be a writable C-contiguous (k, {x.shape[1]}) {x.dtype} array, "
+                         f"got {out.shape} {out.dtype}")
+    dest = np.arange(nb, dtype=np.int64) if dest is None else np.ascontiguousarray(dest, dtype=np.int64)
+    if (dest.shape != (nb,) or np.unique(dest).shape != dest.shape or (dest < 0).any() or (dest >= out.shape[0]).any()
+            or (out.ctypes.data == x.ctypes.data and np.isin(dest, rows).any())):
+        raise ValueError(f"bucket_means: dest must be {nb} distinct rows of out (none of them read when out is x), "
+                         f"got {dest}")
     w = np.ones(rows.shape[0], dtype=x.dtype)
     dens = counts.astype(x.dtype)
     threads = _threads(threads, x, rows)
     if threads == 1:
-        return _bucket_means_serial(x, _rows(x, rows), starts, w, dens, out)
-    return _bucket_means(x, _rows(x, rows), starts, w, dens, out, threads)
+        _bucket_means_serial(x, rows, starts, w, dens, out, dest)
+    else:
+        _bucket_means(x, rows, starts, w, dens, out, dest, threads)
+    return out
 
 
 # ------------------------------------------------------------------------------------- Krum's distances and scores

@@ -58,6 +58,9 @@ class ParameterServer:
         self.plan = plan
         self.w_d = w_d
         self.v_d = torch.zeros_like(w_d)
+        # the aggregate of every step is written here: a fresh (d,) tensor per step costs its page faults
+        # (at ResNet-18's d more than a memory-bound rule's work, docs/performance.md)
+        self.agg_d = torch.empty_like(w_d)
         self.attack = attack
         self.attack_params = dict(attack_params)
         self.lr = lr
@@ -78,7 +81,8 @@ class ParameterServer:
             apply_attack(grads_nd, byz_p, self.plan, self.attack, self.attack_params, step, faulty_p)
         if faulty_p is not None and faulty_p.any():
             byz_p = byz_p | faulty_p
-        agg_d, diag = APPROACHES[self.plan.approach](grads_nd, byz_p, self.plan, step)
+        out = self.agg_d if self.agg_d.dtype == grads_nd.dtype and self.agg_d.device == grads_nd.device else None
+        agg_d, diag = APPROACHES[self.plan.approach](grads_nd, byz_p, self.plan, step, out=out)
         timer = Timer()
         if self.weight_decay:
             agg_d.add_(self.w_d, alpha=self.weight_decay)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detox import kernels as K
-from detox.aggregators import aggregate, bucket_means
+from detox.aggregators import bucket_means
 from detox.approaches import Plan, bucket_rows
 from detox.attacks import TAG_BUCKETS, rng_for
 
@@ -37,8 +37,16 @@ def hostile(rng: np.random.Generator, n: int, d: int, dtype: np.dtype) -> np.nda
     return x
 
 
+def old_mean(g: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """The mean rule as it was before it used the fused kernel: float32 sums in row order (``weighted_sum``), then
+    torch's true division; float64: torch's mean of the gathered rows."""
+    if g.dtype == torch.float32:
+        return torch.from_numpy(K.weighted_sum(g.numpy(), np.ones(len(rows)), 1, rows=rows)).div_(len(rows))
+    return g[torch.from_numpy(rows)].mean(dim=0)
+
+
 def per_bucket(g: torch.Tensor, buckets: list[np.ndarray]) -> torch.Tensor:
-    return torch.stack([aggregate("mean", g, 0, rows=b) for b in buckets])
+    return torch.stack([old_mean(g, b) for b in buckets])
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -72,9 +80,10 @@ def test_serial_twin_equals_the_pooled_kernel() -> None:
     rows = np.array([8, 0, 3, 5, 1, 2, 7], dtype=np.int64)
     starts = np.array([0, 3, 5, 7], dtype=np.int64)
     w, dens = np.ones(7, np.float32), np.array([3, 2, 2], np.float32)
-    serial = K._bucket_means_serial(x, rows, starts, w, dens, np.empty((3, 9000), np.float32))
+    dest = np.arange(3)
+    serial = K._bucket_means_serial(x, rows, starts, w, dens, np.empty((3, 9000), np.float32), dest)
     for t in (1, 2):
-        pooled = K._bucket_means(x, rows, starts, w, dens, np.empty((3, 9000), np.float32), t)
+        pooled = K._bucket_means(x, rows, starts, w, dens, np.empty((3, 9000), np.float32), dest, t)
         assert np.array_equal(serial.view(np.int32), pooled.view(np.int32))
 
 
@@ -96,7 +105,12 @@ def test_bucket_rows_equal_the_per_bucket_path(dtype: torch.dtype) -> None:
         plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="coord-median", f=2,
                     buckets=buckets, seed=11)
         for step in range(3):
-            out, none = bucket_rows(x, rows, plan, step)
+            work = x.clone()
+            out, spare = bucket_rows(work, rows, plan, step)
             perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(rows.shape[0])
             want = per_bucket(x, [rows[np.sort(c)] for c in np.array_split(perm, buckets)])
-            assert none is None and torch.equal(bits(out), bits(want))
+            # the means went into the first rows the vote did not keep; every other row is untouched
+            assert out is work and np.array_equal(spare, np.setdiff1d(np.arange(45), rows)[:buckets])
+            assert torch.equal(bits(out[torch.from_numpy(spare)]), bits(want))
+            others = np.setdiff1d(np.arange(45), spare)
+            assert torch.equal(bits(work[others]), bits(x[others]))

@@ -124,9 +124,10 @@ def test_serial_twins_equal_the_pooled_kernels_on_one_thread() -> None:
     z = RNG.standard_normal(5000)
     net = K.selection_network(5, 1, 4)
     pairs = [
-        (K._middle_mean_serial(x, rows, net, 1, 4, K.BLOCK), K._middle_mean(x, rows, net, 1, 4, K.BLOCK, 1)),
-        (K._closest_mean_serial(x, rows, K.sorting_network(5), 3, K.BLOCK),
-         K._closest_mean(x, rows, K.sorting_network(5), 3, K.BLOCK, 1)),
+        (K._middle_mean_serial(x, rows, net, 1, 4, K.BLOCK, np.empty(5000, np.float32)),
+         K._middle_mean(x, rows, net, 1, 4, K.BLOCK, 1, np.empty(5000, np.float32))),
+        (K._closest_mean_serial(x, rows, K.sorting_network(5), 3, K.BLOCK, np.empty(5000, np.float32)),
+         K._closest_mean(x, rows, K.sorting_network(5), 3, K.BLOCK, 1, np.empty(5000, np.float32))),
         (K._row_sq_dists_serial(x, rows, z), K._row_sq_dists(x, rows, z, 1)),
         (K._sign_votes_serial(x, rows), K._sign_votes(x, rows, 1)),
         (K._centred_gram_serial(x, rows, x[1], K.BLOCK * 4), K._centred_gram(x, rows, x[1], K.BLOCK * 4, 1)),

@@ -182,5 +182,8 @@ def test_detox_step_on_indices_equals_the_copy_path(vote, mode, buckets, inner, 
         want = copy_path(g.clone(), byz, plan, step)
         got, diag = APPROACHES["draco-lite"](g.clone(), byz, plan, step)
         assert torch.equal(bits(got), bits(want)), (mode, step)
+        out_d = torch.empty(d)  # the PS's persistent aggregate buffer
+        got_out, _ = APPROACHES["draco-lite"](g.clone(), byz, plan, step, out=out_d)
+        assert got_out.data_ptr() == out_d.data_ptr() and torch.equal(bits(got_out), bits(want)), (mode, step)
         assert diag["vote_fallbacks"] >= 0 and 0 <= diag["corrupted_groups"] <= p // r
     assert majority(r) == 2
