@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from numbers import Integral, Real
 
 import numpy as np
@@ -361,12 +362,20 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _sample_cols(d: int) -> list[tuple[int, int]]:
+@lru_cache(maxsize=64)
+def _sample_cols(d: int) -> tuple[tuple[int, int], ...]:
     """The column segments ranked on: 8 evenly spaced runs of _SAMPLE_COLS / 8 columns (overlapping when d is
-    small), duplicates dropped."""
+    small), duplicates dropped (cached: the same few d every step)."""
     seg = max(1, _SAMPLE_COLS // 8)
     starts = np.linspace(0, max(d - seg, 0), num=8, dtype=np.int64)
-    return [(s, min(s + seg, d)) for s in np.unique(starts).tolist()]
+    return tuple((s, min(s + seg, d)) for s in np.unique(starts).tolist())
+
+
+@lru_cache(maxsize=64)
+def _sample_bounds(d: int) -> tuple[np.ndarray, np.ndarray]:
+    starts, ends = np.array(_sample_cols(d), dtype=np.int64).T
+    starts.flags.writeable = ends.flags.writeable = False  # shared between calls
+    return starts, ends
 
 
 def _candidates(x_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> list[int]:
@@ -383,7 +392,7 @@ def _candidates(x_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> l
         # for a second core: 16 ms on a loaded machine); float64 like them, summed in a fixed order
         from detox.kernels import candidate_ranking
 
-        starts, ends = np.array(segs, dtype=np.int64).T
+        starts, ends = _sample_bounds(x_nd.shape[1])
         return candidate_ranking(x_nd.contiguous().numpy(), rows, starts, ends, k, _threads()).tolist()
     sel = slice(None) if rows is None else torch.from_numpy(rows)
     sample = torch.cat([x_nd[sel, a:b] for a, b in segs], dim=1).double()
@@ -535,9 +544,9 @@ def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray
 def _row_mean(grads_nd: torch.Tensor, idx: np.ndarray, rows: np.ndarray | None = None,
               out: torch.Tensor | None = None) -> torch.Tensor:
     """The mean of the rows at positions ``idx`` (of ``rows``), summed in row order."""
-    w_n = torch.zeros(grads_nd.shape[0] if rows is None else rows.shape[0], dtype=torch.float64)
-    w_n[torch.from_numpy(np.asarray(idx))] = 1.0 / len(idx)
-    return _weighted_rows(grads_nd, w_n, rows, out)
+    w_n = np.zeros(grads_nd.shape[0] if rows is None else rows.shape[0])
+    w_n[np.asarray(idx)] = 1.0 / len(idx)
+    return _weighted_rows(grads_nd, torch.from_numpy(w_n), rows, out)
 
 
 def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,

@@ -606,11 +606,15 @@ def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: i
           or not out.flags.writeable):
         raise ValueError(f"bucket_means: out must be a writable C-contiguous (k, {x.shape[1]}) {x.dtype} array, "
                          f"got {out.shape} {out.dtype}")
-    dest = np.arange(nb, dtype=np.int64) if dest is None else np.ascontiguousarray(dest, dtype=np.int64)
-    if (dest.shape != (nb,) or np.unique(dest).shape != dest.shape or (dest < 0).any() or (dest >= out.shape[0]).any()
-            or (out.ctypes.data == x.ctypes.data and np.isin(dest, rows).any())):
+    if dest is None:
+        dest = np.arange(nb, dtype=np.int64)
+    elif (np.shape(dest) != (nb,) or np.unique(dest).shape != (nb,) or (np.asarray(dest) < 0).any()
+          or (np.asarray(dest) >= out.shape[0]).any()
+          or (out.ctypes.data == x.ctypes.data and np.isin(dest, rows).any())):
         raise ValueError(f"bucket_means: dest must be {nb} distinct rows of out (none of them read when out is x), "
                          f"got {dest}")
+    else:
+        dest = np.ascontiguousarray(dest, dtype=np.int64)
     w = np.ones(rows.shape[0], dtype=x.dtype)
     dens = counts.astype(x.dtype)
     threads = _threads(threads, x, rows)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from detox import approaches
 from detox import kernels as K
 from detox.aggregators import bucket_means
 from detox.approaches import Plan, bucket_rows
@@ -96,8 +97,10 @@ def test_bad_buckets_are_refused() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_bucket_rows_equal_the_per_bucket_path(dtype: torch.dtype) -> None:
-    """DETOX's bucket stage (the preset's mean inside) gives what the per-bucket calls gave before fusing."""
+def test_bucket_rows_equal_the_per_bucket_path(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DETOX's bucket stage (the preset's mean inside) gives what the per-bucket calls gave before fusing, written
+    into the vote's losing rows (as for large rows: the threshold is lowered to this test's rows)."""
+    monkeypatch.setattr(approaches, "_INPLACE_BYTES", 0)
     rng = np.random.default_rng(7)
     x = torch.from_numpy(hostile(rng, 45, 5000, np.float64)).to(dtype)
     rows = np.sort(rng.choice(45, size=15, replace=False))
@@ -114,3 +117,14 @@ def test_bucket_rows_equal_the_per_bucket_path(dtype: torch.dtype) -> None:
             assert torch.equal(bits(out[torch.from_numpy(spare)]), bits(want))
             others = np.setdiff1d(np.arange(45), spare)
             assert torch.equal(bits(work[others]), bits(x[others]))
+
+
+def test_small_rows_stack_fresh_outputs() -> None:
+    """Below the in-place threshold the bucket outputs are a fresh stacked tensor and the matrix is left alone."""
+    rng = np.random.default_rng(8)
+    x = torch.from_numpy(hostile(rng, 45, 500, np.float32))
+    rows = np.arange(0, 45, 3)
+    plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="coord-median", f=2, buckets=5)
+    work = x.clone()
+    out, none = bucket_rows(work, rows, plan, 0)
+    assert none is None and out.shape == (5, 500) and torch.equal(bits(work), bits(x))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from detox import approaches
 from detox.aggregators import AGGREGATORS, aggregate
 from detox.approaches import APPROACHES, Plan, _vote_reference, bucketize, majority, majority_vote, vote_rows
 
@@ -163,7 +164,10 @@ def copy_path(g: torch.Tensor, byz: np.ndarray, plan: Plan, step: int) -> torch.
     ("coord-median", 5, "mean", {}), ("mean", 3, "coord-median", {}), ("geometric-median", None, "mean", {}),
     ("trimmed-mean", 4, "trimmed-mean", {}), ("krum", None, "mean", {}), ("sign-sgd", 3, "mean", {}),
 ])
-def test_detox_step_on_indices_equals_the_copy_path(vote, mode, buckets, inner, inner_params):
+@pytest.mark.parametrize("in_place", [True, False], ids=["losing-rows", "stacked"])
+def test_detox_step_on_indices_equals_the_copy_path(vote, mode, buckets, inner, inner_params, in_place, monkeypatch):
+    # bucket outputs into the vote's losing rows (as for large rows), or a fresh stack (small rows)
+    monkeypatch.setattr(approaches, "_INPLACE_BYTES", 0 if in_place else 1 << 62)
     rng = np.random.default_rng(7)
     p, r, q, d = 45, 3, 5, 3000
     honest = torch.from_numpy(rng.standard_normal((p // r, d)).astype(np.float32))
