@@ -63,6 +63,7 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
         assert s["vanilla_f"] == 5 and s["detox_byzantine"] == 5 and s["d"] == 2000
         assert s["speedup"] == pytest.approx(s["vanilla_seconds"] / s["detox_seconds"])
         assert 0 < s["vote_seconds"] < s["detox_seconds"] and s["vote_share"] < 1 and s["vote_x_read"] > 0
+        assert s["read_after_fill_seconds"] > 0 and s["vote_x_read_after_fill"] > 0
     md = out.with_suffix(".md").read_text()
     assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
 
