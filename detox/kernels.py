@@ -844,8 +844,10 @@ def candidate_ranking(x: np.ndarray, rows: np.ndarray | None, starts: np.ndarray
     float64 throughout: per segment the exact differences from the first selected row and their Gram matrix,
     summed in segment order, so the ranking is the same on any number of threads (MKL's product, used before,
     rounds differently on 1 and 2 threads). One compiled call: ~0.1 ms at n = 45, d = 1e3."""
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
-    ends = np.ascontiguousarray(ends, dtype=np.int64)
+    # writable copies (the caller's may be read-only, cached): numba compiles read-only arrays as another
+    # specialisation, which made the vote's loops 2x slower (issue #15)
+    starts = np.array(starts, dtype=np.int64)
+    ends = np.array(ends, dtype=np.int64)
     if int((ends - starts).max()) > _SEGMENT:
         raise ValueError(f"candidate_ranking: segments are at most {_SEGMENT} columns")
     idx = _rows(x, rows)
@@ -1187,7 +1189,7 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     surviving candidate kept unchecked. Returns per group the row that sent every kept layer (-1: none did;
     with ``write`` the kept layers are then assembled in the group's first row), whether some layer lacks a
     strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates."""
-    starts = np.ascontiguousarray(starts, dtype=np.int64)
+    starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
     ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
     vote = _bm_vote if _vote_threads(x) > 1 else _bm_vote_serial
     return vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64),
