@@ -28,8 +28,13 @@ BLOCK = 256
 _COLS = 4096
 # no "nnan"/"ninf": the loader must see NaN to turn it into +inf, and +inf is a legitimate value
 _FAST = {"nsz", "arcp", "contract", "reassoc"}
-# below this many elements to read a kernel runs on one thread: waking the pool costs more than it saves
-_SERIAL_ELEMS = 1 << 16
+# Below these a kernel runs its serial twin: entering numba's pool wakes its workers, which under detox's
+# OMP_WAIT_POLICY=PASSIVE sleep as soon as a region ends, ~0.1-0.3 ms here. Measured at d = 1e5 with PASSIVE
+# (serial vs 2 threads, us): weighted sum of 8 rows 71/83, bucket means of 15 rows 242/268, Gram of 8 rows 174/256,
+# of 15 rows 436/521, of 45 rows 4278/2948; ranking 8 rows 59/134, 45 rows 862/864; median of 5 rows 236/189.
+_SERIAL_ELEMS = 1 << 16  # elements read (selection networks, distances: costly per element)
+_SERIAL_STREAM = 1 << 21  # elements read by a streaming sum (weighted sums, bucket means: ~0.1 ns each)
+_SERIAL_PAIRS = 1 << 24  # pair-columns of a Gram matrix: n(n + 1)/2 times the columns
 
 
 def _rows(x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
@@ -39,12 +44,13 @@ def _rows(x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
     return rows if rows.dtype == np.int64 and rows.flags.c_contiguous else np.ascontiguousarray(rows, np.int64)
 
 
-def _threads(threads: int, x: np.ndarray, rows: np.ndarray | None) -> int:
-    """Threads for a kernel: ``threads`` within numba's pool, one for a small read. One thread means the
-    kernel's serial twin: entering the pool at all wakes its workers, which on a loaded machine waits for a
-    core (~16 ms here at load 4; the whole call is ~0.1 ms)."""
+def _threads(threads: int, x: np.ndarray, rows: np.ndarray | None, work: int | None = None,
+             limit: int = _SERIAL_ELEMS) -> int:
+    """Threads for a kernel: ``threads`` within numba's pool, one for small work (``work``, default the elements
+    read, below ``limit``). One thread means the kernel's serial twin: entering the pool at all wakes its workers,
+    which on a loaded machine waits for a core (~16 ms here at load 4; the whole call is ~0.1 ms)."""
     n = x.shape[0] if rows is None else rows.shape[0]
-    if n * x.shape[1] < _SERIAL_ELEMS:
+    if (n * x.shape[1] if work is None else work) < limit:
         return 1
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
 
@@ -522,7 +528,8 @@ def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int, rows: np.ndarray 
     no temporary of the matrix's size. For the short-wide matrices of a PS (n <= a few hundred, d in the
     millions) this beats a BLAS call per block (measured in docs/performance.md).
     """
-    threads = _threads(threads, x, rows)
+    n = x.shape[0] if rows is None else rows.shape[0]
+    threads = _threads(threads, x, rows, n * (n + 1) // 2 * x.shape[1], _SERIAL_PAIRS)
     ref = np.ascontiguousarray(ref, dtype=x.dtype)
     if threads == 1:
         return _centred_gram_serial(x, _rows(x, rows), ref, BLOCK * 4)
@@ -569,7 +576,7 @@ def weighted_sum(x: np.ndarray, w: np.ndarray, threads: int, dtype: type = np.fl
     in the order of ``rows``; accumulated and returned in ``dtype`` (float32, or float64 for ``x`` float32 where
     round-off matters), into ``out`` when given (see ``_out``)."""
     out = _out(x, out, dtype)
-    threads = _threads(threads, x, rows)
+    threads = _threads(threads, x, rows, limit=_SERIAL_STREAM)
     if threads == 1:
         return _weighted_sum_serial(x, _rows(x, rows), np.ascontiguousarray(w, dtype=dtype), out)
     return _weighted_sum(x, _rows(x, rows), np.ascontiguousarray(w, dtype=dtype), out, threads)
@@ -658,7 +665,7 @@ def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: i
         dest = np.ascontiguousarray(dest, dtype=np.int64)
     w = np.ones(rows.shape[0], dtype=x.dtype)
     dens = counts.astype(x.dtype)
-    threads = _threads(threads, x, rows)
+    threads = _threads(threads, x, rows, limit=_SERIAL_STREAM)
     if threads == 1:
         _bucket_means_serial(x, rows, starts, w, dens, out, dest)
     else:
@@ -851,7 +858,9 @@ def candidate_ranking(x: np.ndarray, rows: np.ndarray | None, starts: np.ndarray
     if int((ends - starts).max()) > _SEGMENT:
         raise ValueError(f"candidate_ranking: segments are at most {_SEGMENT} columns")
     idx = _rows(x, rows)
-    threads = min(_threads(threads, x, rows), starts.shape[0])
+    n = idx.shape[0]
+    threads = min(_threads(threads, x, rows, n * (n + 1) // 2 * int((ends - starts).sum()), _SERIAL_PAIRS),
+                  starts.shape[0])
     if threads == 1:
         return _candidate_ranking_serial(x, idx, starts, ends, int(k))
     return _candidate_ranking(x, idx, starts, ends, int(k), threads)

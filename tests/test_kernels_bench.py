@@ -162,3 +162,33 @@ def test_vote_serial_twins_equal_the_pooled_votes() -> None:
     # Boyer-Moore keeps its last candidate unchecked: member 2 of group 0 (it agrees with member 0), member 0 of group 1
     # (it sends every kept layer), member 2 of group 2 (no majority anywhere: flagged as a fallback)
     assert got[0][0].tolist()[:3] == [2, 3, 8] and got[0][1].tolist()[:3] == [False, False, True]
+
+
+@pytest.mark.parametrize("rule", ["mean", "coord-median", "trimmed-mean", "krum", "multi-krum", "bulyan",
+                                  "geometric-median", "sign-sgd"])
+def test_rules_agree_on_the_pool_and_the_serial_twins(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serial-twin thresholds keep small tests off the thread pool: here every kernel is forced onto 2 threads
+    and then onto its serial twin; the rules agree (exactly where no float sum is split across threads)."""
+    import torch
+
+    from detox import kernels as K
+    from detox.aggregators import aggregate
+
+    rng = np.random.default_rng(31)
+    g = torch.from_numpy((rng.standard_normal((23, 20_000)) + 3 * rng.standard_normal(20_000)).astype(np.float32))
+    f = 4 if rule == "bulyan" else 5
+    got = {}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for limit, label in ((0, "pool"), (1 << 62, "serial")):
+            for name in ("_SERIAL_ELEMS", "_SERIAL_STREAM", "_SERIAL_PAIRS"):
+                monkeypatch.setattr(K, name, limit)
+            monkeypatch.setattr(K._threads, "__defaults__", (None, limit))
+            got[label] = aggregate(rule, g, f).numpy()
+    finally:
+        torch.set_num_threads(before)
+    if rule in ("coord-median", "trimmed-mean", "mean", "sign-sgd", "krum"):
+        assert got["pool"].tobytes() == got["serial"].tobytes()
+    else:  # a Gram matrix or a float64 sum split across two threads rounds differently
+        np.testing.assert_allclose(got["pool"], got["serial"], rtol=1e-5, atol=1e-6)
