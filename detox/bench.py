@@ -195,8 +195,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
     """Per rule, the PS step (vote, buckets, rule) of vanilla-X and DETOX-X as their presets run it."""
     import dataclasses
 
-    from detox.attacks import byzantine_mask
-    from detox.bench_scaling import PAPER_NETWORK, fill, honest_groups, layer_sizes, preset_plan, scale_layers
+    from detox.bench_scaling import PAPER_NETWORK, honest_groups, layer_sizes, preset_plan, scale_layers
 
     plans = {(rule, kind): preset_plan(f"{kind}-{rule}", workers, PAPER_NETWORK)
              for rule in rules for kind in ("vanilla", "detox")}
@@ -221,12 +220,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
             plan = dataclasses.replace(plan, layer_sizes=layers)
             times, votes = [], []
             for i in range(repeats + 1):  # a warm-up step, then the repeats
-                byz = byzantine_mask(str(cfg.adversary.placement), i, workers, plan.byzantine, plan.unit_size,
-                                     plan.seed)
-                fill(host, groups, plan, byz, cfg, i)
-                if work is not host:
-                    work.copy_(host)
-                _sync(device)
+                byz = _refill(work, host, groups, plan, cfg, i, device)
                 t0 = time.perf_counter()
                 _, diag = APPROACHES[plan.approach](work, byz, plan, i, out=out_d)
                 _sync(device)
@@ -250,21 +244,27 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
     return rows
 
 
+def _refill(work: torch.Tensor, host: torch.Tensor, groups: torch.Tensor, plan: object, cfg: object, step: int,
+            device: str) -> np.ndarray:
+    """What reaches the PS at ``step`` (``bench_scaling.fill`` on the CPU, copied to the device): the Byzantine mask."""
+    from detox.attacks import byzantine_mask
+    from detox.bench_scaling import fill
+
+    byz = byzantine_mask(str(cfg.adversary.placement), step, work.shape[0], plan.byzantine, plan.unit_size, plan.seed)
+    fill(host, groups, plan, byz, cfg, step)
+    if work is not host:
+        work.copy_(host)
+    _sync(device)
+    return byz
+
+
 def _read_after_fill(work: torch.Tensor, host: torch.Tensor, groups: torch.Tensor, plan: object, cfg: object,
                      repeats: int, device: str) -> float:
     """One read of the rows (``work.sum()``) timed where the vote meets them: right after each refill (rows
     partly out of cache, thread pools idle or busy as the step finds them), median over the repeats."""
-    from detox.attacks import byzantine_mask
-    from detox.bench_scaling import fill
-
     times = []
     for i in range(repeats + 1):
-        byz = byzantine_mask(str(cfg.adversary.placement), i, work.shape[0], plan.byzantine, plan.unit_size,
-                             plan.seed)
-        fill(host, groups, plan, byz, cfg, i)
-        if work is not host:
-            work.copy_(host)
-        _sync(device)
+        _refill(work, host, groups, plan, cfg, i, device)
         t0 = time.perf_counter()
         work.sum()
         _sync(device)
