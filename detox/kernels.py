@@ -1077,23 +1077,13 @@ def _strict_vote(x, r, need, tol):  # pragma: no cover - compiled
     return leader, member
 
 
-# the votes' serial twins: the same functions compiled without the thread pool (prange runs as range), for a
-# small matrix or one thread (entering the pool at all wakes its workers: 0.3 ms against 0.05 ms at d = 1e3)
-_strict_vote_serial = njit(cache=True)(_strict_vote.py_func)
-
-
-def _vote_threads(x: np.ndarray) -> int:
-    return _threads(numba.get_num_threads(), x, None)
-
-
 def strict_vote(x: np.ndarray, r: int, need: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
     """The strict-majority vote of every contiguous group of r rows of ``x`` (C-contiguous; an integer view of
     the rows' bits when tol <= 0, the float rows otherwise).
 
     Per group, member i (in order, unclaimed) claims every later unclaimed member equal to it; the first class
     of at least ``need`` members wins. Returns (k,) the winning member or -1, and (k, r) its class."""
-    vote = _strict_vote if _vote_threads(x) > 1 else _strict_vote_serial
-    return vote(x, int(r), int(need), _tol(x, tol))
+    return _strict_vote(x, int(r), int(need), _tol(x, tol))
 
 
 def _tol(x: np.ndarray, tol: float) -> np.floating:
@@ -1188,9 +1178,6 @@ def _bm_vote(x, r, need, tol, starts, ends, honest, write):  # pragma: no cover 
     return win, fallback, corrupted, cands
 
 
-_bm_vote_serial = njit(cache=True)(_bm_vote.py_func)  # as _strict_vote_serial
-
-
 def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.ndarray, honest: np.ndarray,
                      write: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The original DETOX vote of every contiguous group of r rows of ``x`` (an integer view of the bits when
@@ -1200,6 +1187,5 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates."""
     starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
     ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
-    vote = _bm_vote if _vote_threads(x) > 1 else _bm_vote_serial
-    return vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64),
+    return _bm_vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64),
                     bool(write))

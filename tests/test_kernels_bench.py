@@ -138,32 +138,6 @@ def test_serial_twins_equal_the_pooled_kernels_on_one_thread() -> None:
         assert serial.tobytes() == pooled.tobytes()
 
 
-def test_vote_serial_twins_equal_the_pooled_votes() -> None:
-    # the votes' twins are the same functions compiled without the pool: winners, classes and the written rows agree
-    from detox import kernels as K
-
-    rng = np.random.default_rng(21)
-    honest = rng.standard_normal((6, 300)).astype(np.float32)
-    x = np.repeat(honest, 3, axis=0)
-    x[1] += 1.0  # group 0: members 0 and 2 agree
-    x[4, :100] = 7.0  # group 1: member 1 differs on the first layer only
-    x[6:9] = rng.standard_normal((3, 300))  # group 2: no two agree
-    starts, hon = np.array([0, 100, 200]), np.ones(18, dtype=bool)
-    bits_a, bits_b = x.copy().view(np.int32), x.copy().view(np.int32)
-    for a, b in zip(K._strict_vote_serial(bits_a, 3, 2, np.float64(0.0)), K._strict_vote(bits_b, 3, 2, np.float64(0.0)),
-                    strict=True):
-        assert np.array_equal(a, b)
-    ends = np.array([100, 200, 300])
-    got = [f(v, 3, 2, np.float64(0.0), starts, ends, hon.astype(np.int64), True)
-           for f, v in ((K._bm_vote_serial, bits_a), (K._bm_vote, bits_b))]
-    for a, b in zip(*got, strict=True):
-        assert np.array_equal(a, b)
-    assert np.array_equal(bits_a, bits_b)
-    # Boyer-Moore keeps its last candidate unchecked: member 2 of group 0 (it agrees with member 0), member 0 of group 1
-    # (it sends every kept layer), member 2 of group 2 (no majority anywhere: flagged as a fallback)
-    assert got[0][0].tolist()[:3] == [2, 3, 8] and got[0][1].tolist()[:3] == [False, False, True]
-
-
 @pytest.mark.parametrize("rule", ["mean", "coord-median", "trimmed-mean", "krum", "multi-krum", "bulyan",
                                   "geometric-median", "sign-sgd"])
 def test_rules_agree_on_the_pool_and_the_serial_twins(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
