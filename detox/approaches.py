@@ -368,18 +368,19 @@ def bucket_rows(
         return grads_nd, rows
     perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(k)
     buckets = [rows[np.sort(chunk)] for chunk in np.array_split(perm, plan.buckets)]
-    in_place = grads_nd.shape[1] * grads_nd.element_size() >= _INPLACE_BYTES and grads_nd.is_contiguous()
-    spare = np.setdiff1d(np.arange(grads_nd.shape[0]), rows)[: plan.buckets] if in_place else rows[:0]
-    if spare.shape[0] < plan.buckets:
-        if plan.inner == "mean":  # all bucket means in one pass (the same values as the per-bucket rule)
-            return bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params), None
-        return torch.stack([aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b)
-                            for b in buckets]), None
-    if plan.inner == "mean":
-        return bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params, dest=spare), spare
-    for b, row in zip(buckets, spare.tolist(), strict=True):
-        aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b, out=grads_nd[row])
-    return grads_nd, spare
+    dest = None
+    if grads_nd.shape[1] * grads_nd.element_size() >= _INPLACE_BYTES and grads_nd.is_contiguous():
+        spare = np.setdiff1d(np.arange(grads_nd.shape[0]), rows)[: plan.buckets]
+        dest = spare if spare.shape[0] == plan.buckets else None
+    if plan.inner == "mean":  # all bucket means in one pass (the same values as the per-bucket rule)
+        outs = bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params, dest=dest)
+    elif dest is None:
+        outs = torch.stack([aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b)
+                            for b in buckets])
+    else:
+        for b, row in zip(buckets, dest.tolist(), strict=True):
+            aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b, out=grads_nd[row])
+    return (outs, None) if dest is None else (grads_nd, dest)
 
 
 def bucketize(winners_kd: torch.Tensor, plan: Plan, step: int) -> torch.Tensor:
