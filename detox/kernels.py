@@ -35,6 +35,7 @@ _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _SERIAL_ELEMS = 1 << 16  # elements read (selection networks, distances: costly per element)
 _SERIAL_STREAM = 1 << 21  # elements read by a streaming sum (weighted sums, bucket means: ~0.1 ns each)
 _SERIAL_PAIRS = 1 << 24  # pair-columns of a Gram matrix: n(n + 1)/2 times the columns
+_SERIAL_VOTE = 1 << 21  # elements of the groups a vote compares
 
 
 def _rows(x: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
@@ -1043,38 +1044,48 @@ def _compare_many(x, i, cols, js, live, s, e, tol):  # pragma: no cover - compil
     return n_live
 
 
-@njit(parallel=True, cache=True)
-def _strict_vote(x, r, need, tol):  # pragma: no cover - compiled
-    k = x.shape[0] // r
+@njit(cache=True)
+def _strict_vote_group(x, g, r, need, tol, leader, member):  # pragma: no cover - compiled
+    claimed = np.zeros(r, dtype=np.bool_)
+    js = np.empty(r, dtype=np.int64)
+    live = np.zeros(r, dtype=np.bool_)
     d = x.shape[1]
-    leader = np.full(k, -1, dtype=np.int64)
-    member = np.zeros((k, r), dtype=np.bool_)
-    for g in prange(k):
-        claimed = np.zeros(r, dtype=np.bool_)
-        js = np.empty(r, dtype=np.int64)
-        live = np.zeros(r, dtype=np.bool_)
-        for i in range(r):
-            if claimed[i]:
-                continue
-            # the class of member i: every later unclaimed member equal to it, found in one pass over them
-            for j in range(r):
-                js[j] = g * r + j
-                live[j] = j > i and not claimed[j]
-            _compare_many(x, g * r + i, _VOTE_COLS, js, live, 0, d, tol)
-            size = 1
+    for i in range(r):
+        if claimed[i]:
+            continue
+        # the class of member i: every later unclaimed member equal to it, found in one pass over them
+        for j in range(r):
+            js[j] = g * r + j
+            live[j] = j > i and not claimed[j]
+        _compare_many(x, g * r + i, _VOTE_COLS, js, live, 0, d, tol)
+        size = 1
+        for j in range(i + 1, r):
+            if live[j]:
+                claimed[j] = True
+                size += 1
+        if size >= need:
+            leader[g] = i
+            member[g, i] = True
             for j in range(i + 1, r):
-                if live[j]:
-                    claimed[j] = True
-                    size += 1
-            if size >= need:
-                leader[g] = i
-                member[g, i] = True
-                for j in range(i + 1, r):
-                    member[g, j] = live[j]
-                break
-            if r - i - 1 < need:  # too few members left to form a majority
-                break
-    return leader, member
+                member[g, j] = live[j]
+            return
+        if r - i - 1 < need:  # too few members left to form a majority
+            return
+
+
+@njit(parallel=True, cache=True)
+def _strict_vote(x, r, need, tol, leader, member):  # pragma: no cover - compiled
+    for g in prange(leader.shape[0]):
+        _strict_vote_group(x, g, r, need, tol, leader, member)
+
+
+@njit(cache=True)
+def _strict_vote_serial(x, r, need, tol, leader, member):  # pragma: no cover - compiled
+    # _strict_vote on one thread, without entering the thread pool (see _threads); a function of its own name:
+    # numba's cache index is keyed by name and bytecode, not by parallel=, so njit(f.py_func) would share f's
+    # cache entry and either dispatcher could load the other's code
+    for g in range(leader.shape[0]):
+        _strict_vote_group(x, g, r, need, tol, leader, member)
 
 
 def strict_vote(x: np.ndarray, r: int, need: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
@@ -1083,7 +1094,18 @@ def strict_vote(x: np.ndarray, r: int, need: int, tol: float) -> tuple[np.ndarra
 
     Per group, member i (in order, unclaimed) claims every later unclaimed member equal to it; the first class
     of at least ``need`` members wins. Returns (k,) the winning member or -1, and (k, r) its class."""
-    return _strict_vote(x, int(r), int(need), _tol(x, tol))
+    k = x.shape[0] // r
+    leader = np.full(k, -1, dtype=np.int64)
+    member = np.zeros((k, r), dtype=np.bool_)
+    vote = _strict_vote if _vote_threads(x, k * r) > 1 else _strict_vote_serial
+    vote(x, int(r), int(need), _tol(x, tol), leader, member)
+    return leader, member
+
+
+def _vote_threads(x: np.ndarray, rows: int) -> int:
+    """Threads for a vote over ``rows`` rows of ``x``: numba's (training's ``threads``), one below _SERIAL_VOTE
+    elements (the vote streams its rows like a sum, but stops a group's comparison at its first difference)."""
+    return _threads(numba.get_num_threads(), x, None, rows * x.shape[1], _SERIAL_VOTE)
 
 
 def _tol(x: np.ndarray, tol: float) -> np.floating:
@@ -1091,91 +1113,100 @@ def _tol(x: np.ndarray, tol: float) -> np.floating:
     return x.dtype.type(tol) if x.dtype.kind == "f" else np.float64(0.0)
 
 
-@njit(parallel=True, cache=True)
-def _bm_vote(x, r, need, tol, starts, ends, honest, write):  # pragma: no cover - compiled
-    k = x.shape[0] // r
+@njit(cache=True)
+def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
+                   win, fallback, corrupted, cands):  # pragma: no cover - compiled
     d = x.shape[1]
     n_layers = starts.shape[0]
-    win = np.full(k, -1, dtype=np.int64)
-    fallback = np.zeros(k, dtype=np.bool_)
-    corrupted = np.zeros(k, dtype=np.bool_)
-    cands = np.zeros((k, n_layers), dtype=np.int64)
-    for g in prange(k):
-        base = g * r
-        js = np.empty(r, dtype=np.int64)
-        live = np.zeros(r, dtype=np.bool_)
+    base = g * r
+    js = np.empty(r, dtype=np.int64)
+    live = np.zeros(r, dtype=np.bool_)
+    for j in range(r):
+        js[j] = base + j
+        live[j] = j > 0
+    if r == 1 or _compare_many(x, base, _VOTE_COLS, js, live, 0, d, tol) == r - 1:
+        # unanimous (every honest group): member 0 wins every layer, supported by all
+        win[g] = base
+        h = 0
         for j in range(r):
-            js[j] = base + j
-            live[j] = j > 0
-        if r == 1 or _compare_many(x, base, _VOTE_COLS, js, live, 0, d, tol) == r - 1:
-            # unanimous (every honest group): member 0 wins every layer, supported by all
-            win[g] = base
-            h = 0
-            for j in range(r):
-                h += honest[base + j]
-            corrupted[g] = h < need
-            continue
-        # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer
-        eq = np.ones((r, r, n_layers), dtype=np.bool_)
+            h += honest[base + j]
+        corrupted[g] = h < need
+        return
+    # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer
+    eq = np.ones((r, r, n_layers), dtype=np.bool_)
+    for layer in range(n_layers):
+        s = starts[layer]
+        e = ends[layer]
+        c = s
+        while c < e:
+            m = min(e, c + _VOTE_COLS)
+            for i in range(r):
+                for j in range(i + 1, r):
+                    if eq[i, j, layer] and _differs(x[base + i], x[base + j], c, m, tol):
+                        eq[i, j, layer] = False
+                        eq[j, i, layer] = False
+            c = m
+    # Boyer-Moore per layer over the members in order
+    cand = cands[g]
+    count = np.zeros(n_layers, dtype=np.int64)
+    for i in range(r):
         for layer in range(n_layers):
-            s = starts[layer]
-            e = ends[layer]
-            c = s
-            while c < e:
-                m = min(e, c + _VOTE_COLS)
-                for i in range(r):
-                    for j in range(i + 1, r):
-                        if eq[i, j, layer] and _differs(x[base + i], x[base + j], c, m, tol):
-                            eq[i, j, layer] = False
-                            eq[j, i, layer] = False
-                c = m
-        # Boyer-Moore per layer over the members in order
-        cand = cands[g]
-        count = np.zeros(n_layers, dtype=np.int64)
-        for i in range(r):
-            for layer in range(n_layers):
-                if count[layer] == 0:
-                    cand[layer] = i
-                    count[layer] = 1
-                elif eq[i, cand[layer], layer]:
-                    count[layer] += 1
-                else:
-                    count[layer] -= 1
-        sender = np.ones(r, dtype=np.bool_)
+            if count[layer] == 0:
+                cand[layer] = i
+                count[layer] = 1
+            elif eq[i, cand[layer], layer]:
+                count[layer] += 1
+            else:
+                count[layer] -= 1
+    sender = np.ones(r, dtype=np.bool_)
+    for layer in range(n_layers):
+        sup = 0
+        hsup = 0
+        for j in range(r):
+            if eq[cand[layer], j, layer]:
+                sup += 1
+                hsup += honest[base + j]
+            else:
+                sender[j] = False
+        fallback[g] |= sup < need
+        corrupted[g] |= hsup < need
+    same = True
+    for layer in range(n_layers):
+        same &= cand[layer] == cand[0]
+    c0 = -1
+    if same:
+        c0 = cand[0]
+    else:
+        for j in range(r):
+            if sender[j]:
+                c0 = j
+                break
+    if c0 >= 0:
+        win[g] = base + c0
+    elif write:
+        # no member sent the kept layers together: assemble them in the group's first row (each layer is
+        # copied from one member of this group, so no row still to be read is overwritten)
+        dst = x[base]
         for layer in range(n_layers):
-            sup = 0
-            hsup = 0
-            for j in range(r):
-                if eq[cand[layer], j, layer]:
-                    sup += 1
-                    hsup += honest[base + j]
-                else:
-                    sender[j] = False
-            fallback[g] |= sup < need
-            corrupted[g] |= hsup < need
-        same = True
-        for layer in range(n_layers):
-            same &= cand[layer] == cand[0]
-        c0 = -1
-        if same:
-            c0 = cand[0]
-        else:
-            for j in range(r):
-                if sender[j]:
-                    c0 = j
-                    break
-        if c0 >= 0:
-            win[g] = base + c0
-        elif write:
-            # no member sent the kept layers together: assemble them in the group's first row (each layer is
-            # copied from one member of this group, so no row still to be read is overwritten)
-            dst = x[base]
-            for layer in range(n_layers):
-                src = x[base + cand[layer]]
-                if cand[layer] != 0:
-                    for c in range(starts[layer], ends[layer]):
-                        dst[c] = src[c]
-    return win, fallback, corrupted, cands
+            src = x[base + cand[layer]]
+            if cand[layer] != 0:
+                for c in range(starts[layer], ends[layer]):
+                    dst[c] = src[c]
+
+
+@njit(parallel=True, cache=True)
+def _bm_vote(x, r, need, tol, starts, ends, honest, write,
+             win, fallback, corrupted, cands):  # pragma: no cover - compiled
+    for g in prange(win.shape[0]):
+        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+
+
+@njit(cache=True)
+def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write,
+                    win, fallback, corrupted, cands):  # pragma: no cover - compiled
+    # _bm_vote on one thread (see _strict_vote_serial)
+    for g in range(win.shape[0]):
+        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
 
 
 def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.ndarray, honest: np.ndarray,
@@ -1187,5 +1218,12 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates."""
     starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
     ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
-    return _bm_vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64),
-                    bool(write))
+    k = x.shape[0] // r
+    win = np.full(k, -1, dtype=np.int64)
+    fallback = np.zeros(k, dtype=np.bool_)
+    corrupted = np.zeros(k, dtype=np.bool_)
+    cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
+    vote = _bm_vote if _vote_threads(x, k * r) > 1 else _bm_vote_serial
+    vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64), bool(write),
+         win, fallback, corrupted, cands)
+    return win, fallback, corrupted, cands

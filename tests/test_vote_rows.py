@@ -68,9 +68,14 @@ def random_groups(rng: np.random.Generator) -> tuple[torch.Tensor, int, np.ndarr
     return torch.from_numpy(g), r, honest, sizes
 
 
+@pytest.mark.parametrize("pool", [False, True], ids=["serial", "pool"])
 @pytest.mark.parametrize("vote", ["strict", "boyer-moore"])
 @pytest.mark.parametrize("tol", [0.0, 1e-6, 1e-3])
-def test_compiled_vote_equals_the_reference_loop(vote, tol):
+def test_compiled_vote_equals_the_reference_loop(vote, tol, pool, monkeypatch):
+    # small votes run the serial twin; pool=True forces every vote onto numba's thread pool instead
+    import detox.kernels as K
+
+    monkeypatch.setattr(K, "_SERIAL_VOTE", 0 if pool else 1 << 62)
     rng = np.random.default_rng([len(vote), int(tol * 1e6)])
     decided = set()
     for _ in range(150):
