@@ -298,10 +298,10 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
     x = x if tol > 0 else _bits(grads_nd).numpy()
     rows = np.arange(k, dtype=np.int64) * r
     if vote == "strict":
-        leader, member = strict_vote(x, r, need, tol)
+        honest = honest_p[: k * r].reshape(k, r)
+        leader, member = strict_vote(x, r, need, tol, honest.ravel())
         won = leader >= 0
         win_rows = np.where(won, rows + leader, -1)
-        honest = honest_p[: k * r].reshape(k, r)
         corrupted = int((won & ((member & honest).sum(axis=1) < need)).sum())
         for g in np.flatnonzero(~won).tolist():
             _fallback(grads_nd, g, r)

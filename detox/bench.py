@@ -12,7 +12,8 @@ each plan composed from its preset (``conf/method/``, via ``detox.bench_scaling.
 Boyer-Moore vote per layer, buckets, counts) at P workers, q = floor(P / 9), r = 3, ResNet-18's layer sizes
 scaled to d; the workers' gradients are refilled (each group's honest gradient, the preset's attack) before
 every step, untimed. Printed per rule: both medians, baseline / DETOX, the vote's share of the DETOX step and
-the vote against one read of the rows it compares (every member of every group at r = 3).
+the vote against one read of the P rows it receives (it compares 2 of the 3 members of a group whose first two
+are honest and agree, all 3 otherwise: ``detox.kernels._majority_first``).
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
     groups = honest_groups(workers // r, d)
     host = torch.empty((workers, d))  # filled on the CPU (the attacks' code), copied to the device
     work = host if device == "cpu" else torch.empty((workers, d), device=device)
-    # the vote compares every member of every group with its first member (r = 3: all P rows): one read of them,
+    # one read of the P rows the vote receives (it compares 2 or 3 members per group, r = 3),
     # timed on written rows (an untouched allocation reads the shared zero page, far faster than memory)
     work.view(workers // r, r, d).copy_(groups[: workers // r, None, :].to(device))
     floor = timed(lambda: work.sum(), max(repeats, 5), device)
@@ -239,7 +240,7 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
         rows.append(out)
         print(f"PS step {rule:>14}  P={workers} d={d:.3g}: vanilla {out['vanilla_seconds']:.4f} s, DETOX "
               f"{out['detox_seconds']:.4f} s -> {out['speedup']:.1f}x; vote {out['vote_seconds']:.4f} s "
-              f"({out['vote_share']:.0%} of DETOX, {out['vote_x_read']:.1f}x one read of the rows, "
+              f"({out['vote_share']:.0%} of DETOX, {out['vote_x_read']:.1f}x one read of the P rows, "
               f"{out['vote_x_read_after_fill']:.1f}x one read right after the refill)", flush=True)
     return rows
 

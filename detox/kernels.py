@@ -1045,11 +1045,31 @@ def _compare_many(x, i, cols, js, live, s, e, tol):  # pragma: no cover - compil
 
 
 @njit(cache=True)
-def _strict_vote_group(x, g, r, need, tol, leader, member):  # pragma: no cover - compiled
+def _majority_first(x, base, r, need, honest, tol, js, live):  # pragma: no cover - compiled
+    """Whether the group's first ``need`` members are honest and equal to its first: then member 0 wins either
+    vote (Boyer-Moore's count for it cannot fall to 0 over the r - need others, and it is the first class of
+    need members), with no fallback and enough honest support, whatever the others sent; so their rows are not
+    read (2 rows of 3: the vote's traffic is what it costs, issue #15). False (nothing decided) otherwise."""
+    for j in range(need):
+        if not honest[base + j]:
+            return False
+    for j in range(r):
+        js[j] = base + j
+        live[j] = 0 < j < need
+    return _compare_many(x, base, _VOTE_COLS, js, live, 0, x.shape[1], tol) == need - 1
+
+
+@njit(cache=True)
+def _strict_vote_group(x, g, r, need, tol, honest, leader, member):  # pragma: no cover - compiled
     claimed = np.zeros(r, dtype=np.bool_)
     js = np.empty(r, dtype=np.int64)
     live = np.zeros(r, dtype=np.bool_)
     d = x.shape[1]
+    if _majority_first(x, g * r, r, need, honest, tol, js, live):
+        leader[g] = 0
+        for j in range(need):  # the class as far as it was read: enough to count its honest support
+            member[g, j] = True
+        return
     for i in range(r):
         if claimed[i]:
             continue
@@ -1074,31 +1094,35 @@ def _strict_vote_group(x, g, r, need, tol, leader, member):  # pragma: no cover 
 
 
 @njit(parallel=True, cache=True)
-def _strict_vote(x, r, need, tol, leader, member):  # pragma: no cover - compiled
+def _strict_vote(x, r, need, tol, honest, leader, member):  # pragma: no cover - compiled
     for g in prange(leader.shape[0]):
-        _strict_vote_group(x, g, r, need, tol, leader, member)
+        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
 
 
 @njit(cache=True)
-def _strict_vote_serial(x, r, need, tol, leader, member):  # pragma: no cover - compiled
+def _strict_vote_serial(x, r, need, tol, honest, leader, member):  # pragma: no cover - compiled
     # _strict_vote on one thread, without entering the thread pool (see _threads); a function of its own name:
     # numba's cache index is keyed by name and bytecode, not by parallel=, so njit(f.py_func) would share f's
     # cache entry and either dispatcher could load the other's code
     for g in range(leader.shape[0]):
-        _strict_vote_group(x, g, r, need, tol, leader, member)
+        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
 
 
-def strict_vote(x: np.ndarray, r: int, need: int, tol: float) -> tuple[np.ndarray, np.ndarray]:
+def strict_vote(x: np.ndarray, r: int, need: int, tol: float,
+                honest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The strict-majority vote of every contiguous group of r rows of ``x`` (C-contiguous; an integer view of
     the rows' bits when tol <= 0, the float rows otherwise).
 
     Per group, member i (in order, unclaimed) claims every later unclaimed member equal to it; the first class
-    of at least ``need`` members wins. Returns (k,) the winning member or -1, and (k, r) its class."""
+    of at least ``need`` members wins. Returns (k,) the winning member or -1, and (k, r) its class: complete,
+    except where the first ``need`` members are ``honest`` (default: all) and agree, which decides the group
+    unread further (``_majority_first``): there the class lists those ``need``."""
     k = x.shape[0] // r
     leader = np.full(k, -1, dtype=np.int64)
     member = np.zeros((k, r), dtype=np.bool_)
+    honest = np.ones(k * r, dtype=np.int64) if honest is None else np.ascontiguousarray(honest, np.int64)
     vote = _strict_vote if _vote_threads(x, k * r) > 1 else _strict_vote_serial
-    vote(x, int(r), int(need), _tol(x, tol), leader, member)
+    vote(x, int(r), int(need), _tol(x, tol), honest, leader, member)
     return leader, member
 
 
@@ -1121,17 +1145,26 @@ def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
     base = g * r
     js = np.empty(r, dtype=np.int64)
     live = np.zeros(r, dtype=np.bool_)
-    for j in range(r):
-        js[j] = base + j
-        live[j] = j > 0
-    if r == 1 or _compare_many(x, base, _VOTE_COLS, js, live, 0, d, tol) == r - 1:
-        # unanimous (every honest group): member 0 wins every layer, supported by all
-        win[g] = base
-        h = 0
+    prefix = True
+    for j in range(need):
+        prefix &= honest[base + j] != 0
+    if prefix:
+        if _majority_first(x, base, r, need, honest, tol, js, live):
+            win[g] = base  # member 0 wins every layer (see _majority_first)
+            return
+        # some member among the first need differs from member 0: the group is not unanimous
+    else:
         for j in range(r):
-            h += honest[base + j]
-        corrupted[g] = h < need
-        return
+            js[j] = base + j
+            live[j] = j > 0
+        if _compare_many(x, base, _VOTE_COLS, js, live, 0, d, tol) == r - 1:
+            # unanimous: member 0 wins every layer, supported by all
+            win[g] = base
+            h = 0
+            for j in range(r):
+                h += honest[base + j]
+            corrupted[g] = h < need
+            return
     # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer
     eq = np.ones((r, r, n_layers), dtype=np.bool_)
     for layer in range(n_layers):

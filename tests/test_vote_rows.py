@@ -62,7 +62,9 @@ def random_groups(rng: np.random.Generator) -> tuple[torch.Tensor, int, np.ndarr
             if rng.random() < 0.3:  # a splice of two vectors: members that agree on some layers only
                 cut = int(rng.integers(d))
                 g[grp * r + m, cut:] = pool[int(rng.integers(len(pool)))][cut:]
-    honest = rng.random(k * r) < 0.7
+    # everyone honest (as an engine without a Byzantine mask counts) or a random 70 %: both sides of the vote's
+    # shortcut (the first majority of members honest and equal decides a group unread further)
+    honest = rng.random(k * r) < (1.0 if rng.random() < 0.3 else 0.7)
     cuts = np.sort(rng.choice(np.arange(1, d), size=min(d - 1, int(rng.integers(0, 5))), replace=False))
     sizes = tuple(int(s) for s in np.diff(np.concatenate([[0], cuts, [d]])))
     return torch.from_numpy(g), r, honest, sizes
