@@ -166,3 +166,48 @@ def test_rules_agree_on_the_pool_and_the_serial_twins(rule: str, monkeypatch: py
         assert got["pool"].tobytes() == got["serial"].tobytes()
     else:  # a Gram matrix or a float64 sum split across two threads rounds differently
         np.testing.assert_allclose(got["pool"], got["serial"], rtol=1e-5, atol=1e-6)
+
+
+def _hostile(m: int, d: int) -> np.ndarray:
+    """Rows with NaN, +-inf, -0.0 and 0.0, and integer ties (every branch of a compare-exchange)."""
+    x = RNG.standard_normal((m, d)).astype(np.float32)
+    for value in (np.nan, np.inf, -np.inf, -0.0, 0.0):
+        x[RNG.random(x.shape) < 0.03] = value
+    x[:, : d // 3] = np.round(x[:, : d // 3])
+    return x
+
+
+@pytest.mark.parametrize(("m", "lo", "hi"), [(5, 2, 3), (7, 2, 5), (4, 1, 3)])
+def test_unrolled_networks_equal_the_block_kernel_bit_for_bit(m, lo, hi, tmp_path, monkeypatch) -> None:
+    # above _UNROLL_ELEMS a small network runs unrolled (generated, compiled once, cached in DETOX_CACHE_DIR);
+    # it must give the block kernel's bits on both the pool and the serial twin
+    import detox.kernels as K
+
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
+    K._unrolled.cache_clear()
+    x = _hostile(m + 2, 5000)
+    rows = RNG.permutation(m + 2)[:m]
+    block = {t: middle_mean(x, rows, lo, hi, threads=t) for t in (1, 2)}
+    monkeypatch.setattr(K, "_UNROLL_ELEMS", 0)
+    monkeypatch.setattr(K, "_SERIAL_ELEMS", 0)  # the pool even at this size
+    for t in (1, 2):
+        got = middle_mean(x, rows, lo, hi, threads=t)
+        assert got.tobytes() == block[t].tobytes()
+    assert (tmp_path / "networks" / f"middle_{m}_{lo}_{hi}_v{K._UNROLL_VERSION}.py").is_file()
+    K._unrolled.cache_clear()
+
+
+def test_unrolled_network_falls_back_where_the_cache_is_not_writable(tmp_path, monkeypatch) -> None:
+    import detox.kernels as K
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the cache directory would be: nothing can be created under it
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(blocker))
+    monkeypatch.setattr(K, "_UNROLL_ELEMS", 0)
+    K._unrolled.cache_clear()
+    assert K._unrolled(5, 2, 3) is None
+    x = _hostile(5, 3000)
+    got = middle_mean(x, np.arange(5), 2, 3, threads=1)
+    assert got.tobytes() == K._middle_mean_serial(x, np.arange(5), selection_network(5, 2, 3), 2, 3, K.BLOCK,
+                                                  np.empty(3000, np.float32)).tobytes()
+    K._unrolled.cache_clear()
