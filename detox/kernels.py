@@ -16,7 +16,6 @@ NaN sorts as +inf: it becomes an order statistic only if more than the tolerated
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import types
@@ -272,12 +271,13 @@ def _unrolled(m: int, lo: int, hi: int) -> types.ModuleType | None:
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(source)
             os.replace(tmp, path)  # atomic: a concurrent job reads the old file or the new one, never half
-        # registered under its name: numba's cache rebuilds a kernel's environment by importing its module
+        # the source run is the one generated here (the file only names it, for numba's cache); registered under
+        # its name: numba's cache rebuilds a kernel's environment by importing its module
         name = f"detox_network_{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
+        module = types.ModuleType(name)
+        module.__file__ = str(path)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        exec(compile(source, str(path), "exec"), module.__dict__)  # noqa: S102 - our own generated source
         return module
     except OSError:
         return None
