@@ -200,12 +200,13 @@ def _middle_mean_serial(x, rows, net, lo, hi, block, out):  # pragma: no cover -
 
 
 # A network of at most _UNROLL_ROWS inputs runs unrolled: one column's values stay in registers through the whole
-# network (the block kernel stores both outputs of every compare-exchange; its stores bound it). Measured at
-# d = 1.1e7, 2 threads: 11 inputs (Bulyan over 15 winners) 62 -> 25 ms; at 35 or 45 inputs the registers spill
-# and it is 2.3x slower than the block kernel. Each network is compiled once per machine (~2 s, then numba's
-# cache), so only where the work repays it: at least _UNROLL_ELEMS elements read.
+# network (the block kernel stores both outputs of every compare-exchange; its stores bound it). Measured, 2 threads:
+# 11 inputs (Bulyan over 15 winners) at d = 1.1e7 62 -> 25 ms, at d = 101,770 0.46 -> 0.19 ms (one thread 0.43 ->
+# 0.14); at 35 or 45 inputs the registers spill and it is 2.3x slower than the block kernel. Each network is
+# compiled once per machine (2-6 s, then numba's cache), so only where the work repays it: at least
+# _UNROLL_ELEMS elements read (DETOX-Bulyan on the MLP twins' d = 101,770 is 1.1M).
 _UNROLL_ROWS = 16
-_UNROLL_ELEMS = 1 << 22
+_UNROLL_ELEMS = 1 << 20
 _UNROLL_VERSION = 1  # part of the generated files' names: bump when _unrolled_source changes
 
 
