@@ -16,6 +16,7 @@ NaN sorts as +inf: it becomes an order statistic only if more than the tolerated
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import types
@@ -268,6 +269,9 @@ def _unrolled(m: int, lo: int, hi: int) -> types.ModuleType | None:
     try:
         source = _unrolled_source(m, lo, hi)
         if not path.is_file() or path.read_text() != source:
+            logging.getLogger("detox").info(
+                "compiling the selection network for %d inputs, once for this machine (a few seconds; cached in %s)",
+                m, path.parent)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(source)

@@ -197,6 +197,27 @@ def test_unrolled_networks_equal_the_block_kernel_bit_for_bit(m, lo, hi, tmp_pat
     K._unrolled.cache_clear()
 
 
+def test_unrolled_network_says_when_it_compiles_and_reuses_its_file(tmp_path, monkeypatch, caplog) -> None:
+    # the first use on a machine compiles for a few seconds: one log line says so; a later process reuses the file
+    import logging
+
+    import detox.kernels as K
+
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
+    K._unrolled.cache_clear()
+    with caplog.at_level(logging.INFO, logger="detox"):
+        first = K._unrolled(3, 1, 2)
+    assert first is not None and "selection network for 3 inputs" in caplog.text
+    path = tmp_path / "networks" / f"middle_3_1_2_v{K._UNROLL_VERSION}.py"
+    stamp = path.stat().st_mtime_ns
+    caplog.clear()
+    K._unrolled.cache_clear()  # as a new process would
+    with caplog.at_level(logging.INFO, logger="detox"):
+        assert K._unrolled(3, 1, 2) is not None
+    assert caplog.text == "" and path.stat().st_mtime_ns == stamp
+    K._unrolled.cache_clear()
+
+
 def test_unrolled_network_falls_back_where_the_cache_is_not_writable(tmp_path, monkeypatch) -> None:
     import detox.kernels as K
 
