@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -97,7 +99,21 @@ def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
     return _train(cfg, plan, out_dir, multirun)
 
 
+def default_sigcont() -> bool:
+    """Under submitit (a Slurm job), give SIGCONT back its default action; True if it did.
+
+    submitit's SIGCONT handler only logs, and Slurm sends SIGCONT with the time limit's USR2. A USR2 handled while
+    that logging call runs raises submitit's "timed-out" error inside it, where logging's error handler swallows
+    it: the job then trains on until Slurm kills it and leaves no result for submitit (seen in CI,
+    tests/test_slurm.py). SIGCONT's default action is all a running process needs."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
+        return False
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    return True
+
+
 def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
+    default_sigcont()
     try:
         summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
     except Exception as err:

@@ -199,3 +199,23 @@ def test_a_preempted_job_is_requeued_by_slurm_and_resumes_from_its_checkpoint(sl
     run = detox([*job, f"hydra.run.dir={local}"], tmp_path, {**os.environ, "PYTHONUNBUFFERED": "1"})
     assert run.returncode == 0, run.stderr
     assert untimed_metrics(local) == untimed_metrics(folder)
+
+
+def test_sigcont_gets_its_default_action_in_a_submitit_job_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    # submitit's SIGCONT handler logs; a time-limit USR2 handled inside that logging call had its "timed-out" error
+    # swallowed by logging (CI: the job trained on until killed). detox gives SIGCONT back its default action.
+    import signal
+
+    from detox.train import default_sigcont
+
+    def logs(signum, frame):  # what submitit installs
+        pass
+
+    previous = signal.signal(signal.SIGCONT, logs)
+    try:
+        monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        assert not default_sigcont() and signal.getsignal(signal.SIGCONT) is logs  # not a submitit job: untouched
+        monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        assert default_sigcont() and signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGCONT, previous)
