@@ -1,5 +1,6 @@
 """Issue #15: DETOX's bucket means in one compiled pass equal the per-bucket ``mean`` rule bit for bit (float32 and
-float64, uneven buckets, NaN payloads, +-inf, -0.0, column blocks and thread chunks crossed)."""
+float64, uneven buckets, NaN payloads, +-inf, -0.0, column blocks and thread chunks crossed); and a middle rule
+(coord-median, trimmed-mean) over those means in one fused pass equals the two steps bit for bit."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from detox import approaches
 from detox import kernels as K
-from detox.aggregators import bucket_means
+from detox.aggregators import aggregate, bucket_means, middle_of_bucket_means
 from detox.approaches import Plan, bucket_rows
 from detox.attacks import TAG_BUCKETS, rng_for
 
@@ -128,3 +129,87 @@ def test_small_rows_stack_fresh_outputs() -> None:
     work = x.clone()
     out, none = bucket_rows(work, rows, plan, 0)
     assert none is None and out.shape == (5, 500) and torch.equal(bits(work), bits(x))
+
+
+# ------------------------------------------------------------------ a middle rule over the bucket means, fused
+
+
+def two_steps(mode: str, g: torch.Tensor, buckets: list[np.ndarray], f: int) -> torch.Tensor:
+    """What DETOX computed before the fusion: the bucket means stacked, then the rule over them."""
+    return aggregate(mode, bucket_means(g, buckets), f)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_middle_of_bucket_means_equals_the_two_steps(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the pooled twin too: its threshold lowered to these sizes
+    monkeypatch.setattr(K, "_SERIAL_BUCKETS", 0 if threads == 2 else 1 << 40)
+    rng = np.random.default_rng(21)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # d: a partial block; several blocks and a remainder (2048 columns per block); odd counts split by threads
+        for d in (5, 2 * K._BUCKET_BLOCK + 7, 3 * K._BUCKET_BLOCK):
+            for _ in range(6):
+                x = torch.from_numpy(hostile(rng, 30, d, np.float32))
+                x[rng.integers(30), : d // 2] = x[rng.integers(30), : d // 2]  # ties across buckets
+                k = int(rng.integers(3, 31))
+                rows = rng.choice(30, size=k, replace=False)
+                nb = int(rng.integers(1, k + 1))
+                buckets = [rows[np.sort(c)] for c in np.array_split(rng.permutation(k), nb)]
+                for mode, f in (("coord-median", 0), ("trimmed-mean", (nb - 1) // 2), ("trimmed-mean", 0)):
+                    want = two_steps(mode, x, buckets, f)
+                    got = middle_of_bucket_means(mode, x, buckets, f)
+                    assert torch.equal(bits(got), bits(want)), (mode, d, nb, f, threads)
+                    out = torch.empty(d)
+                    assert middle_of_bucket_means(mode, x, buckets, f, out=out) is not None
+                    assert torch.equal(bits(out), bits(want))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_middle_of_bucket_means_off_the_kernels_path_takes_the_two_steps() -> None:
+    rng = np.random.default_rng(22)
+    x = torch.from_numpy(hostile(rng, 12, 300, np.float64))
+    buckets = [np.array([0, 4, 5]), np.array([1, 7]), np.array([2, 3, 11])]
+    for mode in ("coord-median", "trimmed-mean"):
+        assert torch.equal(bits(middle_of_bucket_means(mode, x, buckets, 1 if mode == "trimmed-mean" else 0)),
+                           bits(two_steps(mode, x, buckets, 1 if mode == "trimmed-mean" else 0)))
+
+
+def test_middle_of_bucket_means_refuses_what_the_two_steps_refuse() -> None:
+    x = torch.zeros((6, 10))
+    buckets = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]
+    for bad in ([np.array([0, 1]), np.array([6])], [np.array([0, 1]), np.array([], dtype=np.int64)]):
+        with pytest.raises(ValueError) as fused:
+            middle_of_bucket_means("coord-median", x, bad, 0)
+        with pytest.raises(ValueError) as steps:
+            two_steps("coord-median", x, bad, 0)
+        assert str(fused.value) == str(steps.value)
+    with pytest.raises(ValueError, match="trimmed-mean needs") as fused:
+        middle_of_bucket_means("trimmed-mean", x, buckets, 2)
+    with pytest.raises(ValueError) as steps:
+        two_steps("trimmed-mean", x, buckets, 2)
+    assert str(fused.value) == str(steps.value)
+    with pytest.raises(ValueError, match="overlaps rows the rule reads"):
+        middle_of_bucket_means("coord-median", x, buckets, 0, out=x[3])
+    with pytest.raises(ValueError, match="not one of"):
+        middle_of_bucket_means("krum", x, buckets, 0)
+
+
+@pytest.mark.parametrize("mode", ["coord-median", "trimmed-mean"])
+def test_detox_with_mean_buckets_equals_the_bucket_stage_then_the_rule(mode: str) -> None:
+    """draco-lite's fused path gives, bit for bit, what bucket_rows + the rule give (the path every other
+    combination still takes)."""
+    rng = np.random.default_rng(23)
+    x = torch.from_numpy(hostile(rng, 45, 3000, np.float32))
+    byz = np.zeros(45, dtype=bool)
+    for buckets in (3, 5, 7):
+        plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode=mode, f=1, buckets=buckets,
+                    seed=5)
+        for step in range(3):
+            got, _ = approaches.draco_lite(x.clone(), byz, plan, step)
+            work = x.clone()
+            votes = approaches.vote_rows(work, 3)
+            inputs, rows = bucket_rows(work, votes.rows, plan, step)
+            want = aggregate(mode, inputs, plan.f, rows=rows)
+            assert torch.equal(bits(got), bits(want)), (mode, buckets, step)
