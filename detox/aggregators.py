@@ -595,8 +595,70 @@ def multi_krum(grads_nd: torch.Tensor, f: int, m: int | str | None = None,
     n - f - 2 (the DETOX code), or an integer. Needs n >= 2f + 3."""
     _, _, s, grads_nd, rows = _check("multi-krum", grads_nd, f, {"m": m, "neighbours": neighbours, **other}, rows,
                                      out)
-    k = s["neighbours"]
-    return _row_mean(grads_nd, _lowest(_scores(_distances(grads_nd, k, rows), k), s["m"]), rows, out)
+    return _row_mean(grads_nd, _multi_krum_rows(_distances(grads_nd, s["neighbours"], rows), s), rows, out)
+
+
+def _multi_krum_rows(d2_nn: np.ndarray, settings: dict) -> np.ndarray:
+    """Positions of the m rows of lowest Krum score (``settings``: multi-krum's resolved neighbours and m)."""
+    return _lowest(_scores(d2_nn, settings["neighbours"]), settings["m"])
+
+
+def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
+                      dest: np.ndarray | None = None) -> torch.Tensor:
+    """(len(buckets), d): row b ``multi_krum(grads_nd, f, rows=buckets[b], **params)``, bit for bit; with ``dest``
+    written into those rows of ``grads_nd`` (as ``bucket_means``). On the CPU kernels' path, where each bucket is
+    too small to split across threads, the buckets run side by side: their reference rows and Gram matrices in
+    one pass through the thread pool (``kernels.bucket_grams``), their means in one more (``kernels.bucket_means``
+    with weights). Otherwise bucket by bucket."""
+    checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
+    d = grads_nd.shape[1]
+    if dest is not None:
+        dest = np.asarray(dest, dtype=np.int64)
+        read = [c[4] if c[4] is not None else np.asarray(b) for c, b in zip(checks, buckets, strict=True)]
+        if (dest.shape != (len(buckets),) or np.unique(dest).size != dest.size or (dest < 0).any()
+                or (dest >= grads_nd.shape[0]).any() or any(np.isin(dest, r).any() for r in read)):
+            raise ValueError(f"bucket_multi_krum: dest must be {len(buckets)} distinct rows of grads outside every "
+                             f"bucket, got {dest}")
+    found = None
+    if _cpu32(grads_nd) and grads_nd.is_contiguous() and buckets:
+        from detox.kernels import bucket_grams
+
+        starts, ends = _sample_bounds(d)
+        # the neighbour count _candidates ranks each bucket with, as _distances passes it
+        ks = [min(max(c[2]["neighbours"], 1), c[0] - 1) for c in checks]
+        found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
+    if found is None:
+        outs = torch.empty((len(buckets), d), dtype=grads_nd.dtype, device=grads_nd.device) if dest is None else None
+        for i, b in enumerate(buckets):
+            multi_krum(grads_nd, f, rows=b, out=outs[i] if dest is None else grads_nd[int(dest[i])], **(params or {}))
+        return grads_nd if dest is not None else outs
+    from detox.kernels import bucket_means as weighted_buckets
+    from detox.kernels import sq_dists_from_gram
+
+    chosen, weights = [], []
+    for (n, _, s, _, rows), gram in zip(checks, found[1], strict=True):
+        gram = gram[:n, :n]
+        if n > 1 and not np.isfinite(gram.diagonal()).any():
+            d2 = _distances(grads_nd, s["neighbours"], rows)  # a hostile reference row: the rule's own fallback
+        else:
+            d2 = sq_dists_from_gram(gram, np.inf)
+        idx = np.sort(_multi_krum_rows(d2, s))  # summed in row order, as _row_mean sums them
+        chosen.append(rows[idx])
+        weights.append(np.full(idx.shape[0], 1.0 / idx.shape[0]))
+    x, rows = grads_nd.numpy(), np.concatenate(chosen)
+    starts = np.concatenate([[0], np.cumsum([c.shape[0] for c in chosen])])
+    if dest is None:
+        return torch.from_numpy(weighted_buckets(x, rows, starts, _threads(), weights=np.concatenate(weights)))
+    weighted_buckets(x, rows, starts, _threads(), out=x, dest=dest, weights=np.concatenate(weights))
+    return grads_nd
+
+
+# the inner rules DETOX applies to all its buckets in one call (``fn(grads_nd, buckets, f, params, dest=None)``,
+# bit for bit the rule bucket by bucket); any other inner rule runs bucket by bucket
+BUCKETED: dict[str, Callable[..., torch.Tensor]] = {
+    "mean": bucket_means,
+    "multi-krum": bucket_multi_krum,
+}
 
 
 def _iterative_selection_reference(d2_nn: np.ndarray, f: int, theta: int, k_fixed: int | None) -> np.ndarray:

@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from detox.aggregators import MIDDLE, aggregate, bucket_means, coord_median, middle_of_bucket_means
+from detox.aggregators import BUCKETED, MIDDLE, aggregate, coord_median, middle_of_bucket_means
 from detox.attacks import TAG_BUCKETS, rng_for
 from detox.timing import Timer
 
@@ -389,8 +389,8 @@ def bucket_rows(
     if grads_nd.shape[1] * grads_nd.element_size() >= _INPLACE_BYTES and grads_nd.is_contiguous():
         spare = np.setdiff1d(np.arange(grads_nd.shape[0]), rows)[: plan.buckets]
         dest = spare if spare.shape[0] == plan.buckets else None
-    if plan.inner == "mean":  # all bucket means in one pass (the same values as the per-bucket rule)
-        outs = bucket_means(grads_nd, buckets, plan.inner_f, plan.inner_params, dest=dest)
+    if plan.inner in BUCKETED:  # all buckets in one call (the same values as the per-bucket rule)
+        outs = BUCKETED[plan.inner](grads_nd, buckets, plan.inner_f, plan.inner_params, dest=dest)
     elif dest is None:
         # each bucket's rule writes its row: no per-bucket outputs copied into a stack
         outs = torch.empty((len(buckets), grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)

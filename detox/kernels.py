@@ -764,7 +764,8 @@ def _bucket_starts(name: str, starts: np.ndarray, rows: np.ndarray) -> tuple[np.
 
 
 def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: int,
-                 out: np.ndarray | None = None, dest: np.ndarray | None = None) -> np.ndarray:
+                 out: np.ndarray | None = None, dest: np.ndarray | None = None,
+                 weights: np.ndarray | None = None) -> np.ndarray:
     """(buckets, d): row b the mean of ``x[rows[starts[b]:starts[b + 1]]]`` (every bucket non-empty), all buckets in
     one read of their rows. Bit for bit ``weighted_sum`` of ones over the bucket's rows (in their order, float32
     accumulation) then a true division by the count, as the mean rule computes each bucket.
@@ -772,7 +773,10 @@ def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: i
     With ``out`` (a C-contiguous 2-D array of x's dtype and row length) bucket b is written into its row
     ``dest[b]`` (default b) and ``out`` is returned. ``out`` may be ``x``'s memory when no ``dest`` row is read:
     rows the caller no longer needs (DETOX's vote losers) then hold the means without a fresh allocation; any
-    other view of x's memory is the caller's to keep apart from the rows read."""
+    other view of x's memory is the caller's to keep apart from the rows read.
+
+    With ``weights`` (one per entry of ``rows``) row b is instead the bucket's weighted sum, bit for bit
+    ``weighted_sum`` of those weights over its rows (the division is by 1: exact)."""
     starts, counts = _bucket_starts("bucket_means", starts, rows)
     rows = _rows(x, rows)
     nb = counts.shape[0]
@@ -791,8 +795,12 @@ def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: i
                          f"got {dest}")
     else:
         dest = np.ascontiguousarray(dest, dtype=np.int64)
-    w = np.ones(rows.shape[0], dtype=x.dtype)
-    dens = counts.astype(x.dtype)
+    if weights is None:
+        w, dens = np.ones(rows.shape[0], dtype=x.dtype), counts.astype(x.dtype)
+    else:
+        w, dens = np.ascontiguousarray(weights, dtype=x.dtype), np.ones(nb, dtype=x.dtype)
+        if w.shape != rows.shape:
+            raise ValueError(f"bucket_means: weights must give one weight per row, got {w.shape} for {rows.shape}")
     threads = _threads(threads, x, rows, limit=_SERIAL_STREAM)
     if threads == 1:
         _bucket_means_serial(x, rows, starts, w, dens, out, dest)
@@ -1002,6 +1010,60 @@ def candidate_ranking(x: np.ndarray, rows: np.ndarray | None, starts: np.ndarray
     if threads == 1:
         return _candidate_ranking_serial(x, idx, starts, ends, int(k))
     return _candidate_ranking(x, idx, starts, ends, int(k), threads)
+
+
+@njit(cache=True)
+def _bucket_gram(x, rows, starts, ks, seg_starts, seg_ends, block, b, refs, grams):  # pragma: no cover - compiled
+    # bucket b on one thread: its best-ranked candidate (candidate_ranking) as the reference row, then its centred
+    # Gram matrix (centred_gram on one thread)
+    idx = rows[starts[b] : starts[b + 1]]
+    n = idx.shape[0]
+    best = 0 if n == 1 else _candidate_ranking_serial(x, idx, seg_starts, seg_ends, ks[b])[0]
+    refs[b] = idx[best]
+    grams[b, :n, :n] = _centred_gram_serial(x, idx, x[idx[best]], block)
+
+
+@njit(parallel=True, cache=True)
+def _bucket_grams(x, rows, starts, ks, seg_starts, seg_ends, block, refs, grams):  # pragma: no cover - compiled
+    for b in prange(starts.shape[0] - 1):
+        _bucket_gram(x, rows, starts, ks, seg_starts, seg_ends, block, b, refs, grams)
+
+
+@njit(cache=True)
+def _bucket_grams_serial(x, rows, starts, ks, seg_starts, seg_ends, block, refs, grams):  # pragma: no cover
+    for b in range(starts.shape[0] - 1):
+        _bucket_gram(x, rows, starts, ks, seg_starts, seg_ends, block, b, refs, grams)
+
+
+def bucket_grams(x: np.ndarray, buckets: list[np.ndarray], ks: list[int], seg_starts: np.ndarray,
+                 seg_ends: np.ndarray, threads: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each bucket of rows of ``x``: the best row of ``candidate_ranking`` (``ks[b]`` neighbours, on the
+    sampled columns [seg_starts, seg_ends)) and the Gram matrix of the bucket centred on that row, as
+    ``centred_gram`` computes it on one thread. The buckets run side by side, one per thread, in one pass
+    through the pool: DETOX's Multi-Krum inside each bucket (the original's preset) at the MLP twins' d, where
+    each bucket alone is too small to split across threads.
+
+    Returns (refs, grams): refs[b] the reference row (an index into x), grams[b, :n_b, :n_b] bucket b's Gram
+    matrix; or None where a bucket is large enough that ``centred_gram`` would split it across threads (its
+    result then rounds differently: the caller runs the buckets one by one)."""
+    d = x.shape[1]
+    sizes = [int(b.shape[0]) for b in buckets]
+    if threads > 1 and any(_threads(threads, x, b, n * (n + 1) // 2 * d, _SERIAL_PAIRS) > 1
+                           for b, n in zip(buckets, sizes, strict=True)):
+        return None
+    rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    ks_ = np.asarray(ks, dtype=np.int64)
+    seg_starts = np.array(seg_starts, dtype=np.int64)  # writable copies (see candidate_ranking)
+    seg_ends = np.array(seg_ends, dtype=np.int64)
+    if int((seg_ends - seg_starts).max()) > _SEGMENT:
+        raise ValueError(f"bucket_grams: segments are at most {_SEGMENT} columns")
+    refs = np.empty(len(buckets), dtype=np.int64)
+    grams = np.zeros((len(buckets), max(sizes), max(sizes)))
+    pooled = min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
+    run = _bucket_grams if pooled else _bucket_grams_serial
+    run(x, rows, starts, ks_, seg_starts, seg_ends, BLOCK * 4, refs, grams)
+    return refs, grams
 
 
 @njit(cache=True)

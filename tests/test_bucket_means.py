@@ -1,6 +1,7 @@
 """Issue #15: DETOX's bucket means in one compiled pass equal the per-bucket ``mean`` rule bit for bit (float32 and
 float64, uneven buckets, NaN payloads, +-inf, -0.0, column blocks and thread chunks crossed); and a middle rule
-(coord-median, trimmed-mean) over those means in one fused pass equals the two steps bit for bit."""
+(coord-median, trimmed-mean) over those means in one fused pass equals the two steps bit for bit; and Multi-Krum
+inside all buckets at once (the original's DETOX-Multi-Krum) equals the rule bucket by bucket."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from detox import approaches
+from detox import aggregators, approaches
 from detox import kernels as K
-from detox.aggregators import aggregate, bucket_means, middle_of_bucket_means
+from detox.aggregators import aggregate, bucket_means, bucket_multi_krum, middle_of_bucket_means, multi_krum
 from detox.approaches import Plan, bucket_rows
 from detox.attacks import TAG_BUCKETS, rng_for
 
@@ -213,3 +214,89 @@ def test_detox_with_mean_buckets_equals_the_bucket_stage_then_the_rule(mode: str
             inputs, rows = bucket_rows(work, votes.rows, plan, step)
             want = aggregate(mode, inputs, plan.f, rows=rows)
             assert torch.equal(bits(got), bits(want)), (mode, buckets, step)
+
+
+# ------------------------------------------------------------------ Multi-Krum inside the buckets, side by side
+
+
+def mk_rows(rng: np.random.Generator, n: int, d: int, clean: bool) -> torch.Tensor:
+    if clean:  # a shared direction plus noise: distances that separate the rows
+        return torch.from_numpy((rng.standard_normal(d) + 0.5 * rng.standard_normal((n, d))).astype(np.float32))
+    return torch.from_numpy(hostile(rng, n, d, np.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_bucket_multi_krum_equals_the_rule_bucket_by_bucket(threads: int, side_by_side: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # side_by_side False: every bucket counts as big enough to split across threads, so they run one by one
+    if not side_by_side:
+        monkeypatch.setattr(K, "_SERIAL_PAIRS", 0)
+    rng = np.random.default_rng(31)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for d in (9, 3000, 30_000):
+            for trial in range(6):
+                x = mk_rows(rng, 45, d, clean=trial % 2 == 0)
+                k = int(rng.integers(15, 31))
+                rows = rng.choice(45, size=k, replace=False)
+                nb = int(rng.integers(1, 4))
+                buckets = [rows[np.sort(c)] for c in np.array_split(rng.permutation(k), nb)]
+                f, params = int(rng.integers(0, 3)), [{}, {"m": "original"}, {"m": 3, "neighbours": 2}][trial % 3]
+                found = K.bucket_grams(x.numpy(), buckets, [1] * nb, *aggregators._sample_bounds(d), threads)
+                assert (found is not None) == (side_by_side or threads == 1)
+                want = torch.stack([multi_krum(x, f, rows=b, **params) for b in buckets])
+                got = bucket_multi_krum(x, buckets, f, params)
+                assert torch.equal(bits(got), bits(want)), (d, trial, threads)
+                spare = np.setdiff1d(np.arange(45), rows)[:nb]
+                work = x.clone()
+                assert bucket_multi_krum(work, buckets, f, params, dest=spare) is work
+                assert torch.equal(bits(work[torch.from_numpy(spare)]), bits(want))
+                others = np.setdiff1d(np.arange(45), spare)
+                assert torch.equal(bits(work[others]), bits(x[others]))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_bucket_multi_krum_with_a_hostile_reference_row_takes_the_rules_fallback() -> None:
+    """The best-ranked row carries a NaN outside the sampled columns: its Gram matrix has no finite diagonal and the
+    bucket is recentred on a finite row, as multi_krum does."""
+    rng = np.random.default_rng(32)
+    d = 30_000
+    centre = rng.standard_normal(d).astype(np.float32)
+    x = torch.from_numpy(centre + 0.5 * rng.standard_normal((12, d)).astype(np.float32))
+    x[4] = torch.from_numpy(centre)  # the closest to everyone: ranked first
+    starts, ends = aggregators._sample_bounds(d)
+    outside = next(c for c in range(d) if not ((starts <= c) & (c < ends)).any())
+    x[4, outside] = float("nan")
+    buckets = [np.array([0, 2, 4, 6, 8, 10]), np.array([1, 3, 5, 7, 9, 11])]
+    refs, grams = K.bucket_grams(x.numpy(), buckets, [3, 3], starts, ends, 2)
+    assert refs[0] == 4 and not np.isfinite(np.diagonal(grams[0])).any()
+    want = torch.stack([multi_krum(x, 1, rows=b) for b in buckets])
+    assert torch.equal(bits(bucket_multi_krum(x, buckets, 1)), bits(want))
+    assert torch.isfinite(want).all()  # the NaN row was not selected
+
+
+def test_bucket_multi_krum_refuses_bad_input() -> None:
+    x = torch.randn(12, 50)
+    buckets = [np.array([0, 1, 2, 3, 4]), np.array([5, 6, 7, 8, 9])]
+    with pytest.raises(ValueError, match="multi-krum needs"):
+        bucket_multi_krum(x, buckets, 2)
+    with pytest.raises(ValueError, match="rows must index the 12 rows"):
+        bucket_multi_krum(x, [np.array([0, 1, 2, 3, 12])], 0)
+    for dest in (np.array([10]), np.array([10, 10]), np.array([4, 11]), np.array([10, 12])):
+        with pytest.raises(ValueError, match="dest must be 2 distinct rows of grads outside every bucket"):
+            bucket_multi_krum(x, buckets, 1, dest=dest)
+
+
+def test_detox_multi_krum_buckets_equal_the_bucket_by_bucket_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(33)
+    x = mk_rows(rng, 45, 4000, clean=True)
+    byz = np.zeros(45, dtype=bool)
+    plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="mean", f=0, buckets=2, seed=3,
+                inner="multi-krum", inner_f=2, inner_params={"m": "original"})
+    got = [approaches.draco_lite(x.clone(), byz, plan, step)[0] for step in range(3)]
+    monkeypatch.delitem(aggregators.BUCKETED, "multi-krum")  # bucket_rows' per-bucket loop
+    for step, agg in enumerate(got):
+        assert torch.equal(bits(agg), bits(approaches.draco_lite(x.clone(), byz, plan, step)[0]))
