@@ -168,6 +168,39 @@ def test_middle_of_bucket_means_equals_the_two_steps(threads: int, monkeypatch: 
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize(("sizes", "mode", "f"), [((3, 3, 3, 3, 3), "coord-median", 0),
+                                                 ((4, 4, 3, 3, 3), "trimmed-mean", 1),
+                                                 ((2, 1), "coord-median", 0)])
+def test_unrolled_middle_of_bucket_means_equals_the_two_steps(sizes: tuple[int, ...], mode: str, f: int,
+                                                              tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above _UNROLL_ELEMS the bucket means and the network run in one generated kernel (each column's values in
+    registers; compiled once per layout and cached in DETOX_CACHE_DIR): bit for bit the two steps, on one thread
+    and on two, with -0.0 sums (+0.0 + -0.0 is +0.0), NaN payloads and infinities."""
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(K, "_UNROLL_ELEMS", 0)
+    K._unrolled.cache_clear()
+    rng = np.random.default_rng(24)
+    d = 2 * K._BUCKET_BLOCK + 5
+    x = torch.from_numpy(hostile(rng, 20, d, np.float32))
+    x[3] = -0.0  # a bucket of negative zeros, and rows that are negative zero on half their columns
+    x[7, : d // 2] = -0.0
+    x[8, : d // 2] = -0.0
+    rows = np.array([3, 7, 8, 0, 1, 2, 4, 5, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17])[: sum(sizes)]
+    buckets = np.split(rows, np.cumsum(sizes)[:-1])
+    want = two_steps(mode, x, buckets, f)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(K, "_SERIAL_BUCKETS", 1 << 40 if threads == 1 else 0)
+            got = middle_of_bucket_means(mode, x, buckets, f)
+            assert torch.equal(bits(got), bits(want)), (sizes, threads)
+    finally:
+        torch.set_num_threads(before)
+    assert list((tmp_path / "networks").glob(f"buckets_{'x'.join(map(str, sizes))}_*.py"))
+    K._unrolled.cache_clear()
+
+
 def test_middle_of_bucket_means_off_the_kernels_path_takes_the_two_steps() -> None:
     rng = np.random.default_rng(22)
     x = torch.from_numpy(hostile(rng, 12, 300, np.float64))
