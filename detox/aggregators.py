@@ -603,15 +603,40 @@ def _multi_krum_rows(d2_nn: np.ndarray, settings: dict) -> np.ndarray:
     return _lowest(_scores(d2_nn, settings["neighbours"]), settings["m"])
 
 
+def _multi_krum_choice(grads_nd: torch.Tensor, checks: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """On the CPU kernels' path, the rows each bucket's Multi-Krum averages (``checks``: the buckets' ``_check``
+    results), as (rows, starts, weights) for ``kernels.bucket_means(weights=)``; None elsewhere. Where each bucket
+    is too small to split across threads, their reference rows and Gram matrices come side by side in one pass
+    through the pool (``kernels.bucket_grams``); otherwise bucket by bucket, as ``multi_krum`` computes them."""
+    if not (_cpu32(grads_nd) and grads_nd.is_contiguous() and checks):
+        return None
+    from detox.kernels import bucket_grams, sq_dists_from_gram
+
+    starts, ends = _sample_bounds(grads_nd.shape[1])
+    # the neighbour count _candidates ranks each bucket with, as _distances passes it
+    ks = [min(max(c[2]["neighbours"], 1), c[0] - 1) for c in checks]
+    found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
+    chosen, weights = [], []
+    for i, (n, _, s, _, rows) in enumerate(checks):
+        gram = None if found is None else found[1][i, :n, :n]
+        if gram is None or (n > 1 and not np.isfinite(gram.diagonal()).any()):
+            d2 = _distances(grads_nd, s["neighbours"], rows)  # the rule's own path (and its hostile-row fallback)
+        else:
+            d2 = sq_dists_from_gram(gram, np.inf)
+        idx = np.sort(_multi_krum_rows(d2, s))  # summed in row order, as _row_mean sums them
+        chosen.append(rows[idx])
+        weights.append(np.full(idx.shape[0], 1.0 / idx.shape[0]))
+    return (np.concatenate(chosen), np.concatenate([[0], np.cumsum([c.shape[0] for c in chosen])]),
+            np.concatenate(weights))
+
+
 def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
                       dest: np.ndarray | None = None) -> torch.Tensor:
     """(len(buckets), d): row b ``multi_krum(grads_nd, f, rows=buckets[b], **params)``, bit for bit; with ``dest``
-    written into those rows of ``grads_nd`` (as ``bucket_means``). On the CPU kernels' path, where each bucket is
-    too small to split across threads, the buckets run side by side: their reference rows and Gram matrices in
-    one pass through the thread pool (``kernels.bucket_grams``), their means in one more (``kernels.bucket_means``
-    with weights). Otherwise bucket by bucket."""
+    written into those rows of ``grads_nd`` (as ``bucket_means``). On the CPU kernels' path the buckets' selections
+    come from ``_multi_krum_choice`` and their means from one ``kernels.bucket_means`` call with weights;
+    elsewhere bucket by bucket."""
     checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
-    d = grads_nd.shape[1]
     if dest is not None:
         dest = np.asarray(dest, dtype=np.int64)
         read = [c[4] if c[4] is not None else np.asarray(b) for c, b in zip(checks, buckets, strict=True)]
@@ -619,38 +644,42 @@ def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params:
                 or (dest >= grads_nd.shape[0]).any() or any(np.isin(dest, r).any() for r in read)):
             raise ValueError(f"bucket_multi_krum: dest must be {len(buckets)} distinct rows of grads outside every "
                              f"bucket, got {dest}")
-    found = None
-    if _cpu32(grads_nd) and grads_nd.is_contiguous() and buckets:
-        from detox.kernels import bucket_grams
-
-        starts, ends = _sample_bounds(d)
-        # the neighbour count _candidates ranks each bucket with, as _distances passes it
-        ks = [min(max(c[2]["neighbours"], 1), c[0] - 1) for c in checks]
-        found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
-    if found is None:
+    choice = _multi_krum_choice(grads_nd, checks)
+    if choice is None:
+        d = grads_nd.shape[1]
         outs = torch.empty((len(buckets), d), dtype=grads_nd.dtype, device=grads_nd.device) if dest is None else None
         for i, b in enumerate(buckets):
             multi_krum(grads_nd, f, rows=b, out=outs[i] if dest is None else grads_nd[int(dest[i])], **(params or {}))
         return grads_nd if dest is not None else outs
     from detox.kernels import bucket_means as weighted_buckets
-    from detox.kernels import sq_dists_from_gram
 
-    chosen, weights = [], []
-    for (n, _, s, _, rows), gram in zip(checks, found[1], strict=True):
-        gram = gram[:n, :n]
-        if n > 1 and not np.isfinite(gram.diagonal()).any():
-            d2 = _distances(grads_nd, s["neighbours"], rows)  # a hostile reference row: the rule's own fallback
-        else:
-            d2 = sq_dists_from_gram(gram, np.inf)
-        idx = np.sort(_multi_krum_rows(d2, s))  # summed in row order, as _row_mean sums them
-        chosen.append(rows[idx])
-        weights.append(np.full(idx.shape[0], 1.0 / idx.shape[0]))
-    x, rows = grads_nd.numpy(), np.concatenate(chosen)
-    starts = np.concatenate([[0], np.cumsum([c.shape[0] for c in chosen])])
+    rows, starts, weights = choice
+    x = grads_nd.numpy()
     if dest is None:
-        return torch.from_numpy(weighted_buckets(x, rows, starts, _threads(), weights=np.concatenate(weights)))
-    weighted_buckets(x, rows, starts, _threads(), out=x, dest=dest, weights=np.concatenate(weights))
+        return torch.from_numpy(weighted_buckets(x, rows, starts, _threads(), weights=weights))
+    weighted_buckets(x, rows, starts, _threads(), out=x, dest=dest, weights=weights)
     return grads_nd
+
+
+def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
+                              mean_f: int = 0, mean_params: dict | None = None,
+                              out: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``mean`` rule over the buckets' Multi-Krum outputs: bit for bit
+    ``aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params)``. On the CPU kernels'
+    path the bucket outputs are never written out: one pass (``kernels.bucket_means_mean``) sums each block of
+    them in cache and averages it. DETOX-Multi-Krum's step (the original's preset: 2 buckets, the mean across)."""
+    checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
+    _, err = _settings("mean", len(buckets), mean_f, mean_params)
+    if err:
+        raise ValueError(err)
+    choice = _multi_krum_choice(grads_nd, checks)
+    if choice is None:
+        return aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params, out=out)
+    _check_out("mean", grads_nd, np.concatenate([c[4] for c in checks]), out)
+    from detox.kernels import bucket_means_mean
+
+    rows, starts, weights = choice
+    return torch.from_numpy(bucket_means_mean(grads_nd.numpy(), rows, starts, _threads(), _np(out), weights))
 
 
 # the inner rules DETOX applies to all its buckets in one call (``fn(grads_nd, buckets, f, params, dest=None)``,

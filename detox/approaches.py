@@ -24,7 +24,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from detox.aggregators import BUCKETED, MIDDLE, aggregate, coord_median, middle_of_bucket_means
+from detox.aggregators import (
+    BUCKETED,
+    MIDDLE,
+    aggregate,
+    coord_median,
+    mean_of_bucket_multi_krum,
+    middle_of_bucket_means,
+)
 from detox.attacks import TAG_BUCKETS, rng_for
 from detox.timing import Timer
 
@@ -372,7 +379,7 @@ def _bounds(k: int, buckets: int) -> tuple[int, ...]:
 
 
 def bucket_rows(
-    grads_nd: torch.Tensor, rows: np.ndarray, plan: Plan, step: int
+    grads_nd: torch.Tensor, rows: np.ndarray, plan: Plan, step: int, buckets: list[np.ndarray] | None = None
 ) -> tuple[torch.Tensor, np.ndarray | None]:
     """What ``mode`` aggregates, as (matrix, rows of it; None: all): the winners ``grads_nd[rows]`` shuffled into
     ``plan.buckets`` near-equal buckets, the ``inner`` rule per bucket (reading its rows in place); without
@@ -381,8 +388,9 @@ def bucket_rows(
     The bucket outputs go into rows of ``grads_nd`` that are not in ``rows`` (the vote's losers: the step owns the
     matrix, and nothing reads them again), returned as (grads_nd, those rows): no fresh (buckets, d) tensor, whose
     page faults cost more than the rule at ResNet-18's d (issue #15). Where too few such rows exist, or rows are
-    small enough for the allocator to reuse cached memory, a stacked (buckets, d) tensor and None."""
-    buckets = _buckets(rows, plan, step)
+    small enough for the allocator to reuse cached memory, a stacked (buckets, d) tensor and None. ``buckets``: the
+    step's cut when the caller already made it (``_buckets``)."""
+    buckets = _buckets(rows, plan, step) if buckets is None else buckets
     if buckets is None:
         return grads_nd, rows
     dest = None
@@ -408,17 +416,29 @@ def bucketize(winners_kd: torch.Tensor, plan: Plan, step: int) -> torch.Tensor:
     return out if rows is None else winners_kd  # rows: every winner, no bucketing (no spare rows to write into)
 
 
+def _fused(plan: Plan) -> Callable[[torch.Tensor, list, torch.Tensor | None], torch.Tensor] | None:
+    """DETOX's bucket stage as one pass, where (inner, mode) has one: the mean inside and an order statistic
+    across (the original's DETOX-median), or Multi-Krum inside and the mean across (its DETOX-Multi-Krum); each
+    bit for bit ``bucket_rows`` then ``mode``."""
+    if plan.inner == "mean" and plan.mode in MIDDLE:
+        return lambda g, buckets, out: middle_of_bucket_means(plan.mode, g, buckets, plan.f, plan.mode_params,
+                                                              plan.inner_f, plan.inner_params, out=out)
+    if plan.inner == "multi-krum" and plan.mode == "mean":
+        return lambda g, buckets, out: mean_of_bucket_multi_krum(g, buckets, plan.inner_f, plan.inner_params,
+                                                                 plan.f, plan.mode_params, out=out)
+    return None
+
+
 def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     votes, diag = _vote_stage(grads_nd, byz_p, plan)
     timer = Timer()
-    buckets = _buckets(votes.rows, plan, step) if plan.inner == "mean" and plan.mode in MIDDLE else None
-    if buckets is not None:
-        # mean inside the buckets, an order statistic across: one pass, the bucket means never written out
-        agg_d = middle_of_bucket_means(plan.mode, grads_nd, buckets, plan.f, plan.mode_params, plan.inner_f,
-                                       plan.inner_params, out=out)
+    buckets = _buckets(votes.rows, plan, step)
+    fused = _fused(plan) if buckets is not None else None
+    if fused is not None:  # inner and mode in one pass: the bucket outputs are never written out
+        agg_d = fused(grads_nd, buckets, out)
     else:
-        inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step)
+        inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step, buckets)
         agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows, out=out)
     timer.stop(diag, "t_aggregate")
     return agg_d, diag

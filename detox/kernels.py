@@ -741,23 +741,61 @@ def _divide(dst, acc, m, den):  # pragma: no cover - compiled
 
 
 @njit(cache=True, fastmath=_FAST)
+def _bucket_value(x, rows, starts, w, dens, b, a, m, acc, dst):  # pragma: no cover - compiled
+    # bucket b on columns [a, a + m) into dst[:m]: the loop of _weighted_sum_cols over its rows in order (float32
+    # from +0.0, the same operations per element, so the same sums), then a true division by dens[b]
+    acc[:m] = 0
+    for r in range(starts[b], starts[b + 1]):
+        wr = w[r]
+        if wr == 0:
+            continue  # skipped, not multiplied: 0 * NaN would be NaN
+        row = x[rows[r], a : a + m]
+        for j in range(m):
+            acc[j] += wr * row[j]
+    _divide(dst, acc, m, dens[b])
+
+
+@njit(cache=True, fastmath=_FAST)
 def _bucket_means_cols(x, rows, starts, w, dens, out, dest, lo, hi, acc):  # pragma: no cover - compiled
-    # columns [lo, hi) of every bucket's mean, _COLS at a time: per bucket the loop of _weighted_sum_cols (same
-    # operations per element, so the same sums), divided while the block is in cache and written to its row
-    # dest[b] of out
+    # columns [lo, hi) of every bucket's mean, _COLS at a time, each divided while the block is in cache and
+    # written to its row dest[b] of out
+    for a in range(lo, hi, _COLS):
+        m = min(hi, a + _COLS) - a
+        for b in range(starts.shape[0] - 1):
+            _bucket_value(x, rows, starts, w, dens, b, a, m, acc, out[dest[b], a : a + m])
+
+
+@njit(cache=True, fastmath=_FAST)
+def _bucket_means_mean_cols(x, rows, starts, w, dens, out, lo, hi, acc, buf):  # pragma: no cover - compiled
+    # columns [lo, hi) of the mean of the bucket values: each block of them in buf (nb, _COLS), then their mean
+    # by the mean rule's own path (_bucket_value over buf's rows in order, weights 1, a true division by nb)
     nb = starts.shape[0] - 1
+    across = np.arange(nb)
+    whole = np.array([0, nb])
+    ones = np.ones(nb, dtype=buf.dtype)
+    count = np.full(1, nb, dtype=buf.dtype)
     for a in range(lo, hi, _COLS):
         m = min(hi, a + _COLS) - a
         for b in range(nb):
-            acc[:m] = 0
-            for r in range(starts[b], starts[b + 1]):
-                wr = w[r]
-                if wr == 0:
-                    continue
-                row = x[rows[r], a : a + m]
-                for j in range(m):
-                    acc[j] += wr * row[j]
-            _divide(out[dest[b], a : a + m], acc, m, dens[b])
+            _bucket_value(x, rows, starts, w, dens, b, a, m, acc, buf[b])
+        _bucket_value(buf, across, whole, ones, count, 0, 0, m, acc, out[a : a + m])
+
+
+@njit(parallel=True, cache=True)
+def _bucket_means_mean(x, rows, starts, w, dens, out, nthreads):  # pragma: no cover - compiled
+    d = x.shape[1]
+    chunk = (d + nthreads - 1) // nthreads
+    for t in prange(nthreads):
+        _bucket_means_mean_cols(x, rows, starts, w, dens, out, t * chunk, min(d, (t + 1) * chunk),
+                                np.empty(_COLS, dtype=out.dtype), np.empty((starts.shape[0] - 1, _COLS), out.dtype))
+    return out
+
+
+@njit(cache=True)
+def _bucket_means_mean_serial(x, rows, starts, w, dens, out):  # pragma: no cover - compiled
+    _bucket_means_mean_cols(x, rows, starts, w, dens, out, 0, x.shape[1], np.empty(_COLS, dtype=out.dtype),
+                            np.empty((starts.shape[0] - 1, _COLS), out.dtype))
+    return out
 
 
 @njit(parallel=True, cache=True)
@@ -817,18 +855,40 @@ def bucket_means(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: i
                          f"got {dest}")
     else:
         dest = np.ascontiguousarray(dest, dtype=np.int64)
-    if weights is None:
-        w, dens = np.ones(rows.shape[0], dtype=x.dtype), counts.astype(x.dtype)
-    else:
-        w, dens = np.ascontiguousarray(weights, dtype=x.dtype), np.ones(nb, dtype=x.dtype)
-        if w.shape != rows.shape:
-            raise ValueError(f"bucket_means: weights must give one weight per row, got {w.shape} for {rows.shape}")
+    w, dens = _bucket_weights("bucket_means", x, rows, counts, weights)
     threads = _threads(threads, x, rows, limit=_SERIAL_STREAM)
     if threads == 1:
         _bucket_means_serial(x, rows, starts, w, dens, out, dest)
     else:
         _bucket_means(x, rows, starts, w, dens, out, dest, threads)
     return out
+
+
+def _bucket_weights(name: str, x: np.ndarray, rows: np.ndarray, counts: np.ndarray,
+                    weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(per-row weights, per-bucket divisors): ones and the bucket sizes (means), or ``weights`` and ones (sums)."""
+    if weights is None:
+        return np.ones(rows.shape[0], dtype=x.dtype), counts.astype(x.dtype)
+    w = np.ascontiguousarray(weights, dtype=x.dtype)
+    if w.shape != rows.shape:
+        raise ValueError(f"{name}: weights must give one weight per row, got {w.shape} for {rows.shape}")
+    return w, np.ones(counts.shape[0], dtype=x.dtype)
+
+
+def bucket_means_mean(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, threads: int,
+                      out: np.ndarray | None = None, weights: np.ndarray | None = None) -> np.ndarray:
+    """(d,): the ``mean`` rule over the rows ``bucket_means`` would return (with ``weights``: the buckets' weighted
+    sums), bit for bit, in one pass: each block of bucket values stays in a cache-resident buffer, so they are never
+    written out. DETOX-Multi-Krum's step (the original's preset: Multi-Krum in 2 buckets, the mean across). Written
+    into ``out`` when given (see ``_out``)."""
+    starts, counts = _bucket_starts("bucket_means_mean", starts, rows)
+    rows = _rows(x, rows)
+    out = _out(x, out)
+    w, dens = _bucket_weights("bucket_means_mean", x, rows, counts, weights)
+    threads = _threads(threads, x, rows, limit=_SERIAL_STREAM)
+    if threads == 1:
+        return _bucket_means_mean_serial(x, rows, starts, w, dens, out)
+    return _bucket_means_mean(x, rows, starts, w, dens, out, threads)
 
 
 # columns per block of bucket_middle_mean: (buckets + 3) rows of 8 KiB stay in L2, and each of the bucket rows is
@@ -846,17 +906,8 @@ def _bucket_middle_block(x, rows, starts, w, dens, start, width, net, lo, hi, bu
     nb = starts.shape[0] - 1
     acc = buf[nb + 2]
     for b in range(nb):
-        for j in range(width):
-            acc[j] = 0
-        for r in range(starts[b], starts[b + 1]):
-            wr = w[r]
-            if wr == 0:
-                continue
-            row = x[rows[r], start : start + width]
-            for j in range(width):
-                acc[j] += wr * row[j]
         mean = buf[b]
-        _divide(mean, acc, width, dens[b])
+        _bucket_value(x, rows, starts, w, dens, b, start, width, acc, mean)
         for j in range(width):
             v = mean[j]
             mean[j] = np.inf if v != v else v

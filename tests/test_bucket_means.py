@@ -11,7 +11,14 @@ import torch
 
 from detox import aggregators, approaches
 from detox import kernels as K
-from detox.aggregators import aggregate, bucket_means, bucket_multi_krum, middle_of_bucket_means, multi_krum
+from detox.aggregators import (
+    aggregate,
+    bucket_means,
+    bucket_multi_krum,
+    mean_of_bucket_multi_krum,
+    middle_of_bucket_means,
+    multi_krum,
+)
 from detox.approaches import Plan, bucket_rows
 from detox.attacks import TAG_BUCKETS, rng_for
 
@@ -330,6 +337,53 @@ def test_detox_multi_krum_buckets_equal_the_bucket_by_bucket_stage(monkeypatch: 
     plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="mean", f=0, buckets=2, seed=3,
                 inner="multi-krum", inner_f=2, inner_params={"m": "original"})
     got = [approaches.draco_lite(x.clone(), byz, plan, step)[0] for step in range(3)]
-    monkeypatch.delitem(aggregators.BUCKETED, "multi-krum")  # bucket_rows' per-bucket loop
+    # the per-bucket loop of bucket_rows, then the mean rule over its stacked outputs
+    monkeypatch.setattr(approaches, "_fused", lambda plan: None)
+    monkeypatch.delitem(aggregators.BUCKETED, "multi-krum")
     for step, agg in enumerate(got):
         assert torch.equal(bits(agg), bits(approaches.draco_lite(x.clone(), byz, plan, step)[0]))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_mean_of_bucket_multi_krum_equals_the_two_steps(threads: int, side_by_side: bool,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """DETOX-Multi-Krum's bucket stage in one pass (the bucket outputs never written) equals Multi-Krum bucket by
+    bucket and then the mean rule over the stacked outputs."""
+    if not side_by_side:
+        monkeypatch.setattr(K, "_SERIAL_PAIRS", 0)
+    monkeypatch.setattr(K, "_SERIAL_STREAM", 0 if threads == 2 else 1 << 40)  # the pooled sums too
+    rng = np.random.default_rng(34)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for d in (9, 5000, 3 * K._COLS + 11):
+            for trial in range(4):
+                x = mk_rows(rng, 45, d, clean=trial % 2 == 0)
+                rows = rng.choice(45, size=15, replace=False)
+                nb = int(rng.integers(1, 3))
+                buckets = [rows[np.sort(c)] for c in np.array_split(rng.permutation(15), nb)]
+                params = [{"m": "original"}, {}][trial % 2]
+                stacked = torch.stack([multi_krum(x, 1, rows=b, **params) for b in buckets])
+                want = aggregate("mean", stacked, 0)
+                got = mean_of_bucket_multi_krum(x, buckets, 1, params)
+                assert torch.equal(bits(got), bits(want)), (d, trial, threads, side_by_side)
+                out = torch.empty(d)
+                mean_of_bucket_multi_krum(x, buckets, 1, params, out=out)
+                assert torch.equal(bits(out), bits(want))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_mean_of_bucket_multi_krum_refuses_what_the_two_steps_refuse() -> None:
+    x = torch.randn(12, 50)
+    buckets = [np.array([0, 1, 2, 3, 4]), np.array([5, 6, 7, 8, 9])]
+    for args in ((2, None, 0, None), (1, None, 0, {"bad": 1}), (1, {"m": 9}, 0, None)):
+        with pytest.raises(ValueError) as fused:
+            mean_of_bucket_multi_krum(x, buckets, *args)
+        with pytest.raises(ValueError) as steps:
+            aggregate("mean", bucket_multi_krum(x, buckets, args[0], args[1]), args[2], args[3])
+        assert str(fused.value) == str(steps.value)
+    with pytest.raises(ValueError, match="overlaps rows the rule reads"):
+        mean_of_bucket_multi_krum(x, buckets, 1, out=x[7])
+    assert torch.equal(mean_of_bucket_multi_krum(x, buckets, 1, out=x[11]), x[11])  # a row no bucket reads
