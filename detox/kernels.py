@@ -683,18 +683,24 @@ def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int, rows: np.ndarray 
 @njit(cache=True, fastmath=_FAST)
 def _weighted_sum_cols(x, rows, w, out, lo, hi, acc):  # pragma: no cover - compiled
     # columns [lo, hi) of the sum, _COLS at a time in the cache-resident accumulator ``acc``
-    n = rows.shape[0]
     for a in range(lo, hi, _COLS):
         m = min(hi, a + _COLS) - a
-        acc[:m] = 0
-        for r in range(n):
-            wr = w[r]
-            if wr == 0:
-                continue  # skipped, not multiplied: 0 * NaN would be NaN
-            row = x[rows[r], a : a + m]
-            for j in range(m):
-                acc[j] += wr * row[j]
+        _accumulate(x, rows, w, 0, rows.shape[0], a, m, acc)
         out[a : a + m] = acc[:m]
+
+
+@njit(cache=True, fastmath=_FAST)
+def _accumulate(x, rows, w, r0, r1, a, m, acc):  # pragma: no cover - compiled
+    # acc[:m] = sum of w[r] * x[rows[r], a : a + m] over r in [r0, r1) in order, from +0.0 (the one loop behind
+    # every weighted sum and bucket mean, so they all sum alike)
+    acc[:m] = 0
+    for r in range(r0, r1):
+        wr = w[r]
+        if wr == 0:
+            continue  # skipped, not multiplied: 0 * NaN would be NaN
+        row = x[rows[r], a : a + m]
+        for j in range(m):
+            acc[j] += wr * row[j]
 
 
 @njit(parallel=True, cache=True, fastmath=_FAST)
@@ -742,16 +748,9 @@ def _divide(dst, acc, m, den):  # pragma: no cover - compiled
 
 @njit(cache=True, fastmath=_FAST)
 def _bucket_value(x, rows, starts, w, dens, b, a, m, acc, dst):  # pragma: no cover - compiled
-    # bucket b on columns [a, a + m) into dst[:m]: the loop of _weighted_sum_cols over its rows in order (float32
-    # from +0.0, the same operations per element, so the same sums), then a true division by dens[b]
-    acc[:m] = 0
-    for r in range(starts[b], starts[b + 1]):
-        wr = w[r]
-        if wr == 0:
-            continue  # skipped, not multiplied: 0 * NaN would be NaN
-        row = x[rows[r], a : a + m]
-        for j in range(m):
-            acc[j] += wr * row[j]
+    # bucket b on columns [a, a + m) into dst[:m]: the weighted sum of its rows in order, then a true division by
+    # dens[b]
+    _accumulate(x, rows, w, starts[b], starts[b + 1], a, m, acc)
     _divide(dst, acc, m, dens[b])
 
 
