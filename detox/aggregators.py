@@ -307,12 +307,19 @@ def mean(grads_nd: torch.Tensor, f: int = 0, rows: object = None, out: torch.Ten
     return _into(out, grads_nd.mean(dim=0))
 
 
+def _some_buckets(name: str, buckets: list) -> None:
+    if not isinstance(buckets, list | tuple) or not buckets:
+        raise ValueError(f"{name}: buckets must be a non-empty list of row-index arrays, got {_describe(buckets)}"
+                         f"{' (empty)' if isinstance(buckets, list | tuple) else ''}")
+
+
 def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
                  dest: np.ndarray | None = None) -> torch.Tensor:
     """(len(buckets), d): row b the ``mean`` rule over ``grads_nd[buckets[b]]``, bit for bit the stacked per-bucket
     means. On the compiled path all buckets in one pass over their rows, written in place (no per-bucket outputs,
     no stack, no division pass). With ``dest`` (a row of ``grads_nd`` per bucket, none of them in any bucket) the
     means are written into those rows and ``grads_nd`` is returned."""
+    _some_buckets("bucket_means", buckets)
     if dest is not None:
         dest = np.asarray(dest, dtype=np.int64)
         if dest.shape != (len(buckets),) or np.unique(dest).size != dest.size:
@@ -354,6 +361,7 @@ def middle_of_bucket_means(name: str, grads_nd: torch.Tensor, buckets: list, f: 
     DETOX's coord-median preset every step."""
     if name not in MIDDLE:
         raise ValueError(f"middle_of_bucket_means: {name!r} is not one of {sorted(MIDDLE)}")
+    _some_buckets("middle_of_bucket_means", buckets)
     if not _cpu32(grads_nd) or not buckets or not grads_nd.is_contiguous():
         return aggregate(name, bucket_means(grads_nd, buckets, inner_f, inner_params), f, params, out=out)
     # validated as the two steps would be, with their one-line errors; all buckets at once where they are plain
@@ -636,6 +644,7 @@ def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params:
     written into those rows of ``grads_nd`` (as ``bucket_means``). On the CPU kernels' path the buckets' selections
     come from ``_multi_krum_choice`` and their means from one ``kernels.bucket_means`` call with weights;
     elsewhere bucket by bucket."""
+    _some_buckets("bucket_multi_krum", buckets)
     checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
     if dest is not None:
         dest = np.asarray(dest, dtype=np.int64)
@@ -668,6 +677,7 @@ def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0,
     ``aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params)``. On the CPU kernels'
     path the bucket outputs are never written out: one pass (``kernels.bucket_means_mean``) sums each block of
     them in cache and averages it. DETOX-Multi-Krum's step (the original's preset: 2 buckets, the mean across)."""
+    _some_buckets("mean_of_bucket_multi_krum", buckets)
     checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
     _, err = _settings("mean", len(buckets), mean_f, mean_params)
     if err:

@@ -387,3 +387,16 @@ def test_mean_of_bucket_multi_krum_refuses_what_the_two_steps_refuse() -> None:
     with pytest.raises(ValueError, match="overlaps rows the rule reads"):
         mean_of_bucket_multi_krum(x, buckets, 1, out=x[7])
     assert torch.equal(mean_of_bucket_multi_krum(x, buckets, 1, out=x[11]), x[11])  # a row no bucket reads
+
+
+@pytest.mark.parametrize("call", [
+    lambda x, b: bucket_means(x, b),
+    lambda x, b: bucket_multi_krum(x, b, 0),
+    lambda x, b: middle_of_bucket_means("coord-median", x, b, 0),
+    lambda x, b: mean_of_bucket_multi_krum(x, b, 0),
+])
+def test_no_buckets_is_one_clear_error(call) -> None:
+    x = torch.randn(6, 10)
+    for bad in ([], (), np.array([0, 1]), None):
+        with pytest.raises(ValueError, match="buckets must be a non-empty list of row-index arrays"):
+            call(x, bad)
