@@ -373,7 +373,7 @@ def _buckets(rows: np.ndarray, plan: Plan, step: int) -> list[np.ndarray] | None
 @lru_cache(maxsize=64)
 def _bounds(k: int, buckets: int) -> tuple[int, ...]:
     """np.array_split's cut points of k items into ``buckets`` parts (the first k % buckets one larger): the same
-    buckets, without its per-call overhead (a tenth of DETOX's step at d = 1e3)."""
+    buckets, without its per-call overhead (5 buckets of 15 winners cut and sorted: 12 -> 6 µs)."""
     sizes = [k // buckets + (i < k % buckets) for i in range(buckets)]
     return tuple(np.concatenate([[0], np.cumsum(sizes)]).tolist())
 
