@@ -313,6 +313,21 @@ def _some_buckets(name: str, buckets: list) -> None:
                          f"{' (empty)' if isinstance(buckets, list | tuple) else ''}")
 
 
+def per_bucket(name: str, grads_nd: torch.Tensor, buckets: list, f: int, params: dict | None = None,
+               dest: np.ndarray | None = None) -> torch.Tensor:
+    """Rule ``name`` bucket by bucket, each call writing its output in place: a (len(buckets), d) tensor, or with
+    ``dest`` row dest[b] of ``grads_nd`` for bucket b (the caller keeps those rows out of every bucket), returning
+    ``grads_nd``."""
+    if dest is None:
+        outs = torch.empty((len(buckets), grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)
+        for b, row_d in zip(buckets, outs, strict=True):
+            aggregate(name, grads_nd, f, params, rows=b, out=row_d)
+        return outs
+    for b, row in zip(buckets, np.asarray(dest).tolist(), strict=True):
+        aggregate(name, grads_nd, f, params, rows=b, out=grads_nd[row])
+    return grads_nd
+
+
 def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
                  dest: np.ndarray | None = None) -> torch.Tensor:
     """(len(buckets), d): row b the ``mean`` rule over ``grads_nd[buckets[b]]``, bit for bit the stacked per-bucket
@@ -324,12 +339,8 @@ def bucket_means(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict
         dest = np.asarray(dest, dtype=np.int64)
         if dest.shape != (len(buckets),) or np.unique(dest).size != dest.size:
             raise ValueError(f"bucket_means: dest must give {len(buckets)} distinct rows, got {dest}")
-    if not _cpu32(grads_nd) or not buckets or not grads_nd.is_contiguous():
-        if dest is None:
-            return torch.stack([aggregate("mean", grads_nd, f, params, rows=b) for b in buckets])
-        for b, row in zip(buckets, dest.tolist(), strict=True):
-            aggregate("mean", grads_nd, f, params, rows=b, out=grads_nd[row])
-        return grads_nd
+    if not _cpu32(grads_nd) or not grads_nd.is_contiguous():
+        return per_bucket("mean", grads_nd, buckets, f, params, dest)
     # validated as each per-bucket call would be (the same one-line errors)
     idx = [_check("mean", grads_nd, f, params, b)[4] for b in buckets]
     from detox.kernels import bucket_means as fused
@@ -655,11 +666,7 @@ def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params:
                              f"bucket, got {dest}")
     choice = _multi_krum_choice(grads_nd, checks)
     if choice is None:
-        d = grads_nd.shape[1]
-        outs = torch.empty((len(buckets), d), dtype=grads_nd.dtype, device=grads_nd.device) if dest is None else None
-        for i, b in enumerate(buckets):
-            multi_krum(grads_nd, f, rows=b, out=outs[i] if dest is None else grads_nd[int(dest[i])], **(params or {}))
-        return grads_nd if dest is not None else outs
+        return per_bucket("multi-krum", grads_nd, buckets, f, params, dest)
     from detox.kernels import bucket_means as weighted_buckets
 
     rows, starts, weights = choice

@@ -31,6 +31,7 @@ from detox.aggregators import (
     coord_median,
     mean_of_bucket_multi_krum,
     middle_of_bucket_means,
+    per_bucket,
 )
 from detox.attacks import TAG_BUCKETS, rng_for
 from detox.timing import Timer
@@ -397,16 +398,12 @@ def bucket_rows(
     if grads_nd.shape[1] * grads_nd.element_size() >= _INPLACE_BYTES and grads_nd.is_contiguous():
         spare = np.setdiff1d(np.arange(grads_nd.shape[0]), rows)[: plan.buckets]
         dest = spare if spare.shape[0] == plan.buckets else None
-    if plan.inner in BUCKETED:  # all buckets in one call (the same values as the per-bucket rule)
-        outs = BUCKETED[plan.inner](grads_nd, buckets, plan.inner_f, plan.inner_params, dest=dest)
-    elif dest is None:
-        # each bucket's rule writes its row: no per-bucket outputs copied into a stack
-        outs = torch.empty((len(buckets), grads_nd.shape[1]), dtype=grads_nd.dtype, device=grads_nd.device)
-        for b, row_d in zip(buckets, outs, strict=True):
-            aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b, out=row_d)
+    # all buckets in one call where the inner rule has a batched form (the same values as bucket by bucket)
+    batched = BUCKETED.get(plan.inner)
+    if batched is not None:
+        outs = batched(grads_nd, buckets, plan.inner_f, plan.inner_params, dest=dest)
     else:
-        for b, row in zip(buckets, dest.tolist(), strict=True):
-            aggregate(plan.inner, grads_nd, plan.inner_f, plan.inner_params, rows=b, out=grads_nd[row])
+        outs = per_bucket(plan.inner, grads_nd, buckets, plan.inner_f, plan.inner_params, dest)
     return (outs, None) if dest is None else (grads_nd, dest)
 
 

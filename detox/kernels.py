@@ -955,8 +955,7 @@ def bucket_middle_mean(x: np.ndarray, rows: np.ndarray, starts: np.ndarray, lo: 
     if unrolled is not None:
         return unrolled.serial(x, rows, BLOCK, out) if threads == 1 else unrolled.pooled(x, rows, BLOCK, threads, out)
     net = selection_network(nb, int(lo), int(hi))
-    w = np.ones(rows.shape[0], dtype=x.dtype)
-    dens = counts.astype(x.dtype)
+    w, dens = _bucket_weights("bucket_middle_mean", x, rows, counts, None)
     if threads == 1:
         return _bucket_middle_mean_serial(x, rows, starts, w, dens, net, int(lo), int(hi), _BUCKET_BLOCK, out)
     return _bucket_middle_mean(x, rows, starts, w, dens, net, int(lo), int(hi), _BUCKET_BLOCK, threads, out)
