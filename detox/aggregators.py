@@ -622,11 +622,33 @@ def _multi_krum_rows(d2_nn: np.ndarray, settings: dict) -> np.ndarray:
     return _lowest(_scores(d2_nn, settings["neighbours"]), settings["m"])
 
 
-def _multi_krum_choice(grads_nd: torch.Tensor, checks: list) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def split_gram_refs(grads_nd: torch.Tensor, buckets: list, f: int = 0,
+                    params: dict | None = None) -> tuple[list[int], int] | None:
+    """Where Multi-Krum bucket by bucket (``bucket_multi_krum``) forms every bucket's Gram matrix with
+    ``kernels.centred_gram`` split across threads (d in the millions): the row each is centred on, as ``multi_krum``
+    picks it, and the threads; None elsewhere. With them a caller can form those matrices in a pass of its own
+    (``grams=``)."""
+    threads = _threads()
+    if not (_cpu32(grads_nd) and grads_nd.is_contiguous() and buckets and threads > 1):
+        return None
+    from detox.kernels import _SERIAL_PAIRS
+    from detox.kernels import _threads as kernel_threads
+
+    checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
+    x, d = grads_nd.numpy(), grads_nd.shape[1]
+    if any(c[4] is None or kernel_threads(threads, x, c[4], c[0] * (c[0] + 1) // 2 * d, _SERIAL_PAIRS) != threads
+           for c in checks):
+        return None
+    return [int(c[4][_reference_row(grads_nd, max(c[2]["neighbours"], 1), None, c[4])]) for c in checks], threads
+
+
+def _multi_krum_choice(grads_nd: torch.Tensor, checks: list,
+                       grams: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     """On the CPU kernels' path, the rows each bucket's Multi-Krum averages (``checks``: the buckets' ``_check``
     results), as (rows, starts, weights) for ``kernels.bucket_means(weights=)``; None elsewhere. Where each bucket
     is too small to split across threads, their reference rows and Gram matrices come side by side in one pass
-    through the pool (``kernels.bucket_grams``); otherwise bucket by bucket, as ``multi_krum`` computes them."""
+    through the pool (``kernels.bucket_grams``); otherwise bucket by bucket, as ``multi_krum`` computes them, or
+    from ``grams`` (per bucket: its matrix as that computes it, centred on ``split_gram_refs``' row, or None)."""
     if not (_cpu32(grads_nd) and grads_nd.is_contiguous() and checks):
         return None
     from detox.kernels import bucket_grams, sq_dists_from_gram
@@ -634,10 +656,12 @@ def _multi_krum_choice(grads_nd: torch.Tensor, checks: list) -> tuple[np.ndarray
     starts, ends = _sample_bounds(grads_nd.shape[1])
     # the neighbour count _candidates ranks each bucket with, as _distances passes it
     ks = [min(max(c[2]["neighbours"], 1), c[0] - 1) for c in checks]
-    found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
+    found = None
+    if grams is None:
+        found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
     chosen, weights = [], []
     for i, (n, _, s, _, rows) in enumerate(checks):
-        gram = None if found is None else found[1][i, :n, :n]
+        gram = grams[i] if grams is not None else None if found is None else found[1][i, :n, :n]
         if gram is None or (n > 1 and not np.isfinite(gram.diagonal()).any()):
             d2 = _distances(grads_nd, s["neighbours"], rows)  # the rule's own path (and its hostile-row fallback)
         else:
@@ -679,11 +703,12 @@ def bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params:
 
 def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0, params: dict | None = None,
                               mean_f: int = 0, mean_params: dict | None = None,
-                              out: torch.Tensor | None = None) -> torch.Tensor:
+                              out: torch.Tensor | None = None, grams: list | None = None) -> torch.Tensor:
     """The ``mean`` rule over the buckets' Multi-Krum outputs: bit for bit
     ``aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params)``. On the CPU kernels'
     path the bucket outputs are never written out: one pass (``kernels.bucket_means_mean``) sums each block of
-    them in cache and averages it. DETOX-Multi-Krum's step (the original's preset: 2 buckets, the mean across)."""
+    them in cache and averages it. DETOX-Multi-Krum's step (the original's preset: 2 buckets, the mean across).
+    ``grams``: buckets' Gram matrices already formed (see ``_multi_krum_choice``)."""
     _some_buckets("mean_of_bucket_multi_krum", buckets)
     checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
     _, err = _settings("mean", len(buckets), mean_f, mean_params)
@@ -691,7 +716,7 @@ def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0,
         raise ValueError(err)
     if all(c[4] is not None for c in checks):  # before any work (off the kernels' path the mean rule checks it)
         _check_out("mean", grads_nd, np.concatenate([c[4] for c in checks]), out)
-    choice = _multi_krum_choice(grads_nd, checks)
+    choice = _multi_krum_choice(grads_nd, checks, grams)
     if choice is None:
         return aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params, out=out)
     from detox.kernels import bucket_means_mean

@@ -629,12 +629,29 @@ def _gram_block(x, rows, ref, start, width, buf, acc):  # pragma: no cover - com
     _gram_tiles(buf, n, width, np.float32(0.0), acc)
 
 
+@njit(cache=True, inline="always")
+def _block_range(d, block, nthreads, t):  # pragma: no cover - compiled
+    # thread t's share of the column blocks: one contiguous run each (block b of every row is next to block b + 1,
+    # so each row streams; blocks dealt out in turn made every thread skip every other 4 KiB: 10-25 % slower at
+    # 8 rows, d = 1.1e7). What each thread sums, in what order, is what a Gram matrix's rounding depends on.
+    nblocks = (d + block - 1) // block
+    per = (nblocks + nthreads - 1) // nthreads
+    return min(nblocks, t * per), min(nblocks, (t + 1) * per)
+
+
 @njit(cache=True)
-def _gram_blocks(x, rows, ref, block, first, stride, buf, acc):  # pragma: no cover - compiled
+def _gram_blocks(x, rows, ref, block, lo, hi, buf, acc):  # pragma: no cover - compiled
+    # column blocks [lo, hi) in order
     d = x.shape[1]
-    for b in range(first, (d + block - 1) // block, stride):
+    for b in range(lo, hi):
         start = b * block
         _gram_block(x, rows, ref, start, min(block, d - start), buf, acc)
+
+
+@njit(cache=True)
+def _sum_parts(part):  # pragma: no cover - compiled
+    # the threads' partial Gram matrices summed, in thread order, and mirrored
+    return _mirror(part.sum(axis=0))
 
 
 @njit(cache=True)
@@ -650,8 +667,9 @@ def _centred_gram(x, rows, ref, block, nthreads):  # pragma: no cover - compiled
     n = rows.shape[0]
     part = np.zeros((nthreads, n, n))
     for t in prange(nthreads):
-        _gram_blocks(x, rows, ref, block, t, nthreads, np.empty((n, block), dtype=x.dtype), part[t])
-    return _mirror(part.sum(axis=0))
+        lo, hi = _block_range(x.shape[1], block, nthreads, t)
+        _gram_blocks(x, rows, ref, block, lo, hi, np.empty((n, block), dtype=x.dtype), part[t])
+    return _sum_parts(part)
 
 
 @njit(cache=True)
@@ -659,7 +677,7 @@ def _centred_gram_serial(x, rows, ref, block):  # pragma: no cover - compiled
     # what _centred_gram computes on one thread, without entering a thread pool (see _threads)
     n = rows.shape[0]
     gram = np.zeros((n, n))
-    _gram_blocks(x, rows, ref, block, 0, 1, np.empty((n, block), dtype=x.dtype), gram)
+    _gram_blocks(x, rows, ref, block, 0, (x.shape[1] + block - 1) // block, np.empty((n, block), dtype=x.dtype), gram)
     return _mirror(gram)
 
 
@@ -1142,6 +1160,61 @@ def bucket_grams(x: np.ndarray, buckets: list[np.ndarray], ks: list[int], seg_st
     return refs, grams
 
 
+# Gram blocks (BLOCK * 4 columns) the vote + Gram pass takes at once: each row it compares then streams 16 KiB at a
+# time (4 KiB pieces of 30 rows ran at half the vote's own speed), and a bucket's rows are still in L2 when its
+# Gram blocks are formed
+_SPAN = 4
+
+
+@njit(parallel=True, cache=True)
+def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads, differ, part):  # pragma: no cover
+    d = x.shape[1]
+    width = 1
+    for q in range(bstarts.shape[0] - 1):
+        width = max(width, bstarts[q + 1] - bstarts[q])
+    for t in prange(nthreads):
+        lo, hi = _block_range(d, block, nthreads, t)
+        buf = np.empty((width, block), dtype=x.dtype)
+        for b0 in range(lo, hi, _SPAN):
+            b1 = min(hi, b0 + _SPAN)
+            s = b0 * block
+            e = min(d, b1 * block)
+            for q in range(bstarts.shape[0] - 1):
+                idx = rows[bstarts[q] : bstarts[q + 1]]
+                for i in range(idx.shape[0]):
+                    g = idx[i] // r
+                    base = g * r
+                    for j in range(1, need):  # _majority_first, these columns
+                        if fast[g] and not differ[t, g] and _differs(xv[base], xv[base + j], s, e, tol):
+                            differ[t, g] = True
+                _gram_blocks(x, idx, x[refs[q]], block, b0, b1, buf, part[t, q])
+
+
+def vote_grams(x: np.ndarray, xv: np.ndarray, r: int, need: int, tol: float, honest: np.ndarray,
+               buckets: list[np.ndarray], refs: list[int], threads: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Two stages of DETOX's step in one pass through the rows, where each alone streams the same rows: the vote's
+    check that a group's first ``need`` members agree (``_majority_first`` on ``xv``, the rows the vote compares,
+    for the groups whose first ``need`` members are ``honest``), and the Gram matrix of each bucket of rows of
+    ``x`` centred on its row ``refs[b]``, exactly as ``centred_gram`` on ``threads`` threads computes it.
+
+    Returns (settled, grams): per group of r rows, whether that check passed over every column (the vote's result
+    for it: its first row wins, ``strict_vote``/``boyer_moore_vote``'s ``settled``); per bucket its Gram matrix,
+    valid where its rows are the vote's winners, which is for the caller to check."""
+    k = x.shape[0] // r
+    honest = np.asarray(honest, dtype=bool)[: k * r].reshape(k, r)
+    fast = np.ascontiguousarray(honest[:, :need].all(axis=1))
+    rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
+    sizes = [int(b.shape[0]) for b in buckets]
+    bstarts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    width = max(sizes)
+    differ = np.zeros((threads, k), dtype=np.bool_)
+    part = np.zeros((threads, len(buckets), width, width))
+    _vote_grams(x, xv, int(r), int(need), _tol(xv, tol), fast, rows, bstarts, np.asarray(refs, dtype=np.int64),
+                BLOCK * 4, int(threads), differ, part)
+    grams = [_sum_parts(np.ascontiguousarray(part[:, b, :n, :n])) for b, n in enumerate(sizes)]
+    return fast & ~differ.any(axis=0), grams
+
+
 @njit(cache=True)
 def _pairwise_block(a, s, n):  # pragma: no cover - compiled
     if n < 8:
@@ -1375,36 +1448,46 @@ def _strict_vote_group(x, g, r, need, tol, honest, leader, member):  # pragma: n
 
 
 @njit(parallel=True, cache=True)
-def _strict_vote(x, r, need, tol, honest, leader, member):  # pragma: no cover - compiled
-    for g in prange(leader.shape[0]):
-        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
+def _strict_vote(x, r, need, tol, honest, groups, leader, member):  # pragma: no cover - compiled
+    for i in prange(groups.shape[0]):
+        _strict_vote_group(x, groups[i], r, need, tol, honest, leader, member)
 
 
 @njit(cache=True)
-def _strict_vote_serial(x, r, need, tol, honest, leader, member):  # pragma: no cover - compiled
+def _strict_vote_serial(x, r, need, tol, honest, groups, leader, member):  # pragma: no cover - compiled
     # _strict_vote on one thread, without entering the thread pool (see _threads); a function of its own name:
     # numba's cache index is keyed by name and bytecode, not by parallel=, so njit(f.py_func) would share f's
     # cache entry and either dispatcher could load the other's code
-    for g in range(leader.shape[0]):
-        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
+    for i in range(groups.shape[0]):
+        _strict_vote_group(x, groups[i], r, need, tol, honest, leader, member)
 
 
-def strict_vote(x: np.ndarray, r: int, need: int, tol: float,
-                honest: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def strict_vote(x: np.ndarray, r: int, need: int, tol: float, honest: np.ndarray | None = None,
+                settled: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The strict-majority vote of every contiguous group of r rows of ``x`` (C-contiguous; an integer view of
     the rows' bits when tol <= 0, the float rows otherwise).
 
     Per group, member i (in order, unclaimed) claims every later unclaimed member equal to it; the first class
     of at least ``need`` members wins. Returns (k,) the winning member or -1, and (k, r) its class: complete,
     except where the first ``need`` members are ``honest`` (default: all) and agree, which decides the group
-    unread further (``_majority_first``): there the class lists those ``need``."""
+    unread further (``_majority_first``): there the class lists those ``need``. ``settled`` (k,): groups already
+    found so (``vote_grams``), given that result unread."""
     k = x.shape[0] // r
     leader = np.full(k, -1, dtype=np.int64)
     member = np.zeros((k, r), dtype=np.bool_)
     honest = np.ones(k * r, dtype=np.int64) if honest is None else np.ascontiguousarray(honest, np.int64)
-    vote = _strict_vote if _vote_threads(x, k * r) > 1 else _strict_vote_serial
-    vote(x, int(r), int(need), _tol(x, tol), honest, leader, member)
+    groups = _unsettled(k, settled)
+    if settled is not None:
+        leader[settled] = 0
+        member[settled, :need] = True
+    vote = _strict_vote if _vote_threads(x, groups.shape[0] * r) > 1 else _strict_vote_serial
+    vote(x, int(r), int(need), _tol(x, tol), honest, groups, leader, member)
     return leader, member
+
+
+def _unsettled(k: int, settled: np.ndarray | None) -> np.ndarray:
+    """The groups a vote still reads: all k, or those not ``settled``."""
+    return np.arange(k, dtype=np.int64) if settled is None else np.flatnonzero(~settled).astype(np.int64)
 
 
 def _vote_threads(x: np.ndarray, rows: int) -> int:
@@ -1421,29 +1504,16 @@ def _tol(x: np.ndarray, tol: float) -> np.floating:
 @njit(cache=True)
 def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
                    win, fallback, corrupted, cands):  # pragma: no cover - compiled
-    d = x.shape[1]
     n_layers = starts.shape[0]
     base = g * r
     js = np.empty(r, dtype=np.int64)
     live = np.zeros(r, dtype=np.bool_)
-    if _honest_first(honest, base, need):
-        if _majority_first(x, base, r, need, tol, js, live):
-            win[g] = base  # member 0 wins every layer (see _majority_first)
-            return
-        # some member among the first need differs from member 0: the group is not unanimous
-    else:
-        for j in range(r):
-            js[j] = base + j
-            live[j] = j > 0
-        if _compare_many(x, base, _VOTE_COLS, js, live, 0, d, tol) == r - 1:
-            # unanimous: member 0 wins every layer, supported by all
-            win[g] = base
-            h = 0
-            for j in range(r):
-                h += honest[base + j]
-            corrupted[g] = h < need
-            return
-    # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer
+    if _honest_first(honest, base, need) and _majority_first(x, base, r, need, tol, js, live):
+        win[g] = base  # member 0 wins every layer (see _majority_first)
+        return
+    # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer (a
+    # unanimous group comes out of it as member 0 winning every layer with everyone's support; checking for that
+    # first read its rows twice whenever it was not: 4 rows where a Byzantine member 0 or 1 attacks)
     eq = np.ones((r, r, n_layers), dtype=np.bool_)
     for layer in range(n_layers):
         s = starts[layer]
@@ -1506,27 +1576,29 @@ def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
 
 
 @njit(parallel=True, cache=True)
-def _bm_vote(x, r, need, tol, starts, ends, honest, write,
+def _bm_vote(x, r, need, tol, starts, ends, honest, write, groups,
              win, fallback, corrupted, cands):  # pragma: no cover - compiled
-    for g in prange(win.shape[0]):
-        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+    for i in prange(groups.shape[0]):
+        _bm_vote_group(x, groups[i], r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
 
 
 @njit(cache=True)
-def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write,
+def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write, groups,
                     win, fallback, corrupted, cands):  # pragma: no cover - compiled
     # _bm_vote on one thread (see _strict_vote_serial)
-    for g in range(win.shape[0]):
-        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+    for i in range(groups.shape[0]):
+        _bm_vote_group(x, groups[i], r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
 
 
 def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.ndarray, honest: np.ndarray,
-                     write: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     write: bool, settled: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The original DETOX vote of every contiguous group of r rows of ``x`` (an integer view of the bits when
     tol <= 0): per layer (``starts``: first column of each), Boyer-Moore over the members in order, the
     surviving candidate kept unchecked. Returns per group the row that sent every kept layer (-1: none did;
     with ``write`` the kept layers are then assembled in the group's first row), whether some layer lacks a
-    strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates."""
+    strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates.
+    ``settled`` (k,): groups already found to be won by their first row (``vote_grams``), left unread."""
     starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
     ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
     k = x.shape[0] // r
@@ -1534,7 +1606,10 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     fallback = np.zeros(k, dtype=np.bool_)
     corrupted = np.zeros(k, dtype=np.bool_)
     cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
-    vote = _bm_vote if _vote_threads(x, k * r) > 1 else _bm_vote_serial
+    groups = _unsettled(k, settled)
+    if settled is not None:
+        win[settled] = np.flatnonzero(settled) * r
+    vote = _bm_vote if _vote_threads(x, groups.shape[0] * r) > 1 else _bm_vote_serial
     vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64), bool(write),
-         win, fallback, corrupted, cands)
+         groups, win, fallback, corrupted, cands)
     return win, fallback, corrupted, cands
