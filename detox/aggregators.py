@@ -629,17 +629,24 @@ def split_gram_refs(grads_nd: torch.Tensor, buckets: list, f: int = 0,
     picks it, and the threads; None elsewhere. With them a caller can form those matrices in a pass of its own
     (``grams=``)."""
     threads = _threads()
-    if not (_cpu32(grads_nd) and grads_nd.is_contiguous() and buckets and threads > 1):
+    if not (buckets and all(gram_split(grads_nd, len(b)) == threads > 1 for b in buckets)):
         return None
+    checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
+    if any(c[4] is None for c in checks):
+        return None
+    return [int(c[4][_reference_row(grads_nd, max(c[2]["neighbours"], 1), None, c[4])]) for c in checks], threads
+
+
+def gram_split(grads_nd: torch.Tensor, n: int) -> int:
+    """The threads ``kernels.centred_gram`` splits the Gram matrix of n of ``grads_nd``'s rows across (1: none, as
+    off the CPU kernels' path)."""
+    if not (_cpu32(grads_nd) and grads_nd.is_contiguous()):
+        return 1
     from detox.kernels import _SERIAL_PAIRS
     from detox.kernels import _threads as kernel_threads
 
-    checks = [_check("multi-krum", grads_nd, f, params, b) for b in buckets]
-    x, d = grads_nd.numpy(), grads_nd.shape[1]
-    if any(c[4] is None or kernel_threads(threads, x, c[4], c[0] * (c[0] + 1) // 2 * d, _SERIAL_PAIRS) != threads
-           for c in checks):
-        return None
-    return [int(c[4][_reference_row(grads_nd, max(c[2]["neighbours"], 1), None, c[4])]) for c in checks], threads
+    x = grads_nd.numpy()
+    return kernel_threads(_threads(), x, None, n * (n + 1) // 2 * x.shape[1], _SERIAL_PAIRS)
 
 
 def _multi_krum_choice(grads_nd: torch.Tensor, checks: list,

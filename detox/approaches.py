@@ -29,6 +29,7 @@ from detox.aggregators import (
     MIDDLE,
     aggregate,
     coord_median,
+    gram_split,
     mean_of_bucket_multi_krum,
     middle_of_bucket_means,
     per_bucket,
@@ -363,7 +364,9 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     kept only where every guess was the vote's winner, a row that no vote wrote (else None: formed afterwards)."""
     r, tol, honest_p = plan.group_size, plan.vote_tol, ~byz_p
     k = grads_nd.shape[0] // r
-    if not (_compiled(grads_nd) and grads_nd.dtype == torch.float32 and k > 0):
+    # the buckets' sizes are known before the vote: nothing to do where none of their matrices would be split
+    if not (_compiled(grads_nd) and plan.buckets and k > plan.buckets
+            and all(gram_split(grads_nd, n) > 1 for n in np.diff(_bounds(k, plan.buckets)))):
         return vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p), None
     from detox.kernels import _SPAN, BLOCK, vote_grams
 
