@@ -13,7 +13,8 @@ Boyer-Moore vote per layer, buckets, counts) at P workers, q = floor(P / 9), r =
 scaled to d; the workers' gradients are refilled (each group's honest gradient, the preset's attack) before
 every step, untimed. Printed per rule: both medians, baseline / DETOX, the vote's share of the DETOX step and
 the vote against one read of the P rows it receives (it compares 2 of the 3 members of a group whose first two
-are honest and agree, all 3 otherwise: ``detox.kernels._majority_first``).
+are honest and agree, all 3 otherwise: ``detox.kernels._majority_first``). DETOX-Multi-Krum's vote at d = 1.1e7 also
+forms its buckets' Gram matrices in the same pass (``approaches._vote_with_grams``): its vote time includes them.
 """
 
 from __future__ import annotations
