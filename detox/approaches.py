@@ -290,7 +290,7 @@ def _compiled(grads_nd: torch.Tensor) -> bool:
 
 def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "strict",
               layer_sizes: tuple[int, ...] | None = None, honest_p: np.ndarray | None = None,
-              settled: np.ndarray | None = None) -> Votes:
+              settled: np.ndarray | None = None, known: tuple[np.ndarray, np.ndarray] | None = None) -> Votes:
     """The vote of every contiguous group of r rows (``strict`` or the original's ``boyer-moore``, DESIGN §3),
     as row indices into ``grads_nd``: one compiled pass over the rows each group must compare (on the CPU).
 
@@ -298,7 +298,8 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
     median fallback, or Boyer-Moore layers of several members) it is written into the group's first row.
     ``honest_p`` (default: everyone) is what ``corrupted`` is counted against. ``settled`` (per group, from
     ``kernels.vote_grams``): groups whose first members are honest and already found to agree, left unread by the
-    compiled vote (their result is member 0's, as the vote finds it)."""
+    compiled vote (their result is member 0's, as the vote finds it); ``known`` (Boyer-Moore): (groups, how their
+    members agree per layer), decided from that unread."""
     decisive(r, vote)  # validates the name
     starts = _layer_starts(grads_nd.shape[1], layer_sizes) if vote == "boyer-moore" else None
     if not _compiled(grads_nd) or grads_nd.shape[0] < r:
@@ -319,7 +320,8 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
         for g in np.flatnonzero(~won).tolist():
             _fallback(grads_nd, g, r)
         return Votes(np.where(won, win_rows, rows), win_rows, int((~won).sum()), corrupted)
-    win_rows, fallback, corrupted, _ = boyer_moore_vote(x, r, need, tol, starts, honest_p, True, settled)
+    win_rows, fallback, corrupted, _ = boyer_moore_vote(x, r, need, tol, starts, honest_p, True, settled,
+                                                        *(known or (None, None)))
     return Votes(np.where(win_rows >= 0, win_rows, rows), win_rows, int(fallback.sum()), int(corrupted.sum()))
 
 
@@ -379,9 +381,11 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     if split is None:
         return vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p), None
     x = grads_nd.numpy()
-    settled, grams = vote_grams(x, x if tol > 0 else _bits(grads_nd).numpy(), r, majority(r), tol, honest_p, spec,
-                                *split)
-    votes = vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p, settled)
+    starts = _layer_starts(x.shape[1], plan.layer_sizes) if plan.vote == "boyer-moore" else None
+    settled, grams, known, eqs = vote_grams(x, x if tol > 0 else _bits(grads_nd).numpy(), r, majority(r), tol,
+                                            honest_p, spec, *split, starts)
+    votes = vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p, settled,
+                      None if known is None else (known, eqs))
     real = _buckets(votes.win_rows, plan, step)
     return votes, [g if np.array_equal(a, b) else None for g, a, b in zip(grams, spec, real, strict=True)]
 

@@ -1167,7 +1167,8 @@ _SPAN = 4
 
 
 @njit(parallel=True, cache=True)
-def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads, differ, part):  # pragma: no cover
+def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads, differ, part,
+                starts, ends, eqs):  # pragma: no cover - compiled
     d = x.shape[1]
     width = 1
     for q in range(bstarts.shape[0] - 1):
@@ -1187,19 +1188,27 @@ def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads,
                     for j in range(1, need):  # _majority_first, these columns
                         if fast[g] and not differ[t, g] and _differs(xv[base], xv[base + j], s, e, tol):
                             differ[t, g] = True
+                    if not fast[g] and eqs.shape[1] > 0:  # Boyer-Moore's layer pass, these columns
+                        _layer_eq(xv, base, r, tol, starts, ends, s, e, eqs[t, g])
                 _gram_blocks(x, idx, x[refs[q]], block, b0, b1, buf, part[t, q])
 
 
 def vote_grams(x: np.ndarray, xv: np.ndarray, r: int, need: int, tol: float, honest: np.ndarray,
-               buckets: list[np.ndarray], refs: list[int], threads: int) -> tuple[np.ndarray, list[np.ndarray]]:
+               buckets: list[np.ndarray], refs: list[int], threads: int, starts: np.ndarray | None = None
+               ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray | None, np.ndarray | None]:
     """Two stages of DETOX's step in one pass through the rows, where each alone streams the same rows: the vote's
     check that a group's first ``need`` members agree (``_majority_first`` on ``xv``, the rows the vote compares,
     for the groups whose first ``need`` members are ``honest``), and the Gram matrix of each bucket of rows of
     ``x`` centred on its row ``refs[b]``, exactly as ``centred_gram`` on ``threads`` threads computes it.
 
-    Returns (settled, grams): per group of r rows, whether that check passed over every column (the vote's result
-    for it: its first row wins, ``strict_vote``/``boyer_moore_vote``'s ``settled``); per bucket its Gram matrix,
-    valid where its rows are the vote's winners, which is for the caller to check."""
+    With ``starts`` (the first column of each layer: the Boyer-Moore vote) the pass also compares every pair of
+    members, layer by layer, of the groups it does not check that way (a non-honest among their first ``need``),
+    which the vote would otherwise read again (``boyer_moore_vote``'s ``known``, ``eqs``).
+
+    Returns (settled, grams, known, eqs): per group of r rows, whether that check passed over every column (the
+    vote's result for it: its first row wins, ``strict_vote``/``boyer_moore_vote``'s ``settled``); per bucket its
+    Gram matrix, valid where its rows are the vote's winners, which is for the caller to check; the groups whose
+    layers were compared and how their members agree per layer (None without ``starts``)."""
     k = x.shape[0] // r
     honest = np.asarray(honest, dtype=bool)[: k * r].reshape(k, r)
     fast = np.ascontiguousarray(honest[:, :need].all(axis=1))
@@ -1209,10 +1218,15 @@ def vote_grams(x: np.ndarray, xv: np.ndarray, r: int, need: int, tol: float, hon
     width = max(sizes)
     differ = np.zeros((threads, k), dtype=np.bool_)
     part = np.zeros((threads, len(buckets), width, width))
+    bm = starts is not None
+    starts = np.array(starts if bm else [0], dtype=np.int64)  # writable (see candidate_ranking)
+    ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
+    eqs = np.ones((threads, k if bm else 0, r, r, starts.shape[0]), dtype=np.bool_)
     _vote_grams(x, xv, int(r), int(need), _tol(xv, tol), fast, rows, bstarts, np.asarray(refs, dtype=np.int64),
-                BLOCK * 4, int(threads), differ, part)
+                BLOCK * 4, int(threads), differ, part, starts, ends, eqs)
     grams = [_sum_parts(np.ascontiguousarray(part[:, b, :n, :n])) for b, n in enumerate(sizes)]
-    return fast & ~differ.any(axis=0), grams
+    known = ~fast if bm else None
+    return fast & ~differ.any(axis=0), grams, known, eqs.all(axis=0) if bm else None
 
 
 @njit(cache=True)
@@ -1504,7 +1518,6 @@ def _tol(x: np.ndarray, tol: float) -> np.floating:
 @njit(cache=True)
 def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
                    win, fallback, corrupted, cands):  # pragma: no cover - compiled
-    n_layers = starts.shape[0]
     base = g * r
     js = np.empty(r, dtype=np.int64)
     live = np.zeros(r, dtype=np.bool_)
@@ -1514,11 +1527,18 @@ def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
     # eq[i, j, l]: members i and j send the same values on layer l; one pass over the group, layer by layer (a
     # unanimous group comes out of it as member 0 winning every layer with everyone's support; checking for that
     # first read its rows twice whenever it was not: 4 rows where a Byzantine member 0 or 1 attacks)
-    eq = np.ones((r, r, n_layers), dtype=np.bool_)
-    for layer in range(n_layers):
-        s = starts[layer]
-        e = ends[layer]
-        c = s
+    eq = np.ones((r, r, starts.shape[0]), dtype=np.bool_)
+    _layer_eq(x, base, r, tol, starts, ends, 0, x.shape[1], eq)
+    _bm_decide(x, g, r, need, starts, ends, honest, write, eq, win, fallback, corrupted, cands)
+
+
+@njit(cache=True)
+def _layer_eq(x, base, r, tol, starts, ends, lo, hi, eq):  # pragma: no cover - compiled
+    # clears eq[i, j, l] where members i and j of the group at row base differ on layer l's columns in [lo, hi)
+    layer = max(0, np.searchsorted(starts, lo, side="right") - 1)
+    while layer < starts.shape[0] and starts[layer] < hi:
+        c = max(starts[layer], lo)
+        e = min(ends[layer], hi)
         while c < e:
             m = min(e, c + _VOTE_COLS)
             for i in range(r):
@@ -1527,6 +1547,15 @@ def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
                         eq[i, j, layer] = False
                         eq[j, i, layer] = False
             c = m
+        layer += 1
+
+
+@njit(cache=True)
+def _bm_decide(x, g, r, need, starts, ends, honest, write, eq,
+               win, fallback, corrupted, cands):  # pragma: no cover - compiled
+    # group g's Boyer-Moore vote from eq (see _bm_vote_group)
+    n_layers = starts.shape[0]
+    base = g * r
     # Boyer-Moore per layer over the members in order
     cand = cands[g]
     count = np.zeros(n_layers, dtype=np.int64)
@@ -1576,29 +1605,42 @@ def _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write,
 
 
 @njit(parallel=True, cache=True)
-def _bm_vote(x, r, need, tol, starts, ends, honest, write, groups,
+def _bm_vote(x, r, need, tol, starts, ends, honest, write, groups, known, eqs,
              win, fallback, corrupted, cands):  # pragma: no cover - compiled
     for i in prange(groups.shape[0]):
-        _bm_vote_group(x, groups[i], r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+        _bm_vote_one(x, groups[i], r, need, tol, starts, ends, honest, write, known, eqs, win, fallback, corrupted,
+                     cands)
 
 
 @njit(cache=True)
-def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write, groups,
+def _bm_vote_one(x, g, r, need, tol, starts, ends, honest, write, known, eqs,
+                 win, fallback, corrupted, cands):  # pragma: no cover - compiled
+    # group g from its layers' agreement where already ``known`` (vote_grams), else read
+    if known[g]:
+        _bm_decide(x, g, r, need, starts, ends, honest, write, eqs[g], win, fallback, corrupted, cands)
+    else:
+        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+
+
+@njit(cache=True)
+def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write, groups, known, eqs,
                     win, fallback, corrupted, cands):  # pragma: no cover - compiled
     # _bm_vote on one thread (see _strict_vote_serial)
     for i in range(groups.shape[0]):
-        _bm_vote_group(x, groups[i], r, need, tol, starts, ends, honest, write, win, fallback, corrupted, cands)
+        _bm_vote_one(x, groups[i], r, need, tol, starts, ends, honest, write, known, eqs, win, fallback, corrupted,
+                     cands)
 
 
 def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.ndarray, honest: np.ndarray,
-                     write: bool, settled: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     write: bool, settled: np.ndarray | None = None, known: np.ndarray | None = None,
+                     eqs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The original DETOX vote of every contiguous group of r rows of ``x`` (an integer view of the bits when
     tol <= 0): per layer (``starts``: first column of each), Boyer-Moore over the members in order, the
     surviving candidate kept unchecked. Returns per group the row that sent every kept layer (-1: none did;
     with ``write`` the kept layers are then assembled in the group's first row), whether some layer lacks a
     strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates.
-    ``settled`` (k,): groups already found to be won by their first row (``vote_grams``), left unread."""
+    ``settled`` (k,): groups already found to be won by their first row (``vote_grams``), left unread; ``known``
+    (k,): groups whose members' agreement per layer is already in ``eqs`` (k, r, r, layers), decided from it unread."""
     starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
     ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
     k = x.shape[0] // r
@@ -1609,7 +1651,10 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     groups = _unsettled(k, settled)
     if settled is not None:
         win[settled] = np.flatnonzero(settled) * r
-    vote = _bm_vote if _vote_threads(x, groups.shape[0] * r) > 1 else _bm_vote_serial
+    if known is None:
+        known, eqs = np.zeros(k, dtype=np.bool_), np.ones((k, r, r, starts.shape[0]), dtype=np.bool_)
+    vote = _bm_vote if _vote_threads(x, int((~known[groups]).sum()) * r) > 1 else _bm_vote_serial
     vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64), bool(write),
-         groups, win, fallback, corrupted, cands)
+         groups, np.ascontiguousarray(known, np.bool_), np.ascontiguousarray(eqs, np.bool_), win, fallback,
+         corrupted, cands)
     return win, fallback, corrupted, cands

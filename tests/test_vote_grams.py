@@ -60,8 +60,21 @@ def test_vote_grams_equals_centred_gram_and_the_majority_check(split: None) -> N
     perm = rng.permutation(P // R)
     buckets = [np.sort(perm[:7]) * R, np.sort(perm[7:11]) * R + 2, np.sort(perm[11:]) * R]
     refs = [int(b[len(b) // 2]) for b in buckets]
+    x[16, :5000] = x[15, :5000]  # group 5, layers [0, 5000), [5000, 12000), [12000, D): member 1 agrees with 0 on
+    x[17, 4999] = -x[17, 4999] - 1  # the first layer only, member 2 on all but the first (one value differs)
+    starts = np.array([0, 5000, 12_000])
     for tol, view in ((0.0, x.view(np.int32)), (1e-3, x)):
-        settled, grams = K.vote_grams(x, view, R, 2, tol, honest, buckets, refs, 2)
+        settled, grams, known, eqs = K.vote_grams(x, view, R, 2, tol, honest, buckets, refs, 2, starts)
+        assert known.tolist() == [g == 5 for g in range(P // R)]  # the group with a non-honest among its first 2
+        bounds = [(0, 5000), (5000, 12_000), (12_000, D)]
+        for i in range(R):
+            for j in range(R):
+                a, b = view[15 + i], view[15 + j]
+                same = [bool((a[s:e] == b[s:e]).all() if tol == 0 else (np.abs(a[s:e] - b[s:e]) <= tol).all())
+                        for s, e in bounds]
+                assert eqs[5, i, j].tolist() == same, (i, j)
+        assert eqs[5, 0, 1].tolist() == [True, False, False] and eqs[5, 0, 2].tolist() == [False, True, True]
+        assert K.vote_grams(x, view, R, 2, tol, honest, buckets, refs, 2)[2:] == (None, None)  # strict: no layers
         expect = np.ones(P // R, dtype=bool)
         expect[[0, 1, 2, 3, 5]] = False
         if tol > 0:
