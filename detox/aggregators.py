@@ -663,12 +663,12 @@ def _multi_krum_choice(grads_nd: torch.Tensor, checks: list,
     starts, ends = _sample_bounds(grads_nd.shape[1])
     # the neighbour count _candidates ranks each bucket with, as _distances passes it
     ks = [min(max(c[2]["neighbours"], 1), c[0] - 1) for c in checks]
-    found = None
     if grams is None:
         found = bucket_grams(grads_nd.numpy(), [c[4] for c in checks], ks, starts, ends, _threads())
+        grams = None if found is None else [found[1][i, :c[0], :c[0]] for i, c in enumerate(checks)]
     chosen, weights = [], []
     for i, (n, _, s, _, rows) in enumerate(checks):
-        gram = grams[i] if grams is not None else None if found is None else found[1][i, :n, :n]
+        gram = None if grams is None else grams[i]
         if gram is None or (n > 1 and not np.isfinite(gram.diagonal()).any()):
             d2 = _distances(grads_nd, s["neighbours"], rows)  # the rule's own path (and its hostile-row fallback)
         else:

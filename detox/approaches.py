@@ -347,29 +347,31 @@ def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan,
     given: d in the millions), those matrices in the same pass through the rows (``_vote_with_grams``), aligned
     with the step's buckets (None: not formed)."""
     timer = Timer()
-    grams = None
+    fused = None
     if step is not None and plan.inner == "multi-krum" and plan.mode == "mean":
-        votes, grams = _vote_with_grams(grads_nd, byz_p, plan, step)
-    else:
-        votes = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p)
+        fused = _vote_with_grams(grads_nd, byz_p, plan, step)
+    if fused is None:
+        fused = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p), None
+    votes, grams = fused
     # corrupted: the kept vector lacks the support of a strict majority of honest members, so the Byzantines
     # decided the vote (even if they chose to send the honest vector)
     diag = timer.stop({"corrupted_groups": votes.corrupted, "vote_fallbacks": votes.fallbacks}, "t_vote")
     return votes, diag, grams
 
 
-def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[Votes, list | None]:
+def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int) -> tuple[Votes, list] | None:
     """The vote, with the buckets' Gram matrices formed in its pass through the rows (``kernels.vote_grams``): the
     vote reads each group's first two rows anyway, and the Gram matrices read the winners again (0.66 GB of 2.3 at
     ResNet-18's d, issue #15). The buckets are known before the vote (they shuffle positions, one per group), their
     rows are not: each group's winner is guessed by the vote on the first columns alone, and a bucket's matrix is
-    kept only where every guess was the vote's winner, a row that no vote wrote (else None: formed afterwards)."""
+    kept only where every guess was the vote's winner, a row that no vote wrote (else None: formed afterwards).
+    None where no bucket's matrix would be split across threads (nothing voted yet)."""
     r, tol, honest_p = plan.group_size, plan.vote_tol, ~byz_p
     k = grads_nd.shape[0] // r
     # the buckets' sizes are known before the vote: nothing to do where none of their matrices would be split
     if not (_compiled(grads_nd) and plan.buckets and k > plan.buckets
             and all(gram_split(grads_nd, n) > 1 for n in np.diff(_bounds(k, plan.buckets)))):
-        return vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p), None
+        return None
     from detox.kernels import _SPAN, BLOCK, vote_grams
 
     cols = min(grads_nd.shape[1], BLOCK * 4 * _SPAN)
@@ -379,7 +381,7 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     spec = _buckets(guess, plan, step)
     split = None if spec is None else split_gram_refs(grads_nd, spec, plan.inner_f, plan.inner_params)
     if split is None:
-        return vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p), None
+        return None
     x = grads_nd.numpy()
     starts = _layer_starts(x.shape[1], plan.layer_sizes) if plan.vote == "boyer-moore" else None
     settled, grams, known, eqs = vote_grams(x, x if tol > 0 else _bits(grads_nd).numpy(), r, majority(r), tol,

@@ -677,7 +677,8 @@ def _centred_gram_serial(x, rows, ref, block):  # pragma: no cover - compiled
     # what _centred_gram computes on one thread, without entering a thread pool (see _threads)
     n = rows.shape[0]
     gram = np.zeros((n, n))
-    _gram_blocks(x, rows, ref, block, 0, (x.shape[1] + block - 1) // block, np.empty((n, block), dtype=x.dtype), gram)
+    lo, hi = _block_range(x.shape[1], block, 1, 0)
+    _gram_blocks(x, rows, ref, block, lo, hi, np.empty((n, block), dtype=x.dtype), gram)
     return _mirror(gram)
 
 
@@ -1170,12 +1171,9 @@ _SPAN = 4
 def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads, differ, part,
                 starts, ends, eqs):  # pragma: no cover - compiled
     d = x.shape[1]
-    width = 1
-    for q in range(bstarts.shape[0] - 1):
-        width = max(width, bstarts[q + 1] - bstarts[q])
     for t in prange(nthreads):
         lo, hi = _block_range(d, block, nthreads, t)
-        buf = np.empty((width, block), dtype=x.dtype)
+        buf = np.empty((part.shape[2], block), dtype=x.dtype)  # the largest bucket's rows
         for b0 in range(lo, hi, _SPAN):
             b1 = min(hi, b0 + _SPAN)
             s = b0 * block
@@ -1219,8 +1217,7 @@ def vote_grams(x: np.ndarray, xv: np.ndarray, r: int, need: int, tol: float, hon
     differ = np.zeros((threads, k), dtype=np.bool_)
     part = np.zeros((threads, len(buckets), width, width))
     bm = starts is not None
-    starts = np.array(starts if bm else [0], dtype=np.int64)  # writable (see candidate_ranking)
-    ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
+    starts, ends = _layer_bounds(starts if bm else [0], x.shape[1])
     eqs = np.ones((threads, k if bm else 0, r, r, starts.shape[0]), dtype=np.bool_)
     _vote_grams(x, xv, int(r), int(need), _tol(xv, tol), fast, rows, bstarts, np.asarray(refs, dtype=np.int64),
                 BLOCK * 4, int(threads), differ, part, starts, ends, eqs)
@@ -1631,6 +1628,12 @@ def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write, groups, known,
                      cands)
 
 
+def _layer_bounds(starts: object, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each layer's first column and its end (int64, writable copies, as in candidate_ranking)."""
+    starts = np.array(starts, dtype=np.int64)
+    return starts, np.append(starts[1:], d).astype(np.int64)
+
+
 def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.ndarray, honest: np.ndarray,
                      write: bool, settled: np.ndarray | None = None, known: np.ndarray | None = None,
                      eqs: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -1641,8 +1644,7 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     strict majority, whether some layer lacks the support of ``need`` ``honest`` members, and the candidates.
     ``settled`` (k,): groups already found to be won by their first row (``vote_grams``), left unread; ``known``
     (k,): groups whose members' agreement per layer is already in ``eqs`` (k, r, r, layers), decided from it unread."""
-    starts = np.array(starts, dtype=np.int64)  # a writable copy, as in candidate_ranking
-    ends = np.append(starts[1:], x.shape[1]).astype(np.int64)
+    starts, ends = _layer_bounds(starts, x.shape[1])
     k = x.shape[0] // r
     win = np.full(k, -1, dtype=np.int64)
     fallback = np.zeros(k, dtype=np.bool_)
@@ -1652,7 +1654,7 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
     if settled is not None:
         win[settled] = np.flatnonzero(settled) * r
     if known is None:
-        known, eqs = np.zeros(k, dtype=np.bool_), np.ones((k, r, r, starts.shape[0]), dtype=np.bool_)
+        known, eqs = np.zeros(k, dtype=np.bool_), np.empty((0, r, r, starts.shape[0]), dtype=np.bool_)  # unread
     vote = _bm_vote if _vote_threads(x, int((~known[groups]).sum()) * r) > 1 else _bm_vote_serial
     vote(x, int(r), int(need), _tol(x, tol), starts, ends, np.ascontiguousarray(honest, np.int64), bool(write),
          groups, np.ascontiguousarray(known, np.bool_), np.ascontiguousarray(eqs, np.bool_), win, fallback,
