@@ -31,10 +31,13 @@ from numbers import Integral, Real
 import numpy as np
 import torch
 
-# columns per block for the torch fallback of coordinate-wise sorts (CUDA): about 1 MiB of float32 per block
+# columns per block of the torch fallback of coordinate-wise sorts on the CPU (float16, float64): about 1 MiB
 _BLOCK_ELEMS = 1 << 18
 # elements per block of the Gram matrix (about 3 MiB of float32 at n = 45; measured best, docs/performance.md)
 _GEMM_BLOCK_ELEMS = 45 << 14
+# elements per block of a torch fallback on a GPU, where every block costs kernel launches and ~10 µs of Python
+# each: 32 Mi (256 MiB in float64). At n = 45, d = 1.1e7 the CPU's block sizes made coord-median 231 ms on an H100
+_GPU_BLOCK_ELEMS = 1 << 25
 # columns sampled to find a reference row for centring
 _SAMPLE_COLS = 1 << 14
 
@@ -251,11 +254,23 @@ def _middle_rows(grads_nd: torch.Tensor, rows: np.ndarray | None, lo: int, hi: i
     rows = None if rows is None else torch.from_numpy(rows).to(grads_nd.device)
     d = grads_nd.shape[1]
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device) if out is None else out
-    step = max(1, _BLOCK_ELEMS // n_sel)
+    step = _block_cols(grads_nd, n_sel, _BLOCK_ELEMS)
     for s in range(0, d, step):
         blk = grads_nd[:, s : s + step] if rows is None else grads_nd[rows, s : s + step]
-        out_d[s : s + step] = blk.t().contiguous().sort(dim=1).values[:, lo:hi].mean(dim=1)
+        srt = _nan_as_inf(blk.t().contiguous())
+        out_d[s : s + step] = srt.sort(dim=1).values[:, lo:hi].mean(dim=1)
     return out_d
+
+
+def _nan_as_inf(x: torch.Tensor) -> torch.Tensor:
+    """NaN replaced by +inf, every other value kept, as the kernels sort (``detox.kernels``; a GPU's radix sort would
+    put NaNs whose sign bit is set first, pytorch/pytorch#190781). torch.nan_to_num would also clip ±inf."""
+    return x.masked_fill(x.isnan(), float("inf"))
+
+
+def _block_cols(x: torch.Tensor, n: int, cpu_elems: int) -> int:
+    """Columns per block of a torch fallback over n rows of ``x``: cache-sized on the CPU, large on a GPU."""
+    return max(1, (cpu_elems if x.device.type == "cpu" else _GPU_BLOCK_ELEMS) // max(n, 1))
 
 
 def _np(out: torch.Tensor | None) -> np.ndarray | None:
@@ -277,11 +292,11 @@ def _closest_rows(grads_nd: torch.Tensor, rows: np.ndarray | torch.Tensor, beta:
     m, d = rows.shape[0], grads_nd.shape[1]
     rows = torch.from_numpy(rows)
     out_d = torch.empty(d, dtype=grads_nd.dtype, device=grads_nd.device) if out is None else out
-    step = max(1, _BLOCK_ELEMS // m)
+    step = _block_cols(grads_nd, m, _BLOCK_ELEMS)
     for s in range(0, d, step):
         srt = grads_nd[rows.to(grads_nd.device), s : s + step].t()
         # as the kernel: NaN as +inf, float64 distances
-        srt = torch.nan_to_num(srt, nan=float("inf")).sort(dim=1).values.double()
+        srt = _nan_as_inf(srt).sort(dim=1).values.double()
         med = 0.5 * (srt[:, (m - 1) // 2] + srt[:, m // 2])
         # moving the window [s, s + beta) one right changes its cost by |v[s+beta] - med| - |v[s] - med|: the
         # leftmost cheapest window starts right after the last strictly improving move (detox.kernels)
@@ -489,14 +504,17 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor, rows: np.ndarray | No
     the matrix and no temporary of its size (on the CPU a compiled kernel, ``detox.kernels.centred_gram``).
     """
     n, d = x_nd.shape
-    step = max(1, _GEMM_BLOCK_ELEMS // n)
     if _cpu32(x_nd):
         from detox.kernels import centred_gram
 
         return torch.from_numpy(centred_gram(x_nd.contiguous().numpy(), ref_d.numpy(), _threads(), rows))
+    step = _block_cols(x_nd, n, _GEMM_BLOCK_ELEMS)
+    # a GPU's blocks are long: multiplied in float64 there, so the sums' rounding does not grow with them
+    wide = x_nd.dtype if x_nd.device.type == "cpu" else torch.float64
+    ref_d = ref_d.to(wide)
     gram_t = torch.zeros((n, n), dtype=torch.float64, device=x_nd.device)
     for s in range(0, d, step):
-        blk = x_nd[:, s : s + step] - ref_d[s : s + step]
+        blk = x_nd[:, s : s + step].to(wide) - ref_d[s : s + step]
         gram_t += (blk @ blk.t()).double()
     return gram_t
 
@@ -593,7 +611,7 @@ def _weighted_rows64(grads_nd: torch.Tensor, w_n: torch.Tensor, rows: np.ndarray
     w = w_n.to(torch.float64).to(grads_nd.device)[keep]
     n, d = grads_nd.shape
     out_d = torch.empty(d, dtype=torch.float64, device=grads_nd.device)
-    step = max(1, _GEMM_BLOCK_ELEMS // max(n, 1))
+    step = _block_cols(grads_nd, n, _GEMM_BLOCK_ELEMS)
     for s in range(0, d, step):
         out_d[s : s + step] = w @ grads_nd[keep, s : s + step].double()
     return out_d
@@ -797,7 +815,7 @@ def _row_dists(rows_nd: torch.Tensor, z_d: torch.Tensor, rows: np.ndarray | None
         return torch.from_numpy(row_sq_dists(x, z_d.numpy(), _threads(), rows)).sqrt_()
     n, d = rows_nd.shape
     acc = torch.zeros(n, dtype=torch.float64, device=rows_nd.device)
-    step = max(1, _GEMM_BLOCK_ELEMS // n)
+    step = _block_cols(rows_nd, n, _GEMM_BLOCK_ELEMS)
     z64 = z_d.to(torch.float64)
     for s in range(0, d, step):
         acc += (rows_nd[:, s : s + step].double() - z64[s : s + step]).square_().sum(dim=1)

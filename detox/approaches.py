@@ -202,6 +202,21 @@ def _starts(d: int, layer_sizes: tuple | None) -> np.ndarray:
     return starts
 
 
+def _unanimous(grads_nd: torch.Tensor, r: int, tol: float) -> np.ndarray:
+    """(k,) bool: groups of r rows whose members all send member 0's vector (``_same``'s equality), found for
+    every group at once: one device sync, where the loop's pairwise checks cost one each (on a GPU, 4 ms at
+    d = 1e3 for 15 groups)."""
+    k = grads_nd.shape[0] // r
+    x = grads_nd[: k * r].unflatten(0, (k, r))
+    same = torch.ones(k, dtype=torch.bool, device=grads_nd.device)
+    for j in range(1, r):
+        if tol > 0:
+            same &= ((x[:, j] - x[:, 0]).abs() <= tol).all(dim=1)  # NaN compares False: never a match
+        else:
+            same &= (_bits(x[:, j]) == _bits(x[:, 0])).all(dim=1)
+    return same.cpu().numpy()
+
+
 def _layer_agreement(rows_rd: torch.Tensor, tol: float, starts: np.ndarray) -> np.ndarray:
     """(r, r, L) bool: whether members i and j send the same values on layer l (``_same``'s equality)."""
     r, n_layers = rows_rd.shape[0], starts.size
@@ -216,8 +231,16 @@ def _layer_agreement(rows_rd: torch.Tensor, tol: float, starts: np.ndarray) -> n
                 continue  # without a (d,) temporary
             else:
                 differ = _bits(rows_rd[i]) != _bits(rows_rd[j])
-            eq[i, j] = eq[j, i] = ~np.logical_or.reduceat(differ.cpu().numpy(), starts)
+            eq[i, j] = eq[j, i] = ~_any_per_layer(differ, starts)
     return eq
+
+
+def _any_per_layer(flags_d: torch.Tensor, starts: np.ndarray) -> np.ndarray:
+    """(L,) bool: whether any flag is set in each layer (layers begin at ``starts``), counted where the flags
+    are: only L numbers leave a GPU, not d flags (copying them made the vote 15 ms at d = 1.1e7 on an H100)."""
+    ends = torch.from_numpy(np.append(starts[1:], flags_d.numel()) - 1).to(flags_d.device)
+    total = flags_d.cumsum(0)[ends]  # int64: exact
+    return (torch.diff(total, prepend=total.new_zeros(1)) > 0).cpu().numpy()
 
 
 def _fallback(grads_nd: torch.Tensor, g: int, r: int) -> None:
@@ -226,12 +249,14 @@ def _fallback(grads_nd: torch.Tensor, g: int, r: int) -> None:
 
 
 def _vote_reference(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "strict",
-                    layer_sizes: tuple[int, ...] | None = None, honest_p: np.ndarray | None = None) -> Votes:
+                    layer_sizes: tuple[int, ...] | None = None, honest_p: np.ndarray | None = None,
+                    unanimous: np.ndarray | None = None) -> Votes:
     """The vote as a Python loop over groups and pairs of members (torch): the definition the compiled vote is
     tested against, and the path for tensors the kernels do not take (CUDA, float16, non-contiguous).
 
     A kept vector that no single member sent (strict: the median fallback; boyer-moore: layers of several
-    members) is written into the group's first row."""
+    members) is written into the group's first row. ``unanimous`` (``_unanimous``): which groups agree, found
+    beforehand; the loop then compares members only in the others."""
     k = grads_nd.shape[0] // r
     need = majority(r)
     honest_p = np.ones(grads_nd.shape[0], dtype=bool) if honest_p is None else honest_p
@@ -240,7 +265,8 @@ def _vote_reference(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str 
     fallbacks = corrupted = 0
     if vote == "strict":
         for g in range(k):
-            i, members = _vote(grads_nd[g * r : (g + 1) * r], tol)
+            known = unanimous is not None and unanimous[g]
+            i, members = (0, range(r)) if known else _vote(grads_nd[g * r : (g + 1) * r], tol)
             if i >= 0:
                 rows[g] = win_rows[g] = g * r + i
                 corrupted += int(int(honest_p[[g * r + j for j in members]].sum()) < need)
@@ -255,7 +281,8 @@ def _vote_reference(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str 
     for g in range(k):
         rows_rd = grads_nd[g * r : (g + 1) * r]
         honest = honest_p[g * r : (g + 1) * r]
-        if all(_same(rows_rd[0], rows_rd[i], tol) for i in range(1, r)):
+        if (all(_same(rows_rd[0], rows_rd[i], tol) for i in range(1, r)) if unanimous is None
+                else unanimous[g]):
             # unanimous (every honest group): member 0 wins every layer, supported by all
             win_rows[g] = g * r
             corrupted += int(int(honest.sum()) < need)
@@ -303,7 +330,7 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
     decisive(r, vote)  # validates the name
     starts = _layer_starts(grads_nd.shape[1], layer_sizes) if vote == "boyer-moore" else None
     if not _compiled(grads_nd) or grads_nd.shape[0] < r:
-        return _vote_reference(grads_nd, r, tol, vote, layer_sizes, honest_p)
+        return _vote_reference(grads_nd, r, tol, vote, layer_sizes, honest_p, _unanimous(grads_nd, r, tol))
     from detox.kernels import boyer_moore_vote, strict_vote
 
     k, need = grads_nd.shape[0] // r, majority(r)

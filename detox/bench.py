@@ -301,6 +301,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {s['rule']} | {s['workers']} | {s['d']:.3g} | {s['vanilla_seconds']:.4f} | "
                      f"{s['detox_seconds']:.4f} | {s['speedup']:.1f} | {s['vote_seconds']:.4f} | "
                      f"{s['vote_share']:.0%} | {s['vote_x_read']:.1f} | {s['vote_x_read_after_fill']:.1f} |")
+    if result["machine"].get("gpu"):
+        lines += ["", f"GPU: {result['machine']['gpu']} (torch {result['machine']['torch']})"]
     load = result["machine"].get("loadavg")
     if load:
         lines += ["", f"Load average (1 min) at start / end: {load[0]} / {load[1]}"]
@@ -333,12 +335,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     dims = [int(d) for d in args.d]
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
     print(f"detox.bench on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}", flush=True)
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {args.device}"
+          + (f" ({gpu})" if gpu else ""), flush=True)
     load0 = loadavg()
     print(f"load average {load0}", flush=True)
     result: dict = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__,
-                                "threads": torch.get_num_threads(), "device": args.device},
+                                "threads": torch.get_num_threads(), "device": args.device, "gpu": gpu},
                     "rules": [], "steps": []}
     for d in dims:
         for n in args.n:

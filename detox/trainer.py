@@ -93,6 +93,10 @@ def configure_threads(cfg: DictConfig) -> None:
 
 def setup(cfg: DictConfig, plan: Plan) -> Setup:
     configure_threads(cfg)
+    if str(cfg.device).startswith("cuda"):
+        # same seed, same trajectory: no cuDNN autotuning, and its deterministic algorithms only
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
     data = load_data(cfg.dataset).to(cfg.device)
     if cfg.batch_size > len(data.train_y):
         raise ConfigError(f"batch_size={cfg.batch_size}: exceeds the {len(data.train_y)} training samples "

@@ -336,6 +336,50 @@ def test_closest_mean_treats_nan_as_largest():
     np.testing.assert_allclose(out, [3.0, 7.0])
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["nan", "negative-nan"])
+def test_torch_path_sorts_nan_as_inf_and_keeps_inf(sign):
+    # the torch path (float64 here; CUDA's tensors) against the float32 kernels: a NaN that becomes an order
+    # statistic counts as +inf (a mean over it is inf, not NaN), and +-inf stay themselves (nan_to_num would clip
+    # them to the largest float). Per column: 7 rows, some NaN (either sign bit: a GPU's radix sort puts a
+    # negative NaN first), some +-inf
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 4000)).astype(np.float32)
+    x[rng.random(x.shape) < 0.2] = np.copysign(np.nan, sign)
+    x[rng.random(x.shape) < 0.1] = np.inf
+    x[rng.random(x.shape) < 0.1] = -np.inf
+    assert np.signbit(x[np.isnan(x)]).all() == (sign < 0)
+    x32, x64 = torch.from_numpy(x), torch.from_numpy(x.astype(np.float64))
+    for rule, f in (("coord-median", 0), ("coord-median", 3), ("trimmed-mean", 1), ("trimmed-mean", 2)):
+        want = aggregate(rule, x32, f).numpy()
+        assert np.isposinf(want).any() and np.isneginf(want).any()  # the case is reached
+        np.testing.assert_allclose(aggregate(rule, x64, f).numpy(), want, rtol=1e-6, atol=1e-6)
+    for beta in (1, 3, 6):
+        want = closest_mean(x, np.arange(7), beta, threads=1)
+        np.testing.assert_allclose(_closest_rows(x64, np.arange(7), beta).numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("elems", [1 << 25, 45 * 4093], ids=["one-block", "many-blocks"])
+def test_torch_path_with_gpu_blocks_matches_the_kernels(elems, monkeypatch):
+    # the torch path as a GPU runs it (its block sizes, the Gram blocks multiplied in float64), here on float64 CPU
+    # tensors, against the float32 kernels; tests/test_cuda.py does the same on a GPU
+    import detox.aggregators as A
+
+    monkeypatch.setattr(A, "_GPU_BLOCK_ELEMS", elems)
+    monkeypatch.setattr(A, "_block_cols", lambda x, n, cpu_elems: max(1, A._GPU_BLOCK_ELEMS // max(n, 1)))
+    g = torch.Generator().manual_seed(1)
+    x = 3.0 + torch.randn(45, 100_000, generator=g)
+    x[:5] *= -20.0
+    for rule in ALL_RULES:
+        for params in [{}] + RULE_PARAMS_ORIGINAL.get(rule, []):
+            torch.testing.assert_close(aggregate(rule, x.double(), 5, params).float(), aggregate(rule, x, 5, params),
+                                       rtol=1e-5, atol=1e-5)
+
+
+RULE_PARAMS_ORIGINAL = {"multi-krum": [{"m": "original", "neighbours": "original"}],
+                        "bulyan": [{"theta": "original", "selection": "original", "average": "original",
+                                    "neighbours": "original"}]}
+
+
 def test_bulyan_f0_is_mean():
     g = T([[1, 2], [3, 4], [5, 9]])
     assert torch.allclose(run("bulyan", g, 0), T([3, 5]))

@@ -97,6 +97,44 @@ def test_compiled_vote_equals_the_reference_loop(vote, tol, pool, monkeypatch):
     assert outcomes <= decided
 
 
+@pytest.mark.parametrize("vote", ["strict", "boyer-moore"])
+@pytest.mark.parametrize("tol", [0.0, 1e-6])
+def test_torch_path_vote_equals_the_reference_loop(vote, tol):
+    # what the kernels do not take (a GPU's tensors; here non-contiguous rows) checks every group's unanimity
+    # at once (approaches._unanimous) before the loop: the same votes, and the same rows written
+    rng = np.random.default_rng([7, len(vote), int(tol * 1e6)])
+    for _ in range(100):
+        g, r, honest, sizes = random_groups(rng)
+        layers = sizes if vote == "boyer-moore" else None
+        k = g.shape[0] // r
+        want_same = [all(approaches._same(g[i * r], g[i * r + j], tol) for j in range(1, r)) for i in range(k)]
+        got_g, want_g = torch.zeros(2 * g.shape[0], g.shape[1], dtype=g.dtype)[::2], g.clone()
+        got_g.copy_(g)
+        assert got_g.is_contiguous() == (g.shape[0] == 1)
+        assert approaches._unanimous(got_g, r, tol).tolist() == want_same
+        got = vote_rows(got_g, r, tol, vote, layers, honest)
+        want = _vote_reference(want_g, r, tol, vote, layers, honest)
+        assert np.array_equal(got.rows, want.rows) and np.array_equal(got.win_rows, want.win_rows)
+        assert (got.fallbacks, got.corrupted) == (want.fallbacks, want.corrupted)
+        assert torch.equal(bits(got_g), bits(want_g))
+
+
+def test_fallback_rows_of_the_torch_path_equal_the_kernels():
+    # a strict group without a majority gets its members' median: float64 (the torch path, as on a GPU) and
+    # float32 (the kernel) write the same values, a NaN chosen as the median included (+inf in both)
+    rng = np.random.default_rng(12)
+    fallbacks = 0
+    for _ in range(120):
+        g, r, honest, _ = random_groups(rng)
+        if g.dtype != torch.float32:
+            continue
+        g32, g64 = g.clone(), g.double()
+        fallbacks += vote_rows(g32, r, 0.0, "strict", None, honest).fallbacks
+        vote_rows(g64, r, 0.0, "strict", None, honest)
+        torch.testing.assert_close(g64.float(), g32, rtol=1e-6, atol=0.0, equal_nan=True)
+    assert fallbacks > 10
+
+
 def test_compiled_vote_bit_semantics():
     # NaN payloads: the same payload matches, another does not; -0.0 differs from 0.0 unless a tolerance is set
     x = np.zeros((3, 4), dtype=np.float32)
