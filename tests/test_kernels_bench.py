@@ -177,10 +177,11 @@ def _hostile(m: int, d: int) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize(("m", "lo", "hi"), [(5, 2, 3), (7, 2, 5), (4, 1, 3)])
+@pytest.mark.parametrize(("m", "lo", "hi"), [(5, 2, 3), (7, 2, 5), (4, 1, 3), (17, 8, 9), (45, 5, 40)])
 def test_unrolled_networks_equal_the_block_kernel_bit_for_bit(m, lo, hi, tmp_path, monkeypatch) -> None:
-    # above _UNROLL_ELEMS a small network runs unrolled (generated, compiled once, cached in DETOX_CACHE_DIR);
-    # it must give the block kernel's bits on both the pool and the serial twin
+    # above _UNROLL_ELEMS a network runs unrolled, or in segments above _UNROLL_ROWS inputs (generated, compiled
+    # once, cached in DETOX_CACHE_DIR); it must give the block kernel's bits on both the pool and the serial twin
+    # (d = 5000: 39 segment blocks and a tail of 8 columns)
     import detox.kernels as K
 
     monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
@@ -193,8 +194,27 @@ def test_unrolled_networks_equal_the_block_kernel_bit_for_bit(m, lo, hi, tmp_pat
     for t in (1, 2):
         got = middle_mean(x, rows, lo, hi, threads=t)
         assert got.tobytes() == block[t].tobytes()
-    assert (tmp_path / "networks" / f"middle_{m}_{lo}_{hi}_v{K._UNROLL_VERSION}.py").is_file()
+    kind = "segmented" if m > K._UNROLL_ROWS else "middle"
+    assert (tmp_path / "networks" / f"{kind}_{m}_{lo}_{hi}_v{K._UNROLL_VERSION}.py").is_file()
     K._unrolled.cache_clear()
+
+
+@pytest.mark.parametrize(("m", "lo", "hi"), [(45, 22, 23), (45, 5, 40), (35, 0, 35), (17, 8, 9), (64, 31, 33)])
+@pytest.mark.parametrize("wires", [4, 16])
+def test_segments_keep_every_wires_order_and_their_bound(m, lo, hi, wires) -> None:
+    import detox.kernels as K
+
+    net = selection_network(m, lo, hi) if (lo, hi) != (0, m) else K.sorting_network(m)
+    runs = K._segments(net, wires)
+    order = [c for run, _ in runs for c in run]
+    assert sorted(order) == list(range(len(net)))  # every compare-exchange, once
+    for run, held in runs:
+        assert len(held) <= wires and set(held) == {int(w) for c in run for w in net[c]}
+    for wire in range(m):  # each wire meets its compare-exchanges in the network's order
+        mine = [c for c in order if wire in net[c]]
+        assert mine == sorted(mine)
+    if wires == 16 and m == 45:  # what the segments are for: far fewer loads and stores than 4 per exchange
+        assert sum(2 * len(held) for _, held in runs) < 4 * len(net) / 3
 
 
 def test_unrolled_network_says_when_it_compiles_and_reuses_its_file(tmp_path, monkeypatch, caplog) -> None:
