@@ -199,6 +199,25 @@ def test_unrolled_networks_equal_the_block_kernel_bit_for_bit(m, lo, hi, tmp_pat
     K._unrolled.cache_clear()
 
 
+@pytest.mark.parametrize(("m", "beta"), [(9, 3), (35, 25)])
+def test_sorted_networks_equal_the_closest_block_kernel_bit_for_bit(m, beta, tmp_path, monkeypatch) -> None:
+    # Bulyan's closest-to-the-median average on large inputs: the full sorting network in segments (generated,
+    # cached in DETOX_CACHE_DIR), then the block kernel's window; its bits on the pool and the serial twin
+    import detox.kernels as K
+
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
+    K._sorted.cache_clear()
+    x = _hostile(m + 2, 5000)
+    rows = RNG.permutation(m + 2)[:m]
+    block = {t: K.closest_mean(x, rows, beta, threads=t) for t in (1, 2)}
+    monkeypatch.setattr(K, "_UNROLL_ELEMS", 0)
+    monkeypatch.setattr(K, "_SERIAL_ELEMS", 0)
+    for t in (1, 2):
+        assert K.closest_mean(x, rows, beta, threads=t).tobytes() == block[t].tobytes()
+    assert (tmp_path / "networks" / f"sorted_{m}_v{K._UNROLL_VERSION}.py").is_file()
+    K._sorted.cache_clear()
+
+
 @pytest.mark.parametrize(("m", "lo", "hi"), [(45, 22, 23), (45, 5, 40), (35, 0, 35), (17, 8, 9), (64, 31, 33)])
 @pytest.mark.parametrize("wires", [4, 16])
 def test_segments_keep_every_wires_order_and_their_bound(m, lo, hi, wires) -> None:
