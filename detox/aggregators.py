@@ -519,11 +519,14 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor, rows: np.ndarray | No
     return gram_t
 
 
-def _sq_dists(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None, diagonal: float) -> np.ndarray:
-    """pairwise_sq_dists as a float64 numpy array whose diagonal is ``diagonal``."""
+def _sq_dists(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None, diagonal: float,
+              gram: np.ndarray | None = None) -> np.ndarray:
+    """pairwise_sq_dists as a float64 numpy array whose diagonal is ``diagonal``. ``gram``: the centred Gram
+    matrix this would form, formed already (``bulyan_gram_ref``)."""
     n = grads_nd.shape[0] if rows is None else rows.shape[0]
     at = (lambda i: i) if rows is None else (lambda i: int(rows[i]))  # position in rows -> row of grads_nd
-    gram = _centred_gram(grads_nd, grads_nd[at(_reference_row(grads_nd, k, None, rows))], rows).cpu().numpy()
+    if gram is None:
+        gram = _centred_gram(grads_nd, grads_nd[at(_reference_row(grads_nd, k, None, rows))], rows).cpu().numpy()
     if n > 1 and not np.isfinite(gram.diagonal()).any():
         # the reference row itself carried a NaN/inf (outside the sample): centre on a finite row instead
         ref = _reference_row(grads_nd, k, _finite_rows(grads_nd, rows), rows)
@@ -558,9 +561,10 @@ def _scores(d2_nn: np.ndarray, k: int) -> np.ndarray:
     return np.sort(d2_nn, axis=1)[:, :k].sum(axis=1)
 
 
-def _distances(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None = None) -> np.ndarray:
+def _distances(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None = None,
+               gram: np.ndarray | None = None) -> np.ndarray:
     """(n, n) float64 squared distances with +inf on the diagonal (a row is not its own neighbour)."""
-    return _sq_dists(grads_nd, max(k, 1), rows, np.inf)
+    return _sq_dists(grads_nd, max(k, 1), rows, np.inf, gram)
 
 
 def krum_scores(grads_nd: torch.Tensor, f: int, neighbours: int | None = None) -> torch.Tensor:
@@ -653,6 +657,20 @@ def split_gram_refs(grads_nd: torch.Tensor, buckets: list, f: int = 0,
     if any(c[4] is None for c in checks):
         return None
     return [int(c[4][_reference_row(grads_nd, max(c[2]["neighbours"], 1), None, c[4])]) for c in checks], threads
+
+
+def bulyan_gram_ref(grads_nd: torch.Tensor, rows: np.ndarray, f: int = 0,
+                    params: dict | None = None) -> tuple[list[int], int] | None:
+    """``split_gram_refs`` for ``bulyan`` over ``rows``: where it forms its Gram matrix split across threads, the
+    row it centres on (as ``_distances`` picks it) and the threads; None elsewhere."""
+    threads = _threads()
+    if not gram_split(grads_nd, len(rows)) == threads > 1:
+        return None
+    n, _, s, _, idx = _check("bulyan", grads_nd, f, params, rows)
+    if idx is None:
+        return None
+    k = n - f - 2 if s["neighbours"] is None else s["neighbours"]
+    return [int(idx[_reference_row(grads_nd, max(k, 1), None, idx)])], threads
 
 
 def gram_split(grads_nd: torch.Tensor, n: int) -> int:
@@ -778,20 +796,21 @@ def _iterative_selection_reference(d2_nn: np.ndarray, f: int, theta: int, k_fixe
 
 def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neighbours: int | str | None = None,
            selection: str | None = None, average: str | None = None, rows: object = None,
-           out: torch.Tensor | None = None, **other: object) -> torch.Tensor:
+           out: torch.Tensor | None = None, gram: np.ndarray | None = None, **other: object) -> torch.Tensor:
     """Bulyan: select theta rows by Krum, then per coordinate average beta = theta - 2f of their values.
 
     literature (El Mhamdi et al. 2018, the defaults): theta = n - 2f rows selected by re-running Krum on the
     rows left; per coordinate the mean of the beta values closest to the median. original (the DETOX code):
     theta = n - f - 2 rows of lowest Krum score in one pass; per coordinate the mean of the middle beta sorted
-    values. Each setting can be chosen alone. Needs n >= 4f + 3.
+    values. Each setting can be chosen alone. Needs n >= 4f + 3. ``gram``: its centred Gram matrix, formed already
+    (DETOX-Bulyan's vote pass, ``bulyan_gram_ref``).
     """
     n, _, s, grads_nd, rows = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours,
                                                              "selection": selection, "average": average, **other},
                                      rows, out)
     th, k_fixed = s["theta"], s["neighbours"]
     beta = th - 2 * f
-    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed, rows)
+    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed, rows, gram)
     if s["selection"] == ORIGINAL:
         k = n - f - 2 if k_fixed is None else k_fixed
         selected = np.sort(_lowest(_scores(d2, k), th))

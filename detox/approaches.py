@@ -28,6 +28,8 @@ from detox.aggregators import (
     BUCKETED,
     MIDDLE,
     aggregate,
+    bulyan,
+    bulyan_gram_ref,
     coord_median,
     gram_split,
     mean_of_bucket_multi_krum,
@@ -375,7 +377,8 @@ def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan,
     with the step's buckets (None: not formed)."""
     timer = Timer()
     fused = None
-    if step is not None and plan.inner == "multi-krum" and plan.mode == "mean":
+    if step is not None and ((plan.inner == "multi-krum" and plan.mode == "mean")
+                             or (plan.mode == "bulyan" and not plan.buckets)):
         fused = _vote_with_grams(grads_nd, byz_p, plan, step)
     if fused is None:
         fused = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p), None
@@ -392,12 +395,28 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     ResNet-18's d, issue #15). The buckets are known before the vote (they shuffle positions, one per group), their
     rows are not: each group's winner is guessed by the vote on the first columns alone, and a bucket's matrix is
     kept only where every guess was the vote's winner, a row that no vote wrote (else None: formed afterwards).
-    None where no bucket's matrix would be split across threads (nothing voted yet)."""
+    DETOX-Bulyan (no buckets) has one matrix, over all the winners. None where no matrix would be split across
+    threads (nothing voted yet)."""
     r, tol, honest_p = plan.group_size, plan.vote_tol, ~byz_p
     k = grads_nd.shape[0] // r
-    # the buckets' sizes are known before the vote: nothing to do where none of their matrices would be split
-    if not (_compiled(grads_nd) and plan.buckets and k > plan.buckets
-            and all(gram_split(grads_nd, n) > 1 for n in np.diff(_bounds(k, plan.buckets)))):
+    if plan.buckets:  # DETOX-Multi-Krum: the buckets' matrices
+        sizes = np.diff(_bounds(k, plan.buckets)) if k > plan.buckets else []
+
+        def spec_of(rows: np.ndarray) -> list | None:
+            return _buckets(rows, plan, step)
+
+        def refs_of(spec: list) -> tuple[list[int], int] | None:
+            return split_gram_refs(grads_nd, spec, plan.inner_f, plan.inner_params)
+    else:  # DETOX-Bulyan: one matrix over the winners, in group order (the rows the rule reads)
+        sizes = [k]
+
+        def spec_of(rows: np.ndarray) -> list | None:
+            return [rows]
+
+        def refs_of(spec: list) -> tuple[list[int], int] | None:
+            return bulyan_gram_ref(grads_nd, spec[0], plan.f, plan.mode_params)
+    # the matrices' sizes are known before the vote: nothing to do where none of them would be split
+    if not (_compiled(grads_nd) and len(sizes) and all(gram_split(grads_nd, n) > 1 for n in sizes)):
         return None
     from detox.kernels import _SPAN, BLOCK, vote_grams
 
@@ -405,8 +424,8 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     head = grads_nd[:, :cols].contiguous()  # a copy: what the guess writes stays there
     guess = vote_rows(head, r, tol, plan.vote, (cols,) if plan.vote == "boyer-moore" else None, honest_p).win_rows
     guess = np.where(guess >= 0, guess, np.arange(k) * r)
-    spec = _buckets(guess, plan, step)
-    split = None if spec is None else split_gram_refs(grads_nd, spec, plan.inner_f, plan.inner_params)
+    spec = spec_of(guess)
+    split = None if spec is None else refs_of(spec)
     if split is None:
         return None
     x = grads_nd.numpy()
@@ -415,7 +434,7 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
                                             honest_p, spec, *split, starts)
     votes = vote_rows(grads_nd, r, tol, plan.vote, plan.layer_sizes, honest_p, settled,
                       None if known is None else (known, eqs))
-    real = _buckets(votes.win_rows, plan, step)
+    real = spec_of(votes.win_rows)
     return votes, [g if np.array_equal(a, b) else None for g, a, b in zip(grams, spec, real, strict=True)]
 
 
@@ -510,6 +529,8 @@ def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
     fused = _fused(plan) if buckets is not None else None
     if fused is not None:  # inner and mode in one pass: the bucket outputs are never written out
         agg_d = fused(grads_nd, buckets, out, grams)
+    elif grams is not None:  # DETOX-Bulyan, with the Gram matrix the vote's pass formed (or None)
+        agg_d = bulyan(grads_nd, plan.f, rows=votes.rows, out=out, gram=grams[0], **plan.mode_params)
     else:
         inputs, rows = bucket_rows(grads_nd, votes.rows, plan, step, buckets)
         agg_d = aggregate(plan.mode, inputs, plan.f, plan.mode_params, rows=rows, out=out)

@@ -6,6 +6,7 @@ tolerance, both votes."""
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 
 import numba
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from detox import approaches
+from detox import aggregators, approaches
 from detox import kernels as K
 from detox.aggregators import mean_of_bucket_multi_krum
 from detox.approaches import Plan, vote_rows
@@ -150,6 +151,34 @@ def test_step_with_the_gram_pass_equals_the_two_stages(split: None, name: str, v
         assert np.array_equal(bits(fused_x), bits(plain_x))  # the same rows written by the vote
         assert (diag["corrupted_groups"], diag["vote_fallbacks"]) == (plain.corrupted, plain.fallbacks)
         np.testing.assert_array_equal(votes.win_rows, plain.win_rows)
+
+
+BULYAN_PARAMS = [{}, {"theta": "original", "selection": "original", "average": "original", "neighbours": "original"}]
+
+
+@pytest.mark.parametrize("name", ["honest", "attack", "late", "no-majority", "hostile"])
+@pytest.mark.parametrize("vote,tol", [("strict", 0.0), ("boyer-moore", 0.0), ("strict", 1e-3)])
+@pytest.mark.parametrize("params", BULYAN_PARAMS, ids=["literature", "original"])
+def test_detox_bulyan_step_with_the_gram_pass_equals_the_two_stages(split: None, name: str, vote: str, tol: float,
+                                                                    params: dict) -> None:
+    # DETOX-Bulyan (no buckets): one Gram matrix over the 15 winners, formed in the vote's pass where every guess
+    # was right; the step equals the vote followed by bulyan over the winners, bit for bit (f = 2 as the original:
+    # floor(q / ceil(r / 2)) with q = 5, r = 3)
+    rng = np.random.default_rng(zlib.crc32(f"bulyan {name} {vote} {tol}".encode()))
+    x_np, byz = scenario(name, rng)
+    plan = dataclasses.replace(plan_for(vote, tol, 0, seed=3), mode="bulyan", f=2, inner="mean", inner_f=0,
+                               buckets=None, mode_params=params)
+    votes, grams = approaches._vote_with_grams(torch.from_numpy(x_np.copy()), byz, plan, 0)
+    assert len(grams) == 1  # the pass ran
+    if name in ("honest", "attack", "late"):  # every guess right; a wrong guess (the matrix formed afterwards)
+        assert (grams[0] is not None) == (name != "late")
+    fused_x, plain_x = torch.from_numpy(x_np.copy()), torch.from_numpy(x_np.copy())
+    agg, diag = approaches.draco_lite(fused_x, byz, plan, 0)
+    plain = vote_rows(plain_x, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz)
+    expect = aggregators.bulyan(plain_x, plan.f, rows=plain.rows, **params)
+    assert np.array_equal(bits(agg), bits(expect))
+    assert np.array_equal(bits(fused_x), bits(plain_x))
+    assert (diag["corrupted_groups"], diag["vote_fallbacks"]) == (plain.corrupted, plain.fallbacks)
 
 
 def test_settled_groups_are_what_the_vote_finds() -> None:
