@@ -669,8 +669,12 @@ def bulyan_gram_ref(grads_nd: torch.Tensor, rows: np.ndarray, f: int = 0,
     n, _, s, _, idx = _check("bulyan", grads_nd, f, params, rows)
     if idx is None:
         return None
-    k = n - f - 2 if s["neighbours"] is None else s["neighbours"]
-    return [int(idx[_reference_row(grads_nd, max(k, 1), None, idx)])], threads
+    return [int(idx[_reference_row(grads_nd, max(_bulyan_k(n, f, s), 1), None, idx)])], threads
+
+
+def _bulyan_k(n: int, f: int, settings: dict) -> int:
+    """The neighbours Bulyan's Krum scores count (and its reference row is ranked with)."""
+    return n - f - 2 if settings["neighbours"] is None else settings["neighbours"]
 
 
 def gram_split(grads_nd: torch.Tensor, n: int) -> int:
@@ -808,11 +812,10 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
     n, _, s, grads_nd, rows = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours,
                                                              "selection": selection, "average": average, **other},
                                      rows, out)
-    th, k_fixed = s["theta"], s["neighbours"]
+    th, k_fixed, k = s["theta"], s["neighbours"], _bulyan_k(n, f, s)
     beta = th - 2 * f
-    d2 = _distances(grads_nd, n - f - 2 if k_fixed is None else k_fixed, rows, gram)
+    d2 = _distances(grads_nd, k, rows, gram)
     if s["selection"] == ORIGINAL:
-        k = n - f - 2 if k_fixed is None else k_fixed
         selected = np.sort(_lowest(_scores(d2, k), th))
     else:
         from detox.kernels import iterative_selection
