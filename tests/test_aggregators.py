@@ -866,3 +866,23 @@ def test_krum_box_property_needs_far_byzantine_rows():
     x = T([[0, 0], [2, 0], [4, 0], [6, 0], [3, 0.1]])
     assert torch.equal(run("krum", x, 1), x[4])
     assert run("coord-median", x, 1)[1] == 0
+
+
+@pytest.mark.parametrize("d", [1, 1000, 2048, 2049, 5000, 65536, 100_000, 1_000_000, 11_000_000])
+def test_reference_sample_is_d_over_32_within_bounds(d: int) -> None:
+    # the columns ranked for the centring row: all of them up to 2048, else 8 disjoint evenly spaced runs of
+    # d / 32 columns in all, at least 2048 and at most 16384 (a 16384-column float64 ranking at d = 1e5 was a
+    # sixth of Krum's time), each run at most the ranking kernel's segment
+    from detox import aggregators as A
+    from detox.kernels import _SEGMENT
+
+    segs = A._sample_cols(d)
+    if d <= 2048:
+        assert segs == ((0, d),)
+        return
+    assert len(segs) == 8
+    assert all(0 <= a < b <= d and b - a <= _SEGMENT for a, b in segs)
+    assert all(b <= c for (_, b), (c, _) in zip(segs, segs[1:], strict=False))  # disjoint, in order
+    assert segs[0][0] == 0 and segs[-1][1] == d
+    total = sum(b - a for a, b in segs)
+    assert total == 8 * (min(16384, max(2048, d // 32)) // 8)

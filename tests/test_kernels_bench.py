@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detox import kernels as K
 from detox.bench import main as bench_main
 from detox.kernels import centred_gram, middle_mean, selection_network, sign_votes, weighted_sum
 
@@ -38,6 +39,26 @@ def test_centred_gram_matches_float64() -> None:
     ref = x[3].copy()
     c = x.astype(np.float64) - ref
     np.testing.assert_allclose(centred_gram(x, ref, threads=2), c @ c.T, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12, 45])
+def test_centred_gram_every_tile_shape(n: int) -> None:
+    # rows in groups of 4 (diagonal blocks, 4 x 4 tiles, a 4 x 1 remainder per group, the last n % 4 rows pair by
+    # pair): every entry of every shape, on a row subset, in several blocks and a ragged tail, serial and threaded
+    x = RNG.standard_normal((n + 3, 2 * K.BLOCK * 4 + 37)).astype(np.float32)
+    rows = np.arange(n + 3)[::-1][:n].copy()
+    ref = x[rows[0]].copy()
+    c = x[rows].astype(np.float64) - ref
+    want = c @ c.T
+    for threads in (1, 2):
+        got = centred_gram(x, ref, threads, rows)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3)
+        assert np.array_equal(got, got.T)
+    # the float64 twin (the candidate ranking's segments) is exact to float64 rounding
+    acc = np.empty((n, n))
+    K._segment_gram(x, rows, 5, 5 + K._CHUNK + 9, np.empty((n, K._CHUNK)), acc)
+    seg = x[rows, 5 : 5 + K._CHUNK + 9].astype(np.float64) - x[rows[0], 5 : 5 + K._CHUNK + 9]
+    np.testing.assert_allclose(acc, seg @ seg.T, rtol=1e-12, atol=1e-9)
 
 
 def test_weighted_sum_skips_zero_weight_rows_and_sign_votes_ignore_nan() -> None:
