@@ -686,11 +686,9 @@ def gram_split(grads_nd: torch.Tensor, n: int) -> int:
     off the CPU kernels' path)."""
     if not (_cpu32(grads_nd) and grads_nd.is_contiguous()):
         return 1
-    from detox.kernels import _SERIAL_PAIRS
-    from detox.kernels import _threads as kernel_threads
+    from detox.kernels import _gram_threads
 
-    x = grads_nd.numpy()
-    return kernel_threads(_threads(), x, None, n * (n + 1) // 2 * x.shape[1], _SERIAL_PAIRS)
+    return _gram_threads(_threads(), grads_nd.numpy(), n)
 
 
 def _multi_krum_choice(grads_nd: torch.Tensor, checks: list,

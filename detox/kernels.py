@@ -42,6 +42,10 @@ _FAST = {"nsz", "arcp", "contract", "reassoc"}
 _SERIAL_ELEMS = 1 << 16  # elements read (selection networks, distances: costly per element)
 _SERIAL_STREAM = 1 << 21  # elements read by a streaming sum (weighted sums, bucket means: ~0.1 ns each)
 _SERIAL_PAIRS = 1 << 24  # pair-columns of a Gram matrix: n(n + 1)/2 times the columns
+# ... or elements a Gram matrix reads: right after the rows arrive (the PS step) one core cannot stream them. Gram of
+# 15 rows at d = 1e5 in the bench's step (rows written just before): 590 us serial, 389 us on 2 threads; 10 rows
+# 344/260, 6 rows 194/178; 20 rows at d = 2e4 124/149 (serial still wins there, under both limits)
+_SERIAL_GRAM = 1 << 20
 _SERIAL_VOTE = 1 << 21  # elements of the groups a vote compares
 
 
@@ -61,6 +65,15 @@ def _threads(threads: int, x: np.ndarray, rows: np.ndarray | None, work: int | N
     if (n * x.shape[1] if work is None else work) < limit:
         return 1
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+
+
+def _gram_threads(threads: int, x: np.ndarray, n: int) -> int:
+    """Threads ``centred_gram`` splits the Gram matrix of n rows of ``x`` across: one below both _SERIAL_PAIRS
+    pair-columns and _SERIAL_GRAM elements read (every caller that must round as it does asks this)."""
+    d = x.shape[1]
+    if n * (n + 1) // 2 * d < _SERIAL_PAIRS and n * d < _SERIAL_GRAM:
+        return 1
+    return _threads(threads, x, None, 1, 0)
 
 
 def _out(x: np.ndarray, out: np.ndarray | None, dtype: type | None = None) -> np.ndarray:
@@ -930,7 +943,7 @@ def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int, rows: np.ndarray 
     millions) this beats a BLAS call per block (measured in docs/performance.md).
     """
     n = x.shape[0] if rows is None else rows.shape[0]
-    threads = _threads(threads, x, rows, n * (n + 1) // 2 * x.shape[1], _SERIAL_PAIRS)
+    threads = _gram_threads(threads, x, n)
     ref = np.ascontiguousarray(ref, dtype=x.dtype)
     if threads == 1:
         return _centred_gram_serial(x, _rows(x, rows), ref, BLOCK * 4)
@@ -1379,10 +1392,8 @@ def bucket_grams(x: np.ndarray, buckets: list[np.ndarray], ks: list[int], seg_st
     Returns (refs, grams): refs[b] the reference row (an index into x), grams[b, :n_b, :n_b] bucket b's Gram
     matrix; or None where a bucket is large enough that ``centred_gram`` would split it across threads (its
     result then rounds differently: the caller runs the buckets one by one)."""
-    d = x.shape[1]
     sizes = [int(b.shape[0]) for b in buckets]
-    if threads > 1 and any(_threads(threads, x, b, n * (n + 1) // 2 * d, _SERIAL_PAIRS) > 1
-                           for b, n in zip(buckets, sizes, strict=True)):
+    if threads > 1 and any(_gram_threads(threads, x, n) > 1 for n in sizes):
         return None
     rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)

@@ -159,6 +159,82 @@ def test_serial_twins_equal_the_pooled_kernels_on_one_thread() -> None:
         assert serial.tobytes() == pooled.tobytes()
 
 
+def test_gram_split_rule_and_every_caller_that_must_round_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a Gram matrix is split across threads from _SERIAL_PAIRS pair-columns or _SERIAL_GRAM elements read; the
+    # split rounds differently, so centred_gram, gram_split and bucket_grams must all follow the one rule
+    import numba
+    import torch
+
+    from detox import aggregators
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads (a split exists only with a pool)")
+    wide = np.empty((1, 100_000), dtype=np.float32)
+    assert K._gram_threads(2, wide, 15) == 2  # DETOX-Bulyan's 15 winners at the MLP twin's d: 1.5e6 elements
+    assert K._gram_threads(2, wide, 8) == 1  # a DETOX-Multi-Krum bucket there: 8e5 elements, 3.6e6 pair-columns
+    assert K._gram_threads(1, wide, 45) == 1  # one thread asked: none split
+    assert K._gram_threads(2, np.empty((1, 1000), dtype=np.float32), 45) == 1  # 1.0e6 pair-columns, 4.5e4 read
+    monkeypatch.setattr(K, "_SERIAL_GRAM", 1 << 62)  # either limit alone splits
+    assert K._gram_threads(2, np.empty((1, 1 << 23), dtype=np.float32), 2) == 2  # 3 * 2^23 pair-columns
+    assert K._gram_threads(2, np.empty((1, 1 << 22), dtype=np.float32), 2) == 1  # 3 * 2^22
+    monkeypatch.setattr(K, "_SERIAL_GRAM", 1 << 20)
+    monkeypatch.setattr(K, "_SERIAL_PAIRS", 1 << 62)
+    assert K._gram_threads(2, np.empty((1, 1 << 19), dtype=np.float32), 2) == 2  # 2^20 elements read
+    assert K._gram_threads(2, np.empty((1, (1 << 19) - 1), dtype=np.float32), 2) == 1
+    # the callers, on a matrix small enough to test: limits lowered so that 6 rows split and 5 do not
+    monkeypatch.setattr(K, "_SERIAL_PAIRS", 1 << 62)
+    d = 5 * K.BLOCK * 4 + 37  # several column blocks per thread
+    monkeypatch.setattr(K, "_SERIAL_GRAM", 6 * d)
+    # a first block at scale 1, the others 2^-20..2^-29 (their products near float64's last bits), so that where
+    # the partial sums meet decides the rounding
+    rng = np.random.default_rng(0)
+    scale = np.repeat(2.0 ** -rng.integers(20, 30, size=d // (K.BLOCK * 4) + 1), K.BLOCK * 4)[:d]
+    scale[: K.BLOCK * 4] = 1.0
+    x = ((3.0 + rng.standard_normal((12, d))) * scale).astype(np.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, split in ((5, False), (6, True)):
+            rows = np.arange(n, dtype=np.int64)
+            pooled = K._centred_gram(x, rows, x[0], K.BLOCK * 4, 2)
+            serial = K._centred_gram_serial(x, rows, x[0], K.BLOCK * 4)
+            assert pooled.tobytes() != serial.tobytes()  # the split is visible in the bits
+            assert K.centred_gram(x, x[0], 2, rows).tobytes() == (pooled if split else serial).tobytes()
+            assert aggregators.gram_split(torch.from_numpy(x), n) == (2 if split else 1)
+            found = K.bucket_grams(x, [rows, rows + 6], [1, 1], *aggregators._sample_bounds(d), 2)
+            assert (found is None) == split  # split buckets run one by one, as centred_gram forms them
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_vote_pass_forms_no_gram_matrix_below_serial_pairs() -> None:
+    # DETOX-Bulyan at d = 1e5: its 15-row matrix is split across threads, but the vote's pass (with its guess on
+    # the first columns) costs more than it saves there; at ResNet-18's d it forms it
+    import dataclasses
+
+    import numba
+    import torch
+
+    from detox import approaches
+    from detox.approaches import Plan
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 numba threads (the pass exists only where the Gram matrix is split)")
+    plan = Plan(approach="draco-lite", workers=45, group_size=3, byzantine=5, mode="bulyan", f=1, inner="mean",
+                inner_f=0, buckets=0, vote_tol=0.0, seed=0, vote="strict", layer_sizes=None)
+    byz = np.zeros(45, dtype=bool)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for d, formed in ((100_000, False), (150_000, True)):  # 120 pairs x d against _SERIAL_PAIRS = 2^24
+            x = torch.from_numpy(np.repeat(RNG.standard_normal((15, d)).astype(np.float32), 3, axis=0))
+            assert approaches.gram_split(x, 15) == 2
+            got = approaches._vote_with_grams(x, byz, dataclasses.replace(plan), 0)
+            assert (got is not None) == formed
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("rule", ["mean", "coord-median", "trimmed-mean", "krum", "multi-krum", "bulyan",
                                   "geometric-median", "sign-sgd"])
 def test_rules_agree_on_the_pool_and_the_serial_twins(rule: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,7 +253,7 @@ def test_rules_agree_on_the_pool_and_the_serial_twins(rule: str, monkeypatch: py
     torch.set_num_threads(2)
     try:
         for limit, label in ((0, "pool"), (1 << 62, "serial")):
-            for name in ("_SERIAL_ELEMS", "_SERIAL_STREAM", "_SERIAL_PAIRS"):
+            for name in ("_SERIAL_ELEMS", "_SERIAL_STREAM", "_SERIAL_PAIRS", "_SERIAL_GRAM"):
                 monkeypatch.setattr(K, name, limit)
             monkeypatch.setattr(K._threads, "__defaults__", (None, limit))
             got[label] = aggregate(rule, g, f).numpy()
