@@ -765,6 +765,15 @@ def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0,
         raise ValueError(err)
     if all(c[4] is not None for c in checks):  # before any work (off the kernels' path the mean rule checks it)
         _check_out("mean", grads_nd, np.concatenate([c[4] for c in checks]), out)
+        if grams is None and _cpu32(grads_nd) and grads_nd.is_contiguous():
+            from detox.kernels import multi_krum_means_mean
+
+            # the three calls below in one compiled call (None: a case it leaves to them)
+            done = multi_krum_means_mean(grads_nd.numpy(), [c[4] for c in checks],
+                                         [c[2]["neighbours"] for c in checks], [c[2]["m"] for c in checks],
+                                         *_sample_bounds(grads_nd.shape[1]), _threads(), _np(out))
+            if done is not None:
+                return torch.from_numpy(done)
     choice = _multi_krum_choice(grads_nd, checks, grams)
     if choice is None:
         return aggregate("mean", bucket_multi_krum(grads_nd, buckets, f, params), mean_f, mean_params, out=out)

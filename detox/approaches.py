@@ -379,7 +379,13 @@ def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan,
     fused = None
     if step is not None and ((plan.inner == "multi-krum" and plan.mode == "mean")
                              or (plan.mode == "bulyan" and not plan.buckets)):
-        fused = _vote_with_grams(grads_nd, byz_p, plan, step)
+        from detox.kernels import _SERIAL_PAIRS
+
+        # not even a matrix over all k winners reaches the pass's limit (checked per matrix by _vote_with_grams):
+        # not asked (~30 us per step at d = 1e5, where its Python runs out of cache after the rows arrive)
+        k = grads_nd.shape[0] // plan.group_size
+        if k * (k + 1) // 2 * grads_nd.shape[1] >= _SERIAL_PAIRS:
+            fused = _vote_with_grams(grads_nd, byz_p, plan, step)
     if fused is None:
         fused = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p), None
     votes, grams = fused

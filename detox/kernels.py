@@ -1410,6 +1410,90 @@ def bucket_grams(x: np.ndarray, buckets: list[np.ndarray], ks: list[int], seg_st
     return refs, grams
 
 
+@njit(cache=True)
+def _lowest_krum(gram, k, m):  # pragma: no cover - compiled
+    # positions of the m lowest Krum scores (k nearest, +inf diagonal), ascending: bit for bit
+    # np.sort(_lowest(_scores(sq_dists_from_gram(gram, inf), k), m)) (numpy's sort, pairwise sum, stable argsort)
+    n = gram.shape[0]
+    d2 = _sq_dists_from_gram(np.ascontiguousarray(gram), np.inf)
+    scores = np.zeros(n)
+    if k > 0:
+        for i in range(n):
+            scores[i] = _pairwise_sum(np.sort(d2[i]), 0, k)
+    return np.sort(np.argsort(scores, kind="mergesort")[:m])
+
+
+@njit(cache=True)
+def _multi_krum_means_mean(x, rows, starts, ks, ms, seg_starts, seg_ends, block, pooled, stream, nthreads,
+                           out):  # pragma: no cover - compiled
+    # bucket_grams, each bucket's Multi-Krum choice from its matrix, bucket_means_mean of the chosen rows with
+    # weights 1/m: what mean_of_bucket_multi_krum's three calls compute, in one (False: a bucket whose every
+    # squared norm is non-finite, nothing written; the rule's own path takes it)
+    nb = starts.shape[0] - 1
+    refs = np.empty(nb, dtype=np.int64)
+    size = 0
+    for b in range(nb):
+        size = max(size, starts[b + 1] - starts[b])
+    grams = np.zeros((nb, size, size))
+    if pooled:
+        _bucket_grams(x, rows, starts, ks, seg_starts, seg_ends, block, refs, grams)
+    else:
+        _bucket_grams_serial(x, rows, starts, ks, seg_starts, seg_ends, block, refs, grams)
+    chosen = np.empty(rows.shape[0], dtype=np.int64)
+    cstarts = np.zeros(nb + 1, dtype=np.int64)
+    w = np.empty(rows.shape[0], dtype=x.dtype)
+    for b in range(nb):
+        n = starts[b + 1] - starts[b]
+        gram = grams[b, :n, :n]
+        finite = False
+        for i in range(n):
+            finite = finite or np.isfinite(gram[i, i])
+        if n > 1 and not finite:
+            return False
+        idx = _lowest_krum(gram, ks[b], ms[b])
+        c = cstarts[b]
+        for i in range(idx.shape[0]):
+            chosen[c + i] = rows[starts[b] + idx[i]]
+            w[c + i] = 1.0 / idx.shape[0]  # rounded to x's dtype as numpy's cast rounds it
+        cstarts[b + 1] = c + idx.shape[0]
+    chosen = chosen[: cstarts[nb]]
+    dens = np.ones(nb, dtype=x.dtype)
+    if chosen.shape[0] * x.shape[1] < stream or nthreads == 1:
+        _bucket_means_mean_serial(x, chosen, cstarts, w[: cstarts[nb]], dens, out)
+    else:
+        _bucket_means_mean(x, chosen, cstarts, w[: cstarts[nb]], dens, out, nthreads)
+    return True
+
+
+def multi_krum_means_mean(x: np.ndarray, buckets: list[np.ndarray], neighbours: list[int], ms: list[int],
+                          seg_starts: np.ndarray, seg_ends: np.ndarray, threads: int,
+                          out: np.ndarray | None = None) -> np.ndarray | None:
+    """The mean over the buckets of each bucket's Multi-Krum (scores over ``neighbours[b]`` nearest rows, in
+    [1, n - 1], which also rank its reference row; the ``ms[b]`` rows of lowest score): bit for bit ``bucket_grams``,
+    the rule's choice from each matrix and ``bucket_means_mean`` with weights 1/m, in one compiled call.
+    DETOX-Multi-Krum's step at the MLP twins' d, where the Python between those calls, run with the rows just
+    arrived and the interpreter out of cache, cost as much as their work (issue #15). None where a bucket's matrix
+    would be split across threads, or a bucket has no row of finite squared norm (the caller's path handles both)."""
+    sizes = [int(b.shape[0]) for b in buckets]
+    if threads > 1 and any(_gram_threads(threads, x, n) > 1 for n in sizes):
+        return None
+    rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    if int((seg_ends - seg_starts).max()) > _SEGMENT:
+        raise ValueError(f"multi_krum_means_mean: segments are at most {_SEGMENT} columns")
+    ks = np.array(neighbours, dtype=np.int64)
+    if ks.shape != (len(sizes),) or (ks < 1).any() or (ks >= np.array(sizes)).any():
+        raise ValueError(f"multi_krum_means_mean: neighbours must be in [1, n - 1] per bucket, got {neighbours}")
+    out = _out(x, out)
+    pooled = min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
+    nthreads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
+    done = _multi_krum_means_mean(x, rows, starts, ks, np.array(ms, dtype=np.int64),
+                                  np.array(seg_starts, dtype=np.int64), np.array(seg_ends, dtype=np.int64),
+                                  BLOCK * 4, pooled, _SERIAL_STREAM, nthreads, out)
+    return out if done else None
+
+
 # Gram blocks (BLOCK * 4 columns) the vote + Gram pass takes at once: each row it compares then streams 16 KiB at a
 # time (4 KiB pieces of 30 rows ran at half the vote's own speed), and a bucket's rows are still in L2 when its
 # Gram blocks are formed

@@ -375,6 +375,53 @@ def test_mean_of_bucket_multi_krum_equals_the_two_steps(threads: int, side_by_si
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_multi_krum_means_mean_is_one_call_and_the_two_steps(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compiled stage (``kernels.multi_krum_means_mean``) runs where the buckets' matrices are not split, and
+    gives the two steps' bits: neighbour counts above 8 (numpy's pairwise sum) and above the bucket, m from 1 to
+    n, tied scores (duplicate rows), hostile rows; where every row of a bucket has a non-finite squared norm it
+    leaves the bucket to the rule's own path (None), and the step's result is still the two steps'."""
+    monkeypatch.setattr(K, "_SERIAL_STREAM", 0 if threads == 2 else 1 << 40)
+    rng = np.random.default_rng(35)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for d in (7, 3 * K._COLS + 11):
+            for trial in range(8):
+                x = mk_rows(rng, 45, d, clean=trial % 2 == 0)
+                x[40:43] = x[39]  # a tie: three identical rows
+                rows = np.concatenate([rng.choice(39, size=17, replace=False), [39, 40, 41]])
+                nb = int(rng.integers(1, 4))
+                buckets = [rows[np.sort(c)] for c in np.array_split(rng.permutation(20), nb)]
+                small = min(len(b) for b in buckets)
+                params = [{}, {"m": "original"}, {"m": 1, "neighbours": small - 1}, {"m": small, "neighbours": 1},
+                          {"neighbours": 9}][trial % 5]
+                f = 0 if trial % 5 == 4 else 1
+                want = aggregate("mean", torch.stack([multi_krum(x, f, rows=b, **params) for b in buckets]), 0)
+                checks = [aggregators._check("multi-krum", x, f, params, b) for b in buckets]
+                got = K.multi_krum_means_mean(x.numpy(), [c[4] for c in checks], [c[2]["neighbours"] for c in checks],
+                                              [c[2]["m"] for c in checks],
+                                              *aggregators._sample_bounds(d), threads)
+                assert got is not None, (d, trial)
+                assert torch.equal(bits(torch.from_numpy(got)), bits(want)), (d, trial, threads)
+                assert torch.equal(bits(mean_of_bucket_multi_krum(x, buckets, f, params)), bits(want))
+        # a bucket whose rows all overflow: no finite squared norm to centre on
+        x = mk_rows(rng, 45, 300, clean=True)
+        buckets = [np.arange(0, 7), np.arange(7, 14)]
+        x[7:14] = torch.tensor([np.inf, 1.0, -np.inf]).repeat(100)
+        checks = [aggregators._check("multi-krum", x, 1, {}, b) for b in buckets]
+        assert K.multi_krum_means_mean(x.numpy(), [c[4] for c in checks], [c[2]["neighbours"] for c in checks],
+                                       [c[2]["m"] for c in checks],
+                                       *aggregators._sample_bounds(300), threads) is None
+        want = aggregate("mean", torch.stack([multi_krum(x, 1, rows=b) for b in buckets]), 0)
+        assert torch.equal(bits(mean_of_bucket_multi_krum(x, buckets, 1)), bits(want))
+        with pytest.raises(ValueError, match="neighbours must be in"):
+            K.multi_krum_means_mean(x.numpy(), [c[4] for c in checks], [7, 3], [1, 1], *aggregators._sample_bounds(300),
+                                    threads)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_mean_of_bucket_multi_krum_refuses_what_the_two_steps_refuse() -> None:
     x = torch.randn(12, 50)
     buckets = [np.array([0, 1, 2, 3, 4]), np.array([5, 6, 7, 8, 9])]
