@@ -11,10 +11,12 @@ Then, per d, the PS step (vote, buckets, rule) of ``vanilla-X`` against ``detox-
 each plan composed from its preset (``conf/method/``, via ``detox.bench_scaling.preset_plan``: the original's
 Boyer-Moore vote per layer, buckets, counts) at P workers, q = floor(P / 9), r = 3, ResNet-18's layer sizes
 scaled to d; the workers' gradients are refilled (each group's honest gradient, the preset's attack) before
-every step, untimed. Printed per rule: both medians, baseline / DETOX, the vote's share of the DETOX step and
-the vote against one read of the P rows it receives (it compares 2 of the 3 members of a group whose first two
-are honest and agree, all 3 otherwise: ``detox.kernels._majority_first``). DETOX-Multi-Krum's vote at d = 1.1e7 also
-forms its buckets' Gram matrices in the same pass (``approaches._vote_with_grams``): its vote time includes them.
+every step, untimed; the two steps alternate, so both are sampled under the same load, and below 2^24 elements
+(P x d) at least 50 of each are timed. Printed per rule: both medians, baseline / DETOX, the vote's share of the
+DETOX step and the vote against one read of the P rows it receives (it compares 2 of the 3 members of a group whose
+first two are honest and agree, all 3 otherwise: ``detox.kernels._majority_first``). DETOX-Multi-Krum's vote at
+d = 1.1e7 also forms its buckets' Gram matrices in the same pass (``approaches._vote_with_grams``): its vote time
+includes them.
 """
 
 from __future__ import annotations
@@ -193,6 +195,11 @@ def bench_rules(n: int, d: int, rules: list[str], repeats: int, device: str, wit
     return rows
 
 
+# below this many elements (P x d) a PS step takes a few ms: it is repeated at least _STEADY_REPEATS times
+_STEADY_ELEMS = 1 << 24
+_STEADY_REPEATS = 50
+
+
 def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: str) -> list[dict]:
     """Per rule, the PS step (vote, buckets, rule) of vanilla-X and DETOX-X as their presets run it."""
     import dataclasses
@@ -212,28 +219,36 @@ def bench_steps(workers: int, d: int, rules: list[str], repeats: int, device: st
     work.view(workers // r, r, d).copy_(groups[: workers // r, None, :].to(device))
     floor = timed(lambda: work.sum(), max(repeats, 5), device)
     out_d = torch.empty(d, device=device)  # where the step's aggregate goes, as ParameterServer.step gives it
+    # steps of a few ms: enough of them that a median is stable on a shared machine (5 swung the ratio by 10 %)
+    repeats = repeats if workers * d >= _STEADY_ELEMS else max(repeats, _STEADY_REPEATS)
     rows = []
     for rule in rules:
-        out = {"rule": rule, "workers": workers, "group_size": r, "d": d, "device": device, "read_seconds": floor}
+        out = {"rule": rule, "workers": workers, "group_size": r, "d": d, "device": device, "read_seconds": floor,
+               "repeats": repeats}
+        kinds = {}
         for kind in ("vanilla", "detox"):
             plan, cfg, note = plans[(rule, kind)]
             if plan is None:
                 raise SystemExit(f"{kind}-{rule} at P = {workers}: {note}")
-            plan = dataclasses.replace(plan, layer_sizes=layers)
-            times, votes = [], []
-            for i in range(repeats + 1):  # a warm-up step, then the repeats
+            kinds[kind] = (dataclasses.replace(plan, layer_sizes=layers), cfg)
+            out.update({f"{kind}_byzantine": plan.byzantine, f"{kind}_f": plan.f, f"{kind}_note": note})
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        votes = []
+        for i in range(repeats + 1):  # a warm-up step, then the repeats
+            for kind, (plan, cfg) in kinds.items():  # alternated: both sampled under the same load
                 byz = _refill(work, host, groups, plan, cfg, i, device)
                 t0 = time.perf_counter()
                 _, diag = APPROACHES[plan.approach](work, byz, plan, i, out=out_d)
                 _sync(device)
                 if i:
-                    times.append(time.perf_counter() - t0)
-                    votes.append(diag["t_vote"])
-            out[f"{kind}_seconds"] = statistics.median(times)
-            out.update({f"{kind}_byzantine": plan.byzantine, f"{kind}_f": plan.f, f"{kind}_note": note})
-            if kind == "detox":
-                out["vote_seconds"] = statistics.median(votes)
-                out["read_after_fill_seconds"] = _read_after_fill(work, host, groups, plan, cfg, repeats, device)
+                    times[kind].append(time.perf_counter() - t0)
+                    if kind == "detox":
+                        votes.append(diag["t_vote"])
+        for kind in kinds:
+            out[f"{kind}_seconds"] = statistics.median(times[kind])
+        out["vote_seconds"] = statistics.median(votes)
+        plan, cfg = kinds["detox"]
+        out["read_after_fill_seconds"] = _read_after_fill(work, host, groups, plan, cfg, repeats, device)
         out["speedup"] = out["vanilla_seconds"] / out["detox_seconds"]
         out["vote_share"] = out["vote_seconds"] / out["detox_seconds"]
         out["vote_x_read"] = out["vote_seconds"] / floor

@@ -85,8 +85,32 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
         assert s["speedup"] == pytest.approx(s["vanilla_seconds"] / s["detox_seconds"])
         assert 0 < s["vote_seconds"] < s["detox_seconds"] and s["vote_share"] < 1 and s["vote_x_read"] > 0
         assert s["read_after_fill_seconds"] > 0 and s["vote_x_read_after_fill"] > 0
+        assert s["repeats"] == 50  # a few-ms step: at least 50 timed, whatever --repeats says
     md = out.with_suffix(".md").read_text()
     assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
+
+
+def test_bench_steps_alternate_vanilla_and_detox(monkeypatch: pytest.MonkeyPatch) -> None:
+    # both approaches sampled under the same load: baseline, DETOX, baseline, DETOX, ... (not 51 of one, then the
+    # other); at ResNet-18's size the --repeats given
+    from detox import bench
+
+    calls = []
+    approaches = dict(bench.APPROACHES)
+
+    def recorder(name):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return approaches[name](*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(bench, "APPROACHES", {name: recorder(name) for name in approaches})
+    (row,) = bench.bench_steps(45, 300, ["coord-median"], 2, "cpu")
+    assert calls == ["baseline", "draco-lite"] * 51 and row["repeats"] == 50
+    monkeypatch.setattr(bench, "_STEADY_ELEMS", 45 * 300)
+    calls.clear()
+    (row,) = bench.bench_steps(45, 300, ["coord-median"], 2, "cpu")
+    assert calls == ["baseline", "draco-lite"] * 3 and row["repeats"] == 2
 
 
 def test_compiled_bulyan_selection_equals_the_numpy_loop() -> None:
