@@ -37,8 +37,9 @@ _COLS = 4096
 _FAST = {"nsz", "arcp", "contract", "reassoc"}
 # Below these a kernel runs its serial twin: entering numba's pool wakes its workers, which under detox's
 # OMP_WAIT_POLICY=PASSIVE sleep as soon as a region ends, ~0.1-0.3 ms here. Measured at d = 1e5 with PASSIVE
-# (serial vs 2 threads, us): weighted sum of 8 rows 71/83, bucket means of 15 rows 242/268, Gram of 8 rows 174/256,
-# of 15 rows 436/521, of 45 rows 4278/2948; ranking 8 rows 59/134, 45 rows 862/864; median of 5 rows 236/189.
+# (serial vs 2 threads, us, rows in cache): weighted sum of 8 rows 71/83, bucket means of 15 rows 242/268, Gram of 8
+# rows 174/256, of 15 rows 436/521 (not so right after the rows arrive: _SERIAL_GRAM), of 45 rows 4278/2948;
+# ranking 8 rows 59/134, 45 rows 862/864; median of 5 rows 236/189.
 _SERIAL_ELEMS = 1 << 16  # elements read (selection networks, distances: costly per element)
 _SERIAL_STREAM = 1 << 21  # elements read by a streaming sum (weighted sums, bucket means: ~0.1 ns each)
 _SERIAL_PAIRS = 1 << 24  # pair-columns of a Gram matrix: n(n + 1)/2 times the columns
