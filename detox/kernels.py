@@ -1393,22 +1393,34 @@ def bucket_grams(x: np.ndarray, buckets: list[np.ndarray], ks: list[int], seg_st
     Returns (refs, grams): refs[b] the reference row (an index into x), grams[b, :n_b, :n_b] bucket b's Gram
     matrix; or None where a bucket is large enough that ``centred_gram`` would split it across threads (its
     result then rounds differently: the caller runs the buckets one by one)."""
+    layout = _side_by_side("bucket_grams", x, buckets, seg_starts, seg_ends, threads)
+    if layout is None:
+        return None
+    rows, starts, seg_starts, seg_ends, pooled = layout
+    sizes = np.diff(starts)
+    refs = np.empty(len(buckets), dtype=np.int64)
+    grams = np.zeros((len(buckets), sizes.max(), sizes.max()))
+    run = _bucket_grams if pooled else _bucket_grams_serial
+    run(x, rows, starts, np.asarray(ks, dtype=np.int64), seg_starts, seg_ends, BLOCK * 4, refs, grams)
+    return refs, grams
+
+
+def _side_by_side(name: str, x: np.ndarray, buckets: list[np.ndarray], seg_starts: np.ndarray, seg_ends: np.ndarray,
+                  threads: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool] | None:
+    """Where the buckets' Gram matrices can run side by side (none would be split across threads; else None):
+    their rows and starts, the sampled segments as writable int64 copies (see candidate_ranking), and whether
+    they go through the pool."""
     sizes = [int(b.shape[0]) for b in buckets]
     if threads > 1 and any(_gram_threads(threads, x, n) > 1 for n in sizes):
         return None
     rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
-    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    ks_ = np.asarray(ks, dtype=np.int64)
-    seg_starts = np.array(seg_starts, dtype=np.int64)  # writable copies (see candidate_ranking)
+    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
+    np.cumsum(sizes, out=starts[1:])
+    seg_starts = np.array(seg_starts, dtype=np.int64)
     seg_ends = np.array(seg_ends, dtype=np.int64)
     if int((seg_ends - seg_starts).max()) > _SEGMENT:
-        raise ValueError(f"bucket_grams: segments are at most {_SEGMENT} columns")
-    refs = np.empty(len(buckets), dtype=np.int64)
-    grams = np.zeros((len(buckets), max(sizes), max(sizes)))
-    pooled = min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
-    run = _bucket_grams if pooled else _bucket_grams_serial
-    run(x, rows, starts, ks_, seg_starts, seg_ends, BLOCK * 4, refs, grams)
-    return refs, grams
+        raise ValueError(f"{name}: segments are at most {_SEGMENT} columns")
+    return rows, starts, seg_starts, seg_ends, min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
 
 
 @njit(cache=True)
@@ -1475,22 +1487,16 @@ def multi_krum_means_mean(x: np.ndarray, buckets: list[np.ndarray], neighbours: 
     DETOX-Multi-Krum's step at the MLP twins' d, where the Python between those calls, run with the rows just
     arrived and the interpreter out of cache, cost as much as their work (issue #15). None where a bucket's matrix
     would be split across threads, or a bucket has no row of finite squared norm (the caller's path handles both)."""
-    sizes = [int(b.shape[0]) for b in buckets]
-    if threads > 1 and any(_gram_threads(threads, x, n) > 1 for n in sizes):
+    layout = _side_by_side("multi_krum_means_mean", x, buckets, seg_starts, seg_ends, threads)
+    if layout is None:
         return None
-    rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
-    starts = np.zeros(len(sizes) + 1, dtype=np.int64)
-    np.cumsum(sizes, out=starts[1:])
-    if int((seg_ends - seg_starts).max()) > _SEGMENT:
-        raise ValueError(f"multi_krum_means_mean: segments are at most {_SEGMENT} columns")
+    rows, starts, seg_starts, seg_ends, pooled = layout
     ks = np.array(neighbours, dtype=np.int64)
-    if ks.shape != (len(sizes),) or (ks < 1).any() or (ks >= np.array(sizes)).any():
+    if ks.shape != (len(buckets),) or (ks < 1).any() or (ks >= np.diff(starts)).any():
         raise ValueError(f"multi_krum_means_mean: neighbours must be in [1, n - 1] per bucket, got {neighbours}")
     out = _out(x, out)
-    pooled = min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
     nthreads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
-    done = _multi_krum_means_mean(x, rows, starts, ks, np.array(ms, dtype=np.int64),
-                                  np.array(seg_starts, dtype=np.int64), np.array(seg_ends, dtype=np.int64),
+    done = _multi_krum_means_mean(x, rows, starts, ks, np.array(ms, dtype=np.int64), seg_starts, seg_ends,
                                   BLOCK * 4, pooled, _SERIAL_STREAM, nthreads, out)
     return out if done else None
 
