@@ -1494,6 +1494,8 @@ def multi_krum_means_mean(x: np.ndarray, buckets: list[np.ndarray], neighbours: 
     # checked in Python: on two buckets each numpy call costs more than the loop (the step's Python runs cold)
     if len(neighbours) != len(buckets) or not all(1 <= k < len(b) for k, b in zip(neighbours, buckets, strict=True)):
         raise ValueError(f"multi_krum_means_mean: neighbours must be in [1, n - 1] per bucket, got {neighbours}")
+    if len(ms) != len(buckets) or not all(1 <= m <= len(b) for m, b in zip(ms, buckets, strict=True)):
+        raise ValueError(f"multi_krum_means_mean: m must be in [1, n] per bucket, got {ms}")
     out = _out(x, out)
     nthreads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     done = _multi_krum_means_mean(x, rows, starts, np.array(neighbours, dtype=np.int64), np.array(ms, dtype=np.int64),

@@ -418,6 +418,10 @@ def test_multi_krum_means_mean_is_one_call_and_the_two_steps(threads: int, monke
         with pytest.raises(ValueError, match="neighbours must be in"):
             K.multi_krum_means_mean(x.numpy(), [c[4] for c in checks], [7, 3], [1, 1], *aggregators._sample_bounds(300),
                                     threads)
+        for ms in ([0, 1], [1, 8], [1]):
+            with pytest.raises(ValueError, match="m must be in"):
+                K.multi_krum_means_mean(x.numpy(), [c[4] for c in checks], [3, 3], ms, *aggregators._sample_bounds(300),
+                                        threads)
     finally:
         torch.set_num_threads(before)
 
