@@ -66,6 +66,11 @@ def _threads(threads: int, x: np.ndarray, rows: np.ndarray | None, work: int | N
     n = x.shape[0] if rows is None else rows.shape[0]
     if (n * x.shape[1] if work is None else work) < limit:
         return 1
+    return _pool(threads)
+
+
+def _pool(threads: int) -> int:
+    """``threads`` within numba's pool (at least one)."""
     return max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
 
 
@@ -75,7 +80,7 @@ def _gram_threads(threads: int, x: np.ndarray, n: int) -> int:
     d = x.shape[1]
     if n * (n + 1) // 2 * d < _SERIAL_PAIRS and n * d < _SERIAL_GRAM:
         return 1
-    return _threads(threads, x, None, 1, 0)
+    return _pool(threads)
 
 
 def _out(x: np.ndarray, out: np.ndarray | None, dtype: type | None = None) -> np.ndarray:
@@ -1497,9 +1502,8 @@ def multi_krum_means_mean(x: np.ndarray, buckets: list[np.ndarray], neighbours: 
     if len(ms) != len(buckets) or not all(1 <= m <= len(b) for m, b in zip(ms, buckets, strict=True)):
         raise ValueError(f"multi_krum_means_mean: m must be in [1, n] per bucket, got {ms}")
     out = _out(x, out)
-    nthreads = max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS))
     done = _multi_krum_means_mean(x, rows, starts, np.array(neighbours, dtype=np.int64), np.array(ms, dtype=np.int64),
-                                  seg_starts, seg_ends, BLOCK * 4, pooled, _SERIAL_STREAM, nthreads, out)
+                                  seg_starts, seg_ends, BLOCK * 4, pooled, _SERIAL_STREAM, _pool(threads), out)
     return out if done else None
 
 
