@@ -347,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", action="store_true", help="skip the loop-style references (slow)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (and a .md table)")
     args = parser.parse_args(argv)
+    if args.repeats < 1 or min(args.n) < 1 or min(args.d) < 1 or args.workers < 3:
+        parser.error(f"--repeats, every --n and every --d must be >= 1 and --workers >= 3; got --repeats "
+                     f"{args.repeats}, --n {args.n}, --d {args.d}, --workers {args.workers}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: no CUDA device here")
     dims = [int(d) for d in args.d]

@@ -90,6 +90,17 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
     assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
 
 
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-3"], ["--n", "0"], ["--d", "0.5"],
+                                  ["--workers", "2"]])
+def test_bench_refuses_bad_counts_in_one_line(args: list[str], tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as err:
+        bench_main([*args, "--out", str(out)])
+    assert err.value.code == 2 and not out.exists()
+    assert "must be >= 1 and --workers >= 3" in capsys.readouterr().err
+
+
 def test_bench_steps_alternate_vanilla_and_detox(monkeypatch: pytest.MonkeyPatch) -> None:
     # both approaches sampled under the same load: baseline, DETOX, baseline, DETOX, ... (not 51 of one, then the
     # other); at ResNet-18's size the --repeats given
