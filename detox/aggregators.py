@@ -783,6 +783,71 @@ def mean_of_bucket_multi_krum(grads_nd: torch.Tensor, buckets: list, f: int = 0,
     return torch.from_numpy(bucket_means_mean(grads_nd.numpy(), rows, starts, _threads(), _np(out), weights))
 
 
+def prepared_bucket_stage(inner: str, mode: str, sizes: tuple[int, ...], f: int, params: dict | None,
+                          inner_f: int, inner_params: dict | None, d: int, threads: int,
+                          ) -> Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None] | None:
+    """DETOX's bucket stage for buckets of ``sizes`` rows (``inner`` in each, ``mode`` across) of a contiguous
+    float32 CPU matrix of d columns, with everything that stays the same from step to step settled once:
+    ``fn(grads_nd, rows, out)``, ``rows`` the buckets' rows one after the other (``kernels.bucket_order``), is bit
+    for bit ``middle_of_bucket_means`` (the mean inside, an order statistic across) or ``mean_of_bucket_multi_krum``
+    (Multi-Krum inside, the mean across), or None where that rule's own path must run (a bucket of no finite row).
+    The step's Python is then two calls: at d = 1e5 it runs right after the rows arrive, with the interpreter out of
+    cache, where each of the rules' checks costs ~5x its warm time (issue #15). None: no such stage for (inner,
+    mode), or settings the rules' own paths reject (with their one-line errors)."""
+    from detox import kernels as K
+
+    nb, total = len(sizes), sum(sizes)
+    if nb < 1 or min(sizes) < 1 or _settings(mode, nb, f, params)[1]:
+        return None
+    starts = np.array([0, *np.cumsum(sizes).tolist()], dtype=np.int64)
+    if inner == "mean" and mode in MIDDLE:
+        if _settings("mean", min(sizes), inner_f, inner_params)[1]:
+            return None
+        lo, hi = MIDDLE[mode](nb, f)
+        pool = 1 if total * d < K._SERIAL_BUCKETS else K._pool(threads)  # as bucket_middle_mean decides
+        net = None
+        if nb <= K._UNROLL_ROWS and total <= K._UNROLL_BUCKET_ROWS and total * d >= K._UNROLL_ELEMS:
+            net = K._unrolled(nb, int(lo), int(hi), tuple(sizes))
+
+        def middle(x: np.ndarray, rows: np.ndarray, o: np.ndarray) -> np.ndarray:
+            if net is None:
+                return K.bucket_middle_mean(x, rows, starts, lo, hi, pool, o)
+            return net.serial(x, rows, K.BLOCK, o) if pool == 1 else net.pooled(x, rows, K.BLOCK, pool, o)
+
+        return _stage(mode, middle)
+    if inner == "multi-krum" and mode == "mean":
+        settings = [_settings("multi-krum", n, inner_f, inner_params) for n in sizes]
+        if any(err for _, err in settings):
+            return None
+        if threads > 1 and any(K._gram_threads(threads, np.empty((0, d), np.float32), n) > 1 for n in sizes):
+            return None  # a matrix split across threads: the rule's own path
+        ks = np.array([s["neighbours"] for s, _ in settings], dtype=np.int64)
+        ms = np.array([s["m"] for s, _ in settings], dtype=np.int64)
+        seg_starts, seg_ends = (np.array(a, dtype=np.int64) for a in _sample_bounds(d))
+        pooled = min(threads, nb, K.numba.config.NUMBA_NUM_THREADS) > 1
+
+        def multi_krum(x: np.ndarray, rows: np.ndarray, o: np.ndarray) -> np.ndarray | None:
+            done = K._multi_krum_means_mean(x, rows, starts, ks, ms, seg_starts, seg_ends, K.BLOCK * 4, pooled,
+                                            K._SERIAL_STREAM, K._pool(threads), o)
+            return o if done else None
+
+        return _stage("mean", multi_krum)
+    return None
+
+
+def _stage(name: str, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray | None],
+           ) -> Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None]:
+    """``kernel(x, rows, out)`` as a bucket stage of ``prepared_bucket_stage``: ``out`` checked as the rule checks
+    it (it may be a row the stage does not read), a fresh (d,) tensor where None."""
+    def stage(grads_nd: torch.Tensor, rows: np.ndarray, out: torch.Tensor | None) -> torch.Tensor | None:
+        _check_out(name, grads_nd, rows, out)
+        o = np.empty(grads_nd.shape[1], dtype=np.float32) if out is None else out.numpy()
+        done = kernel(grads_nd.numpy(), rows, o)
+        return None if done is None else torch.from_numpy(done)
+
+    return stage
+
+
 # the inner rules DETOX applies to all its buckets in one call (``fn(grads_nd, buckets, f, params, dest=None)``,
 # bit for bit the rule bucket by bucket); any other inner rule runs bucket by bucket
 BUCKETED: dict[str, Callable[..., torch.Tensor]] = {

@@ -342,13 +342,7 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
     rows = np.arange(k, dtype=np.int64) * r
     if vote == "strict":
         honest = honest_p[: k * r].reshape(k, r)
-        leader, member = strict_vote(x, r, need, tol, honest.ravel(), settled)
-        won = leader >= 0
-        win_rows = np.where(won, rows + leader, -1)
-        corrupted = int((won & ((member & honest).sum(axis=1) < need)).sum())
-        for g in np.flatnonzero(~won).tolist():
-            _fallback(grads_nd, g, r)
-        return Votes(np.where(won, win_rows, rows), win_rows, int((~won).sum()), corrupted)
+        return _strict_votes(grads_nd, *strict_vote(x, r, need, tol, honest.ravel(), settled), honest, need)
     win_rows, fallback, corrupted, _ = boyer_moore_vote(x, r, need, tol, starts, honest_p, True, settled,
                                                         *(known or (None, None)))
     return Votes(np.where(win_rows >= 0, win_rows, rows), win_rows, int(fallback.sum()), int(corrupted.sum()))
@@ -370,11 +364,11 @@ def majority_vote(
     return work[torch.from_numpy(votes.rows).to(work.device)], votes.win_rows
 
 
-def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan,
-                step: int | None = None) -> tuple[Votes, dict, list | None]:
+def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int | None = None,
+                prep: _Prepared | None = None) -> tuple[Votes, dict, list | None]:
     """The vote, and where DETOX-Multi-Krum's buckets would each form their Gram matrix across threads (``step``
     given: d in the millions), those matrices in the same pass through the rows (``_vote_with_grams``), aligned
-    with the step's buckets (None: not formed)."""
+    with the step's buckets (None: not formed). ``prep``: the plan's compiled calls (``_prepared``)."""
     timer = Timer()
     fused = None
     if step is not None and ((plan.inner == "multi-krum" and plan.mode == "mean")
@@ -387,7 +381,8 @@ def _vote_stage(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan,
         if k * (k + 1) // 2 * grads_nd.shape[1] >= _SERIAL_PAIRS:
             fused = _vote_with_grams(grads_nd, byz_p, plan, step)
     if fused is None:
-        fused = vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p), None
+        fused = (prep.vote(grads_nd, byz_p) if prep is not None else
+                 vote_rows(grads_nd, plan.group_size, plan.vote_tol, plan.vote, plan.layer_sizes, ~byz_p)), None
     votes, grams = fused
     # corrupted: the kept vector lacks the support of a strict majority of honest members, so the Byzantines
     # decided the vote (even if they chose to send the honest vector)
@@ -450,6 +445,102 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
     return votes, [g if np.array_equal(a, b) else None for g, a, b in zip(grams, spec, real, strict=True)]
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """One plan's step as compiled calls, with every argument that stays the same from step to step set up once
+    (per matrix shape, dtype and thread counts): the step's Python is then a handful of calls. At d = 1e5 that
+    Python runs right after the rows arrive, with the interpreter out of cache, where each check and small array
+    costs ~5x its warm time: the vote's and the rules' wrappers took half of DETOX's step (issue #15)."""
+
+    plan: Plan
+    key: tuple
+    vote: Callable[[torch.Tensor, np.ndarray], Votes]  # (grads_nd, byz_p): as vote_rows
+    bounds: np.ndarray | None  # the buckets' cut points (None: no buckets)
+    stage: Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None] | None
+
+
+_PREPARED: dict[int, _Prepared] = {}
+
+
+def _prepared(plan: Plan, grads_nd: torch.Tensor, byz_p: np.ndarray) -> _Prepared | None:
+    """The plan's step as compiled calls (``_prepare``), where it takes them: a contiguous float32/float64 CPU
+    matrix of whole groups and a boolean Byzantine mask per row; None: the general path."""
+    if not (_compiled(grads_nd) and isinstance(byz_p, np.ndarray) and byz_p.dtype == np.bool_
+            and byz_p.shape == grads_nd.shape[:1] and grads_nd.shape[0] % plan.group_size == 0
+            and grads_nd.shape[0] >= plan.group_size):
+        return None
+    # torch's thread count (training sets numba's to match): which kernels are pooled. Results do not depend on
+    # it (the vote compares bits; the stages split no sum across threads), so numba's count is not asked each
+    # step (~20 us with the interpreter out of cache)
+    key = (tuple(grads_nd.shape), grads_nd.dtype, torch.get_num_threads())
+    prep = _PREPARED.get(id(plan))
+    if prep is None or prep.plan is not plan or prep.key != key:
+        if len(_PREPARED) >= 64:
+            _PREPARED.clear()
+        prep = _PREPARED[id(plan)] = _prepare(plan, grads_nd, key)
+    return prep
+
+
+def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
+    from detox import kernels as K
+    from detox.aggregators import prepared_bucket_stage
+
+    decisive(plan.group_size, plan.vote)  # validates the name
+    (rows, d), r = grads_nd.shape, plan.group_size
+    k, need = rows // r, majority(r)
+    x = grads_nd.numpy()
+    bits = None if plan.vote_tol > 0 else _bits(grads_nd).numpy().dtype  # compared as integers unless a tol
+    tol, groups = K._tol(x if bits is None else x.view(bits), plan.vote_tol), np.arange(k, dtype=np.int64)
+    pooled = K._threads(torch.get_num_threads(), x, None, k * r * d, K._SERIAL_VOTE) > 1  # as _vote_threads
+    if plan.vote == "boyer-moore":
+        starts, ends = K._layer_bounds(_layer_starts(d, plan.layer_sizes), d)
+        known = np.zeros(k, dtype=np.bool_)
+        eqs = np.empty((0, r, r, starts.shape[0]), dtype=np.bool_)
+        bm = K._bm_vote if pooled else K._bm_vote_serial
+
+        def vote(grads_nd: torch.Tensor, byz_p: np.ndarray) -> Votes:
+            # kernels.boyer_moore_vote's call, its arguments made once
+            x = grads_nd.numpy()
+            win, fallback, corrupted = np.full(k, -1, np.int64), np.zeros(k, np.bool_), np.zeros(k, np.bool_)
+            bm(x if bits is None else x.view(bits), r, need, tol, starts, ends, (~byz_p).astype(np.int64), True,
+               groups, known, eqs, win, fallback, corrupted, np.zeros((k, starts.shape[0]), np.int64))
+            return Votes(np.where(win >= 0, win, base), win, int(fallback.sum()), int(corrupted.sum()))
+    else:
+        strict = K._strict_vote if pooled else K._strict_vote_serial
+
+        def vote(grads_nd: torch.Tensor, byz_p: np.ndarray) -> Votes:
+            # kernels.strict_vote's call, its arguments made once
+            x = grads_nd.numpy()
+            leader, member = np.full(k, -1, np.int64), np.zeros((k, r), np.bool_)
+            honest = ~byz_p
+            strict(x if bits is None else x.view(bits), r, need, tol, honest.astype(np.int64), groups, leader,
+                   member)
+            return _strict_votes(grads_nd, leader, member, honest.reshape(k, r), need)
+
+    base = groups * r
+    bounds, stage = None, None
+    if plan.buckets and plan.buckets < k:
+        bounds = np.array(_bounds(k, plan.buckets), dtype=np.int64)
+        if grads_nd.dtype == torch.float32:
+            stage = prepared_bucket_stage(plan.inner, plan.mode, tuple(np.diff(bounds).tolist()), plan.f,
+                                          plan.mode_params, plan.inner_f, plan.inner_params, d, torch.get_num_threads())
+    return _Prepared(plan, key, vote, bounds, stage)
+
+
+def _strict_votes(grads_nd: torch.Tensor, leader: np.ndarray, member: np.ndarray, honest_kr: np.ndarray,
+                  need: int) -> Votes:
+    """The strict vote's result from its kernel's leaders and classes (``kernels.strict_vote``); a group without
+    a strict majority gets its members' median, written into its first row."""
+    k, r = member.shape
+    rows = np.arange(k, dtype=np.int64) * r
+    won = leader >= 0
+    win_rows = np.where(won, rows + leader, -1)
+    corrupted = int((won & ((member & honest_kr).sum(axis=1) < need)).sum())
+    for g in np.flatnonzero(~won).tolist():
+        _fallback(grads_nd, g, r)
+    return Votes(np.where(won, win_rows, rows), win_rows, int((~won).sum()), corrupted)
+
+
 def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
              out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     timer = Timer()
@@ -460,7 +551,7 @@ def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
 
 def maj_vote(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
              out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    votes, diag, _ = _vote_stage(grads_nd, byz_p, plan)
+    votes, diag, _ = _vote_stage(grads_nd, byz_p, plan, prep=_prepared(plan, grads_nd, byz_p))
     timer = Timer()
     agg_d = aggregate("mean", grads_nd, 0, rows=votes.rows, out=out)
     timer.stop(diag, "t_aggregate")
@@ -535,8 +626,18 @@ def _fused(plan: Plan) -> Callable[[torch.Tensor, list, torch.Tensor | None, lis
 
 def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
                out: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    votes, diag, grams = _vote_stage(grads_nd, byz_p, plan, step)
+    prep = _prepared(plan, grads_nd, byz_p)
+    votes, diag, grams = _vote_stage(grads_nd, byz_p, plan, step, prep)
     timer = Timer()
+    if prep is not None and prep.stage is not None and grams is None:
+        # the buckets' rows one after the other, and the stage's one compiled call (None: the rule's own path)
+        from detox.kernels import _bucket_order
+
+        perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])
+        rows = _bucket_order(votes.rows, perm, prep.bounds, np.empty_like(votes.rows))
+        agg_d = prep.stage(grads_nd, rows, out)
+        if agg_d is not None:
+            return agg_d, timer.stop(diag, "t_aggregate")
     buckets = _buckets(votes.rows, plan, step)
     fused = _fused(plan) if buckets is not None else None
     if fused is not None:  # inner and mode in one pass: the bucket outputs are never written out

@@ -2006,3 +2006,27 @@ def boyer_moore_vote(x: np.ndarray, r: int, need: int, tol: float, starts: np.nd
          groups, np.ascontiguousarray(known, np.bool_), np.ascontiguousarray(eqs, np.bool_), win, fallback,
          corrupted, cands)
     return win, fallback, corrupted, cands
+
+
+@njit(cache=True)
+def _bucket_order(rows, perm, bounds, out):  # pragma: no cover - compiled
+    # bucket b: rows[np.sort(perm[bounds[b]:bounds[b + 1]])], the buckets one after the other
+    for b in range(bounds.shape[0] - 1):
+        pos = np.sort(perm[bounds[b] : bounds[b + 1]])
+        for i in range(pos.shape[0]):
+            out[bounds[b] + i] = rows[pos[i]]
+    return out
+
+
+def bucket_order(rows: np.ndarray, perm: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """The winners ``rows`` in their buckets' order: bucket b holds ``rows[np.sort(perm[bounds[b]:bounds[b + 1]])]``
+    (``approaches._buckets``' cut, as one int64 array; ``bounds``: the cut points, 0 first and len(rows) last)."""
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    perm = np.ascontiguousarray(perm, dtype=np.int64)
+    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    k = rows.shape[0]
+    if (perm.shape != (k,) or bounds.ndim != 1 or bounds.shape[0] < 2 or bounds[0] != 0 or bounds[-1] != k
+            or (np.diff(bounds) < 0).any() or not np.array_equal(np.sort(perm), np.arange(k))):
+        raise ValueError(f"bucket_order: perm must be a permutation of {k} positions and bounds cut points from 0 "
+                         f"to {k}, got {perm.shape[0]} positions and bounds {bounds.tolist()}")
+    return _bucket_order(rows, perm, bounds, np.empty(k, dtype=np.int64))

@@ -1,0 +1,213 @@
+"""The PS step's prepared path (``approaches._prepared``: compiled calls with their fixed arguments set up once per
+plan) against the general path it replaces, bit for bit: aggregate, diagnostics and the matrix the vote wrote."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detox import approaches
+from detox.aggregators import prepared_bucket_stage
+from detox.approaches import APPROACHES, Plan, _bounds, _buckets
+from detox.kernels import bucket_order
+
+# (approach, mode, f, inner, inner_f, inner_params, buckets): the presets' pairs, and pairs with no prepared stage
+CASES = {
+    "median": ("draco-lite", "coord-median", 2, "mean", 2, {}, 5),
+    "trimmed": ("draco-lite", "trimmed-mean", 1, "mean", 0, {}, 4),
+    "multi-krum": ("draco-lite", "mean", 0, "multi-krum", 2, {"m": "original", "neighbours": "original"}, 2),
+    "bulyan": ("draco-lite", "bulyan", 2, "mean", 0, {}, None),
+    "krum-over-means": ("draco-lite", "krum", 1, "mean", 0, {}, 5),
+    "maj_vote": ("maj_vote", "mean", 0, "mean", 0, {}, None),
+}
+
+
+def make_plan(case: str, vote: str, tol: float, workers: int, d: int, seed: int = 0) -> Plan:
+    approach, mode, f, inner, inner_f, inner_params, buckets = CASES[case]
+    sizes = (d // 3, d // 6, d - d // 3 - d // 6)  # three layers for the Boyer-Moore vote
+    return Plan(approach=approach, workers=workers, group_size=3, byzantine=workers // 9, mode=mode, f=f,
+                inner=inner, inner_f=inner_f, inner_params=inner_params, buckets=buckets, vote_tol=tol, seed=seed,
+                vote=vote, layer_sizes=sizes if vote == "boyer-moore" else None)
+
+
+def hostile(workers: int, d: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
+    """Groups of 3 with every case the vote meets: unanimous groups, Byzantine majorities, a Byzantine member
+    differing on one layer only, NaN payloads, -0.0 against 0.0, tiny differences (inside a tol of 1e-3), and
+    groups of three different vectors."""
+    gen = np.random.default_rng(seed)
+    k = workers // 3
+    honest = gen.standard_normal((k, d)).astype(np.float32)
+    g = np.repeat(honest, 3, axis=0)
+    byz = np.zeros(workers, dtype=bool)
+    for grp in range(k):
+        kind, rows = grp % 7, [grp * 3 + i for i in range(3)]
+        if kind == 1:  # Byzantine majority (members 0 and 1)
+            g[rows[:2]] = honest[grp] * -3.0
+            byz[rows[:2]] = True
+        elif kind == 2:  # one Byzantine member, different on the middle layer only
+            g[rows[2], d // 3 + 1] += 5.0
+            byz[rows[2]] = True
+        elif kind == 3:  # identical NaN payloads in two members, a third different
+            g[rows[:2], 0] = np.float32("nan")
+            byz[rows[0]] = True
+        elif kind == 4:  # -0.0 against 0.0, and a member inside a tolerance
+            g[rows, 1] = [0.0, -0.0, 0.0]
+            g[rows[1], 2] += 1e-4
+            byz[rows[1]] = True
+        elif kind == 5:  # three different vectors: the strict vote's median fallback
+            g[rows[1]] += 1.0
+            g[rows[2]] -= 1.0
+            byz[rows[1:]] = True
+        elif kind == 6:  # Byzantine member 0 leads on the first layer, honest majority elsewhere
+            g[rows[0], : d // 3] = 9.0
+            byz[rows[0]] = True
+    return torch.from_numpy(g).to(dtype).contiguous(), byz
+
+
+def step(plan: Plan, grads: torch.Tensor, byz: np.ndarray, i: int, out: torch.Tensor | None,
+         general: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    work = grads.clone()
+    saved = approaches._prepared
+    if general:
+        approaches._prepared = lambda *a: None
+    try:
+        agg, diag = APPROACHES[plan.approach](work, byz, plan, i, out=out)
+    finally:
+        approaches._prepared = saved
+    return agg.clone(), {k: v for k, v in diag.items() if not k.startswith("t_")}, work
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    bits = {4: torch.int32, 8: torch.int64}[a.element_size()]
+    return a.dtype == b.dtype and torch.equal(a.view(bits), b.view(bits))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("vote,tol", [("strict", 0.0), ("boyer-moore", 0.0), ("strict", 1e-3),
+                                      ("boyer-moore", 1e-3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_prepared_step_equals_the_general_path(case, vote, tol, dtype):
+    workers, d = 45, 600
+    plan = make_plan(case, vote, tol, workers, d)
+    grads, byz = hostile(workers, d, seed=len(case), dtype=dtype)
+    for i in range(3):  # the buckets change with the step
+        fast = step(plan, grads, byz, i, None, general=False)
+        slow = step(plan, grads, byz, i, None, general=True)
+        assert same_bits(fast[0], slow[0]), (case, vote, tol, i)
+        assert fast[1] == slow[1]
+        assert same_bits(fast[2], slow[2])  # what the vote wrote into the matrix (fallbacks, assembled layers)
+    assert approaches._PREPARED[id(plan)].plan is plan  # the prepared path was the one taken
+    if dtype == torch.float32 and case in ("median", "trimmed", "multi-krum"):
+        assert approaches._PREPARED[id(plan)].stage is not None
+
+
+@pytest.mark.parametrize("case", ["median", "multi-krum"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prepared_step_at_the_unrolled_size_on_one_and_two_threads(case, threads):
+    # 15 winners x 70000 columns: the unrolled bucket kernels and the pooled vote (above 2^20 elements)
+    workers, d = 45, 70_000
+    plan = make_plan(case, "boyer-moore", 0.0, workers, d)
+    grads, byz = hostile(workers, d, seed=3, dtype=torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.empty(d)
+        fast = step(plan, grads, byz, 5, out, general=False)
+        slow = step(plan, grads, byz, 5, None, general=True)
+    finally:
+        torch.set_num_threads(before)
+    assert same_bits(fast[0], slow[0]) and fast[1] == slow[1] and same_bits(fast[2], slow[2])
+    assert approaches._PREPARED[id(plan)].key[-1] == threads
+
+
+def test_prepared_steps_are_set_up_again_for_another_plan_shape_or_thread_count():
+    plan = make_plan("median", "boyer-moore", 0.0, 45, 600)
+    grads, byz = hostile(45, 600, seed=1, dtype=torch.float32)
+    APPROACHES[plan.approach](grads.clone(), byz, plan, 0)
+    first = approaches._PREPARED[id(plan)]
+    APPROACHES[plan.approach](grads.clone(), byz, plan, 1)
+    assert approaches._PREPARED[id(plan)] is first  # set up once per plan
+    other = make_plan("median", "boyer-moore", 0.0, 45, 900)
+    grads9, byz9 = hostile(45, 900, seed=1, dtype=torch.float32)
+    APPROACHES[other.approach](grads9.clone(), byz9, other, 0)
+    assert approaches._PREPARED[id(other)].plan is other and approaches._PREPARED[id(plan)] is first
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if before > 1 else 2)
+    try:
+        APPROACHES[plan.approach](grads.clone(), byz, plan, 2)
+        assert approaches._PREPARED[id(plan)] is not first
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("byz", [[False] * 45, np.zeros(45, dtype=np.int64), np.zeros(44, dtype=bool)])
+def test_a_mask_that_is_not_a_boolean_array_per_row_takes_the_general_path(byz):
+    plan = make_plan("median", "strict", 0.0, 45, 600)
+    grads, _ = hostile(45, 600, seed=2, dtype=torch.float32)
+    assert approaches._prepared(plan, grads, byz) is None
+
+
+def test_prepared_stage_hands_a_bucket_of_no_finite_row_back_to_the_rule():
+    # every member of every group sends +inf on one coordinate: no row has a finite squared norm, so the compiled
+    # Multi-Krum stage returns None and the rule's own path aggregates (same bits as the general path)
+    plan = make_plan("multi-krum", "strict", 0.0, 45, 600)
+    grads, byz = hostile(45, 600, seed=4, dtype=torch.float32)
+    grads[:, 7] = float("inf")
+    prep = approaches._prepared(plan, grads, byz)
+    assert prep.stage is not None
+    rows = np.arange(0, 45, 3, dtype=np.int64)
+    assert prep.stage(grads, rows, None) is None
+    fast = step(plan, grads, byz, 0, None, general=False)
+    slow = step(plan, grads, byz, 0, None, general=True)
+    assert same_bits(fast[0], slow[0]) and fast[1] == slow[1]
+
+
+def test_prepared_stage_checks_out_as_the_rule_does():
+    plan = make_plan("median", "boyer-moore", 0.0, 45, 600)
+    grads, byz = hostile(45, 600, seed=5, dtype=torch.float32)
+    messages = []
+    for general in (False, True):
+        for bad in (torch.empty(599), "row 0"):  # the wrong shape; a row the stage reads (group 0's winner)
+            work = grads.clone()
+            saved = approaches._prepared
+            if general:
+                approaches._prepared = lambda *a: None
+            try:
+                with pytest.raises(ValueError, match="out") as err:
+                    APPROACHES[plan.approach](work, byz, plan, 0, out=work[0] if bad == "row 0" else bad)
+            finally:
+                approaches._prepared = saved
+            messages.append(str(err.value))
+    assert messages[:2] == messages[2:]  # the same one line on both paths
+    # a row the stage does not read (group 0's third member never wins here) may hold the result
+    spare = grads.clone()
+    agg, _ = APPROACHES[plan.approach](spare, byz, plan, 0, out=spare[2])
+    assert agg.data_ptr() == spare[2].data_ptr()
+    assert same_bits(agg, step(plan, grads, byz, 0, None, general=True)[0])
+
+
+@pytest.mark.parametrize("inner,mode,params", [("mean", "krum", {}), ("geometric-median", "mean", {}),
+                                               ("mean", "coord-median", {"bogus": 1})])
+def test_no_prepared_stage_for_other_pairs_or_settings_the_rule_refuses(inner, mode, params):
+    assert prepared_bucket_stage(inner, mode, (3, 3, 3), 0, params, 0, {}, 600, 2) is None
+
+
+@pytest.mark.parametrize("k,buckets,step_", [(15, 5, 0), (15, 2, 3), (7, 3, 9), (2, 1, 1)])
+def test_bucket_order_is_the_buckets_one_after_the_other(k, buckets, step_):
+    plan = Plan(approach="draco-lite", workers=3 * k, group_size=3, byzantine=0, mode="mean", f=0, buckets=buckets,
+                seed=4)
+    rows = np.random.default_rng(k).permutation(3 * k)[:k].astype(np.int64)
+    from detox.attacks import TAG_BUCKETS, rng_for
+
+    perm = rng_for(plan.seed, TAG_BUCKETS, step_).permutation(k)
+    got = bucket_order(rows, perm, np.array(_bounds(k, buckets)))
+    expected = _buckets(rows, plan, step_)
+    assert np.array_equal(got, np.concatenate(expected) if expected is not None else rows[np.sort(perm)])
+
+
+@pytest.mark.parametrize("perm,bounds", [([0, 1, 1], [0, 3]), ([0, 1], [0, 3]), ([0, 1, 2], [0, 2]),
+                                         ([2, 1, 0], [1, 3]), ([0, 1, 2], [0, 2, 1, 3])])
+def test_bucket_order_refuses_what_is_not_a_permutation_and_its_cut(perm, bounds):
+    with pytest.raises(ValueError, match="bucket_order: perm must be a permutation"):
+        bucket_order(np.arange(3), np.array(perm), np.array(bounds))
