@@ -457,6 +457,7 @@ class _Prepared:
     vote: Callable[[torch.Tensor, np.ndarray], Votes]  # (grads_nd, byz_p): as vote_rows
     bounds: np.ndarray | None  # the buckets' cut points (None: no buckets)
     stage: Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None] | None
+    compiled_shuffle: bool = False  # the buckets drawn by kernels._shuffled_order (else numpy's Generator)
 
 
 _PREPARED: dict[int, _Prepared] = {}
@@ -490,41 +491,33 @@ def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
     k, need = rows // r, majority(r)
     x = grads_nd.numpy()
     bits = None if plan.vote_tol > 0 else _bits(grads_nd).numpy().dtype  # compared as integers unless a tol
-    tol, groups = K._tol(x if bits is None else x.view(bits), plan.vote_tol), np.arange(k, dtype=np.int64)
+    tol = K._tol(x if bits is None else x.view(bits), plan.vote_tol)
     pooled = K._threads(torch.get_num_threads(), x, None, k * r * d, K._SERIAL_VOTE) > 1  # as _vote_threads
     if plan.vote == "boyer-moore":
         starts, ends = K._layer_bounds(_layer_starts(d, plan.layer_sizes), d)
-        known = np.zeros(k, dtype=np.bool_)
-        eqs = np.empty((0, r, r, starts.shape[0]), dtype=np.bool_)
-        bm = K._bm_vote if pooled else K._bm_vote_serial
+        bm = K._bm_step if pooled else K._bm_step_serial
 
         def vote(grads_nd: torch.Tensor, byz_p: np.ndarray) -> Votes:
-            # kernels.boyer_moore_vote's call, its arguments made once
             x = grads_nd.numpy()
-            win, fallback, corrupted = np.full(k, -1, np.int64), np.zeros(k, np.bool_), np.zeros(k, np.bool_)
-            bm(x if bits is None else x.view(bits), r, need, tol, starts, ends, (~byz_p).astype(np.int64), True,
-               groups, known, eqs, win, fallback, corrupted, np.zeros((k, starts.shape[0]), np.int64))
-            return Votes(np.where(win >= 0, win, base), win, int(fallback.sum()), int(corrupted.sum()))
+            return Votes(*bm(x if bits is None else x.view(bits), r, need, tol, starts, ends, byz_p))
     else:
-        strict = K._strict_vote if pooled else K._strict_vote_serial
+        strict = K._strict_step if pooled else K._strict_step_serial
 
         def vote(grads_nd: torch.Tensor, byz_p: np.ndarray) -> Votes:
-            # kernels.strict_vote's call, its arguments made once
             x = grads_nd.numpy()
-            leader, member = np.full(k, -1, np.int64), np.zeros((k, r), np.bool_)
-            honest = ~byz_p
-            strict(x if bits is None else x.view(bits), r, need, tol, honest.astype(np.int64), groups, leader,
-                   member)
-            return _strict_votes(grads_nd, leader, member, honest.reshape(k, r), need)
+            votes = Votes(*strict(x if bits is None else x.view(bits), r, need, tol, byz_p))
+            for g in np.flatnonzero(votes.win_rows < 0).tolist() if votes.fallbacks else ():
+                _fallback(grads_nd, g, r)
+            return votes
 
-    base = groups * r
     bounds, stage = None, None
     if plan.buckets and plan.buckets < k:
         bounds = np.array(_bounds(k, plan.buckets), dtype=np.int64)
         if grads_nd.dtype == torch.float32:
             stage = prepared_bucket_stage(plan.inner, plan.mode, tuple(np.diff(bounds).tolist()), plan.f,
                                           plan.mode_params, plan.inner_f, plan.inner_params, d, torch.get_num_threads())
-    return _Prepared(plan, key, vote, bounds, stage)
+    # the buckets' permutation drawn by the compiled twin of numpy's (kernels.permutation) where the seed fits it
+    return _Prepared(plan, key, vote, bounds, stage, 0 <= plan.seed < 2**63)
 
 
 def _strict_votes(grads_nd: torch.Tensor, leader: np.ndarray, member: np.ndarray, honest_kr: np.ndarray,
@@ -631,10 +624,13 @@ def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
     timer = Timer()
     if prep is not None and prep.stage is not None and grams is None:
         # the buckets' rows one after the other, and the stage's one compiled call (None: the rule's own path)
-        from detox.kernels import _bucket_order
+        from detox.kernels import _bucket_order, _shuffled_order
 
-        perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])
-        rows = _bucket_order(votes.rows, perm, prep.bounds, np.empty_like(votes.rows))
+        if prep.compiled_shuffle and type(step) is int and step >= 0:
+            rows = _shuffled_order(votes.rows, plan.seed, TAG_BUCKETS, step, prep.bounds)
+        else:
+            perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])
+            rows = _bucket_order(votes.rows, perm, prep.bounds, np.empty_like(votes.rows))
         agg_d = prep.stage(grads_nd, rows, out)
         if agg_d is not None:
             return agg_d, timer.stop(diag, "t_aggregate")

@@ -1974,6 +1974,100 @@ def _bm_vote_serial(x, r, need, tol, starts, ends, honest, write, groups, known,
                      cands)
 
 
+@njit(cache=True)
+def _honest_of(byz):  # pragma: no cover - compiled
+    # the votes' ``honest`` (1 per honest row, 0 per Byzantine one) from the Byzantine mask
+    honest = np.empty(byz.shape[0], dtype=np.int64)
+    for i in range(byz.shape[0]):
+        honest[i] = 0 if byz[i] else 1
+    return honest
+
+
+@njit(cache=True)
+def _bm_tally(win, fallback, corrupted, r):  # pragma: no cover - compiled
+    # the rows the groups keep (a group's first where no single member sent its kept layers: the vote assembled
+    # them there), and the numbers of groups with a fallback and corrupted
+    rows = np.empty_like(win)
+    for g in range(win.shape[0]):
+        rows[g] = win[g] if win[g] >= 0 else g * r
+    return rows, win, fallback.sum(), corrupted.sum()
+
+
+@njit(parallel=True, cache=True)
+def _bm_step(x, r, need, tol, starts, ends, byz):  # pragma: no cover - compiled
+    # boyer_moore_vote over every group, writing the assembled layers, from the Byzantine mask: (the rows kept,
+    # who sent them, fallbacks, corrupted), as approaches.vote_rows returns them, in one call (approaches._prepared)
+    k = x.shape[0] // r
+    honest = _honest_of(byz)
+    win = np.full(k, -1, dtype=np.int64)
+    fallback = np.zeros(k, dtype=np.bool_)
+    corrupted = np.zeros(k, dtype=np.bool_)
+    cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
+    for g in prange(k):
+        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, True, win, fallback, corrupted, cands)
+    return _bm_tally(win, fallback, corrupted, r)
+
+
+@njit(cache=True)
+def _bm_step_serial(x, r, need, tol, starts, ends, byz):  # pragma: no cover - compiled
+    # _bm_step on one thread (see _strict_vote_serial)
+    k = x.shape[0] // r
+    honest = _honest_of(byz)
+    win = np.full(k, -1, dtype=np.int64)
+    fallback = np.zeros(k, dtype=np.bool_)
+    corrupted = np.zeros(k, dtype=np.bool_)
+    cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
+    for g in range(k):
+        _bm_vote_group(x, g, r, need, tol, starts, ends, honest, True, win, fallback, corrupted, cands)
+    return _bm_tally(win, fallback, corrupted, r)
+
+
+@njit(cache=True)
+def _strict_tally(leader, member, honest, r, need):  # pragma: no cover - compiled
+    # approaches._strict_votes' numbers: (rows kept, winning rows or -1, fallbacks, corrupted); a fallback group
+    # keeps its first row, where the caller writes its median
+    k = leader.shape[0]
+    rows = np.empty(k, dtype=np.int64)
+    win = np.full(k, -1, dtype=np.int64)
+    fallbacks = 0
+    corrupted = 0
+    for g in range(k):
+        rows[g] = g * r
+        if leader[g] < 0:
+            fallbacks += 1
+            continue
+        win[g] = rows[g] = g * r + leader[g]
+        support = 0
+        for j in range(r):
+            support += member[g, j] and honest[g * r + j] > 0
+        corrupted += support < need
+    return rows, win, fallbacks, corrupted
+
+
+@njit(parallel=True, cache=True)
+def _strict_step(x, r, need, tol, byz):  # pragma: no cover - compiled
+    # strict_vote over every group from the Byzantine mask, and its tally, in one call (approaches._prepared)
+    k = x.shape[0] // r
+    honest = _honest_of(byz)
+    leader = np.full(k, -1, dtype=np.int64)
+    member = np.zeros((k, r), dtype=np.bool_)
+    for g in prange(k):
+        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
+    return _strict_tally(leader, member, honest, r, need)
+
+
+@njit(cache=True)
+def _strict_step_serial(x, r, need, tol, byz):  # pragma: no cover - compiled
+    # _strict_step on one thread (see _strict_vote_serial)
+    k = x.shape[0] // r
+    honest = _honest_of(byz)
+    leader = np.full(k, -1, dtype=np.int64)
+    member = np.zeros((k, r), dtype=np.bool_)
+    for g in range(k):
+        _strict_vote_group(x, g, r, need, tol, honest, leader, member)
+    return _strict_tally(leader, member, honest, r, need)
+
+
 def _layer_bounds(starts: object, d: int) -> tuple[np.ndarray, np.ndarray]:
     """Each layer's first column and its end (int64, writable copies, as in candidate_ranking)."""
     starts = np.array(starts, dtype=np.int64)
@@ -2030,3 +2124,140 @@ def bucket_order(rows: np.ndarray, perm: np.ndarray, bounds: np.ndarray) -> np.n
         raise ValueError(f"bucket_order: perm must be a permutation of {k} positions and bounds cut points from 0 "
                          f"to {k}, got {perm.shape[0]} positions and bounds {bounds.tolist()}")
     return _bucket_order(rows, perm, bounds, np.empty(k, dtype=np.int64))
+
+
+# ------------------------------------------------------------------ numpy's Generator permutation, compiled
+# default_rng(SeedSequence(key)).permutation(k), step for step: SeedSequence's hash mixing of the key's 32-bit
+# words into its pool and out to 4 uint64s, PCG64 seeded from them (128-bit LCG, XSL-RR output, 32-bit draws
+# served from halves of 64-bit ones) and Generator.shuffle's Fisher-Yates with masked rejection sampling. The
+# step's buckets (attacks.rng_for(seed, TAG_BUCKETS, step)) in one compiled call: creating the Generator costs
+# ~10 us warm and ~55 us right after the rows arrive (issue #15). numpy is the definition: tests compare the
+# two on thousands of keys, and the general path (approaches._buckets) still draws from numpy.
+
+_U1, _U16, _U32, _U58, _U63 = (np.uint64(v) for v in (1, 16, 32, 58, 63))
+_M32 = np.uint64(0xFFFFFFFF)
+_SS = tuple(np.uint64(v) for v in (0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED, 0xCA01F9DD, 0x4973F715))
+_PCG_MULT = (np.uint64(2549297995355413924), np.uint64(4865540595714422341))
+
+
+@njit(cache=True, inline="always")
+def _hashmix(value, h):  # pragma: no cover - compiled
+    # SeedSequence's hashmix on uint32 values held in uint64s: (the mixed value, the next hash constant)
+    value = (value ^ h) & _M32
+    h = (h * _SS[1]) & _M32
+    value = (value * h) & _M32
+    return value ^ (value >> _U16), h
+
+
+@njit(cache=True, inline="always")
+def _mix(x, y):  # pragma: no cover - compiled
+    r = (_SS[4] * x - _SS[5] * y) & _M32
+    return r ^ (r >> _U16)
+
+
+@njit(cache=True, inline="always")
+def _mul128(ah, al, bh, bl):  # pragma: no cover - compiled
+    # (ah, al) * (bh, bl) mod 2^128, each a (high, low) pair of uint64s
+    a0, a1, b0, b1 = al & _M32, al >> _U32, bl & _M32, bl >> _U32
+    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
+    mid = (p00 >> _U32) + (p01 & _M32) + (p10 & _M32)
+    hi = p11 + (p01 >> _U32) + (p10 >> _U32) + (mid >> _U32)
+    return hi + ah * bl + al * bh, al * bl
+
+
+@njit(cache=True, inline="always")
+def _pcg_step(sh, sl, ih, il):  # pragma: no cover - compiled
+    # the LCG's step: state * multiplier + inc, mod 2^128
+    hi, low = _mul128(sh, sl, _PCG_MULT[0], _PCG_MULT[1])
+    lo = low + il
+    return hi + ih + np.uint64(lo < low), lo
+
+
+@njit(cache=True)
+def _permutation(key, k):  # pragma: no cover - compiled
+    # numpy's default_rng(SeedSequence(key)).permutation(k) (key: ints >= 0 below 2^63)
+    words = np.empty(2 * key.shape[0], dtype=np.uint64)
+    n = 0
+    for v0 in key:
+        v = np.uint64(v0)
+        if v == 0:
+            words[n] = 0
+            n += 1
+        while v != 0:
+            words[n] = v & _M32
+            n += 1
+            v = v >> _U32
+    pool = np.empty(4, dtype=np.uint64)
+    h = _SS[0]
+    for i in range(4):
+        pool[i], h = _hashmix(words[i] if i < n else np.uint64(0), h)
+    for s in range(4):
+        for d in range(4):
+            if s != d:
+                m, h = _hashmix(pool[s], h)
+                pool[d] = _mix(pool[d], m)
+    for s in range(4, n):
+        for d in range(4):
+            m, h = _hashmix(words[s], h)
+            pool[d] = _mix(pool[d], m)
+    state = np.empty(8, dtype=np.uint64)  # generate_state(4, uint64): 8 words, pairs little-endian
+    hb = _SS[2]
+    for i in range(8):
+        v = (pool[i % 4] ^ hb) & _M32
+        hb = (hb * _SS[3]) & _M32
+        v = (v * hb) & _M32
+        state[i] = v ^ (v >> _U16)
+    s0 = state[0] | (state[1] << _U32)
+    s1 = state[2] | (state[3] << _U32)
+    s2 = state[4] | (state[5] << _U32)
+    s3 = state[6] | (state[7] << _U32)
+    ih, il = (s2 << _U1) | (s3 >> _U63), (s3 << _U1) | _U1  # pcg64_set_seed: inc = initseq << 1 | 1
+    sh, sl = _pcg_step(np.uint64(0), np.uint64(0), ih, il)
+    lo = sl + s1
+    sh, sl = sh + s0 + np.uint64(lo < sl), lo
+    sh, sl = _pcg_step(sh, sl, ih, il)
+    out = np.arange(k)
+    spare = np.uint64(0)
+    has = False
+    for i in range(k - 1, 0, -1):  # Generator.shuffle: random_interval(i), 32-bit draws (i < 2^32)
+        mask = np.uint64(i)
+        for sh_ in (1, 2, 4, 8, 16, 32):
+            mask |= mask >> np.uint64(sh_)
+        while True:
+            if has:
+                draw = spare
+                has = False
+            else:
+                sh, sl = _pcg_step(sh, sl, ih, il)
+                v = sh ^ sl
+                rot = sh >> _U58
+                word = (v >> rot) | (v << ((np.uint64(64) - rot) & _U63))
+                spare = word >> _U32
+                has = True
+                draw = word & _M32
+            j = draw & mask
+            if j <= np.uint64(i):
+                break
+        t = out[i]
+        out[i] = out[np.int64(j)]
+        out[np.int64(j)] = t
+    return out
+
+
+def permutation(key: object, k: int) -> np.ndarray:
+    """``np.random.default_rng(np.random.SeedSequence(key)).permutation(k)``, bit for bit, compiled (``key``: a
+    sequence of integers in [0, 2^63))."""
+    ints = list(key) if isinstance(key, list | tuple | np.ndarray) else None
+    if (not ints or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and 0 <= v < 2**63
+                            for v in ints)):
+        raise ValueError(f"permutation: key must be a non-empty sequence of integers in [0, 2^63), got {key!r}")
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 0 <= k < 2**32:
+        raise ValueError(f"permutation: k must be an integer in [0, 2^32), got {k!r}")
+    return _permutation(np.array(ints, dtype=np.int64), int(k))
+
+
+@njit(cache=True)
+def _shuffled_order(rows, seed, tag, step, bounds):  # pragma: no cover - compiled
+    # _bucket_order with the permutation numpy draws for (seed, tag, step)
+    perm = _permutation(np.array([seed, tag, step], dtype=np.int64), rows.shape[0])
+    return _bucket_order(rows, perm, bounds, np.empty_like(rows))

@@ -211,3 +211,38 @@ def test_bucket_order_is_the_buckets_one_after_the_other(k, buckets, step_):
 def test_bucket_order_refuses_what_is_not_a_permutation_and_its_cut(perm, bounds):
     with pytest.raises(ValueError, match="bucket_order: perm must be a permutation"):
         bucket_order(np.arange(3), np.array(perm), np.array(bounds))
+
+
+def test_permutation_is_numpys_bit_for_bit():
+    from detox.kernels import permutation
+
+    gen = np.random.default_rng(11)
+    keys = [(0, 3, 0), (1, 3, 1), (2**32 - 1, 3, 2**32), (2**40, 3, 5), (0, 3, 2**33 + 5), (2**63 - 1, 3, 7),
+            (5,), (1, 2, 3, 4, 5, 6)]  # words: one, two per integer; fewer and more than the pool's 4
+    keys += [tuple(int(v) for v in gen.integers(0, 2**31, 3)) for _ in range(150)]
+    for key in keys:
+        for k in (0, 1, 2, 3, 15, 16, 17, 1000):
+            expected = np.random.default_rng(np.random.SeedSequence(list(key))).permutation(k)
+            assert np.array_equal(permutation(key, k), expected), (key, k)
+
+
+@pytest.mark.parametrize("key,k", [([], 3), ([-1], 3), ([2**63], 3), ([1.5], 3), ([True], 3), ("ab", 3),
+                                   ([1], -1), ([1], 2**32), ([1], 1.5)])
+def test_permutation_refuses_keys_and_counts_out_of_range_in_one_line(key, k):
+    from detox.kernels import permutation
+
+    with pytest.raises(ValueError, match="permutation: ") as err:
+        permutation(key, k)
+    assert "\n" not in str(err.value)
+
+
+def test_prepared_step_draws_the_buckets_numpy_draws_for_any_seed():
+    # seeds the compiled permutation takes and one it leaves to numpy (>= 2^63): the same buckets either way
+    grads, byz = hostile(45, 600, seed=6, dtype=torch.float32)
+    for seed in (0, 7, 2**40, 2**63 + 5):
+        plan = make_plan("median", "boyer-moore", 0.0, 45, 600, seed=seed)
+        for i in (0, 1, 2**35):
+            fast = step(plan, grads, byz, i, None, general=False)
+            slow = step(plan, grads, byz, i, None, general=True)
+            assert same_bits(fast[0], slow[0]), (seed, i)
+        assert approaches._PREPARED[id(plan)].compiled_shuffle == (seed < 2**63)
