@@ -835,6 +835,26 @@ def prepared_bucket_stage(inner: str, mode: str, sizes: tuple[int, ...], f: int,
     return None
 
 
+def prepared_rule_stage(name: str, n: int, f: int, params: dict | None, d: int,
+                        ) -> Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None] | None:
+    """``prepared_bucket_stage`` for a rule over DETOX's n winners (no buckets): ``fn(grads_nd, rows, out)`` is
+    bit for bit ``aggregate(name, grads_nd, f, params, rows=rows, out=out)`` on a contiguous float32 CPU matrix of
+    d columns, its settings resolved once (DETOX-Bulyan: its checks cost ~60 us a step with the interpreter out of
+    cache, issue #15). ``rows`` must be valid row indices (the vote's). None: no prepared form of ``name``, or
+    settings the rule rejects (with its one-line error)."""
+    if name != "bulyan":
+        return None
+    settings, err = _settings(name, n, f, params)
+    if err:
+        return None
+
+    def stage(grads_nd: torch.Tensor, rows: np.ndarray, out: torch.Tensor | None) -> torch.Tensor:
+        _check_out(name, grads_nd, rows, out)
+        return _bulyan_checked(grads_nd, rows, n, f, settings, out)
+
+    return stage
+
+
 def _stage(name: str, kernel: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray | None],
            ) -> Callable[[torch.Tensor, np.ndarray, torch.Tensor | None], torch.Tensor | None]:
     """``kernel(x, rows, out)`` as a bucket stage of ``prepared_bucket_stage``: ``out`` checked as the rule checks
@@ -888,6 +908,12 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
     n, _, s, grads_nd, rows = _check("bulyan", grads_nd, f, {"theta": theta, "neighbours": neighbours,
                                                              "selection": selection, "average": average, **other},
                                      rows, out)
+    return _bulyan_checked(grads_nd, rows, n, f, s, out, gram)
+
+
+def _bulyan_checked(grads_nd: torch.Tensor, rows: np.ndarray | None, n: int, f: int, s: dict,
+                    out: torch.Tensor | None, gram: np.ndarray | None = None) -> torch.Tensor:
+    """``bulyan``'s work on inputs it has checked (``_check``: n rows, settings ``s``)."""
     th, k_fixed, k = s["theta"], s["neighbours"], _bulyan_k(n, f, s)
     beta = th - 2 * f
     d2 = _distances(grads_nd, k, rows, gram)

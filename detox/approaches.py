@@ -484,7 +484,7 @@ def _prepared(plan: Plan, grads_nd: torch.Tensor, byz_p: np.ndarray) -> _Prepare
 
 def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
     from detox import kernels as K
-    from detox.aggregators import prepared_bucket_stage
+    from detox.aggregators import prepared_bucket_stage, prepared_rule_stage
 
     decisive(plan.group_size, plan.vote)  # validates the name
     (rows, d), r = grads_nd.shape, plan.group_size
@@ -516,6 +516,8 @@ def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
         if grads_nd.dtype == torch.float32:
             stage = prepared_bucket_stage(plan.inner, plan.mode, tuple(np.diff(bounds).tolist()), plan.f,
                                           plan.mode_params, plan.inner_f, plan.inner_params, d, torch.get_num_threads())
+    elif grads_nd.dtype == torch.float32 and plan.approach == "draco-lite":  # the rule over the winners
+        stage = prepared_rule_stage(plan.mode, k, plan.f, plan.mode_params, d)
     # the buckets' permutation drawn by the compiled twin of numpy's (kernels.permutation) where the seed fits it
     return _Prepared(plan, key, vote, bounds, stage, 0 <= plan.seed < 2**63)
 
@@ -623,10 +625,13 @@ def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
     votes, diag, grams = _vote_stage(grads_nd, byz_p, plan, step, prep)
     timer = Timer()
     if prep is not None and prep.stage is not None and grams is None:
-        # the buckets' rows one after the other, and the stage's one compiled call (None: the rule's own path)
+        # the buckets' rows one after the other (or the winners', without buckets), and the stage (None: the
+        # rule's own path)
         from detox.kernels import _bucket_order, _shuffled_order
 
-        if prep.compiled_shuffle and type(step) is int and step >= 0:
+        if prep.bounds is None:
+            rows = votes.rows
+        elif prep.compiled_shuffle and type(step) is int and step >= 0:
             rows = _shuffled_order(votes.rows, plan.seed, TAG_BUCKETS, step, prep.bounds)
         else:
             perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])

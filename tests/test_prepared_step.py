@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detox import approaches
-from detox.aggregators import prepared_bucket_stage
+from detox.aggregators import prepared_bucket_stage, prepared_rule_stage
 from detox.approaches import APPROACHES, Plan, _bounds, _buckets
 from detox.kernels import bucket_order
 
@@ -18,6 +18,7 @@ CASES = {
     "trimmed": ("draco-lite", "trimmed-mean", 1, "mean", 0, {}, 4),
     "multi-krum": ("draco-lite", "mean", 0, "multi-krum", 2, {"m": "original", "neighbours": "original"}, 2),
     "bulyan": ("draco-lite", "bulyan", 2, "mean", 0, {}, None),
+    "bulyan-original": ("draco-lite", "bulyan", 2, "mean", 0, {}, None),  # the preset's settings (ORIGINAL)
     "krum-over-means": ("draco-lite", "krum", 1, "mean", 0, {}, 5),
     "maj_vote": ("maj_vote", "mean", 0, "mean", 0, {}, None),
 }
@@ -26,9 +27,11 @@ CASES = {
 def make_plan(case: str, vote: str, tol: float, workers: int, d: int, seed: int = 0) -> Plan:
     approach, mode, f, inner, inner_f, inner_params, buckets = CASES[case]
     sizes = (d // 3, d // 6, d - d // 3 - d // 6)  # three layers for the Boyer-Moore vote
+    original = {"theta": "original", "selection": "original", "average": "original", "neighbours": "original"}
     return Plan(approach=approach, workers=workers, group_size=3, byzantine=workers // 9, mode=mode, f=f,
-                inner=inner, inner_f=inner_f, inner_params=inner_params, buckets=buckets, vote_tol=tol, seed=seed,
-                vote=vote, layer_sizes=sizes if vote == "boyer-moore" else None)
+                mode_params=original if case == "bulyan-original" else {}, inner=inner, inner_f=inner_f,
+                inner_params=inner_params, buckets=buckets, vote_tol=tol, seed=seed, vote=vote,
+                layer_sizes=sizes if vote == "boyer-moore" else None)
 
 
 def hostile(workers: int, d: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
@@ -98,11 +101,11 @@ def test_prepared_step_equals_the_general_path(case, vote, tol, dtype):
         assert fast[1] == slow[1]
         assert same_bits(fast[2], slow[2])  # what the vote wrote into the matrix (fallbacks, assembled layers)
     assert approaches._PREPARED[id(plan)].plan is plan  # the prepared path was the one taken
-    if dtype == torch.float32 and case in ("median", "trimmed", "multi-krum"):
+    if dtype == torch.float32 and case in ("median", "trimmed", "multi-krum", "bulyan", "bulyan-original"):
         assert approaches._PREPARED[id(plan)].stage is not None
 
 
-@pytest.mark.parametrize("case", ["median", "multi-krum"])
+@pytest.mark.parametrize("case", ["median", "multi-krum", "bulyan-original"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_prepared_step_at_the_unrolled_size_on_one_and_two_threads(case, threads):
     # 15 winners x 70000 columns: the unrolled bucket kernels and the pooled vote (above 2^20 elements)
@@ -191,6 +194,14 @@ def test_prepared_stage_checks_out_as_the_rule_does():
                                                ("mean", "coord-median", {"bogus": 1})])
 def test_no_prepared_stage_for_other_pairs_or_settings_the_rule_refuses(inner, mode, params):
     assert prepared_bucket_stage(inner, mode, (3, 3, 3), 0, params, 0, {}, 600, 2) is None
+
+
+@pytest.mark.parametrize("name,n,f,params", [("krum", 15, 2, {}), ("bulyan", 10, 2, {}),
+                                             ("bulyan", 15, 2, {"theta": "bogus"})])
+def test_no_prepared_rule_stage_but_bulyan_and_none_for_settings_it_refuses(name, n, f, params):
+    # bulyan needs n >= 4f + 3: 10 rows with f = 2 are refused (the rule's own path raises its one line)
+    assert prepared_rule_stage(name, n, f, params, 600) is None
+    assert prepared_rule_stage("bulyan", 15, 2, {}, 600) is not None
 
 
 @pytest.mark.parametrize("k,buckets,step_", [(15, 5, 0), (15, 2, 3), (7, 3, 9), (2, 1, 1)])
