@@ -448,7 +448,7 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
 @dataclass(frozen=True)
 class _Prepared:
     """One plan's step as compiled calls, with every argument that stays the same from step to step set up once
-    (per matrix shape, dtype and thread counts): the step's Python is then a handful of calls. At d = 1e5 that
+    (per matrix shape, dtype and torch's thread count): the step's Python is then a handful of calls. At d = 1e5 that
     Python runs right after the rows arrive, with the interpreter out of cache, where each check and small array
     costs ~5x its warm time: the vote's and the rules' wrappers took half of DETOX's step (issue #15)."""
 
@@ -631,7 +631,7 @@ def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
 
         if prep.bounds is None:
             rows = votes.rows
-        elif prep.compiled_shuffle and type(step) is int and step >= 0:
+        elif prep.compiled_shuffle and type(step) is int and 0 <= step < 2**63:
             rows = _shuffled_order(votes.rows, plan.seed, TAG_BUCKETS, step, prep.bounds)
         else:
             perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])
