@@ -797,7 +797,7 @@ def prepared_bucket_stage(inner: str, mode: str, sizes: tuple[int, ...], f: int,
     from detox import kernels as K
 
     nb, total = len(sizes), sum(sizes)
-    if nb < 1 or min(sizes) < 1 or _settings(mode, nb, f, params)[1]:
+    if nb < 1 or min(sizes) < 1 or d < 1 or threads < 1 or _settings(mode, nb, f, params)[1]:
         return None
     starts = np.array([0, *np.cumsum(sizes).tolist()], dtype=np.int64)
     if inner == "mean" and mode in MIDDLE:
@@ -842,7 +842,7 @@ def prepared_rule_stage(name: str, n: int, f: int, params: dict | None, d: int,
     d columns, its settings resolved once (DETOX-Bulyan: its checks cost ~60 us a step with the interpreter out of
     cache, issue #15). ``rows`` must be valid row indices (the vote's). None: no prepared form of ``name``, or
     settings the rule rejects (with its one-line error)."""
-    if name != "bulyan":
+    if name != "bulyan" or d < 1:
         return None
     settings, err = _settings(name, n, f, params)
     if err:

@@ -196,6 +196,13 @@ def test_no_prepared_stage_for_other_pairs_or_settings_the_rule_refuses(inner, m
     assert prepared_bucket_stage(inner, mode, (3, 3, 3), 0, params, 0, {}, 600, 2) is None
 
 
+@pytest.mark.parametrize("sizes,d,threads", [((), 600, 2), ((3, 0, 3), 600, 2), ((3, 3), 0, 2), ((3, 3), -5, 2),
+                                             ((3, 3), 600, 0)])
+def test_no_prepared_stage_for_empty_buckets_or_matrices(sizes, d, threads):
+    assert prepared_bucket_stage("mean", "coord-median", sizes, 0, {}, 0, {}, d, threads) is None
+    assert prepared_rule_stage("bulyan", 15, 2, {}, min(d, 0)) is None
+
+
 @pytest.mark.parametrize("name,n,f,params", [("krum", 15, 2, {}), ("bulyan", 10, 2, {}),
                                              ("bulyan", 15, 2, {"theta": "bogus"})])
 def test_no_prepared_rule_stage_but_bulyan_and_none_for_settings_it_refuses(name, n, f, params):
