@@ -2115,9 +2115,11 @@ def _bucket_order(rows, perm, bounds, out):  # pragma: no cover - compiled
 def bucket_order(rows: np.ndarray, perm: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """The winners ``rows`` in their buckets' order: bucket b holds ``rows[np.sort(perm[bounds[b]:bounds[b + 1]])]``
     (``approaches._buckets``' cut, as one int64 array; ``bounds``: the cut points, 0 first and len(rows) last)."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    perm = np.ascontiguousarray(perm, dtype=np.int64)
-    bounds = np.ascontiguousarray(bounds, dtype=np.int64)
+    arrays = [np.asarray(a) for a in (rows, perm, bounds)]
+    if any(a.ndim != 1 or (a.size and a.dtype.kind not in "iu") for a in arrays):
+        raise ValueError("bucket_order: rows, perm and bounds must be 1-D arrays of integers, got "
+                         + ", ".join(f"{a.shape} {a.dtype}" for a in arrays))
+    rows, perm, bounds = (np.ascontiguousarray(a, dtype=np.int64) for a in arrays)
     k = rows.shape[0]
     if (perm.shape != (k,) or bounds.ndim != 1 or bounds.shape[0] < 2 or bounds[0] != 0 or bounds[-1] != k
             or (np.diff(bounds) < 0).any() or not np.array_equal(np.sort(perm), np.arange(k))):

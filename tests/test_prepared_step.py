@@ -264,3 +264,10 @@ def test_prepared_step_draws_the_buckets_numpy_draws_for_any_seed():
             slow = step(plan, grads, byz, i, None, general=True)
             assert same_bits(fast[0], slow[0]), (seed, i)
         assert approaches._PREPARED[id(plan)].compiled_shuffle == (seed < 2**63)
+
+
+@pytest.mark.parametrize("rows,perm,bounds", [([0.5, 1.7], [0, 1], [0, 2]), ([[0, 1]], [0, 1], [0, 2]),
+                                              ([0, 1], [0.0, 1.0], [0, 2]), ([0, 1], [0, 1], ["0", "2"])])
+def test_bucket_order_refuses_what_is_not_integer_indices(rows, perm, bounds):
+    with pytest.raises(ValueError, match="bucket_order: rows, perm and bounds must be 1-D arrays of integers"):
+        bucket_order(np.array(rows), np.array(perm), np.array(bounds))
