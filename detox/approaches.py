@@ -342,7 +342,10 @@ def vote_rows(grads_nd: torch.Tensor, r: int, tol: float = 0.0, vote: str = "str
     rows = np.arange(k, dtype=np.int64) * r
     if vote == "strict":
         honest = honest_p[: k * r].reshape(k, r)
-        return _strict_votes(grads_nd, *strict_vote(x, r, need, tol, honest.ravel(), settled), honest, need)
+        from detox.kernels import _strict_tally
+
+        leader, member = strict_vote(x, r, need, tol, honest.ravel(), settled)
+        return _strict_votes(grads_nd, r, _strict_tally(leader, member, honest.ravel().astype(np.int64), r, need))
     win_rows, fallback, corrupted, _ = boyer_moore_vote(x, r, need, tol, starts, honest_p, True, settled,
                                                         *(known or (None, None)))
     return Votes(np.where(win_rows >= 0, win_rows, rows), win_rows, int(fallback.sum()), int(corrupted.sum()))
@@ -505,10 +508,7 @@ def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
 
         def vote(grads_nd: torch.Tensor, byz_p: np.ndarray) -> Votes:
             x = grads_nd.numpy()
-            votes = Votes(*strict(x if bits is None else x.view(bits), r, need, tol, byz_p))
-            for g in np.flatnonzero(votes.win_rows < 0).tolist() if votes.fallbacks else ():
-                _fallback(grads_nd, g, r)
-            return votes
+            return _strict_votes(grads_nd, r, strict(x if bits is None else x.view(bits), r, need, tol, byz_p))
 
     bounds, stage = None, None
     if plan.buckets and plan.buckets < k:
@@ -522,18 +522,13 @@ def _prepare(plan: Plan, grads_nd: torch.Tensor, key: tuple) -> _Prepared:
     return _Prepared(plan, key, vote, bounds, stage, 0 <= plan.seed < 2**63)
 
 
-def _strict_votes(grads_nd: torch.Tensor, leader: np.ndarray, member: np.ndarray, honest_kr: np.ndarray,
-                  need: int) -> Votes:
-    """The strict vote's result from its kernel's leaders and classes (``kernels.strict_vote``); a group without
-    a strict majority gets its members' median, written into its first row."""
-    k, r = member.shape
-    rows = np.arange(k, dtype=np.int64) * r
-    won = leader >= 0
-    win_rows = np.where(won, rows + leader, -1)
-    corrupted = int((won & ((member & honest_kr).sum(axis=1) < need)).sum())
-    for g in np.flatnonzero(~won).tolist():
+def _strict_votes(grads_nd: torch.Tensor, r: int, tally: tuple) -> Votes:
+    """The strict vote's result from its tally (``kernels._strict_tally``: rows kept, winning rows, fallbacks,
+    corrupted); a group without a strict majority gets its members' median, written into its first row."""
+    votes = Votes(*tally)
+    for g in np.flatnonzero(votes.win_rows < 0).tolist() if votes.fallbacks else ():
         _fallback(grads_nd, g, r)
-    return Votes(np.where(won, win_rows, rows), win_rows, int((~won).sum()), corrupted)
+    return votes
 
 
 def baseline(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
@@ -627,15 +622,14 @@ def draco_lite(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step: int,
     if prep is not None and prep.stage is not None and grams is None:
         # the buckets' rows one after the other (or the winners', without buckets), and the stage (None: the
         # rule's own path)
-        from detox.kernels import _bucket_order, _shuffled_order
+        from detox.kernels import _shuffled_order
 
         if prep.bounds is None:
             rows = votes.rows
         elif prep.compiled_shuffle and type(step) is int and 0 <= step < 2**63:
             rows = _shuffled_order(votes.rows, plan.seed, TAG_BUCKETS, step, prep.bounds)
         else:
-            perm = rng_for(plan.seed, TAG_BUCKETS, step).permutation(votes.rows.shape[0])
-            rows = _bucket_order(votes.rows, perm, prep.bounds, np.empty_like(votes.rows))
+            rows = np.concatenate(_buckets(votes.rows, plan, step))
         agg_d = prep.stage(grads_nd, rows, out)
         if agg_d is not None:
             return agg_d, timer.stop(diag, "t_aggregate")

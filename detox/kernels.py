@@ -1984,6 +1984,13 @@ def _honest_of(byz):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
+def _bm_outputs(k, layers):  # pragma: no cover - compiled
+    # what _bm_vote_group writes per group: the winning row, fallback, corrupted, the candidate per layer
+    return (np.full(k, -1, dtype=np.int64), np.zeros(k, dtype=np.bool_), np.zeros(k, dtype=np.bool_),
+            np.zeros((k, layers), dtype=np.int64))
+
+
+@njit(cache=True)
 def _bm_tally(win, fallback, corrupted, r):  # pragma: no cover - compiled
     # the rows the groups keep (a group's first where no single member sent its kept layers: the vote assembled
     # them there), and the numbers of groups with a fallback and corrupted
@@ -1999,10 +2006,7 @@ def _bm_step(x, r, need, tol, starts, ends, byz):  # pragma: no cover - compiled
     # who sent them, fallbacks, corrupted), as approaches.vote_rows returns them, in one call (approaches._prepared)
     k = x.shape[0] // r
     honest = _honest_of(byz)
-    win = np.full(k, -1, dtype=np.int64)
-    fallback = np.zeros(k, dtype=np.bool_)
-    corrupted = np.zeros(k, dtype=np.bool_)
-    cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
+    win, fallback, corrupted, cands = _bm_outputs(k, starts.shape[0])
     for g in prange(k):
         _bm_vote_group(x, g, r, need, tol, starts, ends, honest, True, win, fallback, corrupted, cands)
     return _bm_tally(win, fallback, corrupted, r)
@@ -2013,10 +2017,7 @@ def _bm_step_serial(x, r, need, tol, starts, ends, byz):  # pragma: no cover - c
     # _bm_step on one thread (see _strict_vote_serial)
     k = x.shape[0] // r
     honest = _honest_of(byz)
-    win = np.full(k, -1, dtype=np.int64)
-    fallback = np.zeros(k, dtype=np.bool_)
-    corrupted = np.zeros(k, dtype=np.bool_)
-    cands = np.zeros((k, starts.shape[0]), dtype=np.int64)
+    win, fallback, corrupted, cands = _bm_outputs(k, starts.shape[0])
     for g in range(k):
         _bm_vote_group(x, g, r, need, tol, starts, ends, honest, True, win, fallback, corrupted, cands)
     return _bm_tally(win, fallback, corrupted, r)
@@ -2024,8 +2025,8 @@ def _bm_step_serial(x, r, need, tol, starts, ends, byz):  # pragma: no cover - c
 
 @njit(cache=True)
 def _strict_tally(leader, member, honest, r, need):  # pragma: no cover - compiled
-    # approaches._strict_votes' numbers: (rows kept, winning rows or -1, fallbacks, corrupted); a fallback group
-    # keeps its first row, where the caller writes its median
+    # the strict vote's (rows kept, winning rows or -1, fallbacks, corrupted) from its leaders and classes; a
+    # fallback group keeps its first row, where the caller writes its median (approaches._strict_votes)
     k = leader.shape[0]
     rows = np.empty(k, dtype=np.int64)
     win = np.full(k, -1, dtype=np.int64)
@@ -2049,8 +2050,7 @@ def _strict_step(x, r, need, tol, byz):  # pragma: no cover - compiled
     # strict_vote over every group from the Byzantine mask, and its tally, in one call (approaches._prepared)
     k = x.shape[0] // r
     honest = _honest_of(byz)
-    leader = np.full(k, -1, dtype=np.int64)
-    member = np.zeros((k, r), dtype=np.bool_)
+    leader, member = np.full(k, -1, dtype=np.int64), np.zeros((k, r), dtype=np.bool_)
     for g in prange(k):
         _strict_vote_group(x, g, r, need, tol, honest, leader, member)
     return _strict_tally(leader, member, honest, r, need)
@@ -2061,8 +2061,7 @@ def _strict_step_serial(x, r, need, tol, byz):  # pragma: no cover - compiled
     # _strict_step on one thread (see _strict_vote_serial)
     k = x.shape[0] // r
     honest = _honest_of(byz)
-    leader = np.full(k, -1, dtype=np.int64)
-    member = np.zeros((k, r), dtype=np.bool_)
+    leader, member = np.full(k, -1, dtype=np.int64), np.zeros((k, r), dtype=np.bool_)
     for g in range(k):
         _strict_vote_group(x, g, r, need, tol, honest, leader, member)
     return _strict_tally(leader, member, honest, r, need)
