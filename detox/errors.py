@@ -1,5 +1,24 @@
-"""Errors a user fixes from the message alone: one line, no traceback (detox.train prints them)."""
+"""Errors a user fixes from the message alone: one line, no traceback (detox.train prints them); and the
+exception a signal handler raised, found inside the SystemError CPython sometimes makes of it."""
+
+from __future__ import annotations
 
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message names the key, the value and what is allowed."""
+
+
+_MASKED = "returned a result with an exception set"
+
+
+def signalled(err: BaseException) -> BaseException:
+    """``err``, or the exception a signal handler raised if CPython wrapped it in a SystemError.
+
+    A Python signal handler runs wherever Python code next runs. When that is inside a C call which then returns
+    a result anyway (numba runs Python while boxing an array its compiled function returns), CPython raises
+    ``SystemError("... returned a result with an exception set")`` from the handler's exception. Ctrl-C's
+    KeyboardInterrupt or submitit's requeue on USR2 (SystemExit) would then look like a failed job (seen in CI:
+    tests/test_slurm.py's preempted job)."""
+    while isinstance(err, SystemError) and err.__cause__ is not None and _MASKED in str(err):
+        err = err.__cause__
+    return err

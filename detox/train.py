@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from detox.config import ConfigError, validate
 from detox.data import DataUnavailable
 from detox.engines import ENGINES
+from detox.errors import signalled
 from detox.results import (
     JobBusy,
     base_summary,
@@ -116,7 +117,10 @@ def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
     default_sigcont()
     try:
         summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
-    except Exception as err:
+    except Exception as caught:
+        err = signalled(caught)
+        if not isinstance(err, Exception):  # Ctrl-C, submitit's requeue: not this job's failure
+            raise err from None
         summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
         if out_dir is not None:
             write_json(out_dir / "summary.json", summary)
@@ -128,7 +132,9 @@ def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
             return summary
         if isinstance(err, USER_ERRORS):
             sys.exit(2)
-        raise
+        if err is caught:
+            raise
+        raise err from None
     if not multirun:
         acc = summary.get("final_test_acc")
         print(f"detox: {summary['status']}: final test accuracy "

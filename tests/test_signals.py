@@ -1,0 +1,112 @@
+"""A signal handler's exception (Ctrl-C, submitit's requeue on USR2) stays itself when it lands inside a compiled
+kernel's call: CPython turns it into a SystemError there (numba runs Python while boxing the arrays a kernel
+returns), which once made a preempted Slurm job a failed one (CI, tests/test_slurm.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY, run_job
+
+import detox.kernels as K
+from detox.engines import ENGINES
+from detox.errors import signalled
+
+
+def _kernel_calls_until(raise_: Callable[[], BaseException], tries: int = 400) -> BaseException:
+    """Call the strict vote's compiled step (it returns arrays) back to back while a timer's handler raises
+    ``raise_()``; return the first exception that came out as a SystemError (the handler ran inside the call),
+    else the last one."""
+    x = np.random.default_rng(0).standard_normal((45, 20_000)).astype(np.float32)
+    x[1::3] = x[2::3] = x[0::3]
+    rows, byz = x.view(np.int32), np.zeros(45, dtype=bool)
+    K._strict_step_serial(rows, 3, 2, 0, byz)  # compiled (or loaded) before the timer runs
+
+    def handler(signum: int, frame: object) -> None:
+        raise raise_()
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    out: BaseException | None = None
+    try:
+        for i in range(tries):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, 1e-4 * (1 + i % 20))
+                while True:
+                    K._strict_step_serial(rows, 3, 2, 0, byz)
+            except BaseException as err:  # noqa: BLE001 - what the handler raised, however it came out
+                out = err
+                if isinstance(err, SystemError):
+                    return err
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert out is not None
+    return out
+
+
+class Requeued(SystemExit):
+    """submitit's requeue ends the job with sys.exit(-1) from its USR2 handler."""
+
+
+def test_a_handler_exception_inside_a_kernel_call_is_found_inside_the_systemerror() -> None:
+    raised: list[BaseException] = []
+
+    def requeue() -> BaseException:
+        raised.append(Requeued(-1))
+        return raised[-1]
+
+    err = _kernel_calls_until(requeue)
+    # the case this guards: without it the test would not exercise anything (numba boxes arrays through Python)
+    assert isinstance(err, SystemError), f"the handler never ran inside the kernel's call: {err!r}"
+    assert "returned a result with an exception set" in str(err)
+    assert signalled(err) is raised[-1]
+
+
+def test_signalled_leaves_every_other_exception_as_it_is() -> None:
+    plain = ValueError("x")
+    assert signalled(plain) is plain
+    other = SystemError("something else")
+    other.__cause__ = KeyboardInterrupt()
+    assert signalled(other) is other  # not CPython's wrapping of a handler's exception
+    bare = SystemError("f returned a result with an exception set")
+    assert signalled(bare) is bare  # no cause to give back
+
+
+@pytest.mark.parametrize("multirun", [True, False])
+@pytest.mark.parametrize("kind", [Requeued, KeyboardInterrupt])
+def test_a_job_interrupted_inside_a_kernel_call_is_not_recorded_as_failed(kind: type[BaseException], multirun: bool,
+                                                                          tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The job's engine is interrupted while it runs a kernel: the handler's own exception leaves detox.train (so
+    submitit requeues, Ctrl-C stops the sweep), and no summary says the job failed."""
+    seen: list[BaseException] = []
+
+    def engine(cfg, plan, out_dir):  # noqa: ANN001, ANN202 - the engines' signature
+        seen.append(_kernel_calls_until(lambda: kind(-1) if kind is Requeued else kind()))
+        raise seen[-1]
+
+    monkeypatch.setitem(ENGINES, "local", engine)
+    with pytest.raises(kind):
+        run_job(TINY, tmp_path / "job", multirun=multirun)
+    assert isinstance(seen[0], SystemError)
+    summary = tmp_path / "job" / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text())["status"] != "failed"
+
+
+def test_a_handler_error_inside_a_kernel_call_is_recorded_as_itself(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's handler raises an error when it cannot requeue ("timed-out too many times"): the sweep records
+    that error, not CPython's SystemError around it."""
+    def engine(cfg, plan, out_dir):  # noqa: ANN001, ANN202
+        raise _kernel_calls_until(lambda: RuntimeError("Job not requeued because: timed-out too many times."))
+
+    monkeypatch.setitem(ENGINES, "local", engine)
+    summary = run_job(TINY, tmp_path / "job", multirun=True)
+    assert summary["status"] == "failed"
+    assert summary["error"] == "RuntimeError: Job not requeued because: timed-out too many times."
+    assert json.loads((tmp_path / "job" / "summary.json").read_text())["error"] == summary["error"]
