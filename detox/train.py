@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from omegaconf import DictConfig
 from detox.config import ConfigError, validate
 from detox.data import DataUnavailable
 from detox.engines import ENGINES
-from detox.errors import signalled
+from detox.errors import HandlerError, signalled
 from detox.results import (
     JobBusy,
     base_summary,
@@ -100,24 +102,42 @@ def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
     return _train(cfg, plan, out_dir, multirun)
 
 
-def default_sigcont() -> bool:
-    """Under submitit (a Slurm job), give SIGCONT back its default action; True if it did.
+@contextlib.contextmanager
+def submitit_signals() -> Iterator[bool]:
+    """Under submitit (a Slurm job), while the job trains: SIGCONT gets back its default action and the USR2
+    handler's errors are carried as HandlerError; yields whether this is such a job.
 
     submitit's SIGCONT handler only logs, and Slurm sends SIGCONT with the time limit's USR2. A USR2 handled while
-    that logging call runs raises submitit's "timed-out" error inside it, where logging's error handler swallows
-    it: the job then trains on until Slurm kills it and leaves no result for submitit (seen in CI,
-    tests/test_slurm.py). SIGCONT's default action is all a running process needs."""
+    that logging call runs raised submitit's "timed-out" error inside it, where logging's error handler swallowed
+    it: the job then trained on until Slurm killed it and left no result for submitit (seen in CI,
+    tests/test_slurm.py). SIGCONT's default action is all a running process needs. Any other ``except Exception``
+    the signal lands in would swallow that error too: carried as a BaseException it cannot be, and ``_train``
+    records the error itself. The handler is put back afterwards, where Hydra records an error as a failed job."""
     if not os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
-        return False
+        yield False
+        return
     signal.signal(signal.SIGCONT, signal.SIG_DFL)
-    return True
+    usr2 = signal.getsignal(signal.SIGUSR2)
+    if callable(usr2):
+        def carried(signum: int, frame: object) -> None:
+            try:
+                usr2(signum, frame)
+            except Exception as err:
+                raise HandlerError(err) from err
+
+        signal.signal(signal.SIGUSR2, carried)
+    try:
+        yield True
+    finally:
+        if callable(usr2):
+            signal.signal(signal.SIGUSR2, usr2)
 
 
 def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
-    default_sigcont()
     try:
-        summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
-    except Exception as caught:
+        with submitit_signals():
+            summary = ENGINES[cfg.engine.name](cfg, plan, out_dir)
+    except (Exception, HandlerError) as caught:
         err = signalled(caught)
         if not isinstance(err, Exception):  # Ctrl-C, submitit's requeue: not this job's failure
             raise err from None

@@ -4,7 +4,9 @@ returns), which once made a preempted Slurm job a failed one (CI, tests/test_slu
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -110,3 +112,54 @@ def test_a_handler_error_inside_a_kernel_call_is_recorded_as_itself(tmp_path: Pa
     assert summary["status"] == "failed"
     assert summary["error"] == "RuntimeError: Job not requeued because: timed-out too many times."
     assert json.loads((tmp_path / "job" / "summary.json").read_text())["error"] == summary["error"]
+
+
+@pytest.mark.parametrize("requeued", [False, True])
+@pytest.mark.parametrize("inside_a_kernel", [False, True])
+def test_a_submitit_handler_error_is_not_swallowed_by_an_except_exception_on_its_way(
+        inside_a_kernel: bool, requeued: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under submitit the USR2 handler's error (it cannot requeue) ends the job even where the signal lands in an
+    ``except Exception`` (logging's emit swallows errors so): the job is recorded failed with that error, and the
+    handler is submitit's again afterwards. Its requeue (sys.exit) leaves detox.train as itself."""
+    message = "Job not requeued because: timed-out too many times."
+    calls: list[int] = []
+
+    def submitits_handler(signum: int, frame: object) -> None:
+        calls.append(signum)
+        if requeued:
+            raise Requeued(-1)
+        raise RuntimeError(message)
+
+    def usr2_now() -> BaseException:
+        os.kill(os.getpid(), signal.SIGUSR2)
+        for _ in range(1000):  # the handler runs at the next bytecode boundaries, raising
+            pass
+        return AssertionError("the USR2 handler did not run")
+
+    def engine(cfg, plan, out_dir):  # noqa: ANN001, ANN202
+        assert signal.getsignal(signal.SIGUSR2) is not submitits_handler  # wrapped while the job trains
+        if inside_a_kernel:  # the USR2 handler runs inside the compiled call: CPython's SystemError around it
+            err = _kernel_calls_until(usr2_now)
+            assert isinstance(err, SystemError), err
+            raise err
+        try:  # as logging.Handler.emit does: an error inside is reported and dropped
+            raise usr2_now()
+        except Exception:
+            pass
+        return {"status": "completed"}
+
+    monkeypatch.setitem(ENGINES, "local", engine)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    usr2, cont = signal.signal(signal.SIGUSR2, submitits_handler), signal.getsignal(signal.SIGCONT)
+    try:
+        with pytest.raises(Requeued) if requeued else contextlib.nullcontext():
+            summary = run_job(TINY, tmp_path / "job", multirun=True)
+        assert signal.getsignal(signal.SIGUSR2) is submitits_handler
+    finally:
+        signal.signal(signal.SIGUSR2, usr2)
+        signal.signal(signal.SIGCONT, cont)
+    assert calls and set(calls) == {signal.SIGUSR2}
+    if requeued:
+        assert not (tmp_path / "job" / "summary.json").exists()
+    else:
+        assert summary["status"] == "failed" and summary["error"] == f"RuntimeError: {message}", summary

@@ -206,7 +206,7 @@ def test_sigcont_gets_its_default_action_in_a_submitit_job_only(monkeypatch: pyt
     # swallowed by logging (CI: the job trained on until killed). detox gives SIGCONT back its default action.
     import signal
 
-    from detox.train import default_sigcont
+    from detox.train import submitit_signals
 
     def logs(signum, frame):  # what submitit installs
         pass
@@ -214,8 +214,10 @@ def test_sigcont_gets_its_default_action_in_a_submitit_job_only(monkeypatch: pyt
     previous = signal.signal(signal.SIGCONT, logs)
     try:
         monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
-        assert not default_sigcont() and signal.getsignal(signal.SIGCONT) is logs  # not a submitit job: untouched
+        with submitit_signals() as submitit:  # not a submitit job: untouched
+            assert not submitit and signal.getsignal(signal.SIGCONT) is logs
         monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
-        assert default_sigcont() and signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
+        with submitit_signals() as submitit:
+            assert submitit and signal.getsignal(signal.SIGCONT) == signal.SIG_DFL
     finally:
         signal.signal(signal.SIGCONT, previous)
