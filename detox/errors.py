@@ -1,5 +1,6 @@
-"""Errors a user fixes from the message alone: one line, no traceback (detox.train prints them); and the
-exception a signal handler raised, found inside the SystemError CPython sometimes makes of it."""
+"""Errors a user fixes from the message alone: one line, no traceback (detox.train prints them); and how a signal
+handler's exception travels out of a job: carried (HandlerError) or wrapped by CPython, and found again
+(``signalled``)."""
 
 from __future__ import annotations
 
@@ -30,10 +31,13 @@ def signalled(err: BaseException) -> BaseException:
     ``SystemError("... returned a result with an exception set")`` from the handler's exception. Ctrl-C's
     KeyboardInterrupt or submitit's requeue on USR2 (SystemExit) would then look like a failed job (seen in CI:
     tests/test_slurm.py's preempted job)."""
-    while True:
+    seen = set()
+    while id(err) not in seen:  # a cause chain can loop
+        seen.add(id(err))
         if isinstance(err, HandlerError):
             err = err.error
         elif isinstance(err, SystemError) and err.__cause__ is not None and _MASKED in str(err):
             err = err.__cause__
         else:
-            return err
+            break
+    return err

@@ -77,6 +77,9 @@ def test_signalled_leaves_every_other_exception_as_it_is() -> None:
     assert signalled(other) is other  # not CPython's wrapping of a handler's exception
     bare = SystemError("f returned a result with an exception set")
     assert signalled(bare) is bare  # no cause to give back
+    looped = SystemError("f returned a result with an exception set")
+    looped.__cause__ = looped
+    assert signalled(looped) is looped  # ends
 
 
 @pytest.mark.parametrize("multirun", [True, False])
