@@ -271,3 +271,95 @@ def test_prepared_step_draws_the_buckets_numpy_draws_for_any_seed():
 def test_bucket_order_refuses_what_is_not_integer_indices(rows, perm, bounds):
     with pytest.raises(ValueError, match="bucket_order: rows, perm and bounds must be 1-D arrays of integers"):
         bucket_order(np.array(rows), np.array(perm), np.array(bounds))
+
+
+BULYAN_SETTINGS = [{}, {"theta": "original", "selection": "original", "average": "original", "neighbours": "original"},
+                   {"selection": "original"}, {"average": "original"}, {"theta": 7, "neighbours": 3},
+                   {"theta": "original", "neighbours": 2, "selection": "original"}]
+
+
+def bulyan_rows(n: int, d: int, seed: int, kind: str) -> torch.Tensor:
+    """n rows of a 2n-row matrix (the others never read: a row subset, as the vote's winners), with ``kind`` of
+    hostile content: NaN, +inf or a squared norm that overflows float32 in some rows, duplicated rows (tied
+    scores), a NaN in the first row (the ranking's differences are taken from it: every candidate ties, the first is
+    taken and no centred squared norm is finite, so the rule's own path re-centres), every row non-finite, or a large
+    common component (centring matters)."""
+    gen = np.random.default_rng(seed)
+    x = gen.standard_normal((2 * n, d)).astype(np.float32)
+    winners = np.arange(1, 2 * n, 2)
+    if kind == "hostile":
+        x[winners[2], 5] = np.nan
+        x[winners[3], d - 1] = np.inf
+        x[winners[4]] *= np.float32(1e20)
+    elif kind == "ties":
+        x[winners[2]] = x[winners[1]]
+        x[winners[5]] = x[winners[1]]
+    elif kind == "nan-first":
+        x[winners[0], 0] = np.nan  # column 0 is always sampled
+    elif kind == "none-finite":
+        x[winners, d // 2] = np.inf
+    elif kind == "offset":
+        x += np.float32(1e4)
+    return torch.from_numpy(x)
+
+
+@pytest.mark.parametrize("params", BULYAN_SETTINGS)
+@pytest.mark.parametrize("kind", ["plain", "hostile", "ties", "nan-first", "none-finite", "offset"])
+@pytest.mark.parametrize("n,f,d", [(11, 2, 300), (15, 2, 5000), (19, 3, 4099)])
+def test_prepared_bulyan_selects_and_averages_as_the_rule(params, kind, n, f, d):
+    # DETOX-Bulyan's stage (kernels.bulyan_selector + the average) against aggregators.bulyan over the same rows: the
+    # same rows selected (as _distances, then the one-pass or the iterative choice), the same bits out
+    from detox.aggregators import _bulyan_k, _distances, _lowest, _sample_bounds, _scores, _settings, bulyan
+    from detox.kernels import bulyan_selector, iterative_selection
+
+    grads = bulyan_rows(n, d, seed=n + d, kind=kind)
+    rows = np.arange(1, 2 * n, 2, dtype=np.int64)
+    s, err = _settings("bulyan", n, f, params)
+    assert err is None
+    k, th = _bulyan_k(n, f, s), s["theta"]
+    select = bulyan_selector(n, d, f, th, k, s["neighbours"], s["selection"] != "original", *_sample_bounds(d),
+                             torch.get_num_threads())
+    chosen = select(grads.numpy(), rows)
+    if kind in ("nan-first", "none-finite"):
+        assert chosen is None  # handed back: the rule finds a finite row to centre on
+    else:
+        d2 = _distances(grads, k, rows)
+        sel = (np.sort(_lowest(_scores(d2, k), th)) if s["selection"] == "original"
+               else iterative_selection(d2, f, th, s["neighbours"]))
+        assert chosen.dtype == np.int64 and np.array_equal(chosen, rows[sel])
+    stage = prepared_rule_stage("bulyan", n, f, params, d)
+    for out in (None, torch.empty(d)):
+        fast = stage(grads, rows, out)
+        assert out is None or fast.data_ptr() == out.data_ptr()
+        assert same_bits(fast, bulyan(grads, f, rows=rows, **params))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_prepared_bulyan_where_its_gram_matrix_and_ranking_are_split_across_threads(threads):
+    # 45 rows x 2^19 columns: the ranking's sample (16384 columns) and the Gram matrix both reach their thread
+    # limits, so both run pooled on 2 threads (they round as the rule's own calls do on that many)
+    from detox import kernels as K
+    from detox.aggregators import _sample_bounds, bulyan
+
+    n, f, d = 45, 10, 1 << 19
+    pairs = n * (n + 1) // 2 * K._SEGMENT * 8
+    assert pairs >= K._SERIAL_PAIRS and K._gram_threads_d(2, d, n) == 2
+    # the Bulyan output depends on the Gram matrix's bits only through near-ties, so the split is checked as such:
+    # the selector's thread counts are those candidate_ranking and centred_gram would use
+    x = np.empty((n, d), dtype=np.float32)
+    for t in (1, 2):
+        select = K.bulyan_selector(n, d, f, n - 2 * f, n - f - 2, None, True, *_sample_bounds(d), t)
+        rank = min(K._threads(t, x, None, pairs, K._SERIAL_PAIRS), 8)
+        assert select.threads == (rank, K._gram_threads(t, x, n)) == (t, t)
+        small = K.bulyan_selector(15, 3000, 2, 11, 11, None, False, *_sample_bounds(3000), t)
+        assert small.threads == (1, 1)
+    grads = bulyan_rows(n, d, seed=9, kind="hostile")
+    rows = np.arange(1, 2 * n, 2, dtype=np.int64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for params in BULYAN_SETTINGS[:2]:
+            stage = prepared_rule_stage("bulyan", n, f, params, d)
+            assert same_bits(stage(grads, rows, None), bulyan(grads, f, rows=rows, **params))
+    finally:
+        torch.set_num_threads(before)
