@@ -840,32 +840,17 @@ def prepared_rule_stage(name: str, n: int, f: int, params: dict | None, d: int,
     """``prepared_bucket_stage`` for a rule over DETOX's n winners (no buckets): ``fn(grads_nd, rows, out)`` is
     bit for bit ``aggregate(name, grads_nd, f, params, rows=rows, out=out)`` on a contiguous float32 CPU matrix of
     d columns, its settings resolved once (DETOX-Bulyan: its checks cost ~60 us a step with the interpreter out of
-    cache, issue #15) and its selection one compiled call (``kernels.bulyan_selector``: the Python between the
-    ranking, the Gram matrix and the choice cost ~0.15 ms more). ``rows`` must be valid row indices (the vote's).
-    None: no prepared form of ``name``, or settings the rule rejects (with its one-line error)."""
+    cache, issue #15). ``rows`` must be valid row indices (the vote's). None: no prepared form of ``name``, or
+    settings the rule rejects (with its one-line error)."""
     if name != "bulyan" or d < 1:
         return None
     settings, err = _settings(name, n, f, params)
     if err:
         return None
-    from detox.kernels import bulyan_selector, closest_mean, middle_mean
-
-    th, k_fixed, k = settings["theta"], settings["neighbours"], _bulyan_k(n, f, settings)
-    select = bulyan_selector(n, d, f, th, k, k_fixed, settings["selection"] != ORIGINAL, *_sample_bounds(d),
-                             _threads())
-    middle = settings["average"] == ORIGINAL
 
     def stage(grads_nd: torch.Tensor, rows: np.ndarray, out: torch.Tensor | None) -> torch.Tensor:
         _check_out(name, grads_nd, rows, out)
-        x = grads_nd.numpy()
-        chosen = select(x, rows)
-        if chosen is None:  # centred on a non-finite row (no finite squared norm): the rule re-centres
-            return _bulyan_checked(grads_nd, rows, n, f, settings, out)
-        o = None if out is None else out.numpy()
-        threads = _threads()
-        done = middle_mean(x, chosen, f, th - f, threads, o) if middle else closest_mean(x, chosen, th - 2 * f,
-                                                                                          threads, o)
-        return torch.from_numpy(done)
+        return _bulyan_checked(grads_nd, rows, n, f, settings, out)
 
     return stage
 
@@ -926,19 +911,38 @@ def bulyan(grads_nd: torch.Tensor, f: int, theta: int | str | None = None, neigh
     return _bulyan_checked(grads_nd, rows, n, f, s, out, gram)
 
 
+@lru_cache(maxsize=64)
+def _bulyan_selector(n: int, d: int, f: int, theta: int, k: int, k_fixed: int | None, iterative: bool,
+                     threads: int) -> Callable[[np.ndarray, np.ndarray], np.ndarray | None]:
+    """``kernels.bulyan_selector`` for these counts (the same few every step): the selection ``_distances`` and the
+    choice below make, in one compiled call. The Python between the ranking, the Gram matrix and the choice cost
+    ~0.15 ms a call, with the interpreter out of cache as in DETOX's step right after the rows arrive (issue #15)."""
+    from detox.kernels import bulyan_selector
+
+    return bulyan_selector(n, d, f, theta, k, k_fixed, iterative, *_sample_bounds(d), threads)
+
+
 def _bulyan_checked(grads_nd: torch.Tensor, rows: np.ndarray | None, n: int, f: int, s: dict,
                     out: torch.Tensor | None, gram: np.ndarray | None = None) -> torch.Tensor:
     """``bulyan``'s work on inputs it has checked (``_check``: n rows, settings ``s``)."""
     th, k_fixed, k = s["theta"], s["neighbours"], _bulyan_k(n, f, s)
     beta = th - 2 * f
-    d2 = _distances(grads_nd, k, rows, gram)
-    if s["selection"] == ORIGINAL:
-        selected = np.sort(_lowest(_scores(d2, k), th))
-    else:
-        from detox.kernels import iterative_selection
+    chosen = None
+    if gram is None and _cpu32(grads_nd) and grads_nd.is_contiguous() and grads_nd.shape[1] > 0:
+        from detox.kernels import _rows
 
-        selected = iterative_selection(d2, f, th, k_fixed)
-    chosen = np.ascontiguousarray(selected if rows is None else rows[selected], dtype=np.int64)
+        x = grads_nd.numpy()
+        select = _bulyan_selector(n, x.shape[1], f, th, k, k_fixed, s["selection"] != ORIGINAL, _threads())
+        chosen = select(x, _rows(x, rows))  # None: centred on a non-finite row, re-centred below
+    if chosen is None:
+        d2 = _distances(grads_nd, k, rows, gram)
+        if s["selection"] == ORIGINAL:
+            selected = np.sort(_lowest(_scores(d2, k), th))
+        else:
+            from detox.kernels import iterative_selection
+
+            selected = iterative_selection(d2, f, th, k_fixed)
+        chosen = np.ascontiguousarray(selected if rows is None else rows[selected], dtype=np.int64)
     if s["average"] == ORIGINAL:
         return _middle_rows(grads_nd, chosen, f, th - f, out)
     return _closest_rows(grads_nd, chosen, beta, out)

@@ -303,43 +303,62 @@ def bulyan_rows(n: int, d: int, seed: int, kind: str) -> torch.Tensor:
     return torch.from_numpy(x)
 
 
-@pytest.mark.parametrize("params", BULYAN_SETTINGS)
-@pytest.mark.parametrize("kind", ["plain", "hostile", "ties", "nan-first", "none-finite", "offset"])
-@pytest.mark.parametrize("n,f,d", [(11, 2, 300), (15, 2, 5000), (19, 3, 4099)])
-def test_prepared_bulyan_selects_and_averages_as_the_rule(params, kind, n, f, d):
-    # DETOX-Bulyan's stage (kernels.bulyan_selector + the average) against aggregators.bulyan over the same rows: the
-    # same rows selected (as _distances, then the one-pass or the iterative choice), the same bits out
-    from detox.aggregators import _bulyan_k, _distances, _lowest, _sample_bounds, _scores, _settings, bulyan
-    from detox.kernels import bulyan_selector, iterative_selection
+def bulyan_reference(grads: torch.Tensor, rows: np.ndarray, f: int, params: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """The rows Bulyan selects and its output, computed step by step as before the selection was one compiled call:
+    ``_distances`` (reference row, centred Gram matrix, re-centred on a finite row where need be), then the one-pass
+    or the iterative choice, then the average over the selected rows."""
+    from detox.aggregators import _bulyan_k, _closest_rows, _distances, _lowest, _middle_rows, _scores, _settings
+    from detox.kernels import iterative_selection
 
-    grads = bulyan_rows(n, d, seed=n + d, kind=kind)
-    rows = np.arange(1, 2 * n, 2, dtype=np.int64)
+    n = rows.shape[0]
     s, err = _settings("bulyan", n, f, params)
     assert err is None
     k, th = _bulyan_k(n, f, s), s["theta"]
-    select = bulyan_selector(n, d, f, th, k, s["neighbours"], s["selection"] != "original", *_sample_bounds(d),
-                             torch.get_num_threads())
-    chosen = select(grads.numpy(), rows)
+    d2 = _distances(grads, k, rows)
+    sel = (np.sort(_lowest(_scores(d2, k), th)) if s["selection"] == "original"
+           else iterative_selection(d2, f, th, s["neighbours"]))
+    chosen = rows[sel]
+    if s["average"] == "original":
+        return chosen, _middle_rows(grads, chosen, f, th - f)
+    return chosen, _closest_rows(grads, chosen, th - 2 * f)
+
+
+@pytest.mark.parametrize("params", BULYAN_SETTINGS)
+@pytest.mark.parametrize("kind", ["plain", "hostile", "ties", "nan-first", "none-finite", "offset"])
+@pytest.mark.parametrize("n,f,d", [(11, 2, 300), (15, 2, 5000), (19, 3, 4099)])
+def test_bulyan_selects_in_one_call_what_it_selected_step_by_step(params, kind, n, f, d):
+    # kernels.bulyan_selector (the rule's selection on the CPU, and DETOX-Bulyan's prepared stage) against the steps
+    # it replaces: the same rows selected, the same bits out, on every path that reaches it
+    from detox.aggregators import _bulyan_k, _sample_bounds, _settings, bulyan
+    from detox.kernels import bulyan_selector
+
+    grads = bulyan_rows(n, d, seed=n + d, kind=kind)
+    rows = np.arange(1, 2 * n, 2, dtype=np.int64)
+    s, _ = _settings("bulyan", n, f, params)
+    select = bulyan_selector(n, d, f, s["theta"], _bulyan_k(n, f, s), s["neighbours"], s["selection"] != "original",
+                             *_sample_bounds(d), torch.get_num_threads())
+    chosen, expected = bulyan_reference(grads, rows, f, params)
+    found = select(grads.numpy(), rows)
     if kind in ("nan-first", "none-finite"):
-        assert chosen is None  # handed back: the rule finds a finite row to centre on
+        assert found is None  # handed back: the rule re-centres on a finite row
     else:
-        d2 = _distances(grads, k, rows)
-        sel = (np.sort(_lowest(_scores(d2, k), th)) if s["selection"] == "original"
-               else iterative_selection(d2, f, th, s["neighbours"]))
-        assert chosen.dtype == np.int64 and np.array_equal(chosen, rows[sel])
+        assert found.dtype == np.int64 and np.array_equal(found, chosen)
     stage = prepared_rule_stage("bulyan", n, f, params, d)
     for out in (None, torch.empty(d)):
         fast = stage(grads, rows, out)
         assert out is None or fast.data_ptr() == out.data_ptr()
-        assert same_bits(fast, bulyan(grads, f, rows=rows, **params))
+        assert same_bits(fast, expected)
+    assert same_bits(bulyan(grads, f, rows=rows, **params), expected)
+    sub = grads[torch.from_numpy(rows)].contiguous()  # all rows of a matrix (rows=None)
+    assert same_bits(bulyan(sub, f, **params), bulyan_reference(sub, np.arange(n), f, params)[1])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_prepared_bulyan_where_its_gram_matrix_and_ranking_are_split_across_threads(threads):
+def test_bulyan_selection_where_its_gram_matrix_and_ranking_are_split_across_threads(threads):
     # 45 rows x 2^19 columns: the ranking's sample (16384 columns) and the Gram matrix both reach their thread
     # limits, so both run pooled on 2 threads (they round as the rule's own calls do on that many)
     from detox import kernels as K
-    from detox.aggregators import _sample_bounds, bulyan
+    from detox.aggregators import _sample_bounds
 
     n, f, d = 45, 10, 1 << 19
     pairs = n * (n + 1) // 2 * K._SEGMENT * 8
@@ -360,6 +379,6 @@ def test_prepared_bulyan_where_its_gram_matrix_and_ranking_are_split_across_thre
     try:
         for params in BULYAN_SETTINGS[:2]:
             stage = prepared_rule_stage("bulyan", n, f, params, d)
-            assert same_bits(stage(grads, rows, None), bulyan(grads, f, rows=rows, **params))
+            assert same_bits(stage(grads, rows, None), bulyan_reference(grads, rows, f, params)[1])
     finally:
         torch.set_num_threads(before)
