@@ -1706,14 +1706,13 @@ def iterative_selection(d2: np.ndarray, f: int, theta: int, k_fixed: int | None)
                                 -1 if k_fixed is None else int(k_fixed))
 
 
-
 @njit(cache=True)
 def _bulyan_selection(x, rows, seg_starts, seg_ends, kr, k, f, theta, k_fixed, iterative, rank_threads,
                       gram_threads, block):  # pragma: no cover - compiled
     # Bulyan's selection over x[rows] as aggregators._bulyan_checked computes it without a Gram matrix given: the
     # reference row (candidate_ranking, kr neighbours), the centred Gram matrix, then the one-pass choice of the theta
-    # lowest Krum scores (k neighbours) or the iterative one. x's rows, ascending; empty where no squared norm is
-    # finite (the rule's own path then centres on a finite row)
+    # lowest Krum scores (k neighbours) or the iterative one. x's rows, ascending; empty where no centred squared norm
+    # is finite (the reference row itself is not: the rule's own path then centres on a finite row)
     n = rows.shape[0]
     best = 0
     if n > 1:
@@ -1746,7 +1745,8 @@ def bulyan_selector(n: int, d: int, f: int, theta: int, k: int, k_fixed: int | N
     [seg_starts, seg_ends), its centred Gram matrix, theta rows by the one-pass choice over k neighbours or, with
     ``iterative``, by repeated Krum with ``k_fixed`` neighbours or |R| - f - 2), in one compiled call with the thread
     counts resolved once: DETOX-Bulyan's step, where the Python between those calls cost ~0.2 ms a step with the
-    interpreter out of cache (issue #15). x's rows, ascending; None where no row's squared norm is finite."""
+    interpreter out of cache (issue #15). x's rows, ascending; None where no centred squared norm is finite (the
+    reference row is not: ``aggregators.bulyan`` then re-centres on a finite row)."""
     seg_starts = np.array(seg_starts, dtype=np.int64)  # writable copies (see candidate_ranking)
     seg_ends = np.array(seg_ends, dtype=np.int64)
     if int((seg_ends - seg_starts).max()) > _SEGMENT:
