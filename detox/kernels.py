@@ -1347,6 +1347,24 @@ _SEGMENT = 2048
 _CHUNK = 128
 
 
+def _sample_segments(name: str, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled column segments [starts, ends) as writable int64 copies, each at most _SEGMENT wide. Writable: the
+    caller's may be read-only (cached), and numba compiles read-only arrays as another specialisation, which made
+    the vote's loops 2x slower (issue #15)."""
+    starts = np.array(starts, dtype=np.int64)
+    ends = np.array(ends, dtype=np.int64)
+    if int((ends - starts).max()) > _SEGMENT:
+        raise ValueError(f"{name}: segments are at most {_SEGMENT} columns")
+    return starts, ends
+
+
+def _ranking_threads(threads: int, n: int, starts: np.ndarray, ends: np.ndarray) -> int:
+    """Threads ``candidate_ranking`` splits the ranking of n rows on the segments across (one below _SERIAL_PAIRS
+    pair-columns, at most one per segment)."""
+    pairs = n * (n + 1) // 2 * int((ends - starts).sum())
+    return min(_pool(threads) if pairs >= _SERIAL_PAIRS else 1, starts.shape[0])
+
+
 def candidate_ranking(x: np.ndarray, rows: np.ndarray | None, starts: np.ndarray, ends: np.ndarray, k: int,
                       threads: int) -> np.ndarray:
     """Rows of ``x[rows]`` (positions) ranked by the sum of their k smallest squared distances to the other rows
@@ -1355,16 +1373,10 @@ def candidate_ranking(x: np.ndarray, rows: np.ndarray | None, starts: np.ndarray
     float64 throughout: per segment the exact differences from the first selected row and their Gram matrix,
     summed in segment order, so the ranking is the same on any number of threads (MKL's product, used before,
     rounds differently on 1 and 2 threads). One compiled call: ~0.1 ms at n = 45, d = 1e3."""
-    # writable copies (the caller's may be read-only, cached): numba compiles read-only arrays as another
-    # specialisation, which made the vote's loops 2x slower (issue #15)
-    starts = np.array(starts, dtype=np.int64)
-    ends = np.array(ends, dtype=np.int64)
-    if int((ends - starts).max()) > _SEGMENT:
-        raise ValueError(f"candidate_ranking: segments are at most {_SEGMENT} columns")
+    starts, ends = _sample_segments("candidate_ranking", starts, ends)
     idx = _rows(x, rows)
     n = idx.shape[0]
-    threads = min(_threads(threads, x, rows, n * (n + 1) // 2 * int((ends - starts).sum()), _SERIAL_PAIRS),
-                  starts.shape[0])
+    threads = _ranking_threads(threads, n, starts, ends)
     if threads == 1:
         return _candidate_ranking_serial(x, idx, starts, ends, int(k))
     return _candidate_ranking(x, idx, starts, ends, int(k), threads)
@@ -1426,10 +1438,7 @@ def _side_by_side(name: str, x: np.ndarray, buckets: list[np.ndarray], seg_start
         return None
     rows = np.ascontiguousarray(np.concatenate(buckets), dtype=np.int64)
     starts = np.array([0, *itertools.accumulate(sizes)], dtype=np.int64)
-    seg_starts = np.array(seg_starts, dtype=np.int64)
-    seg_ends = np.array(seg_ends, dtype=np.int64)
-    if int((seg_ends - seg_starts).max()) > _SEGMENT:
-        raise ValueError(f"{name}: segments are at most {_SEGMENT} columns")
+    seg_starts, seg_ends = _sample_segments(name, seg_starts, seg_ends)
     return rows, starts, seg_starts, seg_ends, min(threads, len(buckets), numba.config.NUMBA_NUM_THREADS) > 1
 
 
@@ -1747,12 +1756,8 @@ def bulyan_selector(n: int, d: int, f: int, theta: int, k: int, k_fixed: int | N
     counts resolved once: DETOX-Bulyan's step, where the Python between those calls cost ~0.2 ms a step with the
     interpreter out of cache (issue #15). x's rows, ascending; None where no centred squared norm is finite (the
     reference row is not: ``aggregators.bulyan`` then re-centres on a finite row)."""
-    seg_starts = np.array(seg_starts, dtype=np.int64)  # writable copies (see candidate_ranking)
-    seg_ends = np.array(seg_ends, dtype=np.int64)
-    if int((seg_ends - seg_starts).max()) > _SEGMENT:
-        raise ValueError(f"bulyan_selector: segments are at most {_SEGMENT} columns")
-    pairs = n * (n + 1) // 2 * int((seg_ends - seg_starts).sum())
-    rank_threads = min(_pool(threads) if pairs >= _SERIAL_PAIRS else 1, seg_starts.shape[0])
+    seg_starts, seg_ends = _sample_segments("bulyan_selector", seg_starts, seg_ends)
+    rank_threads = _ranking_threads(threads, n, seg_starts, seg_ends)
     gram_threads = _gram_threads_d(threads, d, n)
     kr = min(max(k, 1), n - 1)
     args = (int(kr), int(k), int(f), int(theta), -1 if k_fixed is None else int(k_fixed), bool(iterative),
