@@ -194,6 +194,45 @@ def test_serial_twins_equal_the_pooled_kernels_on_one_thread() -> None:
         assert serial.tobytes() == pooled.tobytes()
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_order_statistic_kernels_split_columns_into_contiguous_shares_bit_for_bit(threads, tmp_path, monkeypatch):
+    # each thread takes one contiguous, equal share of the columns (_col_range), cut into blocks (their last one
+    # short where the share ends inside a block): every column's value is still the serial twin's, bit for bit.
+    # d = 3 unrolled slices + 37: shares of 4108-4109 columns on 3 threads, one full slice and a short one each
+    monkeypatch.setenv("DETOX_CACHE_DIR", str(tmp_path))
+    K._unrolled.cache_clear()
+    d = 3 * K._UNROLL_COLS + 37
+    x = RNG.standard_normal((17, d)).astype(np.float32)
+    for value in (np.nan, np.inf, -np.inf, -0.0):
+        x[RNG.random(x.shape) < 0.02] = value
+    rows = RNG.permutation(17)[:15].astype(np.int64)
+    assert [K._col_range(d, threads, t) for t in range(threads)][-1][1] == d
+
+    def out() -> np.ndarray:
+        return np.full(d, 7.0, dtype=np.float32)  # a column no thread wrote stays 7.0 and fails the comparison
+
+    net5, net15 = K.selection_network(5, 1, 4), K.selection_network(15, 7, 8)
+    starts = np.array([0, 3, 6, 9, 12, 15], dtype=np.int64)
+    w, dens = np.ones(15, dtype=np.float32), np.full(5, 3.0, dtype=np.float32)
+    plain, buckets = K._unrolled(15, 7, 8), K._unrolled(5, 2, 3, (3, 3, 3, 3, 3))
+    pairs = [
+        (K._middle_mean_serial(x, rows, net15, 7, 8, K.BLOCK, out()),
+         K._middle_mean(x, rows, net15, 7, 8, K.BLOCK, threads, out())),
+        (K._closest_mean_serial(x, rows[:5], K.sorting_network(5), 3, K.BLOCK, out()),
+         K._closest_mean(x, rows[:5], K.sorting_network(5), 3, K.BLOCK, threads, out())),
+        (K._bucket_middle_mean_serial(x, rows, starts, w, dens, net5, 1, 4, K.BLOCK, out()),
+         K._bucket_middle_mean(x, rows, starts, w, dens, net5, 1, 4, K.BLOCK, threads, out())),
+        (plain.serial(x, rows, K._UNROLL_COLS, out()), plain.pooled(x, rows, K._UNROLL_COLS, threads, out())),
+        (buckets.serial(x, rows, K._UNROLL_COLS, out()), buckets.pooled(x, rows, K._UNROLL_COLS, threads, out())),
+        # the unrolled kernels and the block kernels compute the same values
+        (plain.serial(x, rows, K._UNROLL_COLS, out()), K._middle_mean_serial(x, rows, net15, 7, 8, K.BLOCK, out())),
+    ]
+    for serial, pooled in pairs:
+        assert not (serial == 7.0).any()
+        assert serial.tobytes() == pooled.tobytes()
+    K._unrolled.cache_clear()
+
+
 def test_gram_split_rule_and_every_caller_that_must_round_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     # a Gram matrix is split across threads from _SERIAL_PAIRS pair-columns or _SERIAL_GRAM elements read; the
     # split rounds differently, so centred_gram, gram_split and bucket_grams must all follow the one rule
