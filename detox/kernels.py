@@ -257,7 +257,7 @@ _UNROLL_ELEMS = 1 << 20
 _UNROLL_VERSION = 2  # part of the generated files' names: bump when _unrolled_source changes
 # columns per slice of the unrolled kernels (their values stay in registers: no buffer bounds it); each thread's
 # share is one contiguous run of them (_col_range). DETOX-median's bucket stage at d = 1.1e7: 256 columns dealt out
-# in turn 28.5 ms, contiguous runs of 4096 20 ms; at d = 1e5, after the vote, 0.14 -> 0.07 ms
+# in turn 28.5 ms, contiguous runs of 4096 20 ms; at d = 1e5, after the vote, 0.14 -> 0.06 ms
 _UNROLL_COLS = 4096
 # bucket_middle_mean unrolls over bucket means up to this many rows in all (one load of each per column)
 _UNROLL_BUCKET_ROWS = 64
