@@ -812,7 +812,7 @@ def prepared_bucket_stage(inner: str, mode: str, sizes: tuple[int, ...], f: int,
         def middle(x: np.ndarray, rows: np.ndarray, o: np.ndarray) -> np.ndarray:
             if net is None:
                 return K.bucket_middle_mean(x, rows, starts, lo, hi, pool, o)
-            return net.serial(x, rows, K._UNROLL_COLS, o) if pool == 1 else net.pooled(x, rows, K._UNROLL_COLS, pool, o)
+            return K.run_unrolled(net, x, rows, pool, o)
 
         return _stage(mode, middle)
     if inner == "multi-krum" and mode == "mean":
