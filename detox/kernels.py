@@ -776,60 +776,75 @@ def sign_votes(x: np.ndarray, threads: int, rows: np.ndarray | None = None) -> n
 
 
 @njit(fastmath=_FAST, inline="always", cache=True)
-def _gram_tiles(buf, n, width, zero, acc):  # pragma: no cover - compiled
-    """acc[i, k] += the dot product of buf rows i <= k over their first ``width`` columns, summed in the type of
-    ``zero`` (float32 for the Gram kernel, float64 for the candidate ranking). Rows i..i+3 against four others
-    per pass: 8 loads for 16 multiply-adds, 16 accumulators in registers (2 rows against 4, 6 loads for 8, was
-    25 % slower at n = 45, d = 1e5: the loads from L2 and the per-pass reductions bound it)."""
-    i = 0
-    while i + 4 <= n:
-        u0 = buf[i]
-        u1 = buf[i + 1]
-        u2 = buf[i + 2]
-        u3 = buf[i + 3]
-        _gram_diagonal4(u0, u1, u2, u3, i, width, zero, acc)
-        k = i + 4
-        while k + 4 <= n:
-            _gram_tile4(u0, u1, u2, u3, buf[k], buf[k + 1], buf[k + 2], buf[k + 3], i, k, width, zero, acc)
-            k += 4
-        while k < n:
-            v = buf[k]
+def _gram_tiles(x, rows, a, width, rf, zero, acc):  # pragma: no cover - compiled
+    """acc[i, k] += the dot product, over columns [a, a + width), of rows ``x[rows[i]] - rf`` and
+    ``x[rows[k]] - rf`` (rf: those columns of the reference row; None where the rows are already centred) for
+    i <= k, each difference taken where it is used, the products summed in the type of ``zero`` (float32 for the
+    Gram kernel, float64 for the candidate ranking).
+
+    Rows go in groups of four; group g meets every earlier group (``_gram_tile4``: 8 loads for 16 multiply-adds,
+    16 accumulators in registers; 2 rows against 4 was 25 % slower at n = 45, d = 1e5), then itself
+    (``_gram_diagonal4``), so each group's rows are first read just before they are used; the last n % 4 rows
+    meet each group, then each other. Centring into a buffer first, which the tiles then read back, was 1.8x
+    slower at 8 rows, d = 1e5 (serial: 0.14-0.15 against 0.08 ms); each pair's sum is the same either way."""
+    n = rows.shape[0]
+    e = a + width
+    n4 = n - n % 4
+    for k in range(0, n4, 4):
+        v0 = x[rows[k], a:e]
+        v1 = x[rows[k + 1], a:e]
+        v2 = x[rows[k + 2], a:e]
+        v3 = x[rows[k + 3], a:e]
+        for i in range(0, k, 4):
+            _gram_tile4(x[rows[i], a:e], x[rows[i + 1], a:e], x[rows[i + 2], a:e], x[rows[i + 3], a:e],
+                        v0, v1, v2, v3, rf, i, k, width, zero, acc)
+        _gram_diagonal4(v0, v1, v2, v3, rf, k, width, zero, acc)
+    for k in range(n4, n):
+        v = x[rows[k], a:e]
+        for i in range(0, n4, 4):
+            u0 = x[rows[i], a:e]
+            u1 = x[rows[i + 1], a:e]
+            u2 = x[rows[i + 2], a:e]
+            u3 = x[rows[i + 3], a:e]
             s0 = zero
             s1 = zero
             s2 = zero
             s3 = zero
             for j in range(width):
-                e = v[j]
-                s0 += u0[j] * e
-                s1 += u1[j] * e
-                s2 += u2[j] * e
-                s3 += u3[j] * e
+                c = _centred(v, rf, j)
+                s0 += _centred(u0, rf, j) * c
+                s1 += _centred(u1, rf, j) * c
+                s2 += _centred(u2, rf, j) * c
+                s3 += _centred(u3, rf, j) * c
             acc[i, k] += s0
             acc[i + 1, k] += s1
             acc[i + 2, k] += s2
             acc[i + 3, k] += s3
-            k += 1
-        i += 4
-    while i < n:  # the last n % 4 rows, pair by pair
-        u = buf[i]
-        for k in range(i, n):
-            v = buf[k]
+        for i in range(n4, k + 1):
+            u = x[rows[i], a:e]
             s = zero
             for j in range(width):
-                s += u[j] * v[j]
+                s += _centred(u, rf, j) * _centred(v, rf, j)
             acc[i, k] += s
-        i += 1
 
 
 @njit(fastmath=_FAST, inline="always", cache=True)
-def _gram_diagonal4(u0, u1, u2, u3, i, width, zero, acc):  # pragma: no cover - compiled
-    # the 10 pairs among rows i..i+3
+def _centred(u, rf, j):  # pragma: no cover - compiled
+    # u[j] minus the reference row's (rf None: compiled without the subtraction)
+    if rf is None:
+        return u[j]
+    return u[j] - rf[j]
+
+
+@njit(fastmath=_FAST, inline="always", cache=True)
+def _gram_diagonal4(u0, u1, u2, u3, rf, i, width, zero, acc):  # pragma: no cover - compiled
+    # the 10 pairs among rows i..i+3 (each minus rf)
     s00 = s01 = s02 = s03 = s11 = s12 = s13 = s22 = s23 = s33 = zero
     for j in range(width):
-        e0 = u0[j]
-        e1 = u1[j]
-        e2 = u2[j]
-        e3 = u3[j]
+        e0 = _centred(u0, rf, j)
+        e1 = _centred(u1, rf, j)
+        e2 = _centred(u2, rf, j)
+        e3 = _centred(u3, rf, j)
         s00 += e0 * e0
         s01 += e0 * e1
         s02 += e0 * e2
@@ -853,19 +868,19 @@ def _gram_diagonal4(u0, u1, u2, u3, i, width, zero, acc):  # pragma: no cover - 
 
 
 @njit(fastmath=_FAST, inline="always", cache=True)
-def _gram_tile4(u0, u1, u2, u3, v0, v1, v2, v3, i, k, width, zero, acc):  # pragma: no cover - compiled
-    # rows i..i+3 against rows k..k+3
+def _gram_tile4(u0, u1, u2, u3, v0, v1, v2, v3, rf, i, k, width, zero, acc):  # pragma: no cover - compiled
+    # rows i..i+3 against rows k..k+3 (each minus rf)
     s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = zero
     s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = zero
     for j in range(width):
-        e0 = u0[j]
-        e1 = u1[j]
-        e2 = u2[j]
-        e3 = u3[j]
-        a0 = v0[j]
-        a1 = v1[j]
-        a2 = v2[j]
-        a3 = v3[j]
+        e0 = _centred(u0, rf, j)
+        e1 = _centred(u1, rf, j)
+        e2 = _centred(u2, rf, j)
+        e3 = _centred(u3, rf, j)
+        a0 = _centred(v0, rf, j)
+        a1 = _centred(v1, rf, j)
+        a2 = _centred(v2, rf, j)
+        a3 = _centred(v3, rf, j)
         s00 += e0 * a0
         s01 += e0 * a1
         s02 += e0 * a2
@@ -901,15 +916,8 @@ def _gram_tile4(u0, u1, u2, u3, v0, v1, v2, v3, i, k, width, zero, acc):  # prag
 
 
 @njit(fastmath=_FAST, cache=True)
-def _gram_block(x, rows, ref, start, width, buf, acc):  # pragma: no cover - compiled
-    n = rows.shape[0]
-    rf = ref[start : start + width]
-    for r in range(n):
-        src = x[rows[r], start : start + width]
-        dst = buf[r]
-        for j in range(width):
-            dst[j] = src[j] - rf[j]
-    _gram_tiles(buf, n, width, np.float32(0.0), acc)
+def _gram_block(x, rows, ref, start, width, acc):  # pragma: no cover - compiled
+    _gram_tiles(x, rows, start, width, ref[start : start + width], np.float32(0.0), acc)
 
 
 @njit(cache=True, inline="always")
@@ -923,12 +931,12 @@ def _block_range(d, block, nthreads, t):  # pragma: no cover - compiled
 
 
 @njit(cache=True)
-def _gram_blocks(x, rows, ref, block, lo, hi, buf, acc):  # pragma: no cover - compiled
+def _gram_blocks(x, rows, ref, block, lo, hi, acc):  # pragma: no cover - compiled
     # column blocks [lo, hi) in order
     d = x.shape[1]
     for b in range(lo, hi):
         start = b * block
-        _gram_block(x, rows, ref, start, min(block, d - start), buf, acc)
+        _gram_block(x, rows, ref, start, min(block, d - start), acc)
 
 
 @njit(cache=True)
@@ -951,7 +959,7 @@ def _centred_gram(x, rows, ref, block, nthreads):  # pragma: no cover - compiled
     part = np.zeros((nthreads, n, n))
     for t in prange(nthreads):
         lo, hi = _block_range(x.shape[1], block, nthreads, t)
-        _gram_blocks(x, rows, ref, block, lo, hi, np.empty((n, block), dtype=x.dtype), part[t])
+        _gram_blocks(x, rows, ref, block, lo, hi, part[t])
     return _sum_parts(part)
 
 
@@ -961,7 +969,7 @@ def _centred_gram_serial(x, rows, ref, block):  # pragma: no cover - compiled
     n = rows.shape[0]
     gram = np.zeros((n, n))
     lo, hi = _block_range(x.shape[1], block, 1, 0)
-    _gram_blocks(x, rows, ref, block, lo, hi, np.empty((n, block), dtype=x.dtype), gram)
+    _gram_blocks(x, rows, ref, block, lo, hi, gram)
     return _mirror(gram)
 
 
@@ -969,8 +977,8 @@ def centred_gram(x: np.ndarray, ref: np.ndarray, threads: int, rows: np.ndarray 
     """(n, n) float64 Gram matrix of the rows ``x[rows]`` (float32, C-contiguous; all rows by default) minus
     ``ref``.
 
-    Per cache-resident block of columns the rows are centred into a buffer and every pair's dot product is
-    taken in float32 (vectorised), then accumulated in float64: one read of ``x``, n(n+1)/2 dot products,
+    Per cache-resident block of columns every pair's dot product of centred rows is taken in float32
+    (vectorised), then accumulated in float64: one read of ``x``, n(n+1)/2 dot products,
     no temporary of the matrix's size. For the short-wide matrices of a PS (n <= a few hundred, d in the
     millions) this beats a BLAS call per block (measured in docs/performance.md).
     """
@@ -1299,9 +1307,12 @@ def sq_dists_from_gram(gram: np.ndarray, diagonal: float) -> np.ndarray:
 @njit(fastmath=_FAST, cache=True)
 def _segment_gram(x, rows, a, b, buf, acc):  # pragma: no cover - compiled
     """acc = float64 Gram matrix of columns [a, b) of x[rows] minus the first selected row (exact differences),
-    in L1-sized column chunks (the chunks' dot products summed in column order)."""
+    in L1-sized column chunks (the chunks' dot products summed in column order). The differences are taken once
+    per chunk, into buf (n, _CHUNK) float64: taken where the tiles use them, as the float32 kernel does, they were
+    1.3x slower in float64."""
     n = rows.shape[0]
     acc[:] = 0.0
+    iota = np.arange(n)
     for c0 in range(a, b, _CHUNK):
         w = min(b, c0 + _CHUNK) - c0
         first = x[rows[0], c0 : c0 + w]
@@ -1310,7 +1321,7 @@ def _segment_gram(x, rows, a, b, buf, acc):  # pragma: no cover - compiled
             dst = buf[r]
             for j in range(w):
                 dst[j] = np.float64(src[j]) - np.float64(first[j])
-        _gram_tiles(buf, n, w, 0.0, acc)
+        _gram_tiles(buf, iota, 0, w, None, 0.0, acc)
     for i in range(n):
         for k in range(i):
             acc[i, k] = acc[k, i]
@@ -1338,7 +1349,7 @@ def _candidate_ranking(x, rows, starts, ends, k, nthreads):  # pragma: no cover 
     nseg = starts.shape[0]
     part = np.empty((nseg, n, n))
     for t in prange(nthreads):
-        buf = np.empty((n, _CHUNK), dtype=np.float64)
+        buf = np.empty((n, _CHUNK))
         for g in range(t, nseg, nthreads):
             _segment_gram(x, rows, starts[g], ends[g], buf, part[g])
     gram = part[0].copy()
@@ -1350,7 +1361,7 @@ def _candidate_ranking(x, rows, starts, ends, k, nthreads):  # pragma: no cover 
 @njit(cache=True)
 def _candidate_ranking_serial(x, rows, starts, ends, k):  # pragma: no cover - compiled
     n = rows.shape[0]
-    buf = np.empty((n, _CHUNK), dtype=np.float64)
+    buf = np.empty((n, _CHUNK))
     gram = np.empty((n, n))
     part = np.empty((n, n))
     _segment_gram(x, rows, starts[0], ends[0], buf, gram)
@@ -1552,7 +1563,6 @@ def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads,
     d = x.shape[1]
     for t in prange(nthreads):
         lo, hi = _block_range(d, block, nthreads, t)
-        buf = np.empty((part.shape[2], block), dtype=x.dtype)  # the largest bucket's rows
         for b0 in range(lo, hi, _SPAN):
             b1 = min(hi, b0 + _SPAN)
             s = b0 * block
@@ -1567,7 +1577,7 @@ def _vote_grams(x, xv, r, need, tol, fast, rows, bstarts, refs, block, nthreads,
                             differ[t, g] = True
                     if not fast[g] and eqs.shape[1] > 0:  # Boyer-Moore's layer pass, these columns
                         _layer_eq(xv, base, r, tol, starts, ends, s, e, eqs[t, g])
-                _gram_blocks(x, idx, x[refs[q]], block, b0, b1, buf, part[t, q])
+                _gram_blocks(x, idx, x[refs[q]], block, b0, b1, part[t, q])
 
 
 def vote_grams(x: np.ndarray, xv: np.ndarray, r: int, need: int, tol: float, honest: np.ndarray,

@@ -233,6 +233,35 @@ def test_order_statistic_kernels_split_columns_into_contiguous_shares_bit_for_bi
     K._unrolled.cache_clear()
 
 
+@pytest.mark.parametrize("n", [1, 3, 4, 5, 8, 9, 15, 45])
+def test_gram_centres_where_it_reads_bit_for_bit_as_a_centred_copy(n: int) -> None:
+    # the Gram kernel subtracts the reference row where each tile reads a row, instead of writing a centred copy
+    # of the block first: each pair's sum must be the copy's, bit for bit (Krum's choices and the committed
+    # trajectories depend on its rounding), in every tile shape, block and thread share, NaN and inf included
+    block = K.BLOCK * 4
+    d = 3 * block + 37
+    x = (100.0 + RNG.standard_normal((n + 2, d))).astype(np.float32)
+    rows = RNG.permutation(n + 2)[:n].astype(np.int64)
+    if n >= 3:  # a NaN and an inf row; the others' pairs stay finite
+        x[rows[0], 5], x[rows[1], 9] = np.nan, np.inf
+    ref = x[rows[-1]].copy()
+
+    def copied(threads: int) -> np.ndarray:
+        part = np.zeros((threads, n, n))
+        for t in range(threads):
+            lo, hi = K._block_range(d, block, threads, t)
+            for b in range(lo, hi):
+                a, e = b * block, min(d, (b + 1) * block)
+                buf = np.ascontiguousarray(x[rows, a:e] - ref[a:e])  # float32, as the kernel subtracts
+                K._gram_tiles(buf, np.arange(n), 0, e - a, None, np.float32(0.0), part[t])
+        return K._mirror(part.sum(axis=0))
+
+    assert K._centred_gram_serial(x, rows, ref, block).tobytes() == copied(1).tobytes()
+    for threads in (2, 3):
+        assert K._centred_gram(x, rows, ref, block, threads).tobytes() == copied(threads).tobytes()
+    assert np.isfinite(copied(1)).sum() >= (n - 2) ** 2
+
+
 def test_gram_split_rule_and_every_caller_that_must_round_alike(monkeypatch: pytest.MonkeyPatch) -> None:
     # a Gram matrix is split across threads from _SERIAL_PAIRS pair-columns or _SERIAL_GRAM elements read; the
     # split rounds differently, so centred_gram, gram_split and bucket_grams must all follow the one rule
