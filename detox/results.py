@@ -10,8 +10,10 @@ import math
 import os
 import platform
 import re
+import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -269,33 +271,125 @@ def lock_held(out_dir: Path) -> bool | None:
                for f in (line.split() for line in locks.splitlines()) if len(f) > 5)
 
 
+RUN_OUTPUT = ("summary.json", "metrics.jsonl", "checkpoint.pt")
+
+
+def holds_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a run's output (finished or not)."""
+    return any((out_dir / f).exists() for f in RUN_OUTPUT)
+
+
 def foreign_run(cfg: DictConfig, out_dir: Path) -> bool:
     """True when ``out_dir`` holds output of a run of a different config (never mix two configs in a folder)."""
     try:
         theirs = (out_dir / "resolved_config.yaml").read_text()
     except OSError:
         return False
-    has_output = any((out_dir / f).exists() for f in ("summary.json", "metrics.jsonl", "checkpoint.pt"))
-    return has_output and theirs != resolved_yaml(cfg)
+    return holds_run(out_dir) and theirs != resolved_yaml(cfg)
+
+
+def same_config_elsewhere(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """Another job folder of ``out_dir``'s sweep root that holds a finished run of exactly this config. Folders are
+    named by the overrides as typed, so one config can be spelled into two names (``lr=0.05`` where 0.05 is the
+    default, or a value quoted two ways): the sweep must still run it once."""
+    try:
+        siblings = [p for p in job_dirs(out_dir.parent) if p.name != out_dir.name]
+    except OSError:
+        return None
+    return next((p for p in siblings if finished_summary(cfg, p) is not None), None)
+
+
+def only_hydra_files(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds nothing but what Hydra and the job lock put there before a run starts."""
+    return all(p.name in (".hydra", ".lock") or p.suffix == ".log" for p in out_dir.iterdir())
+
+
+# --- Hydra's own files (.hydra/, the job's log) stay out of a folder that holds another run (README Guarantees) -----
+
+def _runtime_dir(root: DictConfig) -> Path | None:
+    try:
+        return Path(str(root.hydra.runtime.output_dir))
+    except Exception:  # not set yet (composition), or no hydra node: Hydra writes nothing then either
+        return None
+
+
+def _hydra_subdir(*_: Any, _root_: DictConfig) -> str | None:
+    """``hydra.output_subdir``: ``.hydra`` for a fresh folder, None (Hydra then writes no ``.hydra/``) for one that
+    holds a run already: a finished one keeps the files it was run with, a foreign one is refused untouched."""
+    out = _runtime_dir(_root_)
+    return None if out is not None and holds_run(out) else ".hydra"
+
+
+def _job_log(path: str, *, _root_: DictConfig) -> str:
+    """The job log's file: ``path``, or the null device when the folder holds a run of another config (which this
+    job will refuse: its lines must not land in that run's log)."""
+    out = _runtime_dir(_root_)
+    if out is None or not holds_run(out):
+        return path
+    try:
+        task = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
+        same = (out / "resolved_config.yaml").read_text() == resolved_yaml(task)
+    except Exception:  # unresolvable: refused before it trains, so nothing of it belongs in that folder either
+        same = False
+    return path if same else os.devnull
+
+
+OmegaConf.register_new_resolver("detox.hydra_subdir", _hydra_subdir, replace=True)
+OmegaConf.register_new_resolver("detox.job_log", _job_log, replace=True)
+
+
+# A job refused because its folder holds another config's run writes nothing there, so that folder's summary still
+# reads as the other run's: the refusal is noted under the root for this sweep's report (one folder per sweep,
+# named by an id its jobs inherit through the environment: forked, or submitted to Slurm).
+SWEEP_ID_ENV = "DETOX_SWEEP_ID"
+REFUSED = ".refused"
+
+
+def record_refusal(out_dir: Path, error: str) -> None:
+    """Note that this sweep's job for ``out_dir`` was refused without writing into it."""
+    sweep = os.environ.get(SWEEP_ID_ENV)
+    if sweep:
+        folder = out_dir.parent / REFUSED / sweep
+        folder.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(folder / out_dir.name, error)
+
+
+def take_refusals(root: Path, sweep: str) -> dict[str, str]:
+    """Job folder name -> error of this sweep's refused jobs; the notes are removed once read."""
+    folder = root / REFUSED / sweep
+    if not folder.is_dir():
+        return {}
+    refused = {p.name: p.read_text(errors="replace") for p in folder.iterdir() if not p.name.startswith(".")}
+    shutil.rmtree(folder, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        folder.parent.rmdir()  # only when no other sweep into this root has notes there
+    return refused
 
 
 class SweepSummary(Callback):
     """Hydra callback: at the end of a multirun, ``summary.jsonl`` at its root, one line per job folder."""
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ[SWEEP_ID_ENV] = f"{os.getpid()}-{time.time_ns()}"
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
+        refused = take_refusals(root, os.environ.pop(SWEEP_ID_ENV, "")) if root.is_dir() else {}
         if not root.is_dir():
             return
         path = write_sweep_summary(root)
-        counts = report_sweep(root, path)
+        counts = report_sweep(root, path, refused)
         if counts and not (counts.get("completed", 0) + counts.get("diverged", 0)):
             raise SystemExit(1)  # nothing ran through: a script calling the sweep must see it
 
 
-def report_sweep(root: Path, path: Path) -> dict[str, int]:
+def report_sweep(root: Path, path: Path, refused: dict[str, str] | None = None) -> dict[str, int]:
     """The end of a sweep in a few lines: how many jobs completed, diverged or failed, where summary.jsonl is,
-    and the first error line of each failed job. Returns the counts per status."""
-    rows = [(job, read_summary(job)) for job in job_dirs(root)]
+    and the first error line of each failed job. Returns the counts per status. ``refused``: this sweep's jobs
+    refused for a folder holding another config's run (the folder's own summary is that run's, not this job's)."""
+    refused = refused or {}
+    rows = [(job, {"status": "refused", "error": refused[job.name]} if job.name in refused else read_summary(job))
+            for job in job_dirs(root)]
     counts: dict[str, int] = {}
     for _, summary in rows:
         counts[str(summary.get("status"))] = counts.get(str(summary.get("status")), 0) + 1
@@ -317,6 +411,8 @@ def read_summary(job: Path) -> dict:
             raise ValueError("not an object")
         return summary
     except (OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError) and lock_held(job):  # another sweep into this root is running it
+            return {"status": "running", "error": "running in another process (it holds the folder's lock)"}
         return {"status": "failed", "error": f"no readable summary.json ({type(err).__name__})"}
 
 

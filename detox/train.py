@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from detox.config import ConfigError, validate
 from detox.data import DataUnavailable
@@ -28,9 +29,13 @@ from detox.results import (
     base_summary,
     finished_summary,
     foreign_run,
+    holds_run,
     job_lock,
     model_dir,
     model_dir_owner,
+    only_hydra_files,
+    record_refusal,
+    same_config_elsewhere,
     save_resolved_config,
     write_json,
 )
@@ -61,11 +66,15 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         summary = {"status": "failed", "error": f"ConfigError: {err}"}
         if not multirun:
             sys.exit(2)
-        if save and not foreign_run(cfg, out_dir) and not (out_dir / "summary.json").exists():
+        if save and not holds_run(out_dir):
             write_json(out_dir / "summary.json", summary)  # the sweep's table shows the refusal
+        elif save:
+            record_refusal(out_dir, summary["error"])  # that folder is another run's: nothing is written into it
         return summary
     if not save:
         return _train(cfg, plan, None, multirun)
+    if foreign_run(cfg, out_dir):  # also when that run is still going: another config, not a second copy of it
+        return _refuse_foreign(out_dir, multirun)
     try:
         with job_lock(out_dir):
             return _run_locked(cfg, plan, out_dir, multirun)
@@ -74,18 +83,29 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         return {"status": "skipped", "error": str(err)}
 
 
+def _refuse_foreign(out_dir: Path, multirun: bool) -> dict:
+    err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
+                      f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
+    refuse(err)
+    if not multirun:
+        sys.exit(2)
+    record_refusal(out_dir, f"ConfigError: {err}")
+    return {"status": "failed", "error": f"ConfigError: {err}"}
+
+
 def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
-    if foreign_run(cfg, out_dir):  # checked under the lock: no other run is writing the folder now
-        err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
-                          f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
-        refuse(err)
-        if not multirun:
-            sys.exit(2)
-        return {"status": "failed", "error": f"ConfigError: {err}"}
+    if foreign_run(cfg, out_dir):  # checked again under the lock: no other run is writing the folder now
+        return _refuse_foreign(out_dir, multirun)
     if (done := finished_summary(cfg, out_dir)) is not None:
         log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
                  out_dir, done["status"])
         return done
+    if multirun and (twin := same_config_elsewhere(cfg, out_dir)) is not None:
+        log.info("skipping: %s already holds a finished run of this exact config (the same config, its overrides "
+                 "spelled differently)", twin)
+        if only_hydra_files(out_dir):  # the folder Hydra just made for it: the config has one folder, the twin's
+            shutil.rmtree(out_dir, ignore_errors=True)
+        return finished_summary(cfg, twin) or {"status": "skipped"}
     if (owner := model_dir_owner(cfg, out_dir)) is not None:
         err = ConfigError(f"model_dir={model_dir(cfg, out_dir)} holds the weights files of {owner}; every run needs "
                           f"its own (model_dir=null: <job folder>/models)")
@@ -165,13 +185,43 @@ def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
     return summary
 
 
+def check_output_folder(config: DictConfig, key: str) -> None:
+    """``hydra.run.dir`` / ``hydra.sweep.dir`` must name a folder Hydra can make: resolvable, not empty (that would
+    write the run's files into the current folder), no control characters, no file on the way."""
+    try:
+        value = OmegaConf.select(config, key, throw_on_resolution_failure=True)
+    except Exception as err:  # an interpolation that does not resolve
+        raise ConfigError(f"{key}: {str(err).splitlines()[0]}") from None
+    text = "" if value is None else str(value)
+    if not text.strip():
+        raise ConfigError(f"{key}={text!r}: empty; give the folder for the run's output")
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise ConfigError(f"{key}={text!r}: control characters are not allowed in a folder name")
+    path = Path(text).absolute()
+    for folder in (path, *path.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                raise ConfigError(f"{key}={text}: {folder} is {'a file' if folder.is_file() else 'not a folder'}; "
+                                  f"give a folder (existing or new)")
+            break
+
+
 class ValidateFirst(Callback):
     """Hydra callback: a single run's config is checked before Hydra creates its output folder, so a refused
-    config leaves nothing behind (a sweep's jobs are checked in ``run``, each recorded in its own folder)."""
+    config leaves nothing behind (a sweep's jobs are checked in ``run``, each recorded in its own folder); a
+    sweep's root folder is checked before Hydra makes it."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
+            check_output_folder(config, "hydra.run.dir")
             validate(config)
+        except ConfigError as err:
+            refuse(err)
+            sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_output_folder(config, "hydra.sweep.dir")
         except ConfigError as err:
             refuse(err)
             sys.exit(2)
@@ -200,7 +250,12 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
     """A bad override (unknown option or key, an unparsable value) gets one line and exit 2 like every other
     refusal, instead of Hydra's multi-line report and exit 1 (HYDRA_FULL_ERROR=1 keeps Hydra's own)."""
     from hydra._internal import utils as hydra_utils
-    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from hydra.errors import (
+        ConfigCompositionException,
+        InstantiationException,
+        MissingConfigException,
+        OverrideParseException,
+    )
 
     original = hydra_utils.run_and_report
 
@@ -208,10 +263,14 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
         def guarded():  # noqa: ANN202
             try:
                 return func()
-            except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
+            except (ConfigCompositionException, MissingConfigException, OverrideParseException,
+                    InstantiationException) as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
-                print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+                # a launcher or callback refusing its settings (hydra.launcher.n_jobs=0): its own message
+                cause = err.__cause__ if isinstance(err, InstantiationException) else None
+                print(f"{prog}: error: {cause if isinstance(cause, ValueError) else _one_line(err)}",
+                      file=sys.stderr)
                 raise SystemExit(2) from None
         return original(guarded)
 

@@ -220,6 +220,16 @@ def test_n_jobs() -> None:
         resolve_n_jobs(0)
 
 
+def test_a_bad_n_jobs_is_one_line_before_the_sweep_starts(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "detox.train", "-m", "hydra/launcher=local_parallel",
+                           "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={tmp_path / 'root'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "detox: error: hydra.launcher.n_jobs=0: give a number of jobs >= 1, or -1 for " \
+                                  "one per core"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_failed_return_does_not_raise_in_the_sweeper() -> None:
     ret = FailedJobReturn(status=JobStatus.FAILED)
     ret.return_value = RuntimeError("job process killed by SIGKILL")

@@ -38,14 +38,16 @@ hydra:
 """
 
 
-def _sweep(tmp_path: Path, *extra: str, steps: int = 4, wait: bool = True):
+def _sweep(tmp_path: Path, *extra: str, steps: int = 4, wait: bool = True, env: dict | None = None):
     conf = tmp_path / "sweeps"
     conf.mkdir(exist_ok=True)
     (conf / "fig_t.yaml").write_text(SWEEP_FILE.format(root=tmp_path / "root", steps=steps))
     args = [sys.executable, "-m", "detox.train", "-m", "--config-dir", str(conf), "--config-name", "fig_t", *extra]
     if not wait:
-        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=env)
+    return subprocess.run(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                          env=env)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -73,12 +75,12 @@ def test_job_folder_names() -> None:
 def test_narrowing_a_finished_sweep_adds_a_job_and_overwrites_nothing(tmp_path: Path) -> None:
     """The README's "narrow it" command once replaced job 0 of a finished sweep (numbered folders)."""
     first = _sweep(tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stdout[-3000:]
     root = tmp_path / "root"
     before = _snapshot(root)
     assert len([d for d in job_dirs(root)]) == 4
     narrow = _sweep(tmp_path, "method=detox-multi-krum", "err_mode=alie")
-    assert narrow.returncode == 0, narrow.stderr[-3000:]
+    assert narrow.returncode == 0, narrow.stdout[-3000:]
     after = _snapshot(root)
     assert {k: after[k] for k in before} == before  # every finished job's files byte for byte
     names = sorted(d.name for d in job_dirs(root))
@@ -94,7 +96,7 @@ def test_narrowing_a_finished_sweep_adds_a_job_and_overwrites_nothing(tmp_path: 
         assert json.loads((job / "summary.json").read_text())["choices"] == x["choices"]
     # a full rerun skips all of them
     again = _sweep(tmp_path)
-    assert again.returncode == 0 and (again.stdout + again.stderr).count("skipping") == 4
+    assert again.returncode == 0 and again.stdout.count("skipping") == 4
     assert {k: _snapshot(root)[k] for k in before} == before
 
 
@@ -122,15 +124,80 @@ def test_two_sweeps_into_one_folder_never_run_a_job_twice(tmp_path: Path) -> Non
     assert len(lines) == 4 and len({x["job"] for x in lines}) == 4
 
 
+def _every_file(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (Hydra's .hydra/ and the job log included) except the lock file, whose bytes are
+    the pid of whoever held it last."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
 @pytest.mark.slow
 def test_a_folder_of_another_config_is_never_written(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     assert cli(["max_steps=4", "eval_freq=2", f"hydra.run.dir={run_dir}"], cwd=ROOT).returncode == 0
-    before = _snapshot(run_dir)
+    before = _every_file(run_dir)
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "summary.json"} <= set(before)
     other = cli(["max_steps=4", "eval_freq=2", "lr=0.01", f"hydra.run.dir={run_dir}"], cwd=ROOT)
     assert other.returncode == 2
     assert f"{run_dir} holds a run of a different config" in other.stderr
-    assert _snapshot(run_dir) == before
+    assert _every_file(run_dir) == before  # Hydra's .hydra/ and train.log too (they were rewritten and appended to)
+    again = cli(["max_steps=4", "eval_freq=2", f"hydra.run.dir={run_dir}"], cwd=ROOT)  # the same config: skipped
+    assert again.returncode == 0 and "already holds a completed run" in again.stdout + again.stderr
+    after = _every_file(run_dir)
+    assert after.pop("train.log").startswith(before.pop("train.log")) and after == before  # its log says it skipped
+
+
+@pytest.mark.slow
+def test_a_sweep_refused_by_another_configs_folder_says_so_and_writes_nothing(tmp_path: Path) -> None:
+    """A sweep of another figure into a finished sweep's root once rewrote the finished jobs' .hydra/ and then
+    reported them as its own completed jobs, exit 0."""
+    assert _sweep(tmp_path, "method=detox-multi-krum", "err_mode=rev_grad").returncode == 0
+    root = tmp_path / "root"
+    before = _every_file(root)
+    # another config in the same folder name: data_root comes from the environment, not an override
+    other = _sweep(tmp_path, "method=detox-multi-krum", "err_mode=rev_grad",
+                   env={**os.environ, "DETOX_DATA": str(tmp_path / "data")})
+    assert other.returncode == 1, other.stdout[-2000:]  # none of its jobs ran
+    assert f"detox: sweep {root}: 1 jobs: 0 completed, 0 failed, 1 refused" in other.stdout
+    assert "  refused: err_mode=rev_grad,method=detox-multi-krum: ConfigError: " in other.stdout
+    after = _every_file(root)
+    after.pop("multirun.yaml"), before.pop("multirun.yaml")  # the root's record of the last sweep: rewritten
+    assert after.pop("summary.jsonl") == before.pop("summary.jsonl")  # the folder's content did not change
+    assert after == before and not (root / ".refused").exists()
+
+
+@pytest.mark.slow
+def test_the_same_config_spelled_differently_runs_once(tmp_path: Path) -> None:
+    """Folders are named by the overrides as typed: lr=0.05 (the default) or a value quoted another way once made
+    a second folder and a second run of one config, which the tables then counted as another seed."""
+    assert _sweep(tmp_path, "method=detox-multi-krum", "err_mode=rev_grad").returncode == 0
+    root = tmp_path / "root"
+    before = _every_file(root)
+    for spelled in (["lr=0.05"], ["data_root='~/.cache/detox/data'"], ["lr=0.05", "threads=1"]):
+        again = _sweep(tmp_path, "method=detox-multi-krum", "err_mode=rev_grad", *spelled,
+                       env={**os.environ, "DETOX_DATA": "~/.cache/detox/data"})
+        assert again.returncode == 0, again.stdout[-2000:]
+        assert "step     4 |" not in again.stdout and "spelled differently" in again.stdout, spelled
+        assert [d.name for d in job_dirs(root)] == ["err_mode=rev_grad,method=detox-multi-krum"]
+        assert "1 jobs: 1 completed, 0 failed" in again.stdout
+    after = _every_file(root)
+    for name in ("multirun.yaml", "summary.jsonl", "err_mode=rev_grad,method=detox-multi-krum/train.log"):
+        after.pop(name), before.pop(name)
+    assert after == before
+
+
+def test_a_job_running_in_another_sweep_is_reported_running(tmp_path: Path) -> None:
+    """The first of two sweeps into one root to finish once reported the other's running job as failed."""
+    from detox.results import job_lock, read_summary
+
+    job = tmp_path / "root" / "seed=1"
+    job.mkdir(parents=True)
+    (job / "resolved_config.yaml").write_text("seed: 1\n")
+    with job_lock(job):
+        assert read_summary(job)["status"] == "running"
+        write_sweep_summary(tmp_path / "root")
+        assert _jsonl(tmp_path / "root" / "summary.jsonl")[0]["status"] == "running"
+    assert read_summary(job)["status"] == "failed"  # no summary and nobody running it: it died
 
 
 @pytest.mark.slow
@@ -266,3 +333,30 @@ def test_a_sweep_ends_with_its_table_and_fails_when_no_job_ran(tmp_path: Path) -
     assert none.returncode == 1  # every job failed: a script running the sweep must notice
     assert "2 jobs: 0 completed, 2 failed" in none.stdout
     assert len(_jsonl(tmp_path / "none" / "summary.jsonl")) == 2
+
+
+@pytest.mark.parametrize("value, says", [("${oc.env:DETOX_NO_SUCH_VARIABLE}", "Environment variable"),
+                                         ("", "empty"), (" ", "empty"), ("{tmp}/x\tb", "control characters"),
+                                         ("{tmp}/file", "is a file"), ("{tmp}/file/run", "file is a file")])
+def test_an_output_folder_that_cannot_be_made_is_refused(value: str, says: str, tmp_path: Path) -> None:
+    """hydra.run.dir= (empty) once wrote the run's files into the current folder; a file on the way, or an
+    interpolation that does not resolve, ended in a traceback after Hydra had started."""
+    from omegaconf import OmegaConf
+
+    from detox.config import ConfigError
+    from detox.train import check_output_folder
+
+    (tmp_path / "file").write_text("x")
+    config = OmegaConf.create({"hydra": {"run": {"dir": value.replace("{tmp}", str(tmp_path))}}})
+    with pytest.raises(ConfigError, match=f"hydra.run.dir.*{says}"):
+        check_output_folder(config, "hydra.run.dir")
+    check_output_folder(OmegaConf.create({"hydra": {"run": {"dir": str(tmp_path / "new" / "run")}}}),
+                        "hydra.run.dir")
+
+
+@pytest.mark.parametrize("key", ["hydra.run.dir", "hydra.sweep.dir"])
+def test_a_run_or_sweep_into_an_empty_folder_name_is_refused_in_one_line(key: str, tmp_path: Path) -> None:
+    proc = cli([*(["-m"] if "sweep" in key else []), "max_steps=2", f"{key}="], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"detox: error: {key}='': empty; give the folder for " \
+                                                          f"the run's output", proc.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written where it was started
