@@ -9,13 +9,17 @@ produce any unit's batch for any step, and a resumed run draws what an uninterru
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import gzip
 import hashlib
 import importlib.util
 import os
 import shutil
 import sys
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -318,6 +322,29 @@ def _copy_hashing(src: Path, dst: Path, gunzip: bool) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+def _unpack_verified(name: str, src: Path, dest: Path, md5: str, size: int, retry: str) -> None:
+    """Gunzip (or copy) ``src`` to ``dest`` if its contents are the release's (``md5``, ``size``).
+
+    The bytes go to a private part file first, renamed into place once verified (MPI ranks may race here); the
+    part file never outlives a failure, whatever the failure."""
+    url = SPECS[name].url
+    part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        try:
+            got_md5, got_size = _copy_hashing(src, part, gunzip=src.suffix == ".gz")
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib.error: a corrupt deflate body
+            kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
+            raise DataUnavailable(f"{name}: {src} is unreadable or truncated ({kind}: {err}); replace it with the "
+                                  f"release's file from {url} and rerun '{retry}'") from None
+        if (got_md5, got_size) != (md5, size):
+            raise DataUnavailable(
+                f"{name}: {src} is not the release's {dest.name} (contents: md5 {got_md5}, {got_size:,} bytes; "
+                f"expected md5 {md5}, {size:,} bytes); replace it with the file from {url} and rerun '{retry}'")
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+
+
 def _prepare_idx(name: str, source: Path | None, root: Path, source_arg: str | None) -> str:
     """MNIST-family IDX files (gzipped or not) from ``source`` into ``root/<Class>/raw``, contents verified."""
     spec, expected = SPECS[name], IDX_FILES[name]
@@ -334,19 +361,7 @@ def _prepare_idx(name: str, source: Path | None, root: Path, source_arg: str | N
             where = f"{fname}[.gz] not found at {source}" if source is not None else "no --from given"
             raise DataUnavailable(f"{name}: no {fname} under {raw} and {where}; " + _prepare_hint(name, root))
         raw.mkdir(parents=True, exist_ok=True)
-        part = raw / f".{fname}.{os.getpid()}.part"  # private name + atomic rename: MPI ranks may race here
-        try:
-            got_md5, got_size = _copy_hashing(src, part, gunzip=src.suffix == ".gz")
-        except (OSError, EOFError, gzip.BadGzipFile) as err:
-            part.unlink(missing_ok=True)
-            raise DataUnavailable(f"{name}: {src} is unreadable or truncated ({type(err).__name__}: {err}); "
-                                  f"replace it with the release's file from {spec.url} and rerun '{retry}'") from None
-        if (got_md5, got_size) != (md5, size):
-            part.unlink(missing_ok=True)
-            raise DataUnavailable(
-                f"{name}: {src} is not the release's {fname} (contents: md5 {got_md5}, {got_size:,} bytes; expected "
-                f"md5 {md5}, {size:,} bytes); replace it with the file from {spec.url} and rerun '{retry}'")
-        os.replace(part, dest)
+        _unpack_verified(name, src, dest, md5, size, retry)
         unpacked.append(fname)
     if not unpacked:
         return f"{name}: {raw} already holds the {len(kept)} verified IDX files; nothing to do"
@@ -363,9 +378,14 @@ def _check_archive(path: Path, md5: str, name: str, spec: Spec, retry: str) -> N
     size, want = path.stat().st_size, KNOWN_SIZES.get(md5)
     got = _md5(path) if want is None or size == want else "(not computed: wrong size)"
     if got != md5:
-        expect = f"md5 {md5}" + (f", {want:,} bytes" if want is not None else "")
-        raise DataUnavailable(f"{name}: {path} is not the release torchvision knows ({size:,} bytes, md5 {got}; "
-                              f"expected {expect}); download it again from {spec.url} and rerun '{retry}'")
+        raise _not_release(path, size, got, md5, name, spec, retry)
+
+
+def _not_release(path: Path, size: int, got: str, md5: str, name: str, spec: Spec, retry: str) -> DataUnavailable:
+    want = KNOWN_SIZES.get(md5)
+    expect = f"md5 {md5}" + (f", {want:,} bytes" if want is not None else "")
+    return DataUnavailable(f"{name}: {path} is not the release torchvision knows ({size:,} bytes, md5 {got}; "
+                           f"expected {expect}); download it again from {spec.url} and rerun '{retry}'")
 
 
 def _replace_folder(new: Path, dest: Path) -> str:
@@ -446,16 +466,24 @@ def _prepare_svhn(name: str, source: Path | None, root: Path, source_arg: str | 
     if missing:
         raise DataUnavailable(f"{name}: {', '.join(missing)} not found in {source}; " + _prepare_hint(name, root))
     todo = {**need, **{f: m for f, m in optional.items() if (source / f).is_file()}}
-    for f, md5 in todo.items():
-        _check_archive(source / f, md5, name, spec, retry)
+    for f, md5 in todo.items():  # a wrong size is refused before anything is copied
+        size, want = (source / f).stat().st_size, KNOWN_SIZES.get(md5)
+        if want is not None and size != want:
+            raise _not_release(source / f, size, "(not computed: wrong size)", md5, name, spec, retry)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in todo:
-        part = dest / f".{f}.{os.getpid()}.part"
-        try:  # a hard link costs no space when the data root is on the same file system
-            os.link(source / f, part)
-        except OSError:
-            shutil.copyfile(source / f, part)
-        os.replace(part, dest / f)
+    # copies, never hard links: a link would share the source's inode, so truncating or editing the source later
+    # would change the verified file. The md5 is of the bytes copied, so what is placed is what was verified.
+    parts = {f: dest / f".{f}.{os.getpid()}.part" for f in todo}
+    try:
+        for f, md5 in todo.items():
+            got, size = _copy_hashing(source / f, parts[f], gunzip=False)
+            if got != md5:
+                raise _not_release(source / f, size, got, md5, name, spec, retry)
+        for f, part in parts.items():  # only once every file verified: all of them or none
+            os.replace(part, dest / f)
+    finally:
+        for part in parts.values():
+            part.unlink(missing_ok=True)
     return f"{name}: verified {', '.join(todo)} from {source} (md5 = torchvision's) and placed them in {dest}"
 
 
@@ -490,34 +518,107 @@ def prepare(name: str, source: str | Path | None = None, root: str | Path | None
         src = DEBIAN_FASHION_MNIST
     if src is not None and not src.exists():
         raise DataUnavailable(f"{name}: --from {src} does not exist; " + _prepare_hint(name, root_path))
-    did = _PREPARE[SPECS[name].kind](name, src, root_path, source_arg)
-    try:
-        loads = _load_check(name, root_path)
-    except Exception as err:  # the files verified, so this is a torchvision/layout problem worth reporting as is
-        raise DataUnavailable(f"{name}: verified files under {root_path} do not load through torchvision "
-                              f"({type(err).__name__}: {err}); rerun '{prepare_command(name, root_path)}'") from None
+    _make_root(name, root_path)
+    with _prepare_lock(name, root_path):
+        did = _PREPARE[SPECS[name].kind](name, src, root_path, source_arg)
+        try:
+            loads = _load_check(name, root_path)
+        except Exception as err:  # the files verified, so this is a torchvision/layout problem worth reporting as is
+            retry = prepare_command(name, root_path)
+            raise DataUnavailable(f"{name}: verified files under {root_path} do not load through torchvision "
+                                  f"({type(err).__name__}: {err}); rerun '{retry}'") from None
     return [did, f"{name}: ready: {loads}; use dataset={name} (data_root={root_path})"]
 
 
-def status(root: str | Path | None = None) -> list[str]:
-    """One line per preparable data set: whether its files are laid out under the data root (by name, unhashed)."""
+def _not_a_folder(root: Path) -> str:
+    return f"the data root {root} is not a folder (--root or $DETOX_DATA must name a folder)"
+
+
+def _make_root(name: str, root: Path) -> None:
+    """Create the data root (the lock lives in it); one line if it is a file or cannot be created (``/proc/x``)."""
+    if root.exists() and not root.is_dir():
+        raise DataUnavailable(f"{name}: {_not_a_folder(root)}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataUnavailable(f"{name}: cannot create the data root {root} ({err.strerror or err}); name a folder "
+                              f"you can write with --root or $DETOX_DATA") from None
+
+
+@contextlib.contextmanager
+def _prepare_lock(name: str, root: Path) -> Iterator[None]:
+    """One prepare of ``name`` into ``root`` at a time (an exclusive ``flock`` on ``root/.<name>.prepare.lock``).
+
+    Without it, a second prepare that started before the first finished would find a layout it did not verify
+    and set the first's valid result aside as ``.invalid``; with it, the second waits and then finds the data
+    present. The lock goes with the open file, so a killed prepare never leaves it held."""
+    path = root / f".{name}.prepare.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access: a shared file works
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise DataUnavailable(f"{name}: cannot open the lock file {path} ({err.strerror or err})") from None
+        fd = None
+    if fd is None:  # a root this user cannot write: the prepare can only find the data there (or fail), not race
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"detox.data: waiting for another 'prepare {name}' into {root} to finish", file=sys.stderr,
+                  flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _layout(name: str, root: Path) -> tuple[Path, dict[str, tuple[str, int | None]]]:
+    """Where ``name``'s prepared files lie and, per file, its md5 and size (None where the release fixes none)."""
     import torchvision
 
+    spec = SPECS[name]
+    cls = getattr(torchvision.datasets, spec.torchvision_class)
+    if spec.kind == "idx":
+        return root / spec.where, dict(IDX_FILES[name])
+    if spec.kind == "cifar":
+        files = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+        return root / cls.base_folder, {f: (md5, None) for f, md5 in files}
+    splits = [cls.split_list[s] for s in ("train", "test")]  # the .mat files as released: sizes are known
+    return root / spec.where, {f: (md5, KNOWN_SIZES.get(md5)) for _, f, md5 in splits}
+
+
+def _invalid(folder: Path, files: dict[str, tuple[str, int | None]]) -> str | None:
+    """The first laid-out file that is not the release's, and why; None if all are.
+
+    A file of known size is checked by its size only (a stat: truncated or empty files show), one without (CIFAR's
+    extracted batches) by torchvision's md5: ~0.4 s per CIFAR set here (~500 MB/s), paid only where it is laid out.
+    """
+    for f, (md5, size) in files.items():
+        got = (folder / f).stat().st_size
+        if size is not None and got != size:
+            return f"{f} is {got:,} bytes, the release's is {size:,} (truncated or damaged)"
+        if size is None and _md5(folder / f) != md5:
+            return f"{f} ({got:,} bytes) fails torchvision's md5 (truncated or damaged)"
+    return None
+
+
+def status(root: str | Path | None = None, names: Iterable[str] | None = None) -> list[str]:
+    """One line per preparable data set (or per one of ``names``): ``present`` (every file laid out, at the
+    release's size or md5, see ``_invalid``), ``invalid`` (a file is not the release's) or ``missing``."""
     root_path = Path(root).expanduser() if root is not None else default_root()
+    if root_path.exists() and not root_path.is_dir():
+        raise DataUnavailable(f"status: {_not_a_folder(root_path)}")
     lines = []
-    for name, spec in SPECS.items():
-        cls = getattr(torchvision.datasets, spec.torchvision_class)
-        if spec.kind == "idx":
-            names = list(IDX_FILES[name])
-        elif spec.kind == "cifar":
-            names = [f for f, _ in [*cls.train_list, *cls.test_list]] + [cls.meta["filename"]]
-        else:
-            names = [cls.split_list[s][1] for s in ("train", "test")]
-        folder = root_path / (cls.base_folder if spec.kind == "cifar" else spec.where)
-        if all((folder / n).is_file() for n in names):
-            lines.append(f"{name}: present in {folder}")
-        else:
+    for name in SPECS if names is None else names:
+        folder, files = _layout(name, root_path)
+        if not all((folder / f).is_file() for f in files):
             lines.append(f"{name}: missing: {_prepare_hint(name, root_path)}")
+        elif why := _invalid(folder, files):
+            lines.append(f"{name}: invalid: {why} in {folder}; {_prepare_hint(name, root_path)}")
+        else:
+            lines.append(f"{name}: present in {folder}")
     return lines
 
 

@@ -88,7 +88,7 @@ def test_life_cycle_in_process(moto_ec2, tmp_path: Path, capsys: pytest.CaptureF
     ec2 = moto_ec2
     hostfile = tmp_path / "hosts_address"
     cfg = ec2_cfg("name=exp1", f"ami={an_ami(ec2)}", "workers.count=3", "workers.slots=2", "market=on-demand",
-                  "availability_zone=us-west-2b", "tags={owner: me, Name: mine}", f"hostfile={hostfile}")
+                  "availability_zone=us-west-2b", "tags={owner: me}", f"hostfile={hostfile}")
 
     assert cluster.run("launch", cfg) == 0
     instances = live(ec2, **{"detox-cluster": "exp1"})

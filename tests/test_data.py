@@ -5,12 +5,15 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import multiprocessing
 import os
 import pickle
 import struct
 import subprocess
 import sys
 import tarfile
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -306,3 +309,160 @@ def test_svhn_missing_names_the_prepare_command(data_root: Path) -> None:
     assert message.startswith(f"dataset=svhn: no usable files under {data_root / 'svhn'} and no download "
                               "(dataset.download=false); copy train_32x32.mat and test_32x32.mat"), message
     assert "python -m detox.data prepare svhn --from <that folder>" in message
+
+
+# --- audit findings: corrupt gzip bodies, bad data roots, status by size, concurrent prepares, SVHN copies ------
+
+
+def fake_mnist(src: Path, monkeypatch: pytest.MonkeyPatch, n: int = 20) -> dict[str, bytes]:
+    """The 4 MNIST IDX files, gzipped, at a few images, with the release table patched to theirs; the contents."""
+    rng, table, blobs = np.random.default_rng(3), {}, {}
+    src.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        labels = rng.integers(0, 10, n)
+        images = np.repeat(labels, 28 * 28).reshape(n, 28, 28) * 25  # compressible: deflate uses Huffman codes
+        for kind, blob in zip(("images-idx3", "labels-idx1"), idx_bytes(images, labels), strict=True):
+            name = f"{split}-{kind}-ubyte"
+            blobs[name], table[name] = blob, (md5(blob), len(blob))
+            (src / f"{name}.gz").write_bytes(gzip.compress(blob, mtime=0))
+    monkeypatch.setitem(IDX_FILES, "mnist", table)
+    return blobs
+
+
+def test_prepare_refuses_a_gzip_with_a_corrupt_body_in_one_line(tmp_path: Path, data_root: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """A good gzip header over a damaged deflate stream raises zlib.error, which used to escape as a traceback
+    (exit 1) and leave a 0-byte part file behind."""
+    src = tmp_path / "src"
+    fake_mnist(src, monkeypatch)
+    gz = src / "train-labels-idx1-ubyte.gz"
+    body = bytearray(gz.read_bytes())
+    for i in range(12, len(body) - 8):  # past the 10-byte header, before the CRC and size trailer
+        body[i] ^= 0x5A
+    gz.write_bytes(bytes(body))
+    with pytest.raises(zlib.error):  # the premise: this is what gzip raises for it (not BadGzipFile, not EOFError)
+        gzip.decompress(bytes(body))
+    assert data.main(["prepare", "mnist", "--from", str(src)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"detox.data: error: mnist: {gz} is unreadable or truncated (zlib.error: Error -3 "), line
+    assert line.endswith(f"rerun 'python -m detox.data prepare mnist --from {src}'")
+    raw = data_root / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == ["train-images-idx3-ubyte"]  # the good one; no part file
+
+
+def test_a_failed_unpack_never_leaves_its_part_file(tmp_path: Path, data_root: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src"
+    fake_mnist(src, monkeypatch)
+
+    def dies_half_way(src: Path, dst: Path, gunzip: bool) -> tuple[str, int]:
+        dst.write_bytes(b"half")
+        raise KeyboardInterrupt  # anything at all: Ctrl-C, a bug, a signal handler's exception
+
+    monkeypatch.setattr(data, "_copy_hashing", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        prepare("mnist", src)
+    assert list((data_root / "MNIST" / "raw").iterdir()) == []
+
+
+def test_a_data_root_that_is_not_a_folder_is_one_line(tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    plain.write_text("a file, not a folder")
+    for args, says in [
+        (["prepare", "fashion_mnist", "--root", str(plain)], f"fashion_mnist: the data root {plain} is not a folder"),
+        (["prepare", "mnist", "--root", str(plain / "sub")], f"mnist: cannot create the data root {plain / 'sub'} "
+                                                            f"(Not a directory)"),
+        (["prepare", "fashion_mnist", "--root", "/proc/x"], "fashion_mnist: cannot create the data root /proc/x ("),
+        (["status", "--root", str(plain)], f"status: the data root {plain} is not a folder"),
+    ]:
+        got = prepare_cli(*args)
+        assert got.returncode == 2 and got.stdout == "", (args, got.stdout)
+        assert one_line(got.stderr).startswith(f"detox.data: error: {says}"), (args, got.stderr)
+    assert plain.read_text() == "a file, not a folder"
+
+
+def test_status_says_invalid_for_a_truncated_file(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """status (and provision's probe, which uses it) checked names only: a truncated file was "present"."""
+    blobs = fake_mnist(tmp_path / "src", monkeypatch)
+    prepare("mnist", tmp_path / "src")
+    raw = data_root / "MNIST" / "raw"
+    assert data.status(names=["mnist"]) == [f"mnist: present in {raw}"]
+    for size in (10, 0):
+        (raw / "train-labels-idx1-ubyte").write_bytes(blobs["train-labels-idx1-ubyte"][:size])
+        assert data.main(["status"]) == 0
+        listing = capsys.readouterr().out.splitlines()
+        assert (f"detox.data: mnist: invalid: train-labels-idx1-ubyte is {size} bytes, the release's is 28 "
+                f"(truncated or damaged) in {raw}; copy the 4 IDX files") in listing[1], listing
+    assert "nothing to do" not in prepare("mnist", tmp_path / "src")[0]  # prepare repairs it
+    assert data.status(names=["mnist"]) == [f"mnist: present in {raw}"]
+
+
+def patch_cifar10(monkeypatch: pytest.MonkeyPatch, archive: Path) -> type:
+    """A fake CIFAR-10 release archive, with torchvision's checksums patched to it."""
+    cls = torchvision.datasets.CIFAR10
+    train, test = [f for f, _ in cls.train_list], [f for f, _ in cls.test_list]
+    md5s, _ = cifar_archive(archive, cls.base_folder, "labels", cls.meta["filename"], cls.meta["key"], [*train, *test])
+    monkeypatch.setattr(cls, "train_list", [[f, md5s[f]] for f in train])
+    monkeypatch.setattr(cls, "test_list", [[f, md5s[f]] for f in test])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5s[cls.meta["filename"]]})
+    monkeypatch.setattr(cls, "tgz_md5", md5(archive.read_bytes()))
+    return cls
+
+
+def _prepare_in_child(barrier: multiprocessing.synchronize.Barrier, source: str, queue: multiprocessing.Queue) -> None:
+    barrier.wait()
+    try:
+        queue.put(prepare("cifar10", source))
+    except BaseException as err:  # noqa: BLE001 (reported to the test, whatever it is)
+        queue.put([f"{type(err).__name__}: {err}"])
+
+
+def test_concurrent_prepares_of_one_set_take_turns(tmp_path: Path, data_root: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two prepares of CIFAR-10 into one root: the second used to set the first's verified folder aside as
+    '.invalid' (failed verification) and lay out a copy of its own. Now the second waits for the first's lock and
+    finds the set present. Each verification takes half a second here, so without the lock both pass the "already
+    there?" check before either has finished."""
+    archive = tmp_path / "downloads" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir()
+    cls = patch_cifar10(monkeypatch, archive)
+    check = data._check_archive
+
+    def slow_check(*args: object) -> None:
+        time.sleep(0.5)
+        check(*args)
+
+    monkeypatch.setattr(data, "_check_archive", slow_check)
+    ctx = multiprocessing.get_context("fork")  # the children inherit the patched checksums
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    children = [ctx.Process(target=_prepare_in_child, args=(barrier, str(archive.parent), queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=120) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    firsts = sorted(lines[0] for lines in results)
+    dest = data_root / cls.base_folder
+    assert firsts[0].startswith(f"cifar10: {dest} already holds the 7 verified files; nothing to do"), results
+    assert firsts[1].startswith(f"cifar10: verified {archive}") and "moved to" not in firsts[1], results
+    assert sorted(p.name for p in data_root.iterdir()) == [".cifar10.prepare.lock", cls.base_folder]  # no .invalid
+    assert data.status(names=["cifar10"]) == [f"cifar10: present in {dest}"]
+    (dest / "data_batch_3").write_bytes((dest / "data_batch_3").read_bytes()[:-1])  # no size known: md5 says it
+    assert data.status(names=["cifar10"])[0].startswith("cifar10: invalid: data_batch_3 (")
+
+
+def test_svhn_is_copied_not_linked(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hard link shared the source's inode: truncating the source afterwards corrupted the "verified" file."""
+    src = tmp_path / "svhn-files"
+    fake_svhn(src, monkeypatch)
+    prepare("svhn", src)
+    placed = data_root / "svhn" / "train_32x32.mat"
+    before = placed.read_bytes()
+    with open(src / "train_32x32.mat", "r+b") as f:
+        f.truncate(10)
+    assert placed.read_bytes() == before and placed.stat().st_nlink == 1
+    assert data.status(names=["svhn"]) == [f"svhn: present in {data_root / 'svhn'}"]
+    assert sorted(p.name for p in (data_root / "svhn").iterdir()) == ["test_32x32.mat", "train_32x32.mat"]

@@ -12,6 +12,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -235,6 +236,104 @@ def test_terminate_keeps_another_clusters_linked_request() -> None:
     assert len(cluster.owned([{"Tags": []}, {}], "exp", untagged=True)) == 2
 
 
+def test_hosts_says_a_stopped_instance_must_be_started(server: Any, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """It used to say "not running yet ... try again": a stopped instance never starts by itself."""
+    ami = server.describe_images()["Images"][0]["ImageId"]
+    assert cluster.run("launch", ec2_cfg("name=st", f"ami={ami}", "workers.count=1", "market=on-demand")) == 0
+    ps = [i["InstanceId"] for i in cluster.cluster_instances(server, "st") if cluster._tag(i, cluster.TAG_ROLE) == "ps"]
+    server.stop_instances(InstanceIds=ps)
+    capsys.readouterr()
+    assert cluster.run("hosts", ec2_cfg("name=st", f"hostfile={tmp_path / 'hosts'}")) == 1
+    line = one_error_line(capsys.readouterr().err)
+    assert line == (f"detox.cluster.ec2: error: cluster 'st': 1 instance(s) stopped ({ps[0]}); start them (aws ec2 "
+                    f"start-instances --instance-ids {ps[0]}), or terminate the cluster and launch it again"), line
+    assert not (tmp_path / "hosts").exists()
+
+
+class RaceAfterCheck:
+    """An EC2 client that waits at ``describe_images`` (after launch's "no instances yet" check, before its
+    ``run_instances``) until the other launch got there too: both pass the check, as two users' launches can."""
+
+    def __init__(self, client: Any, barrier: threading.Barrier) -> None:
+        self.client, self.barrier = client, barrier
+
+    def describe_images(self, **kwargs: Any) -> Any:
+        self.barrier.wait(timeout=60)
+        return self.client.describe_images(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+@pytest.mark.parametrize("count", [1, 3])
+def test_concurrent_launches_of_one_name_leave_one_cluster(server: Any, count: int,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """Two launches of one name that both saw no instances both ran run_instances: a doubled cluster. Now each
+    lists the cluster's PSes afterwards; the one whose PS started first (then: lower reservation id) keeps its
+    instances, the other terminates exactly the instances it started and exits 1 saying so."""
+    ami = server.describe_images()["Images"][0]["ImageId"]
+    barrier = threading.Barrier(2)
+    clients = [RaceAfterCheck(boto3.client("ec2", region_name=REGION), barrier) for _ in range(2)]
+    cfg = ec2_cfg("name=race", f"ami={ami}", f"workers.count={count}", "market=on-demand")
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda c=c: codes.append(cluster.run("launch", cfg, c))) for c in clients]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert sorted(codes) == [0, 1]
+    err = one_error_line(capsys.readouterr().err)
+    assert err.startswith("detox.cluster.ec2: error: cluster 'race': a concurrent launch of that name won (its PS, "
+                          "reservation r-"), err
+    assert f"terminated the {1 + count} instance(s) this launch started: " in err
+    live = cluster.cluster_instances(server, "race")
+    assert [cluster._tag(i, cluster.TAG_ROLE) for i in live] == ["ps"] + ["worker"] * count
+    lost = set(err.rsplit(": ", 1)[1].split())
+    assert len(lost) == 1 + count and not lost & {i["InstanceId"] for i in live}
+    assert {r["ReservationId"] for r in server.describe_instances(InstanceIds=sorted(lost))["Reservations"]
+            for i in r["Instances"] if i["State"]["Name"] in ("shutting-down", "terminated")} == {
+        r["ReservationId"] for r in server.describe_instances(InstanceIds=sorted(lost))["Reservations"]}
+
+
+def test_the_losing_launch_cancels_its_own_spot_requests(capsys: pytest.CaptureFixture) -> None:
+    """moto starts spot instances without spot requests; against EC2's shape the loser cancels exactly the
+    requests of the instances it started (before terminating them), and touches nothing of the winner's."""
+    def reply(reservation: str, second: int, *ids: str) -> dict:
+        return {"ReservationId": reservation, "Instances": [
+            {"InstanceId": i, "LaunchTime": second, "SpotInstanceRequestId": f"sir-{i}",
+             "Tags": [{"Key": cluster.TAG_CLUSTER, "Value": "sp"}, {"Key": cluster.TAG_ROLE, "Value": role}]}
+            for i, role in zip(ids, ["ps", "worker", "worker"], strict=False)]}
+
+    winner = reply("r-b", 1, "i-wps")  # launched a second earlier, though its reservation id sorts later
+    ours = [reply("r-a", 2, "i-ps"), reply("r-a2", 2, "i-w1", "i-w2")]
+
+    class Ec2:
+        calls: list[tuple[str, list[str]]] = []
+
+        def get_paginator(self, _: str) -> Any:
+            pages = [{"Reservations": [winner, ours[0]]}]
+            return type("Paginator", (), {"paginate": lambda _self, **_: pages})()
+
+        def cancel_spot_instance_requests(self, SpotInstanceRequestIds: list[str]) -> None:  # noqa: N803
+            self.calls.append(("cancel", SpotInstanceRequestIds))
+
+        def terminate_instances(self, InstanceIds: list[str]) -> None:  # noqa: N803
+            self.calls.append(("terminate", InstanceIds))
+
+    with pytest.raises(cluster.ClusterError, match=r"a concurrent launch of that name won \(its PS, reservation r-b"):
+        cluster._yield_to_earlier_launch(Ec2(), ec2_cfg("name=sp"), ours)
+    assert Ec2.calls == [("cancel", ["sir-i-ps", "sir-i-w1", "sir-i-w2"]), ("terminate", ["i-ps", "i-w1", "i-w2"])]
+    assert cluster._earlier_launch(Ec2(), "sp", winner) is None  # the winner, asking the same, keeps its own
+
+
+def test_47_user_tags_fit_ec2s_limit_with_detoxs_own() -> None:
+    cfg = ec2_cfg("ami=ami-0123456789abcdef0", "tags={" + ", ".join(f"k{i}: v" for i in range(47)) + "}")
+    cluster.check_config(cfg, "launch")
+    for role in cluster.ROLES:
+        assert {len(spec["Tags"]) for spec in cluster.run_instances_args(cfg, role)["TagSpecifications"]} == {50}
+
+
 # ------------------------------------------------------------------------------------------------ bad settings
 
 LONG = "a" * 65
@@ -275,6 +374,16 @@ BAD = [  # (command, override, the error line after "detox.cluster.ec2: error: "
     ("launch", "ssh_user='Root Me'", "ssh_user='Root Me': must be a login name"),
     ("terminate", "+color=red", "color: no such setting; the settings are command, name, region"),
     ("hosts", "hostfile=''", "hostfile='': must be a file path"),
+    # EC2 allows 50 tags per instance and detox adds 3: 48 user tags used to fail only at RunInstances
+    ("launch", "tags={" + ", ".join(f"k{i}: v" for i in range(48)) + "}",
+     "tags: 48 tags given; detox adds 3 (Name, detox-cluster, detox-role) and EC2 allows 50 per instance, so at "
+     "most 47"),
+    ("launch", "tags={Name: mine}", "tags={'Name': 'mine'}: Name, detox-cluster, detox-role are set by detox"),
+    ("launch", "tags={detox-cluster: other}", "tags={'detox-cluster': 'other'}: Name, detox-cluster, detox-role are "
+                                              "set by detox"),
+    ("launch", "tags={detox-role: worker}", "tags={'detox-role': 'worker'}: Name, detox-cluster, detox-role are"),
+    ("launch", f"tags={{{'k' * 129}: v}}", "tags={'kkkkkkkk"),  # key over 128 characters (refused before, too)
+    ("launch", f"tags={{k: {'v' * 257}}}", "tags.k='vvvvvvvv"),  # value over 256 characters (refused before, too)
 ]
 
 
@@ -306,13 +415,17 @@ def test_cli_refuses_bad_input_with_one_line(aws_env: None, tmp_path: Path) -> N
         (["launch", "ami=ami-0123456789abcdef0", "wait.delay=abc"], "wait.delay='abc': must be an integer"),
         (["status", "workers.cont=3"], "workers.cont: no such setting"),
         (["terminate", "name=é"], "'name=é': not a key=value setting"),
+        # a sweep ran only its first job (each job exits) and wrote a multirun/ folder here
+        (["terminate", "name=b1,sp", "-m"], "-m/--multirun: terminate runs once per call"),
+        (["status", "--multi", "name=b1,sp"], "-m/--multirun: status runs once per call"),
+        (["hosts", "hydra.mode=MULTIRUN", "--info"], "-m/--multirun: hosts runs once per call"),
     ]
     for args, message in cases:
         proc = subprocess.run([sys.executable, "-m", "detox.cluster.ec2", *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr)
         assert one_error_line(proc.stderr).startswith(f"detox.cluster.ec2: error: {message}"), args
-    assert not (tmp_path / "hosts_address").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["aws-empty"]  # aws_env's; no hostfile, no multirun/ folder
 
 
 # ------------------------------------------------------------------------------------------------ hostfile writes

@@ -11,6 +11,7 @@ built from one image, provision installs detox only, offline. Provision's workdi
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -24,7 +25,9 @@ import pytest
 from conftest import ROOT
 from netns_cluster import NetnsCluster, netns_cluster  # noqa: F401 (the fixture)
 
-from detox.cluster.provision import Want, main, problems, source_hash
+from detox.cluster import provision as provision_module
+from detox.cluster.hostfile import MAX_SLOTS, parse_hostfile
+from detox.cluster.provision import Ssh, Want, install_wheel, main, problems, source_hash
 
 SITE = f"lib/python{sys.version_info.major}.{sys.version_info.minor}/site-packages"
 FASHION = ("train-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -152,8 +155,18 @@ def test_provision_installs_prepares_and_reports_each_host(hosts: NetnsCluster, 
         ("10.0.0.1 slots=1\n10.0.0.2 slots=two\n", "line 2 '10.0.0.2 slots=two': slots='two' must be an integer"),
         ("# only a comment\n", "no hosts in the file"),
         ("-F/tmp/evil\n", "'-F/tmp/evil' is not a host name or an IP address"),  # would be an ssh option
+        # what Open MPI refuses, Python's int() and str.split() took: Unicode digits, a no-break space, ...
+        ("localhost slots=\u0663\n", "non-ASCII character '\u0663' (U+0663); hostfiles are ASCII"),
+        ("localhost slots=\u00b2\n", "non-ASCII character '\u00b2' (U+00B2); hostfiles are ASCII"),
+        ("localhost\u00a0slots=2\n", "line 1 'localhost\\xa0slots=2': non-ASCII character '\\xa0' (U+00A0)"),
+        (":::::::\n", "':::::::' is not a host name or an IP address"),
+        ("10.0.0.256\n", "'10.0.0.256' is not a host name or an IP address"),
+        ("h slots=99999999999999999999999\n", f"slots='99999999999999999999999' must be an integer >= 1 and at most "
+                                              f"{MAX_SLOTS} (ASCII digits)"),
+        (f"h slots={MAX_SLOTS + 1}\n", f"slots='{MAX_SLOTS + 1}' must be an integer >= 1 and at most {MAX_SLOTS}"),
     ],
-    ids=["missing", "malformed", "empty", "option-as-host"],
+    ids=["missing", "malformed", "empty", "option-as-host", "arabic-digit", "superscript", "nbsp", "colons",
+         "bad-ipv4", "huge-slots", "over-bound"],
 )
 def test_provision_bad_hostfile_is_one_line_exit_2(content: str | None, says: str, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -192,3 +205,132 @@ def test_provision_another_python_version_fails_without_installing() -> None:
     have = {"python": "3.11.7", "detox_version": "0.1.0", "source": "cd" * 32, "data": {"mnist": True}}
     assert problems(have, want) == (None, True, [])
     assert problems({**have, "source": "ab" * 32, "data": {"mnist": False}}, want) == (None, False, ["mnist"])
+
+
+def test_hostfile_error_echoes_at_most_80_characters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 100,000-character line used to come back twice in full: a 200 KB "one line"."""
+    hostfile = tmp_path / "hosts"
+    for line in ("a" * 100_000 + " slots=1", "h slots=" + "9" * 100_000, "h " + "x" * 100_000):
+        hostfile.write_text(line + "\n")
+        assert main([str(hostfile), "--ssh", "/nonexistent/ssh"], out=print) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and len(err) < 600 and f"line 1 {line[:80]!r}…: " in err, err[:700]
+
+
+def test_hostfile_accepts_what_open_mpi_reads(tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_text(f"# the PS — comments may hold any text\n10.0.0.1\tslots=1\nfe80::1 slots={MAX_SLOTS}\n::1 \t\n"
+                    f"node_7.ec2.internal slots=0003 max_slots=8  # ü\n")
+    assert parse_hostfile(path) == [("10.0.0.1", 1), ("fe80::1", MAX_SLOTS), ("::1", 1), ("node_7.ec2.internal", 3)]
+
+
+# ------------------------------------------------------------------------------------------------ fake ssh and scp
+
+FAKE = """#!{python}
+# a stand-in for ssh or scp: logs its argv, then acts as FAKE_SSH says
+import json, os, subprocess, sys
+with open(os.environ["FAKE_LOG"], "a") as log:
+    log.write(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]) + "\\n")
+mode = os.environ["FAKE_SSH"]
+if mode == "unreachable":
+    print("ssh: connect to host port 22: No route to host", file=sys.stderr)
+    sys.exit(255)
+if mode == "local" and os.path.basename(sys.argv[0]) == "ssh":  # run the remote command here
+    sys.exit(subprocess.run(["sh", "-c", sys.argv[-1]]).returncode)
+if sys.argv[-1].startswith("mktemp"):  # mode "log": answer what install_wheel needs, do nothing
+    print("/tmp/detox-provision.fake")
+"""
+
+
+class Fakes:
+    """``ssh`` and ``scp`` stand-ins in a folder put first on PATH; ``calls`` is every argv they were run with."""
+
+    def __init__(self, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        folder.mkdir()
+        for name in ("ssh", "scp"):
+            (folder / name).write_text(FAKE.format(python=sys.executable))
+            (folder / name).chmod(0o755)
+        self.ssh, self.log = folder / "ssh", folder / "calls.jsonl"
+        monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+        monkeypatch.setenv("FAKE_LOG", str(self.log))
+        monkeypatch.setenv("FAKE_SSH", "log")
+
+    def calls(self, program: str) -> list[list[str]]:
+        lines = self.log.read_text().splitlines() if self.log.exists() else []
+        return [argv[1:] for argv in map(json.loads, lines) if argv[0] == program]
+
+
+@pytest.fixture
+def fakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Fakes:
+    return Fakes(tmp_path / "fakebin", monkeypatch)
+
+
+def a_want(**changes: object) -> Want:
+    want = Want(python=sys.executable, python_version="3.11.7", detox_version="0.1.0", source="ab" * 32,
+                workdir="/", data_root="/data", datasets=[], data_from=None)
+    return Want(**{**want.__dict__, **changes})
+
+
+def test_scp_target_brackets_ipv6_addresses(fakes: Fakes, tmp_path: Path) -> None:
+    """scp splits ``host:path`` at the first ':' outside brackets: ``fe80::1:/tmp/x`` went to host ``fe80`` and
+    ``::1:/tmp/x`` to a local file. ssh takes the bare address."""
+    wheel = tmp_path / "detox-0.1.0-py3-none-any.whl"
+    wheel.write_bytes(b"not really a wheel")
+    hosts = ("fe80::1", "::1", "10.0.0.1", "node1")
+    for user in (None, "ubuntu"):
+        for host in hosts:
+            assert install_wheel(Ssh(str(fakes.ssh), user), host, a_want(), wheel) is None
+    remote = f"/tmp/detox-provision.fake/{wheel.name}"
+    assert [argv[-1] for argv in fakes.calls("scp")] == [
+        f"[fe80::1]:{remote}", f"[::1]:{remote}", f"10.0.0.1:{remote}", f"node1:{remote}",
+        f"ubuntu@[fe80::1]:{remote}", f"ubuntu@[::1]:{remote}", f"ubuntu@10.0.0.1:{remote}", f"ubuntu@node1:{remote}"]
+    assert all(argv[-2] == str(wheel) and argv[:3] == ["-q", "-S", str(fakes.ssh)] for argv in fakes.calls("scp"))
+    ssh_targets = [argv[-2] for argv in fakes.calls("ssh")]  # mktemp, pip, rm: three per host
+    assert ssh_targets == [t for t in [*hosts, *(f"ubuntu@{h}" for h in hosts)] for _ in range(3)]
+
+
+def test_a_host_listed_twice_is_provisioned_once(fakes: Fakes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Two lines for one machine used to mean two provisions of it at once (two pip installs into one env)."""
+    monkeypatch.setenv("FAKE_SSH", "unreachable")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h1 slots=1\nh1 slots=4\nfe80::1 slots=2\nH1\nFE80:0::1\nh2\n")
+    printed: list[str] = []
+    assert main([str(hostfile), "--ssh", str(fakes.ssh), "--data-root", str(tmp_path)], out=printed.append) == 1
+    assert [line.split(" failed: ")[0] for line in printed] == ["h1", "fe80::1", "h2"], printed
+    assert all("unreachable over ssh: ssh: connect to host port 22: No route to host" in line for line in printed)
+    assert sorted(argv[-2] for argv in fakes.calls("ssh")) == ["fe80::1", "h1", "h2"]  # each machine asked once
+
+
+def test_provision_prepares_a_truncated_data_set_again(fakes: Fakes, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe used to check file names only: a truncated IDX file was "data present". Over a fake ssh that runs
+    the remote commands on this machine (its Python and detox are the ones wanted, so nothing is installed)."""
+    if not Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file():
+        pytest.fail("Debian's dataset-fashion-mnist is not installed; run 'apt-get install -y dataset-fashion-mnist'")
+    monkeypatch.setenv("FAKE_SSH", "local")
+
+    def no_install(*args: object) -> str:  # never pip-install into this venv, whatever happens
+        return "installing is refused in this test"
+
+    monkeypatch.setattr(provision_module, "install_wheel", no_install)
+    root, work, hostfile = tmp_path / "data", tmp_path / "work", tmp_path / "hosts"
+    work.mkdir()
+    hostfile.write_text("localhost\n")
+    args = [str(hostfile), "--ssh", str(fakes.ssh), "--python", sys.executable, "--workdir", str(work),
+            "--dataset", "fashion_mnist", "--data-root", str(root)]
+
+    def provision_once() -> str:
+        printed: list[str] = []
+        assert main(args, out=printed.append) == 0, printed
+        assert len(printed) == 1
+        return printed[0]
+
+    assert provision_once() == f"localhost fixed: prepared fashion_mnist under {root}"
+    labels = root / "FashionMNIST" / "raw" / "train-labels-idx1-ubyte"
+    whole = labels.read_bytes()
+    assert provision_once().endswith("data present: fashion_mnist")
+    with open(labels, "r+b") as f:
+        f.truncate(100)
+    assert provision_once() == f"localhost fixed: prepared fashion_mnist under {root}"
+    assert labels.read_bytes() == whole

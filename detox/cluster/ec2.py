@@ -10,7 +10,8 @@ name like ``exp*`` would select other clusters. As a second guard every command 
 requests whose tag equals the name exactly (``owned``), whatever the server-side filter returned.
 
 * ``launch``: one PS instance and ``workers.count`` worker instances (spot or on-demand), then waits until they
-  run. A cluster that already has live instances is reported, not launched twice.
+  run. A cluster that already has live instances is reported, not launched twice; of two launches of one name
+  started at the same time, the one whose PS started later takes back what it started (exit 1).
 * ``status``: one line per instance: id, role, state, type, private IP, public IP.
 * ``hosts``: the MPI hostfile (PS private IP first, one slot; each worker ``workers.slots``) at ``hostfile``.
 * ``terminate``: terminates the cluster's instances and cancels its open spot requests.
@@ -21,6 +22,8 @@ boto3's standard chain, so the same commands run against a local moto server.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -51,6 +54,8 @@ from detox.cluster.hostfile import hostfile_problem, write_hostfile
 PROG = "detox.cluster.ec2"
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "cluster"
 TAG_CLUSTER, TAG_ROLE = "detox-cluster", "detox-role"
+OWN_TAGS = ("Name", TAG_CLUSTER, TAG_ROLE)  # the tags launch puts on every instance, besides the user's `tags`
+MAX_TAGS = 50  # EC2's limit per resource: more fails as TagLimitExceeded, after the listing calls
 ROLES = ("ps", "worker")
 # states of an instance that still exists (and may bill); shutting-down/terminated ones are gone
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
@@ -200,9 +205,15 @@ def _check_tags(tags: Any) -> None:
         return
     if not isinstance(tags, dict):
         raise _bad("tags", tags, "must be null or a mapping, e.g. 'tags={project: detox, owner: me}'")
+    if len(tags) > MAX_TAGS - len(OWN_TAGS):
+        raise ClusterError(f"tags: {len(tags)} tags given; detox adds {len(OWN_TAGS)} ({', '.join(OWN_TAGS)}) and "
+                           f"EC2 allows {MAX_TAGS} per instance, so at most {MAX_TAGS - len(OWN_TAGS)}", 2)
     for key, value in tags.items():
         if not isinstance(key, str) or not 1 <= len(key) <= 128 or key.lower().startswith("aws:"):
             raise _bad("tags", {key: value}, "tag keys are 1-128 characters and may not start with 'aws:'")
+        if key in OWN_TAGS:  # launch sets these itself (the cluster's name and role); a user value would be dropped
+            raise _bad("tags", {key: value}, f"{', '.join(OWN_TAGS)} are set by detox (cluster name and role); "
+                                             f"use another key")
         if isinstance(value, (dict, list)) or value is None or len(str(value)) > 256:
             raise _bad(f"tags.{key}", value, "must be a text, number or boolean of at most 256 characters")
 
@@ -327,7 +338,7 @@ def run_instances_args(cfg: DictConfig, role: str) -> dict[str, Any]:
     group = cfg.ps if role == "ps" else cfg.workers
     count = 1 if role == "ps" else int(cfg.workers.count)
     tags = {**{str(k): str(v) for k, v in (cfg.tags or {}).items()},
-            "Name": f"{cfg.name}-{role}", TAG_CLUSTER: str(cfg.name), TAG_ROLE: role}  # ours win over user tags
+            "Name": f"{cfg.name}-{role}", TAG_CLUSTER: str(cfg.name), TAG_ROLE: role}  # OWN_TAGS: no user key
     tag_list = [{"Key": k, "Value": v} for k, v in tags.items()]
     resources = ["instance", "volume"] + (["spot-instances-request"] if cfg.market == "spot" else [])
     # MinCount = MaxCount: all of a role's instances or none, never a partial cluster
@@ -367,10 +378,12 @@ def launch(cfg: DictConfig, ec2: Any) -> int:
         return 0
     _check_ami(ec2, cfg)
     started: list[str] = []
+    replies: list[dict] = []  # the PS's reservation first: it places this launch among concurrent ones
     try:
         for role in ROLES:
             args = run_instances_args(cfg, role)
             reply = ec2.run_instances(**args)
+            replies.append(reply)
             started += [i["InstanceId"] for i in reply["Instances"]]
             print(f"requested {len(reply['Instances'])} {cfg.market} {role} instance(s) ({args['InstanceType']})")
     except Exception:
@@ -383,9 +396,11 @@ def launch(cfg: DictConfig, ec2: Any) -> int:
             except Exception:  # report the launch failure, not the clean-up's; `terminate` can finish the job
                 print(f"could not terminate them; run: python -m {PROG} terminate name={cfg.name}", file=sys.stderr)
         raise
+    _yield_to_earlier_launch(ec2, cfg, replies)
     print(f"waiting until {len(started)} instance(s) run ...")
     ec2.get_waiter("instance_running").wait(
         InstanceIds=started, WaiterConfig={"Delay": cfg.wait.delay, "MaxAttempts": cfg.wait.max_attempts})
+    _yield_to_earlier_launch(ec2, cfg, replies)  # again: a rival not yet listed a moment ago is listed now
     instances = cluster_instances(ec2, cfg.name)
     _print_instances(instances)
     ps = next((i for i in instances if _tag(i, TAG_ROLE) == "ps"), None)
@@ -393,6 +408,46 @@ def launch(cfg: DictConfig, ec2: Any) -> int:
         print(f"next: python -m {PROG} hosts name={cfg.name} workers.slots={cfg.workers.slots}, copy {cfg.hostfile} "
               f"to the PS ({cfg.ssh_user}@{ps['PublicIpAddress']}) and run detox there")
     return 0
+
+
+def _launch_key(instance: dict, reservation: str) -> tuple[Any, str]:
+    """A launch's place among concurrent launches of one name: its PS's launch time, then its reservation id."""
+    return instance["LaunchTime"], reservation
+
+
+def _earlier_launch(ec2: Any, name: str, ps_reply: dict) -> str | None:
+    """The reservation of another live PS of cluster ``name`` that was launched before ours, or None.
+
+    Every launch of one name runs this after requesting its instances and all order the PSes alike, so of two
+    launches that passed the "no instances yet" check together exactly one keeps its instances. Launch time comes
+    first: a launch that did not list its rival started first, and so still wins when the rival lists it."""
+    ours = _launch_key(ps_reply["Instances"][0], ps_reply["ReservationId"])
+    pages = ec2.get_paginator("describe_instances").paginate(Filters=[
+        {"Name": f"tag:{TAG_CLUSTER}", "Values": [name]},
+        {"Name": f"tag:{TAG_ROLE}", "Values": ["ps"]},
+        {"Name": "instance-state-name", "Values": LIVE_STATES},
+    ])
+    rivals = [_launch_key(i, r["ReservationId"]) for page in pages for r in page["Reservations"]
+              for i in owned(r["Instances"], name)
+              if _tag(i, TAG_ROLE) == "ps" and r["ReservationId"] != ps_reply["ReservationId"]]
+    first = min(rivals, default=None)
+    return first[1] if first is not None and first < ours else None
+
+
+def _yield_to_earlier_launch(ec2: Any, cfg: DictConfig, replies: list[dict]) -> None:
+    """If a concurrent launch of this name won, take back exactly what this launch started and stop (exit 1)."""
+    winner = _earlier_launch(ec2, str(cfg.name), replies[0])
+    if winner is None:
+        return
+    instances = [i for reply in replies for i in reply["Instances"]]
+    ids = [i["InstanceId"] for i in instances]
+    requests = sorted({i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")})
+    if requests:  # first, so that no request of ours starts a replacement after the terminate
+        ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=requests)
+    ec2.terminate_instances(InstanceIds=ids)
+    raise ClusterError(f"cluster {cfg.name!r}: a concurrent launch of that name won (its PS, reservation {winner}, "
+                       f"started first); terminated the {len(ids)} instance(s) this launch started: {' '.join(ids)}"
+                       + (f" and cancelled spot request(s) {' '.join(requests)}" if requests else ""))
 
 
 # ------------------------------------------------------------------------------------------------ others
@@ -411,6 +466,11 @@ def hosts(cfg: DictConfig, ec2: Any) -> int:
     live = cluster_instances(ec2, cfg.name)
     if not live:
         raise ClusterError(f"cluster {cfg.name!r}: no instances in {cfg.region}; launch it first")
+    stopped = [i["InstanceId"] for i in live if i["State"]["Name"] in ("stopping", "stopped")]
+    if stopped:  # unlike a pending one, a stopped instance never starts by itself: waiting would be forever
+        raise ClusterError(f"cluster {cfg.name!r}: {len(stopped)} instance(s) stopped ({', '.join(stopped)}); start "
+                           f"them (aws ec2 start-instances --instance-ids {' '.join(stopped)}), or terminate the "
+                           f"cluster and launch it again")
     waiting = [i["InstanceId"] for i in live if i["State"]["Name"] != "running"]
     if waiting:
         raise ClusterError(f"cluster {cfg.name!r}: {len(waiting)} instance(s) not running yet ({', '.join(waiting)}); "
@@ -509,6 +569,19 @@ def run(command: str, cfg: DictConfig, ec2: Any = None) -> int:
     return problem.code
 
 
+def _multirun(flags: list[str], settings: list[str]) -> bool:
+    """Whether Hydra would sweep: ``-m``, ``--multirun`` or an abbreviation (``--multi``, ``-rm``), read by Hydra's
+    own parser, or ``hydra.mode=MULTIRUN``. Checked before Hydra starts: it writes the sweep folder first."""
+    from hydra._internal.utils import get_args_parser  # the parser @hydra.main uses (hydra-core pinned to 1.3)
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # a flag Hydra cannot read: Hydra reports it, once
+            multirun = get_args_parser().parse_known_args(flags)[0].multirun
+    except SystemExit:
+        multirun = False
+    return bool(multirun) or any(re.fullmatch(r"\+{0,2}hydra\.mode=['\"]?MULTIRUN['\"]?", s) for s in settings)
+
+
 @hydra.main(version_base="1.3", config_path="../../conf/cluster", config_name="ec2")
 def _hydra_main(cfg: DictConfig) -> None:
     sys.exit(run(str(cfg.command), cfg))
@@ -530,6 +603,11 @@ def main(argv: list[str] | None = None) -> None:
         # Hydra's parser wants its flags before the overrides (key=value, ~key); the command becomes `command`
         settings = [a for a in overrides if not a.startswith("-") and ("=" in a or a.startswith("~"))]
         flags = [a for a in overrides if a not in settings]
+        if _multirun(flags, settings):
+            print(f"{PROG}: error: -m/--multirun: {command} runs once per call (a sweep would stop after its first "
+                  f"job, and write a multirun/ folder); run one command per cluster, e.g. "
+                  f"'{command} name=exp1' then '{command} name=exp2'", file=sys.stderr)
+            sys.exit(2)
         sys.argv = [sys.argv[0], *flags, *settings, f"command={command}"]
         _hydra_main()
         return

@@ -3,12 +3,15 @@
 Format (Open MPI's): one host per line, ``<host> slots=<n>``; ``#`` starts a comment; blank lines are ignored.
 The first host runs rank 0 (the PS), because Open MPI fills slots in file order. A bare ``<host>`` line (the
 original project's ``hosts_address``) counts as one slot here: that is how the original ran, one rank per
-instance (Open MPI itself may give a bare host one slot per core).
+instance (Open MPI itself may give a bare host one slot per core). Parsing is ASCII, as Open MPI's: fields are
+separated by spaces or tabs, ``slots`` are ASCII digits (1 to ``MAX_SLOTS``), and a host is a DNS name or an IPv4/IPv6
+address; a no-break space or a Unicode digit is refused rather than read as Python would read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import stat
@@ -17,9 +20,14 @@ from pathlib import Path
 
 # keys Open MPI accepts after the host name; only ``slots`` decides how many ranks a host takes by default
 SLOT_KEYS = ("slots", "max_slots", "max-slots")
-# a host name or an IPv4/IPv6 address: hosts end up as arguments of ssh, scp and mpiexec, where a leading '-'
-# (e.g. '-F/tmp/config' or '-oProxyCommand') would be read as an option and run what it names
-HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f.]{0,15}){2,8}")
+# far above any real host's cores; a typo like slots=99999999999 is refused rather than handed to Open MPI
+MAX_SLOTS = 4096
+SLOTS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() would take '٣' or '²'
+# one host name label (letters, digits, '_', '-', not first or last): hosts end up as arguments of ssh, scp and
+# mpiexec, where a leading '-' (e.g. '-F/tmp/config' or '-oProxyCommand') would be read as an option
+LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+BLANKS = " \t"  # the separators Open MPI reads; str.split() would also split at a no-break space
+SHOWN = 80  # characters of a line or value an error message repeats: the message stays one short line
 
 
 def hostfile_problem(path: str | Path) -> str | None:
@@ -74,22 +82,55 @@ def write_hostfile(path: str | Path, hosts: list[str], slots: list[int]) -> Path
     return path
 
 
+def _clip(text: str) -> str:
+    """``text`` as an error shows it: its repr, cut to ``SHOWN`` characters."""
+    return repr(text[:SHOWN]) + ("…" if len(text) > SHOWN else "")
+
+
+def is_host(host: str) -> bool:
+    """Whether ``host`` is an IPv4 or IPv6 address or a DNS host name (ASCII labels of at most 63, 253 in all)."""
+    if ":" in host:
+        return _is_ip(host, ipaddress.IPv6Address)
+    if re.fullmatch(r"[0-9.]+", host):  # all digits and dots: meant as an IPv4 address (10.0.0.256 is not one)
+        return _is_ip(host, ipaddress.IPv4Address)
+    return len(host) <= 253 and all(LABEL.fullmatch(label) for label in host.split("."))
+
+
+def _is_ip(host: str, kind: type) -> bool:
+    try:
+        kind(host)
+    except ValueError:
+        return False
+    return "%" not in host  # a scope id (fe80::1%eth0) is no address Open MPI or scp take
+
+
+def _slot_count(key: str, value: str) -> int:
+    digits = value.lstrip("0")  # bounded before int(): a 100,000-digit value is refused, not converted
+    if not SLOTS.fullmatch(value) or not digits or len(digits) > len(str(MAX_SLOTS)) or int(digits) > MAX_SLOTS:
+        raise ValueError(f"{key}={_clip(value)} must be an integer >= 1 and at most {MAX_SLOTS} (ASCII digits)")
+    return int(value)
+
+
 def _parse_line(text: str) -> tuple[str, int]:
-    host, *options = text.split()
+    # Open MPI reads ASCII: a no-break space or a Unicode digit would mean something else to it than to Python
+    odd = next((c for c in text if not c.isascii()), None)
+    if odd is not None:
+        raise ValueError(f"non-ASCII character {odd!r} (U+{ord(odd):04X}); hostfiles are ASCII, fields separated "
+                         f"by spaces or tabs")
+    host, *options = re.split(f"[{BLANKS}]+", text.strip(BLANKS))
     if "=" in host:
         raise ValueError("the line must start with a host name")
-    if not HOST.fullmatch(host):
-        raise ValueError(f"{host!r} is not a host name or an IP address (letters, digits, '.', '_', '-', not first "
-                         f"or last; IPv6 with ':')")
+    if not is_host(host):
+        raise ValueError(f"{_clip(host)} is not a host name or an IP address (a host name is letters, digits, '_', "
+                         f"'-', dot-separated, no label starting or ending with '-'; or an IPv4 or IPv6 address)")
     slots = 1
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in SLOT_KEYS:
-            raise ValueError(f"unknown option {option!r} (expected slots=<n>)")
-        if not value.isdigit() or int(value) < 1:
-            raise ValueError(f"{key}={value!r} must be an integer >= 1")
+            raise ValueError(f"unknown option {_clip(option)} (expected slots=<n>)")
+        count = _slot_count(key, value)
         if key == "slots":
-            slots = int(value)
+            slots = count
     return host, slots
 
 
@@ -97,13 +138,13 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """``[(host, slots), ...]`` in file order; a ``ValueError`` naming the line for anything malformed."""
     entries = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        text = line.split("#", 1)[0].strip()
+        text = line.split("#", 1)[0].strip(BLANKS)  # ASCII blanks only: a no-break space is refused, not dropped
         if not text:
             continue
         try:
             entries.append(_parse_line(text))
         except ValueError as err:
-            raise ValueError(f"line {number} {line.strip()!r}: {err}") from None
+            raise ValueError(f"line {number} {_clip(line.strip(BLANKS))}: {err}") from None
     if not entries:
         raise ValueError("no hosts in the file")
     return entries

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import ipaddress
 import json
 import platform
 import re
@@ -80,7 +81,7 @@ try:
     pkg = Path(detox.__file__).resolve().parent
     out.update(detox_version=detox.__version__, detox_at=str(pkg), source=source_hash(pkg))
     from detox.data import status
-    lines = status(want["data_root"])
+    lines = status(want["data_root"], want["datasets"])  # checks sizes too: a truncated file is "invalid"
     out["data"] = {name: any(x.startswith(name + ": present") for x in lines) for name in want["datasets"]}
 except Exception as err:
     out["error"] = type(err).__name__ + ": " + (str(err).splitlines() or [""])[0]
@@ -113,13 +114,18 @@ class Ssh:
     def target(self, host: str) -> str:
         return f"{self.user}@{host}" if self.user else host
 
+    def remote_path(self, host: str, path: str) -> str:
+        """scp's ``[user@]host:path``; scp splits it at the first ':' outside brackets, so an IPv6 address
+        (``fe80::1``, ``::1``) goes in brackets, or the copy would go to host ``fe80`` or a local file."""
+        return f"{self.target(f'[{host}]' if ':' in host else host)}:{path}"
+
     def run(self, host: str, command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         cmd = [self.program, *self._common(), self.target(host), command]
         return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
 
     def copy(self, local: Path, host: str, remote: str) -> subprocess.CompletedProcess:
         # scp runs the same ssh program (-S), so a wrapper's options hold for the copy too
-        cmd = ["scp", "-q", "-S", self.program, *self._common(), str(local), f"{self.target(host)}:{remote}"]
+        cmd = ["scp", "-q", "-S", self.program, *self._common(), str(local), self.remote_path(host, remote)]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -289,6 +295,23 @@ def install_wheel(ssh: Ssh, host: str, want: Want, wheel: Path) -> str | None:
         ssh.run(host, f"rm -rf {shlex.quote(remote_dir)}")
 
 
+def distinct_hosts(entries: list[tuple[str, int]]) -> list[str]:
+    """Each host once, in order of first appearance: a host listed twice (``h1 slots=1`` / ``h1 slots=4``) is one
+    machine, and provisioning it twice at once would run two pip installs into one environment."""
+    first: dict[str, str] = {}
+    for host, _ in entries:
+        first.setdefault(_host_key(host), host)
+    return list(first.values())
+
+
+def _host_key(host: str) -> str:
+    """One spelling per machine: DNS names ignore case, and an address has one canonical form (FE80:0::1)."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from detox.data import SPECS  # the data sets 'python -m detox.data prepare' knows
 
@@ -324,7 +347,7 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
         if not path.is_file():
             raise InputError(f"{args.hostfile}: no such file")
         try:
-            hosts = [host for host, _ in parse_hostfile(path)]
+            hosts = distinct_hosts(parse_hostfile(path))
         except (ValueError, UnicodeDecodeError) as err:
             raise InputError(f"{args.hostfile}: {err}") from None
         if args.jobs < 1:
