@@ -21,7 +21,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from scipy.stats import hypergeom
 
-from analysis.load import CPU_MEDIAN_PHASES, MEDIAN_PHASES, PHASES, time_column, time_to_target
+from analysis.load import CPU_MEDIAN_PHASES, FINISHED, MEDIAN_PHASES, PHASES, time_column, time_to_target
 from analysis.stats import aggregate, interval
 
 FAMILY_COLOURS = {"vanilla": "tab:blue", "detox": "tab:orange", "other": "tab:gray"}
@@ -34,12 +34,30 @@ X_LABELS = {"cluster_time": "cluster time (s, per-phase means)",
             "cluster_time_median": "cluster time (s, per-phase medians)",
             "cluster_time_cpu": "cluster time (s, per-phase CPU medians)", "wall_time": "wall-clock time (s)",
             "step": "iteration"}
-FINISHED = ("completed", "diverged")
 # presentation order (job folders are listed by name, which would put constant before rev_grad, DETOX before vanilla)
 ATTACK_ORDER = ("none", "rev_grad", "constant", "gaussian", "alie", "ipm")
 RULE_ORDER = ("multi-krum", "bulyan", "coord-median", "trimmed-mean", "geometric-median", "krum", "mean", "sign-sgd",
               "maj-vote")
 FAMILY_ORDER = ("vanilla", "detox", "other")
+
+
+class NothingToDraw(Exception):
+    """What a figure needs is absent (no finished run, a value no run recorded): the message says what; the caller
+    skips the figure."""
+
+
+def _need(ok: bool, why: str) -> None:
+    if not ok:
+        raise NothingToDraw(why)
+
+
+def _finished(runs: pd.DataFrame, col: str | None = None) -> pd.DataFrame:
+    """The finished runs (with a value of ``col``), or NothingToDraw: a killed or failed run's numbers are partial."""
+    done = runs[runs["status"].isin(FINISHED)]
+    _need(len(done) > 0, "no finished (completed or diverged) run")
+    if col is not None:
+        _need(bool(done[col].notna().any()), f"no finished run has {col}")
+    return done
 
 
 def _rank(values: pd.Series, order: tuple[str, ...]) -> pd.Series:
@@ -118,6 +136,9 @@ def fig_a(metrics: pd.DataFrame, x: str | None = None) -> Figure:
     """Test accuracy against time (or iterations): one panel per (attack, rule), vanilla vs DETOX, each the mean
     over seeds with its 95 % interval shaded; y axes zoomed to the range where the methods differ."""
     x = x or time_column(metrics)
+    _need(bool(pd.to_numeric(metrics["test_acc"]).notna().any()), "no evaluation records of a finished run")
+    _need(bool(metrics[x].notna().any()), f"no run recorded {x}")
+    _need(bool(_rules(metrics)), "no run says which rule it ran")
     metrics = ordered(metrics)
     attacks = list(dict.fromkeys(metrics["err_mode"]))
     rules = [r for r in _rules(metrics) if r not in ("mean",)] or _rules(metrics)
@@ -164,6 +185,7 @@ def speedups(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | 
     seed s of DETOX-X) with its interval; the ratio of the mean times where no seed pairs up."""
     x = x or time_column(metrics)
     ttt = time_to_target(metrics, target, x) if len(metrics) else pd.Series(dtype=float)
+    runs = runs[runs["status"].isin(FINISHED)]  # a killed or failed seed is no seed that did not reach it
     data = ordered(runs.assign(ttt=runs["job"].map(ttt).astype(float)))
     rows = []
     for (attack, rule, q), sub in data.groupby(["err_mode", "rule", "worker_fail"], sort=False, dropna=False):
@@ -195,7 +217,9 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
     """Time to the target accuracy, vanilla X vs DETOX-X (mean over seeds, 95 % whiskers), with the speedup and
     its interval above each pair."""
     x = x or time_column(metrics)
+    _need(bool(metrics[x].notna().any()), f"no evaluation records with {x}")
     table = speedups(runs, metrics, target, x)
+    _need(len(table) > 0, "no finished vanilla X or DETOX-X run")
     fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(table)), 4.2))
     pos = np.arange(len(table))
     tops = []
@@ -240,7 +264,8 @@ def fig_c(runs: pd.DataFrame) -> Figure:
     over seeds, whisker the 95 % interval of the total, a grey line the within-run spread of a step (10th–90th
     percentile); phases that are always 0 (communication in ``engine=local``) are left out; diverged and
     chance-level methods are hatched and named."""
-    done = ordered(runs[runs["status"].isin(FINISHED)]).copy()
+    done = ordered(_finished(runs)).copy()
+    _need(bool(done[[*PHASES, *MEDIAN_PHASES]].notna().any().any()), "no finished run recorded phase times")
     # the CPU clock where every run has it (a loaded machine leaves it alone), else wall-clock medians, else means
     if done[list(CPU_MEDIAN_PHASES)].notna().all().all() and len(done):
         phases = list(CPU_MEDIAN_PHASES)
@@ -312,7 +337,7 @@ def _setting(runs: pd.DataFrame) -> str:
 def fig_d(runs: pd.DataFrame) -> Figure:
     """Final test accuracy per method under one attack (ALIE in the paper): mean over seeds, 95 % whiskers, and
     the mean best accuracy during the run."""
-    done = ordered(runs[runs["status"].isin(FINISHED)])
+    done = ordered(_finished(runs, "final_test_acc"))
     agg = aggregate(done, "config", ["final_test_acc", "best_test_acc"])
     agg = agg.join(done.groupby("config", sort=False)[["label", "defence"]].first(), on="config")
     fig, ax = plt.subplots(figsize=(max(5.5, 0.95 * len(agg) + 1.5), 4.0))
@@ -352,7 +377,7 @@ def fig_e(runs: pd.DataFrame) -> Figure:
     """Left: final test accuracy against the number of Byzantine workers q, one line per method (mean over
     seeds, 95 % whiskers). Right: what differs between the robust methods, their gap to their own clean run
     (q = 0; per-seed differences), zoomed; methods that diverge or fall to chance are named, not drawn."""
-    done = ordered(runs[runs["status"].isin(FINISHED)]).copy()
+    done = ordered(_finished(runs, "final_test_acc")).copy()
     done["chance"] = chance_level(done) | (done["status"] == "diverged")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     lines = list(dict.fromkeys(done["label"]))
@@ -432,7 +457,9 @@ def fig_theory(runs: pd.DataFrame) -> Figure:
     vs the hypergeometric expectation. Methods with the same seeds meet the same Byzantine draws and measure the
     same counts: their markers are set side by side and hollow so that none hides another."""
     grouped = ordered(runs[(runs["approach"] != "baseline") & (runs["placement"] == "random")
-                           & runs["corrupted_per_step"].notna()])
+                           & runs["corrupted_per_step"].notna() & runs["workers"].notna()
+                           & runs["group_size"].notna()])
+    _need(len(grouped) > 0, "no grouped run with random placement recorded corrupted groups")
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     labels = list(dict.fromkeys(grouped["label"]))
     markers = ["o", "s", "^", "D", "v", "P", "X"]

@@ -127,6 +127,7 @@ def labels(method: str | None, approach: str | None, mode: str | None, config: d
 def attack_label(config: dict | None, err_mode: str | None) -> str:
     """The attack with its strength, from the resolved config: ``alie (z = 1)``, ``rev_grad (scale = 100)``."""
     params = (config or {}).get("err_mode") or {}
+    params = params if isinstance(params, dict) else {}  # a hand-edited config: the name alone
     shown = {k: v for k, v in params.items() if k != "name"}
     name = params.get("name", err_mode)
     if not shown:

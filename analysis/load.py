@@ -8,14 +8,22 @@
 A run with ``evaluation=external`` leaves its metrics.jsonl's test fields empty and ``python -m detox.evaluate``
 writes them to ``eval.jsonl``: both tables fill them (and the summary's accuracies) from it (``run_records``).
 Jobs are ordered as ``detox.results.job_dirs`` lists them (numbered folders by number, then by name). A job without
-a readable summary is a row with status ``missing``; a failed job keeps its ``error``. Relative roots are found
-from the repository root (where the sweeps write ``multirun/...``) when they are not under the current folder.
+a readable summary is a row with status ``missing`` (``running`` while another process holds its job lock); a
+failed job keeps its ``error``. Only finished jobs (``completed`` or ``diverged``: ``FINISHED``) carry numbers: the
+records a killed, failed or running job left behind are partial, and would enter the means over seeds as if it had
+run through. A file that cannot be read as a run wrote it (not UTF-8, a line that is no JSON object with an integer
+``step``, a summary that is no object) gets one warning line naming it, and the job counts as having no such file.
+Relative roots are found from the repository root (where the sweeps write ``multirun/...``) when they are not under
+the current folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import sys
+from numbers import Real
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +31,7 @@ import pandas as pd
 import yaml
 
 from analysis.labels import attack_label, labels
-from detox.results import job_dirs, job_id
+from detox.results import FINISHED, job_dirs, job_id, lock_held, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
@@ -46,6 +54,21 @@ CONFIG_KEYS = ("label", "err_mode", "worker_fail", "workers", "group_size", "bat
 NOT_CONFIG = ("seed", "data_root", "save", "save_model", "checkpoint", "model_dir")
 # the evaluation fields python -m detox.evaluate records per step in eval.jsonl (detox.evaluate.EVAL_KEYS)
 EVAL_FIELDS = ("test_loss", "test_acc", "test_acc5", "eval_time")
+# record and summary fields the analysis computes with: a number or null, or the file is not one a run wrote
+RECORD_NUMBERS = ("test_acc", "test_loss", "wall_time", "cluster_time", "cluster_time_median", "cluster_time_cpu",
+                  *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES, "corrupted_groups")
+SUMMARY_NUMBERS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "seed", "max_steps", "target_acc",
+                   "steps", "final_test_acc", "best_test_acc", "final_test_loss", "wall_time", "cluster_time",
+                   "time_to_target", "malformed_messages")
+# the metrics frame's columns that come from the job (also those of an empty frame, so that code that sorts or
+# groups by them needs no special case)
+JOB_FIELDS = ("job", *CHOICES, "label", "defence", "rule", "attack", "config", "seed", "worker_fail", "status",
+              "figure")
+
+
+def warn(message: str) -> None:
+    """One line on stderr: a problem with one job's files that leaves the rest of the sweep reportable."""
+    print(f"analysis: warning: {message}", file=sys.stderr, flush=True)
 
 
 def repo_root() -> Path:
@@ -62,16 +85,45 @@ def sweep_root(path: str | Path) -> Path:
     return REPO / path
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
+def _is_number(value: object) -> bool:
+    return value is None or isinstance(value, Real)  # (JSON's false counts as 0, as Python's does)
+
+
+def _record_problem(record: object) -> str | None:
+    """Why a metrics.jsonl or eval.jsonl line is not a record a run writes, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    step = record.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        return f"step {step!r} is not a step number"
+    bad = next((k for k in RECORD_NUMBERS if not _is_number(record.get(k))), None)
+    return None if bad is None else f"{bad} {record[bad]!r} is not a number"
+
+
+def read_jsonl(path: Path) -> tuple[list[dict], str | None]:
+    """The records of a metrics.jsonl or eval.jsonl file and, where it is not a file a run writes, why (naming the
+    file and the first bad line): then no records, since one bad line puts every other in doubt. A missing file has
+    no records and no problem; so has a torn last line (no newline: a run killed mid-write leaves one)."""
+    try:
+        text = path.read_bytes().decode()
+    except FileNotFoundError:
+        return [], None
+    except (OSError, UnicodeDecodeError) as err:
+        return [], f"{path}: unreadable ({type(err).__name__}: {err})"
+    lines = text.split("\n")  # the last item is "" after a final newline, else a torn line
     out = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
+        torn = number == len(lines)
         try:
-            out.append(json.loads(line))
-        except ValueError:  # a job killed mid-write leaves at most one broken last line
-            continue
-    return out
+            record = json.loads(line)
+        except ValueError:
+            if torn:
+                break
+            return [], f"{path}: line {number} is not JSON"
+        if (problem := _record_problem(record)) is not None:
+            return [], f"{path}: line {number}: {problem}"
+        out.append(record)
+    return out, None
 
 
 def _read_yaml(path: Path) -> dict | None:
@@ -82,18 +134,29 @@ def _read_yaml(path: Path) -> dict | None:
     return out if isinstance(out, dict) else None
 
 
-def run_records(job: Path) -> list[dict]:
-    """The job's metrics.jsonl records, their evaluation fields filled from eval.jsonl (the separate evaluator's,
-    by step) where the run did not evaluate in-loop; a job with only eval.jsonl gives its records."""
-    records = _read_jsonl(job / "metrics.jsonl")
-    evals = {r["step"]: r for r in _read_jsonl(job / "eval.jsonl") if isinstance(r, dict) and "step" in r}
+def read_run_records(job: Path) -> tuple[list[dict], list[str]]:
+    """``run_records`` and the problems of the files it read (one line each, naming the file)."""
+    records, problem = read_jsonl(job / "metrics.jsonl")
+    evaluated, eval_problem = read_jsonl(job / "eval.jsonl")
+    problems = [p for p in (problem, eval_problem) if p is not None]
+    if any(b["step"] <= a["step"] for a, b in itertools.pairwise(records)):  # a run appends them in step order
+        problems.append(f"{job / 'metrics.jsonl'}: steps do not increase")
+        records = []
+    evals = {r["step"]: r for r in evaluated}
     if not records:
-        return sorted(evals.values(), key=lambda r: r["step"])
+        return sorted(evals.values(), key=lambda r: r["step"]), problems
     for r in records:
-        ev = evals.get(r.get("step"))
+        ev = evals.get(r["step"])
         if ev is not None and r.get("test_acc") is None:
             r.update({k: ev.get(k) for k in EVAL_FIELDS})
-    return records
+    return records, problems
+
+
+def run_records(job: Path) -> list[dict]:
+    """The job's metrics.jsonl records, their evaluation fields filled from eval.jsonl (the separate evaluator's,
+    by step) where the run did not evaluate in-loop; a job with only eval.jsonl gives its records. A file that is
+    not a run's (``read_jsonl``) gives none."""
+    return read_run_records(job)[0]
 
 
 def _fill_summary(row: dict, records: list[dict]) -> None:
@@ -146,13 +209,59 @@ def config_key(config: dict | None, row: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
+def _summary_problem(summary: dict) -> str | None:
+    """Why a summary.json object is not one a run writes, or None."""
+    if not isinstance(summary.get("status"), str):
+        return f"status {summary.get('status')!r} is not a string"
+    choices = summary.get("choices")
+    if choices is not None and not (isinstance(choices, dict) and all(
+            v is None or isinstance(v, str) for v in choices.values())):
+        return "choices is not an object of option names"
+    if not (summary.get("figure") is None or isinstance(summary["figure"], str)):
+        return f"figure {summary['figure']!r} is not a string"
+    bad = next((k for k in SUMMARY_NUMBERS if not _is_number(summary.get(k))), None)
+    return None if bad is None else f"{bad} {summary[bad]!r} is not a number"
+
+
+def job_summary(job: Path) -> tuple[dict, str | None]:
+    """The job's summary and, where its summary.json exists but is not a run's, why. A job without one is
+    ``missing``, or ``running`` while a process holds its job lock (``detox.results.lock_held``)."""
+    path = job / "summary.json"
+    if not path.exists():
+        running = lock_held(job)
+        return ({"status": "running", "error": "running (another process holds the job lock)"} if running else
+                {"status": "missing", "error": "no summary.json"}), None
+    summary = read_summary(job)
+    problem = None
+    stand_in = str(summary.get("error", ""))
+    if "choices" not in summary and stand_in.startswith("no readable summary.json"):
+        # read_summary's stand-in for a file that is unreadable, not JSON, or not an object: its error says which
+        problem = "not a readable JSON object" + stand_in.removeprefix("no readable summary.json")
+    elif (why := _summary_problem(summary)) is not None:
+        problem = why
+    if problem is None:
+        return summary, None
+    return ({"status": "missing", "error": f"unreadable summary.json: {problem}"},
+            f"{path}: {problem}; the job counts as missing")
+
+
+def _section(config: dict | None, key: str) -> dict:
+    value = (config or {}).get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _num_classes(config: dict | None) -> int:
+    n = _section(config, "dataset").get("num_classes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 10
+
+
 def load_runs(root: str | Path) -> pd.DataFrame:
+    """One row per job folder of ``root`` (module docstring); prints one warning line per unreadable file."""
     rows = []
     for job in job_dirs(sweep_root(root)):
-        try:
-            summary = json.loads((job / "summary.json").read_text())
-        except (OSError, ValueError):
-            summary = {"status": "missing", "error": "no readable summary.json"}
+        summary, problem = job_summary(job)
+        if problem is not None:
+            warn(problem)
         config = _read_yaml(job / "resolved_config.yaml")
         row: dict = {"job": job_id(job), "dir": str(job)}
         choices = summary.get("choices") or {}
@@ -163,11 +272,18 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         else:  # nothing says what ran (a job killed before writing): name it by its folder
             row["label"], row["defence"], row["rule"] = str(row["job"]), "other", None
         row["attack"] = attack_label(config, row["err_mode"])
-        row["num_classes"] = ((config or {}).get("dataset") or {}).get("num_classes") or 10
+        row["num_classes"] = _num_classes(config)
         row["config"] = config_key(config, row)
-        records = run_records(job)
-        _fill_summary(row, records)
-        row.update(step_weighted_phases(records))
+        records, problems = read_run_records(job)
+        for p in problems:
+            warn(f"{p}; the file's records are left out")
+        if row["status"] in FINISHED:
+            if not records and not problems:
+                warn(f"{job / 'metrics.jsonl'}: no records; the job has no curve and no time split")
+            _fill_summary(row, records)
+            row.update(step_weighted_phases(records))
+        else:  # killed, failed or still running: its records stop part-way, its numbers are not a run's
+            row.update(step_weighted_phases([]))
         rows.append(row)
     cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
             "cluster_time_median", "cluster_time_cpu", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES,
@@ -176,21 +292,23 @@ def load_runs(root: str | Path) -> pd.DataFrame:
 
 
 def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per evaluation of every finished job of ``runs`` (default: ``load_runs(root)``), with the job's
+    choices as columns; a killed, failed or running job's records stop part-way and are left out."""
     runs = load_runs(root) if runs is None else runs
     frames = []
-    for job, run in runs.iterrows():
-        records = run_records(Path(run["dir"]))
+    for job, run in runs[runs["status"].isin(FINISHED)].iterrows():
+        records = run_records(Path(run["dir"]))  # quiet: load_runs has named its bad files
         if not records:
             continue
         df = pd.DataFrame(records)
-        for k in ("job", *CHOICES, "label", "defence", "rule", "attack", "config", "seed", "worker_fail", "status",
-                  "figure"):
+        for k in JOB_FIELDS:
             df[k] = run[k] if k != "job" else job
         frames.append(df)
-    if not frames:
-        return pd.DataFrame(columns=["job", "step", "test_acc", "config", "seed"])
-    # frames are in job_dirs order, each in step order (job ids may mix numbers and names: no sort by id)
-    return pd.concat(frames, ignore_index=True)
+    # frames are in job_dirs order, each in step order (job ids may mix numbers and names: no sort by id); every
+    # value the figures use is a column, NaN where no record has it
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(JOB_FIELDS))
+    missing = [k for k in ("step", *RECORD_NUMBERS) if k not in out.columns]
+    return pd.concat([out, pd.DataFrame(np.nan, index=out.index, columns=missing)], axis=1) if missing else out
 
 
 def time_column(df: pd.DataFrame) -> str:
@@ -209,5 +327,7 @@ def time_to_target(metrics: pd.DataFrame, target: float, x: str | None = None) -
     """Per job, the first ``x`` (default: ``time_column``) at which test accuracy reached ``target`` (NaN if
     never)."""
     x = x or time_column(metrics)
-    hit = metrics[metrics["test_acc"] >= target].groupby("job")[x].min()
+    if x not in metrics.columns:  # records without that clock (eval.jsonl alone): no time to give
+        return pd.Series(np.nan, index=metrics["job"].unique(), dtype=float)
+    hit = metrics[pd.to_numeric(metrics["test_acc"]) >= target].groupby("job")[x].min()
     return hit.reindex(metrics["job"].unique())

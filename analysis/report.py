@@ -2,12 +2,19 @@
 ``table.md``/``table.csv`` one row per configuration aggregated over seeds, ``jobs.csv`` one row per job.
 
 Which figures a sweep gets follows its ``figure`` setting (the sweeps in ``sweeps/`` set it); an ad-hoc sweep
-gets the curves, the time split and the accuracy bars.
+gets the curves, the time split and the accuracy bars. Only finished jobs (completed or diverged) enter the numbers;
+a figure whose data no finished job has is skipped with one line saying why. Everything is computed before anything
+is written, and written into a temporary folder next to ``--out`` that then takes its place (or, where ``--out``
+exists, whose files replace theirs): a failure leaves ``--out`` as it was. Bad input is one line and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import secrets
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +25,18 @@ import numpy as np
 import pandas as pd
 
 from analysis import figures as F
-from analysis.load import CPU_MEDIAN_PHASES, MEDIAN_PHASES, PHASES, load_metrics, load_runs, time_column, time_to_target
+from analysis.load import (
+    CPU_MEDIAN_PHASES,
+    MEDIAN_PHASES,
+    PHASES,
+    load_metrics,
+    load_runs,
+    time_column,
+    time_to_target,
+    warn,
+)
 from analysis.stats import aggregate, fmt
+from detox.results import FINISHED
 
 JOB_COLUMNS = ["job", "label", "seed", "err_mode", "worker_fail", "status", "final_test_acc", "best_test_acc",
                "steps", "wall_time", "cluster_time", "cluster_time_median", "cluster_time_cpu", "time_to_target",
@@ -27,6 +44,53 @@ JOB_COLUMNS = ["job", "label", "seed", "err_mode", "worker_fail", "status", "fin
 # the values a configuration's row aggregates over its seeds (times per phase in ms)
 VALUES = ["final_test_acc", "best_test_acc", "cluster_time", "cluster_time_median", "cluster_time_cpu",
           *MEDIAN_PHASES, *CPU_MEDIAN_PHASES, "corrupted_per_step"]
+
+
+class ReportError(ValueError):
+    """Bad input (a root with nothing to report, an unusable --out or --target): one line, exit 2, nothing written."""
+
+
+def check_target(target: float, what: str = "--target") -> float:
+    """A target test accuracy is a fraction in (0, 1]: NaN never compares true, so nothing would ever reach it."""
+    if not (math.isfinite(target) and 0 < target <= 1):
+        raise ReportError(f"{what} {target:g}: a target test accuracy lies in (0, 1], e.g. 0.85")
+    return target
+
+
+def check_out(out: Path) -> None:
+    """Refuse an output folder that cannot be one before any work (the nearest existing path decides)."""
+    for path in (out, *out.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                raise ReportError(f"--out {out}: {path} exists and is not a folder")
+            return
+
+
+def sweep_target(runs: pd.DataFrame) -> float | None:
+    """The sweep's own target accuracy (``target_acc`` of its finished jobs), if it is an accuracy."""
+    values = runs.loc[runs["status"].isin(FINISHED), "target_acc"].dropna().astype(float)
+    bad = values[~((values > 0) & (values <= 1))]
+    if len(bad):
+        warn(f"target_acc {bad.iloc[0]:g} in the summary of job {bad.index[0]} is no accuracy; ignored")
+    good = values[(values > 0) & (values <= 1)]
+    return float(good.iloc[0]) if len(good) else None
+
+
+def check_families(root: Path, runs: pd.DataFrame) -> None:
+    """One warning where jobs of several figure families share a root: every family's figures use every job."""
+    families = sorted({f for f in runs["figure"] if isinstance(f, str)})
+    if len(families) > 1:
+        warn(f"{root}: jobs of several figure families (figure = {', '.join(families)}): each family's figures and "
+             f"tables are drawn from every job of the root")
+
+
+def check_reportable(root: Path, runs: pd.DataFrame) -> None:
+    """A root without a finished job has no number to report."""
+    if runs.empty:
+        raise ReportError(f"{root}: no job folders; is this a multirun root?")
+    if not runs["status"].isin(FINISHED).any():
+        counts = ", ".join(f"{n} {k}" for k, n in runs["status"].value_counts().items())
+        raise ReportError(f"{root}: no finished (completed or diverged) job ({counts}): nothing to report")
 
 
 def _figures(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> dict[str, Callable[[], plt.Figure]]:
@@ -70,6 +134,8 @@ def table(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> pd
     for k in (*MEDIAN_PHASES, *CPU_MEDIAN_PHASES):
         data[f"{k}_ms"] = data[k] * 1000
     values = [f"{v}_ms" if v in (*MEDIAN_PHASES, *CPU_MEDIAN_PHASES) else v for v in values]
+    # only finished jobs' numbers: a killed or failed job counts in ``seeds`` and ``status``, never in n
+    data.loc[~data["status"].isin(FINISHED), values] = np.nan
     agg = aggregate(data, "config", values).rename(columns={"n": "seeds"})
     meta = data.groupby("config", sort=False).agg(
         label=("label", "first"), err_mode=("err_mode", "first"), worker_fail=("worker_fail", "first"),
@@ -105,40 +171,90 @@ def to_markdown(df: pd.DataFrame) -> str:
     return "\n".join([head, rule, *body]) + "\n"
 
 
-def report(root: Path, out: Path, target: float | None = None) -> list[Path]:
-    """Write the sweep's figures and tables into ``out``; return the written paths."""
-    runs = load_runs(root)
-    if runs.empty:
-        raise ValueError(f"{root}: no job folders; is this a multirun root?")
-    metrics = load_metrics(root, runs)
-    if target is None and runs["target_acc"].notna().any():
-        target = float(runs["target_acc"].dropna().iloc[0])
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, draw in _figures(runs, metrics, target).items():
-        fig = draw()
-        for ext in ("png", "pdf"):
-            path = out / f"{name}.{ext}"
-            fig.savefig(path, dpi=120)
-            written.append(path)
-        plt.close(fig)
-        print(f"wrote {out / name}.png/.pdf", flush=True)
+def draw_figures(runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> dict[str, plt.Figure]:
+    """Every figure of the sweep's families that has data; one line for each one skipped."""
+    drawn: dict[str, plt.Figure] = {}
+    try:
+        for name, draw in _figures(runs, metrics, target).items():
+            try:
+                drawn[name] = draw()
+            except F.NothingToDraw as why:
+                warn(f"{name} skipped: {why}")
+    except BaseException:  # a figure that fails takes the ones drawn before it along (a notebook keeps running)
+        for fig in drawn.values():
+            plt.close(fig)
+        raise
+    return drawn
+
+
+def tables(root: Path, runs: pd.DataFrame, metrics: pd.DataFrame, target: float | None) -> dict[str, str]:
+    """File name -> text of every table: table.csv/.md, jobs.csv and, for Figure B's sweeps, speedup.csv."""
     tab = table(runs, metrics, target)
-    tab.to_csv(out / "table.csv", index=False)
     jobs = jobs_table(runs, metrics, target)
-    jobs.to_csv(out / "jobs.csv", index=False)
-    md = [f"# {root.name}\n", "Per configuration: mean ± sd over seeds (n = seeds with a value); 95 % t-intervals "
-          "in `table.csv` (`_lo`, `_hi`); times per phase are per-window medians in ms. One row per job: "
-          "`jobs.csv`.\n", to_markdown(readable(tab))]
+    md = [f"# {root.name}\n", "Per configuration: mean ± sd over the finished seeds (n = those with a value; a killed, "
+          "failed or running job counts in `seeds` and `status` only); 95 % t-intervals in `table.csv` (`_lo`, "
+          "`_hi`); times per phase are per-window medians in ms. One row per job: `jobs.csv`.\n",
+          to_markdown(readable(tab))]
+    out = {"table.csv": tab.to_csv(index=False), "jobs.csv": jobs.to_csv(index=False)}
     if target is not None and (runs["figure"] == "B").any():
         sp = F.speedups(runs, metrics, target)
-        sp.to_csv(out / "speedup.csv", index=False)
-        md += [f"\n## Speedup to {target:.0%} test accuracy ({F.X_LABELS.get(sp['clock'].iloc[0], '')})\n"
-               if len(sp) else "", to_markdown(speedup_text(sp))]
-        written.append(out / "speedup.csv")
-    (out / "table.md").write_text("\n".join(md))
-    written += [out / "table.csv", out / "jobs.csv", out / "table.md"]
-    print(f"wrote {out / 'table.md'}, table.csv ({len(tab)} configurations), jobs.csv ({len(jobs)} jobs)", flush=True)
+        out["speedup.csv"] = sp.to_csv(index=False)
+        if len(sp):
+            md += [f"\n## Speedup to {target:.0%} test accuracy ({F.X_LABELS.get(sp['clock'].iloc[0], '')})\n",
+                   to_markdown(speedup_text(sp))]
+    out["table.md"] = "\n".join(md)
+    return out
+
+
+def _write(path: Path, content: str | plt.Figure) -> None:
+    if isinstance(content, str):
+        path.write_text(content)
+    else:
+        content.savefig(path, dpi=120)
+
+
+def publish(out: Path, files: dict[str, str | plt.Figure]) -> list[Path]:
+    """Write ``files`` into a temporary folder next to ``out``, then move them into place: ``out`` never holds half
+    a report, and an earlier report there stays whole if writing fails (files of its that this one does not write
+    stay too)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # hidden: no job folder
+    tmp.mkdir()
+    try:
+        for name, content in files.items():
+            _write(tmp / name, content)
+        if not out.is_dir():
+            tmp.rename(out)
+        elif clash := [n for n in files if (out / n).is_dir()]:
+            raise ReportError(f"--out {out}: {out / clash[0]} is a folder; the report would write a file there")
+        else:
+            for name in files:
+                os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [out / name for name in files]
+
+
+def report(root: Path, out: Path, target: float | None = None) -> list[Path]:
+    """Write the sweep's figures and tables into ``out``; return the written paths. Everything is computed first:
+    bad input raises ReportError (or OSError) with nothing written."""
+    check_out(out)
+    runs = load_runs(root)
+    check_reportable(root, runs)
+    check_families(root, runs)
+    metrics = load_metrics(root, runs)
+    target = target if target is not None else sweep_target(runs)
+    figures = draw_figures(runs, metrics, target)
+    try:
+        files: dict[str, str | plt.Figure] = {f"{name}.{ext}": fig for name, fig in figures.items()
+                                              for ext in ("png", "pdf")}
+        files.update(tables(root, runs, metrics, target))
+        written = publish(out, files)
+    finally:
+        for fig in figures.values():
+            plt.close(fig)
+    print(f"wrote {out}: {', '.join(p.name for p in written)} ({runs['config'].nunique()} configurations, "
+          f"{len(runs)} jobs)", flush=True)
     return written
 
 
@@ -173,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     # its tables in a notebook, leaves the backend alone)
     matplotlib.use("Agg")
     try:
-        report(args.sweep, args.out or args.sweep / "report", args.target)
-    except (FileNotFoundError, ValueError) as err:
+        target = None if args.target is None else check_target(args.target)
+        report(args.sweep, args.out or args.sweep / "report", target)
+    except (ReportError, OSError) as err:
         print(f"analysis.report: error: {err}", file=sys.stderr)
         return 2
     return 0

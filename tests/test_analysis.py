@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +27,7 @@ from scipy import stats as scipy_stats  # noqa: E402
 from analysis import figures as F  # noqa: E402
 from analysis.labels import labels, preset  # noqa: E402
 from analysis.load import load_metrics, load_runs, sweep_root, time_column, time_to_target  # noqa: E402
+from analysis.report import jobs_table, readable, table, to_markdown  # noqa: E402
 from analysis.report import main as report_main  # noqa: E402
 from analysis.stats import aggregate, fmt, interval  # noqa: E402
 from detox.config import validate  # noqa: E402
@@ -377,6 +379,265 @@ def test_report_command_writes_figures_and_tables(sweep: Path, tmp_path: Path) -
     md = (tmp_path / "rb" / "table.md").read_text()
     assert "## Speedup to 85% test accuracy (cluster time (s, per-phase medians))" in md
     assert "(n=3)" in md.split("## Speedup")[1] and (tmp_path / "rb" / "fig_b.png").exists()
+
+
+# ----------------------------------------------------------------------------------- unfinished and broken jobs
+
+
+def kill(job: Path) -> Path:
+    """The job as a kill leaves it: its records up to where it stopped and no summary."""
+    (job / "summary.json").unlink()
+    return job
+
+
+def fail(job: Path) -> Path:
+    """The job as a failure part-way leaves it: its records so far and a failed summary without accuracies."""
+    summary = json.loads((job / "summary.json").read_text())
+    for k in ("final_test_acc", "best_test_acc", "steps"):
+        summary.pop(k)
+    (job / "summary.json").write_text(json.dumps({**summary, "status": "failed", "error": "RuntimeError: boom"}))
+    return job
+
+
+def external(job: Path) -> Path:
+    """The job as ``evaluation=external`` leaves it once the evaluator ran: accuracies only in eval.jsonl."""
+    records = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines()]
+    (job / "eval.jsonl").write_text("".join(json.dumps({"step": r["step"], "test_acc": r["test_acc"],
+                                                        "test_loss": 1.0}) + "\n" for r in records))
+    (job / "metrics.jsonl").write_text("".join(json.dumps({**r, "test_acc": None}) + "\n" for r in records))
+    summary = json.loads((job / "summary.json").read_text())
+    (job / "summary.json").write_text(json.dumps({**summary, "final_test_acc": None, "best_test_acc": None}))
+    return job
+
+
+def sweep_unfinished(root: Path) -> dict[str, Path]:
+    """vanilla-multi-krum: seed 0 completed (final 0.869), seed 1 failed and seed 2 killed part-way, both already
+    past it (0.95, 0.97) and faster; DETOX-Multi-Krum: three completed seeds."""
+    jobs = {"done": write_job(root, "vanilla-multi-krum", "rev_grad", 0, _curve("vanilla", 0), figure="B"),
+            "failed": fail(write_job(root, "vanilla-multi-krum", "rev_grad", 1, [0.1, 0.95], figure="B",
+                                     per_step=0.001)),
+            "killed": kill(write_job(root, "vanilla-multi-krum", "rev_grad", 2, [0.1, 0.97], figure="B",
+                                     per_step=0.001))}
+    for seed in (0, 1, 2):
+        write_job(root, "detox-multi-krum", "rev_grad", seed, _curve("detox", seed), figure="B")
+    return jobs
+
+
+def test_only_finished_runs_enter_the_numbers(tmp_path: Path) -> None:
+    jobs = sweep_unfinished(tmp_path / "m")
+    runs = load_runs(tmp_path / "m")
+    for name, status in (("failed", "failed"), ("killed", "missing")):
+        row = runs.loc[jobs[name].name]
+        assert row["status"] == status
+        # nothing filled in from the records it left: they stop part-way
+        assert pd.isna(row["final_test_acc"]) and pd.isna(row["best_test_acc"])
+        assert pd.isna(row["cluster_time_median"]) and pd.isna(row["t_aggregate_median"])
+    metrics = load_metrics(tmp_path / "m", runs)
+    assert jobs["failed"].name not in set(metrics["job"]) and jobs["killed"].name not in set(metrics["job"])
+    tab = table(runs, metrics, 0.85).set_index("label")
+    vanilla = tab.loc["vanilla-multi-krum"]
+    assert vanilla["seeds"] == 3 and vanilla["status"] == "1 completed, 1 failed, 1 missing"
+    for k in ("final_test_acc", "best_test_acc", "cluster_time_median", "t_aggregate_median_ms",
+              "cluster_time_median_to_0.85"):
+        assert vanilla[f"{k}_n"] == 1, k  # n counts the runs that contributed: the completed one
+    assert vanilla["final_test_acc"] == pytest.approx(0.869)
+    assert "| vanilla-multi-krum | rev_grad | 5 | 3 | 1 completed, 1 failed, 1 missing | 0.869 (n=1) |" in \
+        to_markdown(readable(table(runs, metrics, 0.85)))
+    sp = F.speedups(runs, metrics, 0.85).iloc[0]
+    assert (sp["vanilla_seeds"], sp["vanilla_reached"], sp["speedup_n"]) == (1, 1, 1)
+    jobs_csv = jobs_table(runs, metrics, 0.85).set_index("job")
+    assert jobs_csv.loc[jobs["failed"].name, "status"] == "failed"
+    assert jobs_csv.loc[[jobs["failed"].name, jobs["killed"].name], "final_test_acc"].isna().all()
+
+
+def test_external_evaluations_fill_finished_runs_only(tmp_path: Path) -> None:
+    done = external(write_job(tmp_path, "detox-bulyan", "rev_grad", 0, _curve("detox", 0)))
+    failed = external(fail(write_job(tmp_path, "detox-bulyan", "rev_grad", 1, [0.1, 0.95])))
+    runs = load_runs(tmp_path)
+    assert runs.loc[done.name, "final_test_acc"] == pytest.approx(0.859)  # from eval.jsonl, as before
+    assert runs.loc[done.name, "best_test_acc"] == pytest.approx(0.859)
+    assert pd.isna(runs.loc[failed.name, "final_test_acc"])
+    assert set(load_metrics(tmp_path, runs)["job"]) == {done.name}
+
+
+def test_a_running_job_is_marked_running_and_gives_no_numbers(tmp_path: Path) -> None:
+    from detox.results import job_lock
+
+    root = tmp_path / "m"
+    write_job(root, "detox-bulyan", "rev_grad", 0, _curve("detox", 0))
+    live = kill(write_job(root, "detox-bulyan", "rev_grad", 1, [0.1, 0.99]))  # no summary yet
+    with job_lock(live):  # as detox.train holds it while the run owns the folder
+        runs = load_runs(root)
+        assert runs.loc[live.name, "status"] == "running" and pd.isna(runs.loc[live.name, "final_test_acc"])
+        assert report_main([str(root), "--out", str(tmp_path / "out")]) == 0
+    jobs_csv = pd.read_csv(tmp_path / "out" / "jobs.csv").set_index("job")
+    assert jobs_csv.loc[live.name, "status"] == "running" and pd.isna(jobs_csv.loc[live.name, "final_test_acc"])
+    assert "| 2 | 1 completed, 1 running | 0.859 (n=1) |" in (tmp_path / "out" / "table.md").read_text()
+    assert load_runs(root).loc[live.name, "status"] == "missing"  # the lock released: it died
+
+
+def _two_jobs(root: Path) -> Path:
+    """A root of two finished jobs; returns the first (the one a test then breaks)."""
+    job = write_job(root, "vanilla-bulyan", "rev_grad", 0, _curve("vanilla", 0))
+    write_job(root, "detox-bulyan", "rev_grad", 0, _curve("detox", 0))
+    return job
+
+
+@pytest.mark.parametrize("content", [b"", b"123\n", b'{"test_acc": 0.5}\n', b"null\n", b"[1, 2]\n",
+                                     b'{"step": 0}\n{"step": "ten"}\n', b'{"step": 10}\n{"step": 0}\n',
+                                     b'{"step": 0, "test_acc": "high"}\n', b'{"step": 0}\nnot json\n{"step": 10}\n',
+                                     bytes(range(256)) * 4],
+                         ids=["empty", "number", "no-step", "null", "list", "step-text", "steps-back", "acc-text",
+                              "bad-line", "random-bytes"])
+def test_a_broken_metrics_file_is_one_warning_naming_it(tmp_path: Path, content: bytes,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    job = _two_jobs(tmp_path / "m")
+    (job / "metrics.jsonl").write_bytes(content)
+    assert report_main([str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(job / "metrics.jsonl") in err[0] and err[0].startswith("analysis: warning: ")
+    runs = load_runs(tmp_path / "m")
+    assert job.name not in set(load_metrics(tmp_path / "m", runs)["job"])  # no curve, no time split
+    assert pd.isna(runs.loc[job.name, "cluster_time_median"])
+    assert runs.loc[job.name, "final_test_acc"] == pytest.approx(0.869)  # its summary still stands
+    assert (tmp_path / "out" / "fig_a_time.png").exists()
+
+
+def test_a_torn_last_line_is_no_problem(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job = _two_jobs(tmp_path)
+    with open(job / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 70, "test_a')  # a run killed mid-write
+    runs = load_runs(tmp_path)
+    assert capsys.readouterr().err == "" and runs.loc[job.name, "cluster_time_median"] == pytest.approx(60 * 0.03)
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "null", '"completed"', "{not json", '{"status": 3}',
+                                     '{"status": "completed", "final_test_acc": "high"}',
+                                     '{"status": "completed", "choices": [1]}'])
+def test_a_summary_that_is_no_run_summary_is_one_warning(tmp_path: Path, content: str,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    job = _two_jobs(tmp_path / "m")
+    (job / "summary.json").write_text(content)
+    assert report_main([str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and str(job / "summary.json") in err[0] and "counts as missing" in err[0]
+    assert load_runs(tmp_path / "m").loc[job.name, "status"] == "missing"
+    assert "| 1 | 1 missing |  |" in (tmp_path / "out" / "table.md").read_text()  # a row, no numbers
+
+
+def _only_failed(root: Path) -> None:
+    write_job(root, "vanilla-bulyan", "rev_grad", 0, [], status="failed")
+
+
+def _only_unreadable(root: Path) -> None:
+    (write_job(root, "vanilla-bulyan", "rev_grad", 0, [0.1, 0.5]) / "summary.json").write_text("[1, 2]")
+
+
+def _only_killed(root: Path) -> None:
+    kill(write_job(root, "vanilla-bulyan", "rev_grad", 0, [0.1, 0.5]))
+
+
+@pytest.mark.parametrize("make", [_only_failed, _only_unreadable, _only_killed])
+def test_a_root_without_a_finished_job_is_one_line_and_exit_2(tmp_path: Path, make: Callable[[Path], None],
+                                                              capsys: pytest.CaptureFixture) -> None:
+    make(tmp_path / "m")
+    assert report_main([str(tmp_path / "m"), "--out", str(tmp_path / "out")]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("analysis: warning: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"analysis.report: error: {tmp_path / 'm'}: no finished")
+    assert not (tmp_path / "out").exists()
+
+
+def test_figures_without_their_data_say_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _only_failed(tmp_path / "failed")
+    runs = load_runs(tmp_path / "failed")
+    metrics = load_metrics(tmp_path / "failed", runs)
+    for draw in (lambda: F.fig_a(metrics), lambda: F.fig_b(runs, metrics, 0.85), lambda: F.fig_c(runs),
+                 lambda: F.fig_d(runs), lambda: F.fig_e(runs), lambda: F.fig_theory(runs)):
+        with pytest.raises(F.NothingToDraw, match="^no "):
+            draw()
+    # one completed job without records (A: records without accuracies or clocks): its table, and one line per
+    # figure that needs the records
+    for letter in "ABCDE":
+        root = tmp_path / letter
+        job = write_job(root, "vanilla-multi-krum", "rev_grad", 0, _curve("vanilla", 0), figure=letter)
+        (job / "metrics.jsonl").write_text('{"step": 0}\n{"step": 10}\n' if letter == "A" else "")
+        assert report_main([str(root), "--out", str(tmp_path / f"out{letter}")]) == 0, letter
+        assert (tmp_path / f"out{letter}" / "table.md").exists()
+    err = capsys.readouterr().err
+    assert "analysis: warning: fig_a_time skipped: no evaluation records of a finished run" in err
+    assert "analysis: warning: fig_b skipped: no evaluation records with cluster_time" in err
+    assert "analysis: warning: fig_c skipped: no finished run recorded phase times" in err
+    assert "analysis: warning: fig_theory skipped: no grouped run" in err
+    assert (tmp_path / "outD" / "fig_d.png").exists() and (tmp_path / "outE" / "fig_e.png").exists()
+
+
+@pytest.mark.parametrize("target", ["nan", "inf", "-inf", "-0.5", "0", "1.5", "85"])
+def test_a_target_that_is_no_accuracy_is_refused(sweep: Path, tmp_path: Path, target: str,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    assert report_main([str(sweep), "--out", str(tmp_path / "out"), f"--target={target}"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"analysis.report: error: --target {float(target):g}: a target test accuracy lies in (0, 1], "
+                   f"e.g. 0.85"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line_and_exit_2(sweep: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "file").write_text("keep")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert report_main([str(sweep), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"analysis.report: error: --out {out}: {tmp_path / 'file'} exists and is not a folder"]
+    assert (tmp_path / "file").read_text() == "keep"
+
+
+def test_a_failing_report_leaves_its_out_folder_as_it_was(sweep: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import analysis.report as R
+
+    fresh, earlier = tmp_path / "fresh", tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "table.md").write_text("earlier")
+    (earlier / "notes.txt").write_text("mine")
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(R, "table", boom)  # fails after the figures are drawn
+    with pytest.raises(RuntimeError):
+        R.report(sweep, fresh)
+    assert not fresh.exists()
+    monkeypatch.undo()
+    writes, write = [], R._write
+
+    def write_then_fail(path: Path, content: object) -> None:
+        writes.append(path.name)
+        if path.name == "table.md":  # the figures and the CSV files are written by then
+            raise OSError(28, "No space left on device", str(path))
+        write(path, content)
+
+    monkeypatch.setattr(R, "_write", write_then_fail)
+    for out in (fresh, earlier):
+        with pytest.raises(OSError):
+            R.report(sweep, out)
+    assert "fig_a_time.png" in writes and not fresh.exists()
+    assert sorted(p.name for p in earlier.iterdir()) == ["notes.txt", "table.md"]
+    assert (earlier / "table.md").read_text() == "earlier"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    monkeypatch.undo()
+    R.report(sweep, earlier)  # a report that runs through replaces its own files and leaves the others
+    assert (earlier / "notes.txt").read_text() == "mine" and (earlier / "fig_a_time.png").exists()
+    assert (earlier / "table.md").read_text().startswith(f"# {sweep.name}")
+
+
+def test_a_root_of_several_figure_families_is_one_warning(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep_b(tmp_path / "b")
+    assert report_main([str(tmp_path / "b"), "--out", str(tmp_path / "out_b")]) == 0
+    assert capsys.readouterr().err == ""  # one family: nothing to say
+    sweep_d(tmp_path / "b")  # Figure D's jobs into Figure B's root
+    assert report_main([str(tmp_path / "b"), "--out", str(tmp_path / "out_bd")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "several figure families (figure = B, D)" in err[0] and str(tmp_path / "b") in err[0]
 
 
 def test_analysis_leaves_the_backend_to_the_caller() -> None:
