@@ -4,8 +4,11 @@ The Hydra job is the *driver*: with ``resolved_config.yaml`` in the job director
 ``mpiexec ... python -m mpi4py -m detox.mpi <job_dir>`` in a session of its own, tees the ranks' output into
 ``mpi.log`` and makes sure ``summary.json`` exists at the end. Whatever way the driver ends (return, exception,
 Ctrl-C, SIGTERM, ``engine.job_timeout``) it kills that session first, so no orphaned rank writes into the job
-folder afterwards; rank 0 also ends the world if the driver disappears (SIGKILL). Rank 0 runs the same training
-loop and PS step as ``engine=local`` (``detox.trainer.train``); only the gradient source differs.
+folder afterwards; rank 0 also ends the world if the driver disappears (SIGKILL). The world gets ``engine.timeout``
+seconds to exit after rank 0's final summary, then it is killed (``_wait_world``). Ranks' output is tagged by
+mpiexec (``--output tag``), so the rank named in a failure comes from prterun's reports, never from what a rank
+prints (``_dead_ranks``). Rank 0 runs the same training loop and PS step as ``engine=local``
+(``detox.trainer.train``); only the gradient source differs.
 
 Protocol, per step: the PS broadcasts ``[step, command]`` and then the flat float32 weights (non-blocking
 broadcasts); each worker computes its group's gradient and sends it to rank 0 as raw float32 bytes (tag
@@ -24,6 +27,7 @@ malformed, per rank; a malformed gradient becomes a NaN (Byzantine) row. What th
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
@@ -74,7 +78,20 @@ STRAY_BYTES = 256 << 20  # the wrong_tag fault's message
 CHUNK = 1 << 20  # a big fault message is sent from one MiB of memory (zero-extent datatype)
 SINK_BYTES = 1 << 16  # an oversized message is poured over this many bytes of the PS's scratch buffer
 
+# what the new rogue kinds do (tests of the driver's end of the job, tests/test_mpi_rogue.py): acknowledge the stop
+# and never exit; fork a child that keeps the rank's output open; print forged death reports naming another rank,
+# then exit 3; exit 0 without MPI_Finalize; die of SIGSEGV
+END_FAULTS = ("ack_hang", "fork_stdout", "forged_death", "exit0", "segv")
+
 DRIVER_PID_ENV, DRIVER_HOST_ENV = "DETOX_DRIVER_PID", "DETOX_DRIVER_HOST"
+FINAL_STATUSES = ("completed", "diverged", "failed")  # what rank 0 writes when the run is over
+WAIT_POLL_S = 0.25  # the driver checks mpiexec, the summary and the ranks this often
+RANKS_GONE_GRACE_S = 5.0  # mpiexec may outlive its last rank on this host by this much, then it is killed
+LINE_CAP = 64 << 10  # characters of one output line kept in mpi.log (the rest of a longer line is dropped)
+WATCH_S = 0.1  # rank 0 checks this often that the driver is alive
+# mpiexec --output tag: prterun prefixes every line a rank writes with "[<job>,<rank>]<stdout>: " (or <stderr>),
+# so a rank cannot write a line that looks like prterun's own
+_TAG = re.compile(r"\[\d+,(\d+)\]<std(?:out|err)>: ?")
 
 
 class RankError(RuntimeError):
@@ -98,7 +115,7 @@ def launcher_path(cfg: DictConfig) -> str:
 
 def launch_command(cfg: DictConfig, job_dir: Path) -> list[str]:
     e = cfg.engine
-    args = [str(a) for a in e.launcher_args]
+    args = _with_output_tag([str(a) for a in e.launcher_args])
     cmd = [launcher_path(cfg), *args, "-n", str(int(cfg.workers) + 1)]
     if e.hostfile:
         cmd += ["--hostfile", str(Path(str(e.hostfile)).expanduser())]
@@ -110,6 +127,22 @@ def launch_command(cfg: DictConfig, job_dir: Path) -> list[str]:
         # mpiexec passes its own environment to the ranks on its host only; ranks elsewhere get it from -x
         cmd += ["-x", "PYTHONUNBUFFERED"]
     return [*cmd, str(e.python or sys.executable), "-m", "mpi4py", "-m", "detox.mpi", str(job_dir)]
+
+
+def _with_output_tag(args: list[str]) -> list[str]:
+    """``args`` plus Open MPI 5's ``--output tag`` (added to the user's own ``--output`` if there is one): every
+    line of a rank's output then carries a prefix that prterun adds, which the driver trusts (``_dead_ranks``)."""
+    out = list(args)
+    for i, a in enumerate(out):
+        if a == "--output" and i + 1 < len(out):
+            if "tag" not in out[i + 1].split(","):
+                out[i + 1] += ",tag"
+            return out
+        if a.startswith("--output="):
+            if "tag" not in a.split("=", 1)[1].split(","):
+                out[i] = a + ",tag"
+            return out
+    return [*out, "--output", "tag"]
 
 
 LAUNCH_TIME_ENV = "DETOX_MPI_LAUNCH_TIME"
@@ -135,14 +168,40 @@ def _progress(message: str) -> None:
     print(f"[detox] engine=mpi: {message}{since}", flush=True)
 
 
-def _tee(stream, log_path: Path) -> None:
-    """Copy the ranks' output into mpi.log, echoing the PS's progress lines."""
-    with open(log_path, "a") as fh:
-        for line in stream:
-            fh.write(line)
+def _console_line(line: str) -> str | None:
+    """What the driver echoes of one line of mpi.log: rank 0's lines holding "[detox]" (progress, warnings) and a
+    worker's own failure line, without prterun's tag; None for everything else."""
+    m = _TAG.match(line)
+    if m is None:  # prterun's own lines, or a launcher that does not tag: as before
+        return line if "[detox]" in line else None
+    rank, body = int(m[1]), line[m.end():]
+    if "[detox]" in body and (rank == 0 or body.startswith(f"[detox] detox.mpi: rank {rank} failed")):
+        return body
+    return None
+
+
+def _tee(stream, log_path: Path, stop: threading.Event | None = None) -> None:
+    """Copy the ranks' output into mpi.log, echoing the PS's progress lines; stop writing once ``stop`` is set.
+
+    A line longer than ``LINE_CAP`` characters is cut there (the rest is read and dropped, never written as a line
+    of its own: it would carry no rank's tag), so a rank's endless line costs the driver no memory."""
+    with open(log_path, "a", newline="") as fh:
+        dropping = False
+        while stop is None or not stop.is_set():
+            chunk = stream.readline(LINE_CAP)
+            if not chunk or (stop is not None and stop.is_set()):
+                return
+            if dropping:  # the rest of a line that was cut
+                dropping = not chunk.endswith("\n")
+                continue
+            if not chunk.endswith("\n"):
+                dropping = len(chunk) >= LINE_CAP
+                chunk += f" [detox: line cut at {LINE_CAP} characters]\n" if dropping else "\n"
+            fh.write(chunk)
             fh.flush()
-            if "[detox]" in line:
-                print(line, end="", flush=True)
+            echo = _console_line(chunk)
+            if echo is not None:
+                print(echo, end="", flush=True)
 
 
 def _job_timeout(cfg: DictConfig) -> float | None:
@@ -174,15 +233,20 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
              "a while when ranks outnumber cores; output in %s", plan.workers + 1, plan.workers, log_path)
     proc: subprocess.Popen | None = None
     tee: threading.Thread | None = None
+    stop_tee = threading.Event()
     restore = _sigterm_raises()
     try:
         # a session of its own: Ctrl-C in the terminal reaches only the driver, and every rank on this host
         # (Open MPI puts each in its own process group) can be found by its session id and killed
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=launch_env(cfg), start_new_session=True)
-        tee = threading.Thread(target=_tee, args=(proc.stdout, log_path), daemon=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=launch_env(cfg),
+                                start_new_session=True)
+        # lines end at "\n" only (a rank's "\r" must not start a line without its tag); a rank's invalid UTF-8
+        # must not end the tee (a full pipe would then stall mpiexec)
+        out = io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline="\n")
+        tee = threading.Thread(target=_tee, args=(out, log_path, stop_tee), daemon=True)
         tee.start()
-        rc, error = _wait_world(proc, job_timeout)
+        rc, error, world_end = _wait_world(proc, job_timeout, summary_path=summary_path,
+                                           end_timeout=float(cfg.engine.timeout))
     except BaseException as err:  # exception, KeyboardInterrupt, SIGTERM (raised by _sigterm_raises)
         if proc is not None:
             _kill_world(proc)  # first: nothing of the world may write after the failure is recorded
@@ -195,24 +259,64 @@ def run_mpi(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
             _kill_world(proc)  # no-op after a clean exit; otherwise takes stragglers of the session down
         restore()
         if tee is not None:
-            tee.join(timeout=10)
+            # mpiexec is gone: the pipe ends unless a process that escaped the session holds it; then stop
+            # copying, so nothing is written into the job folder after this call
+            tee.join(timeout=5)
+            stop_tee.set()
     summary = _read_summary(summary_path)
-    if summary is None or summary.get("status") == "running":
-        error = error or _rank_failure(log_path, rc)
+    if summary is None or summary.get("status") not in FINAL_STATUSES:
+        error = error or _rank_failure(log_path, rc) + (f"; {world_end}" if world_end else "")
         summary = {**base_summary(cfg), "status": "failed", "error": error}
+        write_json(summary_path, summary)
+    elif world_end:  # rank 0's result stands; the summary says how the world ended
+        summary = {**summary, "world_end": world_end}
         write_json(summary_path, summary)
     if summary["status"] == "failed":
         log.error("engine=mpi: job failed: %s (see %s)", summary.get("error"), log_path)
     return summary
 
 
-def _wait_world(proc: subprocess.Popen, job_timeout: float | None) -> tuple[int, str | None]:
-    """Wait for mpiexec; past ``job_timeout`` kill the world. Returns (exit code, error or None)."""
-    try:
-        return proc.wait(timeout=job_timeout), None
-    except subprocess.TimeoutExpired:
-        _kill_world(proc)
-        return proc.wait(), f"engine.job_timeout: the MPI job ran longer than {job_timeout:g} s and was killed"
+def _wait_world(proc: subprocess.Popen, job_timeout: float | None, summary_path: Path | None = None,
+                end_timeout: float | None = None) -> tuple[int, str | None, str | None]:
+    """Wait for mpiexec, polling every ``WAIT_POLL_S``, and kill the world when it should have ended: past
+    ``job_timeout``; ``end_timeout`` seconds after rank 0 wrote a final summary (a rank that acknowledged the stop
+    and never exits holds every rank in MPI_Finalize; output held open holds mpiexec); ``RANKS_GONE_GRACE_S``
+    after mpiexec's last child on this host ended (a rank's child that keeps the output pipe open).
+
+    Returns (exit code, error or None, how the world was ended or None)."""
+    start = time.monotonic()
+    final_at: float | None = None  # when the driver first saw rank 0's final summary
+    had_ranks, ranks_gone_at = False, None
+    watch_ranks = Path("/proc").is_dir()
+    while True:
+        try:
+            return proc.wait(timeout=WAIT_POLL_S), None, None
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        if job_timeout is not None and now - start > job_timeout:
+            _kill_world(proc)
+            error = f"engine.job_timeout: the MPI job ran longer than {job_timeout:g} s and was killed"
+            return proc.wait(), error, None
+        if final_at is None and summary_path is not None:
+            summary = _read_summary(summary_path)
+            if summary is not None and summary.get("status") in FINAL_STATUSES:
+                final_at = now
+        if final_at is not None and end_timeout is not None and now - final_at > end_timeout:
+            _kill_world(proc)
+            return proc.wait(), None, (f"the MPI world was killed {now - final_at:.1f} s after rank 0 wrote this "
+                                       f"summary: it had not exited within engine.timeout={end_timeout:g} s (a rank "
+                                       f"hung after acknowledging the stop, or something kept the ranks' output open)")
+        if watch_ranks:
+            if _children_in_session(proc.pid):
+                had_ranks, ranks_gone_at = True, None
+            elif had_ranks:
+                ranks_gone_at = ranks_gone_at or now
+                if now - ranks_gone_at > RANKS_GONE_GRACE_S:
+                    _kill_world(proc)
+                    return proc.wait(), None, (f"mpiexec was killed: it had not exited {RANKS_GONE_GRACE_S:g} s "
+                                               f"after its last rank on this host ended (something kept the ranks' "
+                                               f"output open)")
 
 
 def _sigterm_raises() -> Callable[[], None]:
@@ -228,8 +332,8 @@ def _sigterm_raises() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def session_members(sid: int) -> list[int]:
-    """Live (non-zombie) processes of session ``sid`` on this host (Linux /proc; [] elsewhere)."""
+def _session_procs(sid: int) -> list[tuple[int, int]]:
+    """(pid, parent pid) of the live (non-zombie) processes of session ``sid`` (Linux /proc; [] elsewhere)."""
     out = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
@@ -238,8 +342,19 @@ def session_members(sid: int) -> list[int]:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state ppid pgrp session ...
         if int(fields[3]) == sid and fields[0] != "Z":
-            out.append(int(entry.name))
+            out.append((int(entry.name), int(fields[1])))
     return out
+
+
+def session_members(sid: int) -> list[int]:
+    """Live (non-zombie) processes of session ``sid`` on this host (Linux /proc; [] elsewhere)."""
+    return [pid for pid, _ in _session_procs(sid)]
+
+
+def _children_in_session(pid: int) -> list[int]:
+    """mpiexec's (prterun's) live children: its ranks on this host (and ssh to other hosts). A rank's own child
+    is not one of them, even once the rank is gone (it is re-parented to init or a subreaper)."""
+    return [p for p, parent in _session_procs(pid) if parent == pid]
 
 
 def _kill_world(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
@@ -275,15 +390,36 @@ def _read_summary(path: Path) -> dict | None:
     return summary if isinstance(summary, dict) else None
 
 
-# where a rank's death is reported in mpi.log: prterun's "[prterun-host-123@1,N]" process names, MPI_Abort's
-# line, and the line a failing worker prints (rank_main)
-_DEATH_PATTERNS = (r"\[[^\]\s]*?@\d+,(\d+)\]", r"MPI_ABORT was invoked on rank (\d+)", r"detox\.mpi: rank (\d+) failed")
+# where a rank's death is reported in mpi.log. prterun's own reports, on untagged lines (a rank's lines all carry
+# its "[1,N]<stdout>: " tag, so no rank can write one): a non-zero exit ("Process name: [prterun-host-123@1,N]"),
+# MPI_Abort or an exit without MPI_Finalize ("prterun has exited due to process rank N with PID ..."), a signal
+# ("prterun noticed that process rank N with PID ... exited on signal 11").
+_PRTE_DEATH_PATTERNS = (r"\[[^\]\s]*?@\d+,(\d+)\]", r"process rank (\d+) with PID",
+                        r"MPI_ABORT was invoked on rank (\d+)\b")
+# a rank's own last words (MPI_Abort's message, printed by the aborting rank; rank_main's failure line): believed
+# only on a line tagged with that same rank, so that no rank can name another
+_SELF_DEATH_PATTERNS = (r"MPI_ABORT was invoked on rank (\d+)\b", r"detox\.mpi: rank (\d+) failed")
+
+
+def _dead_ranks(text: str) -> list[int]:
+    """The ranks mpi.log reports dead: by prterun's own lines, or by a rank about itself."""
+    ranks: set[int] = set()
+    for i, line in enumerate(text.split("\n")):  # not splitlines(): a rank's "\r" is part of its tagged line
+        if i == 0 and line.startswith("$ "):  # the driver's copy of the command line
+            continue
+        m = _TAG.match(line)
+        if m is None:
+            ranks.update(int(r) for pattern in _PRTE_DEATH_PATTERNS for r in re.findall(pattern, line))
+        else:
+            own = int(m[1])
+            ranks.update(own for pattern in _SELF_DEATH_PATTERNS for r in re.findall(pattern, line[m.end():])
+                         if int(r) == own)
+    return sorted(ranks)
 
 
 def _rank_failure(log_path: Path, rc: int) -> str:
     """One line naming the rank that failed, from mpiexec's report in mpi.log."""
-    text = log_path.read_text(errors="replace")
-    ranks = sorted({int(m) for pattern in _DEATH_PATTERNS for m in re.findall(pattern, text)})
+    ranks = _dead_ranks(log_path.read_bytes().decode(errors="replace"))  # no newline translation
     where = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks}" if ranks else "a rank"
     return f"mpiexec exited with code {rc}: {where} died before the run completed"
 
@@ -510,6 +646,7 @@ class MPISource:
         secs = rnd.meta_p[trusted, 1]
         # capped by the round: a report can move time between t_compute and t_comm, never add any
         t_compute = min(float(secs.max()), t_round) if secs.size else 0.0
+        _end_if_driver_gone()  # the trainer writes this step's record next
         return Gradients(self.grads_nd, self._unit_losses(rnd.meta_p[:, 0], trusted), t_compute=t_compute,
                          t_comm=max(t_round - t_compute, 0.0), malformed_p=rnd.malformed_p)
 
@@ -555,32 +692,45 @@ def _peak_rss_mb() -> float:
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+_driver_pid = 0  # rank 0: the driver's pid, when the driver runs on this host (0: not watched)
+
+
+def _alive(pid: int) -> bool:
+    if Path("/proc").is_dir():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead too
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+def _end_if_driver_gone() -> None:
+    """Rank 0: if the driver has disappeared (killed outright), end the world now, writing nothing more."""
+    if _driver_pid and not _alive(_driver_pid):
+        print(f"[detox] rank 0: the driver (pid {_driver_pid}) is gone: ending the MPI world", flush=True)
+        os._exit(1)  # mpiexec then kills every other rank
+
+
 def _watch_driver() -> None:
-    """Rank 0: if the driver process disappears (killed outright), end the world within a second."""
+    """Rank 0: check every ``WATCH_S`` (and before each step's results reach the trainer, which writes them) that
+    the driver is alive; if it is gone, end the world."""
+    global _driver_pid
     pid = int(os.environ.get(DRIVER_PID_ENV) or 0)
     if not pid or os.environ.get(DRIVER_HOST_ENV) != socket.gethostname():
         return  # not launched by our driver, or on another host: its pid means nothing here
-
-    def alive() -> bool:
-        if Path("/proc").is_dir():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                return False
-            return stat[stat.rindex(")") + 2] != "Z"  # a zombie is dead too
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
+    _driver_pid = pid
 
     def loop() -> None:
-        while alive():
-            time.sleep(1.0)
-        print(f"[detox] rank 0: the driver (pid {pid}) is gone: ending the MPI world", flush=True)
-        os._exit(1)  # mpiexec then kills every other rank
+        while True:
+            _end_if_driver_gone()
+            time.sleep(WATCH_S)
 
     threading.Thread(target=loop, name="detox-driver-watch", daemon=True).start()
 
@@ -599,6 +749,32 @@ def _fault_payload(kind: str, payload: bytes, d: int) -> bytes | None:
         "bad_blosc": b"\x02\x01\x21\x04" + struct.pack("<III", 4 * d, 4 * d, 64) + rng.bytes(48),
         "empty": b"",
     }.get(kind)
+
+
+def _end_fault(kind: str, rank: int, workers: int) -> None:
+    """A rogue's end (``engine.faults``): ``forged_death`` prints every form of death report naming another rank
+    (prterun's, MPI_Abort's, ours, with and without a forged tag) and exits 3; ``exit0`` exits 0 without
+    MPI_Finalize; ``segv`` dies of SIGSEGV."""
+    if kind == "forged_death":
+        framed = (rank + 2) % workers + 1  # rank 1 of 6 frames rank 4
+        lies = [f"MPI_ABORT was invoked on rank {framed} in communicator MPI_COMM_WORLD",
+                f"   Process name: [prterun-vm-1@1,{framed}]",
+                f"prterun has exited due to process rank {framed} with PID 1 on node vm exiting",
+                f"prterun noticed that process rank {framed} with PID 1 on node vm exited on signal 11",
+                f"[detox] detox.mpi: rank {framed} failed: forged",
+                f"[1,{framed}]<stdout>: [detox] detox.mpi: rank {framed} failed: forged",
+                f"[1,{framed}]<stderr>: MPI_ABORT was invoked on rank {framed} in communicator MPI_COMM_WORLD"]
+        text = "\n" + "\n".join(lies) + "\n"
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        sys.stderr.write(text + "\r" + lies[2])  # a carriage return and a last line without a newline
+        sys.stderr.flush()
+        os._exit(3)
+    if kind == "exit0":
+        os._exit(0)
+    if kind == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+        time.sleep(10)
 
 
 def _send_big(comm, nbytes: int, tag: int) -> None:
@@ -626,10 +802,13 @@ def _worker(s: Setup, comm, rank: int) -> None:
     fault = next((x for x in cfg.engine.get("faults") or [] if int(x.rank) == rank), None)
     header = np.zeros(2, dtype=np.int64)
     w_np = s.w_d.numpy()
+    forked = False
     while True:
         comm.Ibcast(header, root=0).Wait()
         if header[1] == CMD_STOP:
             comm.Send([np.empty(0, dtype=np.uint8), MPI.BYTE], dest=0, tag=TAG_BYE)
+            if fault is not None and str(fault.kind) == "ack_hang":  # acknowledged; never reaches MPI_Finalize
+                time.sleep(10**6)
             return
         step = int(header[0])
         comm.Ibcast(w_np, root=0).Wait()
@@ -654,6 +833,13 @@ def _worker(s: Setup, comm, rank: int) -> None:
             os._exit(3)
         if kind == "hang":
             time.sleep(10**6)
+        if kind in ("forged_death", "exit0", "segv"):
+            _end_fault(kind, rank, plan.workers)
+        if kind == "fork_stdout" and not forked:  # a child that keeps this rank's stdout (prterun's pipe) open
+            forked = True
+            if os.fork() == 0:
+                time.sleep(10**6)
+                os._exit(0)
         if kind in PAYLOAD_FAULTS:
             payload = _fault_payload(kind, bytes(payload), out_d.numel())
         if kind == "lying_meta":
@@ -739,6 +925,7 @@ def rank_main(job_dir: str) -> None:
                                                            "error": f"{prefix}{type(err).__name__}: {err}"}))
         sys.stdout.flush()
         comm.Abort(1)
+    _end_if_driver_gone()
     if not _driver_gave_up(out_dir):
         write_json(out_dir / "summary.json", ps_fields(summary))
     if source.unacknowledged:  # those ranks would hold MPI_Finalize forever

@@ -7,11 +7,14 @@ that ends in any way must take its MPI world with it, so that nothing writes int
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,11 +25,16 @@ from test_mpi import assert_same_trajectory
 
 from detox.approaches import plan_from_cfg
 from detox.mpi import (
+    END_FAULTS,
     HUGE_BYTES,
+    LINE_CAP,
     SINK_BYTES,
     STRAY_BYTES,
+    _console_line,
     _kill_world,
     _rank_failure,
+    _tee,
+    launch_command,
     launch_env,
     launcher_path,
     run_mpi,
@@ -108,7 +116,7 @@ def test_mpi_ps_survives_rogue_ranks_with_bounded_memory(tmp_path: Path) -> None
 def test_mpi_driver_failure_kills_its_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import detox.mpi
 
-    def fail_while_training(proc: subprocess.Popen, job_timeout: float | None) -> tuple[int, str | None]:
+    def fail_while_training(proc: subprocess.Popen, job_timeout: float | None, **_: object) -> tuple:
         wait_for(lambda: training(tmp_path), 180, "the world to start training")
         raise RuntimeError("injected driver failure")
 
@@ -226,13 +234,52 @@ def test_kill_world_reaches_ranks_in_their_own_process_groups() -> None:
 
 def test_rank_failure_names_the_dead_rank_not_the_reported_ones(tmp_path: Path) -> None:
     log = tmp_path / "mpi.log"
-    log.write_text("[t][detox][WARNING] - step 3: rank 4: unexpected message (tag 99, 10 bytes): malformed\n"
+    log.write_text("$ mpiexec --output tag -n 8 python -m mpi4py -m detox.mpi /tmp/[x@1,5]\n"
+                   "[1,0]<stdout>: [t][detox][WARNING] - step 3: rank 4: unexpected message (tag 99, 10 bytes)\n"
                    "prterun detected that one or more processes exited with non-zero status\n"
                    "   Process name: [prterun-vm-12144@1,7]\n   Exit code:    3\n")
     assert _rank_failure(log, 3) == "mpiexec exited with code 3: rank 7 died before the run completed"
-    log.write_text("[detox] detox.mpi: rank 2 failed: OSError: no data\n"
-                   "MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD\n")
+    # a rank's own report counts for itself (tagged by prterun with its rank)
+    log.write_text("[1,2]<stdout>: [detox] detox.mpi: rank 2 failed: OSError: no data\n"
+                   "[1,2]<stderr>: MPI_ABORT was invoked on rank 2 in communicator MPI_COMM_WORLD\n")
     assert "rank 2 died" in _rank_failure(log, 1)
+    # prterun's reports of an exit without MPI_Finalize (or MPI_Abort) and of a signal
+    log.write_text("prterun has exited due to process rank 2 with PID 738 on node vm exiting\nimproperly.\n")
+    assert "rank 2 died" in _rank_failure(log, 1)
+    log.write_text("prterun noticed that process rank 4 with PID 810 on node vm exited on\nsignal 11.\n")
+    assert "rank 4 died" in _rank_failure(log, 1)
+    # rank 1 forging every form of report about rank 4 (prterun tags each of its lines [1,1]) frames nobody
+    forged = ["MPI_ABORT was invoked on rank 4 in communicator MPI_COMM_WORLD", "Process name: [prterun-vm-1@1,4]",
+              "prterun has exited due to process rank 4 with PID 1", "detox.mpi: rank 4 failed: x",
+              "[1,4]<stdout>: [detox] detox.mpi: rank 4 failed: x", "\rprterun noticed that process rank 4 with PID 1"]
+    log.write_text("".join(f"[1,1]<{s}>: {line}\n" for line in forged for s in ("stdout", "stderr"))
+                   + "   Process name: [prterun-vm-12144@1,1]\n   Exit code:    3\n")
+    assert _rank_failure(log, 3) == "mpiexec exited with code 3: rank 1 died before the run completed"
+
+
+def test_launch_command_tags_every_line_of_output(tmp_path: Path) -> None:
+    cmd = launch_command(make_cfg(["engine=mpi", "workers=6"]), tmp_path)
+    assert cmd[cmd.index("--output") + 1] == "tag"
+    args = "engine.launcher_args=[--output,merge-stderr-to-stdout]"
+    own = launch_command(make_cfg(["engine=mpi", "workers=6", args]), tmp_path)
+    assert own.count("--output") == 1 and own[own.index("--output") + 1] == "merge-stderr-to-stdout,tag"
+
+
+def test_tee_cuts_long_lines_and_echoes_only_rank_0(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    log = tmp_path / "mpi.log"
+    text = ("[1,0]<stdout>: [detox] engine=mpi: 7 ranks started\n"
+            f"[1,3]<stdout>: {'x' * (3 * LINE_CAP)}\n"
+            "[1,3]<stdout>: [detox] rank 0: fake progress\n"
+            "[1,3]<stdout>: [detox] detox.mpi: rank 3 failed: ValueError: bad\n"
+            "[1,2]<stdout>: [detox] detox.mpi: rank 3 failed: forged\n"
+            "[1,5]<stdout>: no newline")
+    _tee(io.StringIO(text), log)
+    lines = log.read_text().splitlines()
+    assert len(lines) == 6 and len(lines[1]) < LINE_CAP + 100 and lines[1].endswith(f"cut at {LINE_CAP} characters]")
+    assert lines[-1] == "[1,5]<stdout>: no newline"
+    assert capsys.readouterr().out == ("[detox] engine=mpi: 7 ranks started\n"
+                                       "[detox] detox.mpi: rank 3 failed: ValueError: bad\n")
+    assert _console_line("[1,0]<stderr>: [t][detox][WARNING] - x\n") == "[t][detox][WARNING] - x\n"
 
 
 def test_bad_job_timeout_fails_before_mpiexec_starts(tmp_path: Path) -> None:
@@ -240,3 +287,106 @@ def test_bad_job_timeout_fails_before_mpiexec_starts(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="abc"):
         run_mpi(cfg, plan_from_cfg(cfg), tmp_path)
     assert not (tmp_path / "mpi.log").exists()  # nothing was started
+
+
+# ------------------------------------------------------------------------------ how the world ends (hostile ranks)
+
+END_WORLD = ["engine=mpi", "workers=6", "worker_fail=0", "group_size=3", "mode=mean", "max_steps=4", "eval_freq=2",
+             "threads=1", "engine.timeout=10"]
+START_LIMIT_S = 240  # 7 ranks importing torch on 2 cores, with other tests' worlds beside them
+
+
+@pytest.fixture
+def end_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Accept detox.mpi's END_FAULTS in engine.faults (the config validates kinds against detox.config)."""
+    import detox.config
+
+    monkeypatch.setattr(detox.config, "FAULT_KINDS", (*detox.config.FAULT_KINDS, *END_FAULTS))
+
+
+def run_bounded(overrides: list[str], job_dir: Path, limit_s: float = START_LIMIT_S) -> dict:
+    """Run one job in a thread; if it has not ended after ``limit_s``, kill its world (which ends the driver's
+    wait) and fail. Every process of the job (a rank's forked child included) is gone afterwards."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["summary"] = run_job(overrides, job_dir, multirun=True)
+        except BaseException as err:  # reported by the test
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(limit_s)
+    hung = thread.is_alive()
+    if hung:
+        for pid in world_of(job_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        thread.join(60)
+    left = world_of(job_dir)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not hung, f"the job had not ended {limit_s} s after it started"
+    assert left == [], f"processes of the job still running after the driver returned: {left}"
+    if "error" in result:
+        raise result["error"]
+    return result["summary"]
+
+
+def ended_after_rank_0(job_dir: Path) -> float:
+    """Seconds between rank 0's last record (metrics.jsonl) and now (the driver has returned)."""
+    return time.time() - (job_dir / "metrics.jsonl").stat().st_mtime
+
+
+def died(error: str) -> str:
+    """The "rank N" / "ranks [..]" an error names as dead."""
+    found = re.search(r"(ranks? \[?[\d, ]+\]?|a rank) died", error)
+    assert found, error
+    return found[1]
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_mpi_rank_hanging_after_its_stop_acknowledgement_is_killed(tmp_path: Path, end_faults: None) -> None:
+    # rank 3 acknowledges the stop and never exits: every rank waits for it in MPI_Finalize
+    summary = run_bounded([*END_WORLD, "engine.faults=[{rank: 3, kind: ack_hang}]"], tmp_path)
+    late = ended_after_rank_0(tmp_path)
+    assert summary["status"] == "completed", summary.get("error")  # rank 0's result stands
+    assert "killed" in summary["world_end"] and "engine.timeout=10 s" in summary["world_end"]
+    assert json.loads((tmp_path / "summary.json").read_text())["world_end"] == summary["world_end"]
+    assert 10 <= late < 10 + 20, late  # engine.timeout after the summary, plus the kill
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_mpi_rank_child_holding_the_output_open_is_killed(tmp_path: Path, end_faults: None) -> None:
+    # rank 2 forks a child that keeps its stdout (prterun's pipe) open and sleeps; the rank itself ends normally
+    summary = run_bounded([*END_WORLD, "engine.faults=[{rank: 2, kind: fork_stdout, step: 1}]"], tmp_path)
+    late = ended_after_rank_0(tmp_path)
+    assert summary["status"] == "completed", summary.get("error")
+    assert "killed" in summary["world_end"]
+    assert late < 10 + 20, late
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    ("fault", "dead"),
+    [("{rank: 1, kind: forged_death, step: 2}", "rank 1"),  # prints reports naming rank 4, exits 3
+     ("{rank: 2, kind: exit0, step: 2}", "rank 2"),  # exits 0 without MPI_Finalize
+     ("{rank: 5, kind: segv, step: 2}", "rank 5")],
+    ids=["forged_death", "exit0", "segv"],
+)
+def test_mpi_dead_rank_is_named_exactly(fault: str, dead: str, tmp_path: Path, end_faults: None) -> None:
+    t0 = time.monotonic()
+    summary = run_bounded([*END_WORLD, "max_steps=50", f"engine.faults=[{fault}]"], tmp_path)
+    assert summary["status"] == "failed"
+    assert died(summary["error"]) == dead, summary["error"]  # never the framed rank 4, never just "a rank"
+    assert time.monotonic() - t0 < START_LIMIT_S
+    assert ended_after_rank_0(tmp_path) < 10 + 20
