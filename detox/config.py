@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,13 +17,15 @@ from detox.aggregators import requirement_error
 from detox.approaches import Plan, decisive, plan_from_cfg
 from detox.attacks import alie_z_max
 from detox.cluster.hostfile import parse_hostfile
+from detox.data import stratified_split
 from detox.errors import ConfigError
 from detox.models import MODELS
-from detox.schema import check
+from detox.schema import check, options, show
 
 # what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
 FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang",
-               "huge", "extra_message", "wrong_tag", "lying_meta")
+               "huge", "extra_message", "wrong_tag", "lying_meta",
+               "ack_hang", "fork_stdout", "forged_death", "exit0", "segv")  # the last five: how the world ends
 
 
 def _rule_fits(rule: str, n: int, f: int, params: dict, where: str) -> None:
@@ -49,11 +57,77 @@ def parameter_count(cfg: DictConfig, shape: list[int], num_classes: int) -> int:
 # rules that hold an (n, n) float64 matrix of pairwise distances
 PAIRWISE = ("krum", "multi-krum", "bulyan")
 
+# the images and classes of the data sets whose loader ignores dataset.shape and dataset.num_classes (detox.data)
+FIXED: dict[str, tuple[tuple[int, int, int], int]] = {
+    "digits": ((1, 8, 8), 10), "mnist": ((1, 28, 28), 10), "fashion_mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10), "cifar100": ((3, 32, 32), 100), "svhn": ((3, 32, 32), 10),
+}
+# (train, test) images of each release (SVHN: its 'extra' split is not used)
+RELEASE_SIZES: dict[str, tuple[int, int]] = {
+    "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "cifar10": (50000, 10000),
+    "cifar100": (50000, 10000), "svhn": (73257, 26032),
+}
+# scikit-learn's digits: images of each class 0..9 (1,797 in all; tests/test_config_audit.py checks the file)
+DIGITS_PER_CLASS = (178, 182, 177, 183, 181, 182, 181, 179, 174, 180)
 
-def _check_memory(cfg: DictConfig, plan: Plan) -> None:
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the loader will deliver, whatever the config claims: image shape, classes, train and test sizes
+    (None where unknown)."""
+
+    shape: tuple[int, ...]
+    num_classes: int
+    train: int | None
+    test: int | None
+
+
+def digits_split(test_fraction: float, split_seed: int) -> tuple[int, int]:
+    """(train, test) sizes of digits, by detox.data's own per-class split (its sizes do not depend on the seed's
+    shuffle; labels suffice)."""
+    labels = np.repeat(np.arange(len(DIGITS_PER_CLASS)), DIGITS_PER_CLASS)
+    train, test = stratified_split(labels, test_fraction, split_seed)
+    return len(train), len(test)
+
+
+def data_facts(cfg: DictConfig) -> DataFacts:
+    """synthetic: what its config asks for; every other data set: its own shape, classes and split sizes."""
+    d = cfg.dataset
+    if d.name == "synthetic":
+        return DataFacts(tuple(d.shape), int(d.num_classes), int(d.train_size), int(d.test_size))
+    shape, classes = FIXED.get(d.name, (tuple(d.shape), int(d.num_classes)))
+    if d.name == "digits":
+        return DataFacts(shape, classes, *digits_split(float(d.test_fraction), int(d.split_seed)))
+    return DataFacts(shape, classes, *RELEASE_SIZES.get(d.name, (None, None)))
+
+
+def _check_data(cfg: DictConfig) -> DataFacts:
+    """A fixed data set's shape and classes as configured, both splits non-empty and a batch that fits: refused
+    here, before Hydra makes a folder (the loader would crash, or record a shape it never used)."""
+    d, facts = cfg.dataset, data_facts(cfg)
+    if list(d.shape) != list(facts.shape):
+        raise ConfigError(f"dataset.shape={list(d.shape)}: dataset={d.name} has images of shape {list(facts.shape)} "
+                          f"(only dataset=synthetic takes a shape); leave it at {list(facts.shape)}")
+    if int(d.num_classes) != facts.num_classes:
+        raise ConfigError(f"dataset.num_classes={d.num_classes}: dataset={d.name} has {facts.num_classes} classes "
+                          f"(only dataset=synthetic takes a number of classes); leave it at {facts.num_classes}")
+    if d.name == "digits" and not (facts.train and facts.test):
+        empty, fix = ("test", "larger") if not facts.test else ("training", "smaller")
+        raise ConfigError(f"dataset.test_fraction={d.test_fraction}: leaves the {empty} set of dataset=digits empty "
+                          f"({sum(DIGITS_PER_CLASS)} images, each class split by round(test_fraction * its size)); "
+                          f"use a {fix} test_fraction (default 0.2)")
+    if facts.train is not None and int(cfg.batch_size) > facts.train:
+        size_key = {"digits": f" with dataset.test_fraction={d.get('test_fraction')}",
+                    "synthetic": f" (dataset.train_size={d.get('train_size')})"}.get(d.name, "")
+        raise ConfigError(f"batch_size={cfg.batch_size}: exceeds the {facts.train} training samples of "
+                          f"dataset={d.name}{size_key}; use batch_size <= {facts.train}")
+    return facts
+
+
+def _check_memory(cfg: DictConfig, plan: Plan, facts: DataFacts) -> None:
     """The PS holds a (P, d) float32 gradient matrix (and Krum-type rules an (n, n) float64 distance matrix):
     refuse a config that cannot fit in this machine's memory, before anything is allocated."""
-    d = parameter_count(cfg, list(cfg.dataset.shape), int(cfg.dataset.num_classes))
+    d = parameter_count(cfg, list(facts.shape), facts.num_classes)
     need = plan.workers * d * 4
     what = f"the ({plan.workers}, {d}) float32 gradient matrix of network={cfg.network.name}"
     pairs = max([plan.rule_inputs ** 2 * 8 if plan.mode in PAIRWISE else 0]
@@ -70,6 +144,7 @@ def _check_memory(cfg: DictConfig, plan: Plan) -> None:
 def validate(cfg: DictConfig) -> Plan:
     """Check every key's type and range (detox.schema), then every cross-field rule, with arithmetic only;
     return the resolved aggregation plan. Raises ConfigError with one line on the first problem."""
+    _check_choices(cfg)
     check(cfg)
     workers, q, r = int(cfg.workers), int(cfg.worker_fail), int(cfg.group_size)
     if q > workers:
@@ -108,16 +183,43 @@ def validate(cfg: DictConfig) -> Plan:
         except ValueError as err:
             raise ConfigError(str(err)) from None
 
+    facts = _check_data(cfg)
     net_shape = cfg.network.get("input_shape")
-    if net_shape is not None and list(net_shape) != list(cfg.dataset.shape):
+    if net_shape is not None and list(net_shape) != list(facts.shape):
         raise ConfigError(
             f"network={cfg.network.name} expects inputs of shape {list(net_shape)} but dataset={cfg.dataset.name} "
-            f"has {list(cfg.dataset.shape)}; pick a matching dataset (or network=fc, which takes any shape)"
+            f"has {list(facts.shape)}; pick a matching dataset (or network=fc, which takes any shape)"
         )
     if cfg.engine.name == "mpi":
         _check_mpi(cfg)
-    _check_memory(cfg, plan)
+    _check_memory(cfg, plan, facts)
     return plan
+
+
+# a config group's option as typed: a file name in the group's folder, never a path (mode=../../x would load a
+# YAML from outside conf/)
+OPTION_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+
+
+def _choices(cfg: DictConfig) -> Mapping:
+    """The option Hydra loaded for each config group: from the config's hydra node (the ValidateFirst callback's
+    config has it), else from the running Hydra job; {} outside Hydra (compose in tests)."""
+    choices = OmegaConf.select(cfg, "hydra.runtime.choices", default=None)
+    if choices is not None:
+        return choices
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Every config group's option is a name (Hydra would follow mode=../x out of the group's folder)."""
+    for group, choice in _choices(cfg).items():
+        if "/" in group or choice is None:  # Hydra's own groups (hydra/launcher, ...); an unset preset
+            continue
+        if not re.fullmatch(OPTION_NAME, str(choice)) or ".." in str(choice):
+            raise ConfigError(f"{group}={choice}: not an option name (a path is not taken); choose from "
+                              f"{', '.join(sorted(options(group)()))}")
 
 
 def _check_rules(plan: Plan, groups: int) -> None:
@@ -206,3 +308,19 @@ def _check_mpi(cfg: DictConfig) -> None:
     for i, fault in enumerate(e.faults):
         if not 1 <= fault.rank <= int(cfg.workers):
             raise ConfigError(f"engine.faults[{i}].rank={fault.rank!r}: must be a worker rank in [1, {cfg.workers}]")
+    _check_launch(cfg)
+
+
+def _check_launch(cfg: DictConfig) -> None:
+    """mpiexec and the ranks' Python exist here: the first host (this machine) runs rank 0 with that Python."""
+    from detox.mpi import launcher_path  # lazily: detox.mpi imports the trainer, which imports this module
+
+    e = cfg.engine
+    launcher = launcher_path(cfg)
+    if shutil.which(launcher) is None:
+        raise ConfigError(f"engine.launcher={show(e.launcher)}: {launcher} is not an executable file nor a command "
+                          f"on PATH; name mpiexec's path (null: the mpiexec next to this Python, else on PATH)")
+    if e.python and shutil.which(str(e.python)) is None:
+        raise ConfigError(f"engine.python={show(e.python)}: not an executable file nor a command on PATH here "
+                          f"(rank 0 runs on this machine with it); name a Python with detox installed "
+                          f"(null: {sys.executable})")

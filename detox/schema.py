@@ -205,8 +205,8 @@ def _registry(module: str, name: str) -> Callable[[], Mapping]:
     return keys
 
 
-def _options(group: str) -> Callable[[], tuple[str, ...]]:
-    """The option files of a config group: a group's ``name`` key must be one of them."""
+def options(group: str) -> Callable[[], tuple[str, ...]]:
+    """The option files of a config group (conf/<group>/*.yaml), listed when called."""
     def names() -> tuple[str, ...]:
         from pathlib import Path
 
@@ -324,13 +324,14 @@ def default_worker_fail(workers: Any) -> Any:
 OmegaConf.register_new_resolver("detox.default_worker_fail", default_worker_fail, replace=True)
 
 
-def leaves(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf of a resolved config as ``{dotted.key: value}`` (lists are leaves)."""
+def leaves(node: Any, prefix: str = "", schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
+    """Every leaf of a resolved config as ``{dotted.key: value}`` (lists are leaves). A mapping typed where the
+    schema has one value (``mode.f={a: 1}``) is that value, so its own spec refuses it, not "unknown setting"."""
     out: dict[str, Any] = {}
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and path not in _VALUE_NODES:
-            out.update(leaves(value, path + "."))
+        if isinstance(value, Mapping) and path not in _VALUE_NODES and path not in schema:
+            out.update(leaves(value, path + ".", schema))
         else:
             out[path] = value
     return out
@@ -350,22 +351,26 @@ def resolve(cfg: DictConfig) -> dict[str, Any]:
 def check(cfg: DictConfig, schema: Mapping[str, Any] = SCHEMA) -> dict[str, Any]:
     """Check every key's type and range against ``schema`` (the training config's by default); return the resolved
     values. Raises ConfigError (one line) on the first problem."""
-    values = leaves(resolve(cfg))
+    values = leaves(resolve(cfg), schema=schema)
     for path, value in values.items():
         spec = schema.get(path)
         if spec is None:
             group = path.split(".")[0]
             known = sorted(k.split(".", 1)[1] for k in schema if k.startswith(group + ".")) if "." in path else []
             hint = f"; {group} keys: {', '.join(known)}" if known else ""
-            raise ConfigError(f"{path}={value!r}: unknown setting{hint}")
+            raise ConfigError(f"{path}={show(value)}: unknown setting{hint}")
         problem = _spec_error(spec, value)
         if problem:
-            raise ConfigError(f"{path}={_show(value)}: {problem}")
+            raise ConfigError(f"{path}={show(value)}: {problem}")
     return values
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as the refusal echoes it: true, false and null as typed on the command line (not Python's True,
+    False, None), anything else as its repr (strings quoted), cut at 80 characters."""
     if isinstance(value, ListConfig | DictConfig):
         value = OmegaConf.to_container(value)
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false"}.get(value, "null")
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."

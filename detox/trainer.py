@@ -324,16 +324,24 @@ def load_checkpoint(cfg: DictConfig, path: Path, w_d: torch.Tensor) -> dict | No
 
 
 def checkpoint_problem(cfg: DictConfig, state: object, w_d: torch.Tensor) -> str | None:
-    """Why ``state`` cannot be resumed from (one phrase), or None."""
+    """Why ``state`` cannot be resumed from (one phrase), or None. Everything a checkpoint this code wrote always
+    satisfies is checked, so a tampered one is refused here rather than crashing the resumed run at its end (and
+    again on every rerun, the checkpoint staying behind)."""
     keys = {"w", "v", "torch_rng", "records", "wall", "cluster", "malformed", "config"}
     if not isinstance(state, dict) or not keys <= set(state):
         return f"not a detox checkpoint (needs the keys {', '.join(sorted(keys))})"
     if state["config"] != resolved_yaml(cfg):
         return "it was written by a different config"
+    return _tensors_problem(state, w_d) or _records_problem(cfg, state["records"]) or _totals_problem(cfg, state)
+
+
+def _tensors_problem(state: dict, w_d: torch.Tensor) -> str | None:
     for k in ("w", "v"):
         t = state[k]
         if not isinstance(t, torch.Tensor) or t.dtype != w_d.dtype or t.shape != w_d.shape:
             return f"{k} is not a {w_d.dtype} tensor of shape {tuple(w_d.shape)}"
+        if not bool(torch.isfinite(t).all()):  # a diverged run never writes a checkpoint
+            return f"{k} holds non-finite values"
     rng = state["torch_rng"]
     if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
         return "torch_rng is not a torch RNG state"
@@ -344,19 +352,71 @@ def checkpoint_problem(cfg: DictConfig, state: object, w_d: torch.Tensor) -> str
         return "torch_rng is not a valid RNG state"
     finally:
         torch.set_rng_state(saved)
-    records = state["records"]
+    return None
+
+
+def _is_number(x: object) -> bool:
+    """A Python int or float (what the loop writes), not a bool, a tensor, a string."""
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+# record values the loop always writes as numbers (the others may be null: no steps in the window yet, no CPU
+# clock, evaluation=external)
+ALWAYS_NUMBERS = ("epoch", "wall_time", "cluster_time", "eval_time", "samples", "cluster_time_median",
+                  "byzantine_workers")
+ACCURACIES = ("test_acc", "test_acc5")
+
+
+def _record_problem(r: dict) -> str | None:
+    for k in METRIC_KEYS[1:]:
+        x = r[k]
+        if x is None and k not in ALWAYS_NUMBERS:
+            continue
+        if not _is_number(x):
+            return f"{k}={type(x).__name__} is not a number"
+        if k in ALWAYS_NUMBERS and not 0 <= x < math.inf:
+            return f"{k}={x!r} is not a finite number >= 0"
+        if k in ACCURACIES and not 0 <= x <= 1:
+            return f"{k}={x!r} is not in [0, 1]"
+    return None
+
+
+def _records_problem(cfg: DictConfig, records: object) -> str | None:
+    """Metrics records as the loop writes them: every key, numbers (or null where allowed), one record every
+    eval_freq steps up to the checkpoint's own step, a multiple of checkpoint.every within max_steps."""
     if not isinstance(records, list) or not records or not all(
             isinstance(r, dict) and set(r) == set(METRIC_KEYS) for r in records):
         return "records are not a non-empty list of metrics records"
     steps = [r["step"] for r in records]
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in steps) or steps != sorted(set(steps)) \
-            or steps[0] < 0 or steps[-1] > int(cfg.max_steps):
+    freq = int(cfg.eval_freq)
+    every = int((cfg.get("checkpoint") or {}).get("every") or freq)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in steps) or steps[0] < 0 \
+            or steps[-1] > int(cfg.max_steps):
         return f"record steps {steps[:3]}... are not increasing steps in [0, max_steps]"
+    if steps[0] % freq or any(b - a != freq for a, b in zip(steps, steps[1:], strict=False)) or steps[-1] % every:
+        return (f"record steps {steps[:3]}...{steps[-1]} are not one every eval_freq={freq} steps up to a multiple "
+                f"of checkpoint.every={every}")
+    for r in records:
+        if problem := _record_problem(r):
+            return f"the record of step {r['step']}: {problem}"
+    times = [r["wall_time"] for r in records]
+    if times != sorted(times):
+        return "the records' wall times decrease"
+    return None
+
+
+def _totals_problem(cfg: DictConfig, state: dict) -> str | None:
     for k in ("wall", "cluster"):
-        if not isinstance(state[k], float | int) or isinstance(state[k], bool) or not 0 <= state[k] < math.inf:
+        if not _is_number(state[k]) or not 0 <= state[k] < math.inf:
             return f"{k} is not a finite number of seconds"
-    if not isinstance(state["malformed"], int) or isinstance(state["malformed"], bool) or state["malformed"] < 0:
+    last = state["records"][-1]
+    if state["wall"] < last["wall_time"] or state["cluster"] < last["cluster_time"]:
+        return "its totals are behind its last record's times"
+    malformed = state["malformed"]
+    if not isinstance(malformed, int) or isinstance(malformed, bool) or malformed < 0:
         return "malformed is not a count"
+    if malformed and cfg.engine.name != "mpi":  # only MPI messages can be malformed
+        return f"malformed={malformed} in a run of engine={cfg.engine.name}"
     return None
 
 

@@ -74,7 +74,7 @@ def test_wrong_type_is_refused(overrides: list[str], key: str) -> None:
         validate(cfg)
     if not spec.null:
         OmegaConf.update(cfg, key, None, force_add=True)
-        with pytest.raises(ConfigError, match=f"^{key}=None: "):
+        with pytest.raises(ConfigError, match=f"^{key}=null: "):  # as typed on the command line
             check(cfg)
 
 

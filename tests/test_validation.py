@@ -91,6 +91,10 @@ BAD: list[tuple[list[str], str]] = [
     (["dataset=mnist", "dataset.root=''"], "dataset.root='': must be a non-empty string"),
     (["+foo=1"], "foo=1: unknown setting"),
     (["+mode.bogus=3"], "mode.bogus=3: unknown setting; mode keys:"),
+    # a mapping where one value belongs is that value's type error; booleans and null echoed as typed
+    (["mode.f={a:1}"], "mode.f={'a': 1}: must be an integer >= 0 or null"),
+    (["workers=true"], "workers=true: must be an integer >= 1"),
+    (["save=null"], "save=null: must be true or false"),
     # every engine.* key
     ([*MPI, "engine.timeout=0"], "engine.timeout=0: must be a finite number > 0"),
     ([*MPI, "engine.timeout=inf"], "engine.timeout=inf"),
@@ -113,11 +117,33 @@ BAD: list[tuple[list[str], str]] = [
     ([*MPI, "engine.faults=[{rank: 1}]"], "entry 0 needs the key 'kind'"),
     ([*MPI, "engine.faults=[{rank: 1, kind: exit, when: 3}]"], "entry 0 has unknown key 'when'"),
     ([*MPI, "engine.faults=[{rank: 1.5, kind: exit}]"], "entry 0: rank=1.5"),
+    ([*MPI, "workers=9", "engine.launcher=/nonexistent/mpiexec"],
+     "engine.launcher='/nonexistent/mpiexec': /nonexistent/mpiexec is not an executable file nor a command on PATH"),
+    ([*MPI, "engine.launcher=surely-no-such-mpiexec"],
+     "engine.launcher='surely-no-such-mpiexec': surely-no-such-mpiexec is not"),
+    ([*MPI, "workers=9", "engine.python=/nonexistent/python"],
+     "engine.python='/nonexistent/python': not an executable file nor a command on PATH here"),
+    ([*MPI, "engine.python=/tmp"], "engine.python='/tmp': not an executable file"),
     # dataset and network parameters
     (["dataset=synthetic", "dataset.num_classes=1"], "dataset.num_classes=1: must be an integer >= 2"),
     (["dataset.shape=[1,8]"], "dataset.shape=[1, 8]: must be a list of 3 integers >= 1"),
     (["network.input_shape=[1,2]"], "network.input_shape=[1, 2]: must be a list of 3 integers >= 1 or null"),
     (["network=lenet"], "network=lenet expects inputs of shape [1, 28, 28] but dataset=digits has [1, 8, 8]"),
+    # a fixed data set's shape and classes are its own (only synthetic takes them), and its sizes bound the batch
+    (["network=lenet", "dataset.shape=[1,28,28]"],
+     "dataset.shape=[1, 28, 28]: dataset=digits has images of shape [1, 8, 8] (only dataset=synthetic takes a "
+     "shape); leave it at [1, 8, 8]"),
+    (["network=fc", "dataset.shape=[1,28,28]"], "dataset.shape=[1, 28, 28]: dataset=digits has images of shape"),
+    (["network.hidden=[8000000]", "dataset.shape=[1,1,1]"], "dataset.shape=[1, 1, 1]: dataset=digits has images"),
+    (["dataset=cifar10", "dataset.num_classes=100"], "dataset.num_classes=100: dataset=cifar10 has 10 classes (only "
+                                                "dataset=synthetic takes a number of classes); leave it at 10"),
+    (["batch_size=2000"], "batch_size=2000: exceeds the 1438 training samples of dataset=digits"),
+    (["dataset.test_fraction=0.99"], "batch_size=32: exceeds the 20 training samples of dataset=digits"),
+    (["dataset=synthetic", "dataset.train_size=10"], "batch_size=32: exceeds the 10 training samples of "
+                                                     "dataset=synthetic (dataset.train_size=10)"),
+    (["dataset=cifar100", "batch_size=50001"], "batch_size=50001: exceeds the 50000 training samples"),
+    (["dataset.test_fraction=0.0001"], "dataset.test_fraction=0.0001: leaves the test set of dataset=digits empty"),
+    (["dataset.test_fraction=0.9999"], "dataset.test_fraction=0.9999: leaves the training set of dataset=digits"),
     (["dataset.split_seed=-1"], "dataset.split_seed=-1"),
     # interpolations that do not resolve
     (["lr=${nope}"], "lr: does not resolve"),
