@@ -296,7 +296,15 @@ def same_config_elsewhere(cfg: DictConfig, out_dir: Path) -> Path | None:
         siblings = [p for p in job_dirs(out_dir.parent) if p.name != out_dir.name]
     except OSError:
         return None
-    return next((p for p in siblings if finished_summary(cfg, p) is not None), None)
+    mine = resolved_yaml(cfg)  # once: a figure's sweep has ~100 siblings
+
+    def same(p: Path) -> bool:
+        try:
+            return (p / "resolved_config.yaml").read_text() == mine
+        except OSError:
+            return False
+
+    return next((p for p in siblings if same(p) and finished_summary(cfg, p) is not None), None)
 
 
 def only_hydra_files(out_dir: Path) -> bool:
