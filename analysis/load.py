@@ -31,7 +31,7 @@ import pandas as pd
 import yaml
 
 from analysis.labels import attack_label, labels
-from detox.results import FINISHED, job_dirs, job_id, lock_held, read_summary
+from detox.results import FINISHED, job_dirs, job_id, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
@@ -225,13 +225,12 @@ def _summary_problem(summary: dict) -> str | None:
 
 def job_summary(job: Path) -> tuple[dict, str | None]:
     """The job's summary and, where its summary.json exists but is not a run's, why. A job without one is
-    ``missing``, or ``running`` while a process holds its job lock (``detox.results.lock_held``)."""
+    ``missing``, or ``running`` while a process holds its job lock (``detox.results.read_summary`` decides)."""
     path = job / "summary.json"
-    if not path.exists():
-        running = lock_held(job)
-        return ({"status": "running", "error": "running (another process holds the job lock)"} if running else
-                {"status": "missing", "error": "no summary.json"}), None
     summary = read_summary(job)
+    if not path.exists():
+        return (summary if summary["status"] == "running" else
+                {"status": "missing", "error": "no summary.json"}), None
     problem = None
     stand_in = str(summary.get("error", ""))
     if "choices" not in summary and stand_in.startswith("no readable summary.json"):
