@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 # stream tags keep the random streams of different purposes independent
-TAG_PLACEMENT, TAG_ATTACK, TAG_BUCKETS, TAG_DATA = 1, 2, 3, 4
+TAG_PLACEMENT, TAG_ATTACK, TAG_BUCKETS, TAG_DATA, TAG_AUGMENT = 1, 2, 3, 4, 5
 
 
 def seed_for(*key: int) -> int:

@@ -17,7 +17,7 @@ from detox.aggregators import requirement_error
 from detox.approaches import Plan, decisive, plan_from_cfg
 from detox.attacks import alie_z_max
 from detox.cluster.hostfile import parse_hostfile
-from detox.data import stratified_split
+from detox.data import PAD, stratified_split
 from detox.errors import ConfigError
 from detox.models import MODELS
 from detox.schema import check, options, show
@@ -121,6 +121,9 @@ def _check_data(cfg: DictConfig) -> DataFacts:
                     "synthetic": f" (dataset.train_size={d.get('train_size')})"}.get(d.name, "")
         raise ConfigError(f"batch_size={cfg.batch_size}: exceeds the {facts.train} training samples of "
                           f"dataset={d.name}{size_key}; use batch_size <= {facts.train}")
+    if d.get("augment") == "crop-flip-reflect" and min(facts.shape[1:]) <= PAD:
+        raise ConfigError(f"dataset.augment=crop-flip-reflect: mirrors {PAD} pixels on each side, which needs images "
+                          f"larger than {PAD}x{PAD} (dataset={d.name} has {list(facts.shape)}); use crop-flip or null")
     return facts
 
 

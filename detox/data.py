@@ -27,7 +27,7 @@ from typing import NoReturn
 import numpy as np
 import torch
 
-from detox.attacks import TAG_DATA, rng_for
+from detox.attacks import TAG_AUGMENT, TAG_DATA, rng_for
 
 
 class DataUnavailable(RuntimeError):
@@ -41,21 +41,25 @@ class Data:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    # (C, 1, 1): what a black pixel (0 before standardising) became; the fill of zero-padding augmentations
+    black: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.train_x.shape[1:])
 
     def to(self, device: str) -> Data:
+        black = None if self.black is None else self.black.to(device)
         return Data(*(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)),
-                    num_classes=self.num_classes)
+                    num_classes=self.num_classes, black=black)
 
 
-def _standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _standardise(train_x: torch.Tensor, test_x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Both sets standardised with the training set's per-channel statistics, and the (C, 1, 1) value of black."""
     dims = (0, 2, 3)
     mean = train_x.mean(dim=dims, keepdim=True)
     std = train_x.std(dim=dims, keepdim=True).clamp(min=1e-6)
-    return (train_x - mean) / std, (test_x - mean) / std
+    return (train_x - mean) / std, (test_x - mean) / std, (-mean / std)[0]
 
 
 def _images(x: np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -67,9 +71,9 @@ def _images(x: np.ndarray | torch.Tensor, channels_last: bool = False) -> torch.
 
 
 def _finish(train_x, train_y, test_x, test_y, num_classes: int) -> Data:
-    train_x, test_x = _standardise(train_x, test_x)
+    train_x, test_x, black = _standardise(train_x, test_x)
     return Data(train_x.contiguous(), torch.as_tensor(np.asarray(train_y), dtype=torch.long),
-                test_x.contiguous(), torch.as_tensor(np.asarray(test_y), dtype=torch.long), num_classes)
+                test_x.contiguous(), torch.as_tensor(np.asarray(test_y), dtype=torch.long), num_classes, black)
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -183,17 +187,48 @@ def load_data(cfg) -> Data:
     return DATASETS[cfg.name](cfg)
 
 
+PAD = 4  # the original's augmentation pads 4 pixels on each side, then crops back
+
+
+def crop_flip(x_bchw: torch.Tensor, rng: np.random.Generator, fill: torch.Tensor | None,
+              reflect: bool = False) -> torch.Tensor:
+    """The original's training augmentation (``src/util.py``) on a batch: pad ``PAD`` pixels on each side (mirrored
+    with ``reflect``, else ``fill`` per channel: black, as torchvision pads before normalising), a random H x W crop
+    (offsets uniform in 0..2·PAD, as ``RandomCrop``) and a horizontal flip with probability 1/2, per image."""
+    b, c, h, w = x_bchw.shape
+    if reflect:
+        padded = torch.nn.functional.pad(x_bchw, (PAD,) * 4, mode="reflect")
+    else:
+        padded = (torch.zeros(c, 1, 1, dtype=x_bchw.dtype, device=x_bchw.device) if fill is None else fill)
+        padded = padded.expand(b, c, h + 2 * PAD, w + 2 * PAD).clone()
+        padded[..., PAD : PAD + h, PAD : PAD + w] = x_bchw
+    top, left = rng.integers(0, 2 * PAD + 1, size=b), rng.integers(0, 2 * PAD + 1, size=b)
+    flip = rng.random(b) < 0.5
+    out = torch.stack([padded[i, :, top[i] : top[i] + h, left[i] : left[i] + w] for i in range(b)])
+    out[torch.from_numpy(flip).to(out.device)] = out[torch.from_numpy(flip).to(out.device)].flip(-1)
+    return out
+
+
+# ``dataset.augment`` -> fn(batch, rng, black) -> augmented batch (null: none)
+AUGMENTS: dict[str, Callable[[torch.Tensor, np.random.Generator, torch.Tensor | None], torch.Tensor]] = {
+    "crop-flip": crop_flip,  # SVHN in the original: zero padding
+    "crop-flip-reflect": lambda x, rng, black: crop_flip(x, rng, black, reflect=True),  # CIFAR-10/100
+}
+
+
 class UnitSampler:
     """Batches of one unit (group, or worker in ``baseline``): its own shuffle of the full training set.
 
     Epoch e uses the permutation drawn from (seed, unit, e); step t takes the (t mod B)-th batch of epoch
-    t // B, where B = n_train // batch_size (the incomplete last batch is dropped).
+    t // B, where B = n_train // batch_size (the incomplete last batch is dropped). With ``augment`` the batch of
+    step t is augmented with draws from (seed, unit, t), so every engine and a resumed run see the same images.
     """
 
-    def __init__(self, n_train: int, batch_size: int, seed: int, unit: int) -> None:
+    def __init__(self, n_train: int, batch_size: int, seed: int, unit: int, augment: str | None = None) -> None:
         if batch_size > n_train:
             raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training samples")
         self.n_train, self.batch_size, self.seed, self.unit = n_train, batch_size, seed, unit
+        self.augment = AUGMENTS[augment] if augment else None
         self.per_epoch = n_train // batch_size
         self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
 
@@ -203,6 +238,14 @@ class UnitSampler:
             self._epoch = epoch
             self._perm = rng_for(self.seed, TAG_DATA, self.unit, epoch).permutation(self.n_train)
         return torch.from_numpy(self._perm[i * self.batch_size : (i + 1) * self.batch_size])
+
+    def batch(self, data: Data, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of this unit's batch at ``step``, augmented where the data set says so."""
+        idx = self.indices(step).to(data.train_x.device)
+        x = data.train_x[idx]
+        if self.augment is not None:
+            x = self.augment(x, rng_for(self.seed, TAG_AUGMENT, self.unit, step), data.black)
+        return x, data.train_y[idx]
 
 
 # --- preparing data sets: the original's data_prepare.sh as a command ---------------------------------------------

@@ -35,8 +35,7 @@ class LocalSource:
         losses, slowest, slowest_cpu = [], 0.0, 0.0
         for u, sampler in enumerate(self.samplers):
             timer = Timer()
-            idx = sampler.indices(step).to(s.data.train_x.device)
-            loss = gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx])
+            loss = gradient(s.model, s.g_d, *sampler.batch(s.data, step))
             if not byz_p[u * size : (u + 1) * size].all():  # a unit of Byzantines only reports nothing we keep
                 losses.append(loss)
             wall, cpu = timer.elapsed()

@@ -44,7 +44,7 @@ class LeNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        return self.fc2(F.relu(self.fc1(x.flatten(1))))
+        return self.fc2(self.fc1(x.flatten(1)))  # the original has no non-linearity between fc1 and fc2
 
 
 def _cifar_resnet(block_name: str, layers: Sequence[int]) -> Callable[..., nn.Module]:

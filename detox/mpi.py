@@ -794,7 +794,7 @@ def _worker(s: Setup, comm, rank: int) -> None:
     cfg, plan = s.cfg, s.plan
     p = rank - 1
     unit = p // plan.unit_size
-    sampler = UnitSampler(len(s.data.train_y), int(cfg.batch_size), int(cfg.seed), unit)
+    sampler = UnitSampler(len(s.data.train_y), int(cfg.batch_size), int(cfg.seed), unit, cfg.dataset.get("augment"))
     attack = cfg.err_mode.name
     attack_params = {k: v for k, v in cfg.err_mode.items() if k != "name"}
     worker_side = attack not in NEEDS_ALL_HONEST and attack != "none"
@@ -813,8 +813,7 @@ def _worker(s: Setup, comm, rank: int) -> None:
         step = int(header[0])
         comm.Ibcast(w_np, root=0).Wait()
         t0 = time.perf_counter()
-        idx = sampler.indices(step)
-        loss = gradient(s.model, s.g_d, s.data.train_x[idx], s.data.train_y[idx])
+        loss = gradient(s.model, s.g_d, *sampler.batch(s.data, step))
         out_d = s.g_d
         if worker_side and byzantine_mask(cfg.adversary.placement, step, plan.workers, plan.byzantine,
                                           plan.unit_size, plan.seed)[p]:

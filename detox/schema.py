@@ -270,6 +270,7 @@ SCHEMA: dict[str, Any] = {
     "dataset.test_size": POSITIVE,
     "dataset.noise": Num(lo=0.0),
     "dataset.seed": SEED,
+    "dataset.augment": Str(_registry("detox.data", "AUGMENTS"), null=True),
     # robust rule
     "mode.name": Str(_registry("detox.aggregators", "AGGREGATORS")),
     "mode.f": Int(lo=0, null=True),

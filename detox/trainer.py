@@ -104,13 +104,15 @@ def setup(cfg: DictConfig, plan: Plan) -> Setup:
     params = {k: v for k, v in cfg.network.items() if k not in ("name", "input_shape")}
     model = build_model(cfg.network.name, data.shape, data.num_classes, int(cfg.seed), params).to(cfg.device)
     w_d, g_d = bind_flat(model)
-    # the original's per-layer vote (approach.vote=boyer-moore) needs the layers in bind_flat's flat order
-    plan = dataclasses.replace(plan, layer_sizes=tuple(p.numel() for p in model.parameters()))
+    # the original's vote (approach.vote=boyer-moore): DETOX's PS (draco_lite_master) votes per layer, which needs the
+    # layers in bind_flat's flat order; DRACO's (rep_master, approach=maj_vote) votes on the whole vector: one layer
+    layers = tuple(p.numel() for p in model.parameters()) if plan.approach == "draco-lite" else None
+    plan = dataclasses.replace(plan, layer_sizes=layers)
     return Setup(cfg, plan, data, model, w_d, g_d)
 
 
 def unit_samplers(s: Setup) -> list[UnitSampler]:
-    return [UnitSampler(len(s.data.train_y), int(s.cfg.batch_size), int(s.cfg.seed), u)
+    return [UnitSampler(len(s.data.train_y), int(s.cfg.batch_size), int(s.cfg.seed), u, s.cfg.dataset.get("augment"))
             for u in range(s.plan.units)]
 
 

@@ -52,6 +52,45 @@ def test_unit_sampler_is_a_per_unit_shuffle_of_each_epoch() -> None:
     assert not torch.equal(s0.indices(10), s0.indices(0))  # epochs reshuffle
 
 
+@pytest.mark.parametrize("how", ["crop-flip-reflect", "crop-flip"])
+def test_augmentation_is_the_originals_torchvision_pipeline(how: str) -> None:
+    """The original (src/util.py) augments raw [0, 1] images with torchvision before normalising: CIFAR reflect-pads
+    4 pixels, RandomCrop(32), RandomHorizontalFlip; SVHN RandomCrop(32, padding=4) (zero fill) and the flip. Ours
+    works on standardised images: for the same offsets and flips both give the same standardised batch."""
+    import torchvision.transforms.functional as tf
+
+    raw = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)).float() / 255
+    mean, std = raw.mean(dim=(0, 2, 3), keepdim=True), raw.std(dim=(0, 2, 3), keepdim=True)
+    x = (raw - mean) / std
+    out = data.AUGMENTS[how](x, np.random.default_rng(5), (-mean / std)[0])
+    rng = np.random.default_rng(5)  # the same draws, in crop_flip's order: tops, lefts, flips
+    top, left, flip = rng.integers(0, 9, 6), rng.integers(0, 9, 6), rng.random(6) < 0.5
+    assert flip.any() and not flip.all()
+    for i in range(6):
+        img = tf.pad(raw[i], [4], padding_mode="reflect" if how == "crop-flip-reflect" else "constant")
+        img = tf.crop(img, int(top[i]), int(left[i]), 32, 32)
+        img = tf.hflip(img) if flip[i] else img
+        torch.testing.assert_close(out[i], ((img - mean) / std)[0], rtol=0, atol=1e-6)
+
+
+def test_augmented_batches_are_drawn_from_seed_unit_step() -> None:
+    d = load_data(make_cfg(["dataset=synthetic", "dataset.shape=[3,12,12]", "dataset.train_size=64"]).dataset)
+    s, again = UnitSampler(64, 16, 3, 1, "crop-flip"), UnitSampler(64, 16, 3, 1, "crop-flip")
+    x, y = s.batch(d, 5)
+    x2, y2 = again.batch(d, 5)
+    assert torch.equal(x, x2) and torch.equal(y, y2)  # any rank, a resumed run: the same images
+    plain_x, plain_y = UnitSampler(64, 16, 3, 1).batch(d, 5)
+    assert torch.equal(y, plain_y) and x.shape == plain_x.shape and not torch.equal(x, plain_x)
+    assert not torch.equal(x, UnitSampler(64, 16, 3, 2, "crop-flip").batch(d, 5)[0])  # units draw their own
+
+
+def test_cifar_and_svhn_presets_augment_as_the_original() -> None:
+    assert make_cfg(["dataset=cifar10"]).dataset.augment == "crop-flip-reflect"
+    assert make_cfg(["dataset=cifar100"]).dataset.augment == "crop-flip-reflect"
+    assert make_cfg(["dataset=svhn"]).dataset.augment == "crop-flip"
+    assert make_cfg(["dataset=fashion_mnist"]).dataset.augment is None and make_cfg().dataset.augment is None
+
+
 def test_unit_sampler_drops_incomplete_batch() -> None:
     s = UnitSampler(25, 10, 0, 0)
     assert s.per_epoch == 2 and len(s.indices(1)) == 10

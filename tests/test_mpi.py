@@ -40,7 +40,7 @@ def assert_same_trajectory(a: Path, b: Path) -> None:
 @pytest.mark.parametrize(
     "job",
     [
-        ["approach=baseline", "mode=coord-median", "err_mode=rev_grad"],
+        ["approach=baseline", "mode=coord-median", "err_mode=rev_grad", "dataset.augment=crop-flip"],
         ["approach=draco-lite", "mode=mean", "err_mode=alie", "adversary.placement=worst", "worker_fail=2"],
     ],
     ids=["baseline-rev_grad", "draco-lite-alie-worst"],
