@@ -12,15 +12,25 @@ fills a run's accuracies from it.
 ``follow=true`` keeps watching the weights folder (every ``poll`` seconds) and stops once the run's ``summary.json``
 says it ended and every file is evaluated, or once the run it watched dies without one (exit 1); without it, the
 files present are evaluated and the command ends. A bad request (no such folder, not a run folder, no weights
-files) is one line and exit 2, before any work.
+files, an ``out=`` that is not a records file or is being written by another evaluator, a run config this code
+cannot evaluate) is one line and exit 2, before any work.
+
+The records file is held under an OS lock while an evaluator writes it (two evaluators never record a step twice);
+a last line torn by a killed evaluator is dropped before anything is appended (appending after it would fuse the
+next record into it, a line analysis rejects), and a file with any other line that is not a record is refused, never
+appended to.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import sys
 import time
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +39,10 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from detox.approaches import plan_from_cfg
+from detox.approaches import Plan, plan_from_cfg
 from detox.data import DataUnavailable
 from detox.errors import ConfigError
-from detox.results import MODEL_PREFIX, append_jsonl, lock_held, model_dir, model_files, writes_models
+from detox.results import MODEL_PREFIX, clean_json, lock_held, model_dir, writes_models
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
 
 # the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
@@ -40,12 +50,19 @@ EVAL_KEYS = ("step", "epoch", "eval_time", "samples", "test_loss", "test_acc", "
 # the statuses summary.json holds once a run has ended (detox.train writes it on every way out)
 ENDED = ("completed", "diverged", "failed")
 
+# files of the run folder that are never a records file (out= pointing at one would append into it)
+RUN_FILES = ("metrics.jsonl", "summary.json", "resolved_config.yaml", "checkpoint.pt", "train.log", ".lock",
+             "model.pt", "mpi.log", "summary.jsonl")
+# the trainer's names only (detox.results.model_path): model_step_01 or model_step_\u0663 would be a second file for
+# an existing step, not a file of the run
+_WEIGHTS_FILE = re.compile(rf"{MODEL_PREFIX}(0|[1-9][0-9]*)")
+
 OPT_PATH = Str(pattern=PATH.pattern, null=True)
 SCHEMA: dict[str, Any] = {
     "run_dir": OPT_PATH,
     "model_dir": OPT_PATH,
     "follow": Bool(),
-    "poll": Num(lo=0.0, open_lo=True),
+    "poll": Num(lo=0.0, hi=86400.0, open_lo=True),  # time.sleep overflows past ~1e9 s
     "timeout": Num(lo=0.0, open_lo=True, null=True),
     "out": OPT_PATH,
     "eval_batch_size": Int(lo=1, null=True),
@@ -116,11 +133,39 @@ def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
             raise EvalError(f"run_dir={run_dir}: the run used evaluation={run_cfg.get('evaluation', 'inloop')} "
                             f"without a model_dir, so it writes no weights files (its metrics.jsonl holds the "
                             f"accuracies); start it with evaluation=external")
-    if not cfg.follow and (not models.is_dir() or not model_files(models)):
+    if not cfg.follow and (not models.is_dir() or not weights_files(models)):
         raise EvalError(f"model_dir={models}: no {MODEL_PREFIX}<t> files "
                         f"({'no such folder' if not models.exists() else 'empty'}); follow=true waits for them")
     out = _path(cfg.out) or run_dir / "eval.jsonl"
+    check_out(out, run_dir, models)
     return Target(run_dir, run_cfg, models, out)
+
+
+def weights_files(folder: Path) -> dict[int, Path]:
+    """step -> path of every finished weights file in ``folder``, by step: exactly the names the trainer writes
+    (``model_step_<t>``, no leading zero). A file being written has a temporary name until it is whole."""
+    found = {}
+    for p in folder.iterdir():
+        m = _WEIGHTS_FILE.fullmatch(p.name)
+        if m and p.is_file():
+            found[int(m.group(1))] = p
+    return dict(sorted(found.items()))
+
+
+def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
+    """Refuse an ``out=`` the records cannot go to (before any work): a folder, a missing or read-only folder, or a
+    file of the run itself."""
+    if out.exists() and not out.is_file():
+        raise EvalError(f"out={out}: not a file (give the file for the records, e.g. <run_dir>/eval.jsonl)")
+    if not out.parent.is_dir():
+        raise EvalError(f"out={out}: its folder {out.parent} does not exist")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        raise EvalError(f"out={out}: not writable here")
+    where = out.resolve()
+    if (run_dir is not None and where.parent == run_dir.resolve() and where.name in RUN_FILES) or (
+            models is not None and where.parent == models.resolve()):
+        raise EvalError(f"out={out}: a file of the run itself, not a records file (the default is "
+                        f"<run_dir>/eval.jsonl)")
 
 
 def run_ended(run_dir: Path) -> bool:
@@ -131,43 +176,131 @@ def run_ended(run_dir: Path) -> bool:
         return False
 
 
-def done_steps(out: Path) -> set[int]:
-    """Steps already recorded in ``out`` (a rerun evaluates only the new files)."""
-    if not out.is_file():
-        return set()
-    steps = set()
-    for line in out.read_text().splitlines():
+def _is_record(line: str) -> bool:
+    """A line this evaluator writes: a JSON object of exactly the evaluation keys, with a step number."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False
+    return (isinstance(rec, dict) and set(rec) == set(EVAL_KEYS) and isinstance(rec["step"], int)
+            and not isinstance(rec["step"], bool) and rec["step"] >= 0)
+
+
+class Records:
+    """The records file, held under an OS lock (``flock``) while this evaluator writes it: a second evaluator on
+    the same file is refused (it would evaluate and record every step again), and the lock goes with the process
+    however it ends. ``done`` holds the steps already recorded."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.created = out, not out.exists()
         try:
-            steps.add(int(json.loads(line)["step"]))
-        except (ValueError, KeyError, TypeError):
-            continue  # a line torn by a kill: its step is evaluated again
-    return steps
+            self.fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as err:
+            raise EvalError(f"out={out}: cannot be opened ({err.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise EvalError(f"out={out}: another evaluator is recording into it now (each step once: let it "
+                            f"finish, or give another out=)") from None
+        try:
+            self.done = self._read()
+        except EvalError:
+            self.close()
+            raise
+
+    def _read(self) -> set[int]:
+        data = b""
+        os.lseek(self.fd, 0, os.SEEK_SET)
+        while chunk := os.read(self.fd, 1 << 20):
+            data += chunk
+        try:
+            text = data.decode()
+        except UnicodeDecodeError:
+            raise EvalError(f"out={self.out}: not a records file (not UTF-8 text); move it aside or give another "
+                            f"out=") from None
+        lines = text.split("\n")
+        steps = set()
+        for number, line in enumerate(lines[:-1], 1):
+            if not _is_record(line):
+                raise EvalError(f"out={self.out}: line {number} is not a record of detox.evaluate; move the file "
+                                f"aside or give another out=")
+            steps.add(json.loads(line)["step"])
+        torn = lines[-1]  # no final newline: what an evaluator killed mid-write leaves (checked after the rest)
+        if torn and _is_record(torn):  # whole but for its newline: kept
+            steps.add(json.loads(torn)["step"])
+            os.write(self.fd, b"\n")
+        elif torn:  # its step is evaluated again
+            say(f"dropping the torn last line of {self.out} (an evaluator killed while writing it)")
+            os.ftruncate(self.fd, len(data) - len(torn.encode()))
+        return steps
+
+    def append(self, rec: dict) -> None:
+        data = (json.dumps(clean_json(rec)) + "\n").encode()
+        while data:  # O_APPEND: each write lands at the end
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.created and os.fstat(self.fd).st_size == 0:  # nothing recorded: leave no empty file behind
+            self.out.unlink(missing_ok=True)
+        os.close(self.fd)  # releases the lock
+
+
+def evaluation_config(t: Target, cfg: DictConfig) -> tuple[DictConfig, Plan]:
+    """The run's config with this command's overrides, checked as the trainer checks it (types and ranges: an
+    eval_batch_size of 0 or an unknown network is one line, not a traceback after the data set is loaded)."""
+    run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
+                                              if cfg[k] is not None})
+    if str(run_cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"device={run_cfg.device}: no CUDA device is available here; give device=cpu")
+    where = t.run_dir / "resolved_config.yaml"
+    try:
+        check(run_cfg)
+        plan = plan_from_cfg(run_cfg)
+    except ConfigError as err:
+        raise EvalError(f"{where}: {err}") from None
+    except Exception as err:
+        raise EvalError(f"{where}: not a config this code can evaluate ({type(err).__name__}: {err})") from None
+    return run_cfg, plan
 
 
 class Evaluator:
-    """The run's network and data, built once; evaluates one weights file at a time."""
+    """The run's network and data, built once; evaluates one weights file at a time into ``records``."""
 
-    def __init__(self, t: Target, cfg: DictConfig) -> None:
+    def __init__(self, t: Target, run_cfg: DictConfig, plan: Plan, records: Records) -> None:
         from detox.trainer import setup
 
-        run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
-                                              if cfg[k] is not None})
-        if str(run_cfg.device).startswith("cuda") and not torch.cuda.is_available():
-            raise EvalError(f"device={run_cfg.device}: no CUDA device is available here; give device=cpu")
-        plan = plan_from_cfg(run_cfg)
-        self.t, self.s = t, setup(run_cfg, plan)
+        self.t, self.s, self.records = t, setup(run_cfg, plan), records
         self.samples_per_step = plan.units * int(run_cfg.batch_size)  # as the trainer counts them
+        self.expected = {k: (v.shape, v.dtype) for k, v in self.s.model.state_dict().items()}
+
+    def _check_state(self, state: object) -> None:
+        """Exactly the state_dict the trainer writes for this network: the same keys, shapes and dtypes (a float64
+        or int copy would load, converted, and give numbers the run never had)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"a {type(state).__name__}, not a state_dict")
+        if set(state) != set(self.expected):
+            missing, extra = sorted(set(self.expected) - set(state)), sorted(set(state) - set(self.expected))
+            raise ValueError(f"keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
+        for k, (shape, dtype) in self.expected.items():
+            v = state[k]
+            if not isinstance(v, torch.Tensor) or v.shape != shape or v.dtype != dtype:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{k}: {got}, expected {dtype} {tuple(shape)}")
 
     def evaluate(self, step: int, path: Path) -> dict | None:
         """The record of one weights file (also appended to eval.jsonl), or None if the file cannot be read."""
         from detox.trainer import evaluate
 
         try:
-            # weights_only: loading runs no code from the file, whatever it holds
-            state = torch.load(path, map_location=self.s.cfg.device, weights_only=True)
+            with warnings.catch_warnings():  # torch warns about some pickle protocols: the one line below says it
+                warnings.simplefilter("ignore")
+                # weights_only: loading runs no code from the file, whatever it holds
+                state = torch.load(path, map_location=self.s.cfg.device, weights_only=True)
+            self._check_state(state)
             self.s.model.load_state_dict(state)
         except Exception as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
             print(f"detox.evaluate: skipping {path}: not weights of network={self.s.cfg.network.name} "
                   f"({type(err).__name__}: {reason})", file=sys.stderr, flush=True)
             return None
@@ -177,7 +310,7 @@ class Evaluator:
         rec = {"step": step, "epoch": step * self.samples_per_step / n_train, "eval_time": time.perf_counter() - t0,
                "samples": step * self.samples_per_step, **ev}
         rec = {k: rec[k] for k in EVAL_KEYS}
-        append_jsonl(self.t.out, rec)
+        self.records.append(rec)
         say(f"step {step:5d} | test_loss {rec['test_loss']:.4f} | test_acc {rec['test_acc']:.4f} | "
             f"test_acc5 {rec['test_acc5']:.4f} | {rec['eval_time']:.1f}s")
         return rec
@@ -187,6 +320,8 @@ def evaluate_run(cfg: DictConfig) -> int:
     """Evaluate the run's weights files (following it if asked); the exit status: 0, or 1 when a file could not be
     read or ``timeout`` passed without a new file. Raises EvalError / ConfigError for a bad request."""
     check(cfg, SCHEMA)
+    if cfg.out is not None:  # an out= that cannot take the records is refused at once, also before a run starts
+        check_out(_path(cfg.out), None, None)  # type: ignore[arg-type]
     t = target(cfg)
     start = time.monotonic()
     if t is None:  # following a run that has not started: wait for its config
@@ -196,9 +331,23 @@ def evaluate_run(cfg: DictConfig) -> int:
             if cfg.timeout is not None and time.monotonic() - start > cfg.timeout:
                 say(f"no run appeared in {run_dir} within timeout={cfg.timeout:g} s; giving up")
                 return 1
-            time.sleep(cfg.poll)
-    done = done_steps(t.out)
-    ev = Evaluator(t, cfg)
+            time.sleep(_nap(cfg, start))
+    run_cfg, plan = evaluation_config(t, cfg)  # checked before the records file is touched
+    records = Records(t.out)  # and that before the data set is loaded
+    try:
+        return _evaluate_files(cfg, t, Evaluator(t, run_cfg, plan, records), records.done)
+    finally:
+        records.close()
+
+
+def _nap(cfg: DictConfig, since: float) -> float:
+    """Seconds to sleep before the next look: ``poll``, but never past ``timeout``."""
+    if cfg.timeout is None:
+        return float(cfg.poll)
+    return max(0.0, min(float(cfg.poll), float(cfg.timeout) - (time.monotonic() - since)) + 0.001)
+
+
+def _evaluate_files(cfg: DictConfig, t: Target, ev: Evaluator, done: set[int]) -> int:
     say(f"run {t.run_dir} (network={t.run_cfg.network.name}, dataset={t.run_cfg.dataset.name}): weights from "
         f"{t.models}, records to {t.out}" + (f"; {len(done)} steps already there" if done else ""))
     evaluated, failed, idle_since, killed, seen_running = 0, 0, time.monotonic(), False, False
@@ -212,7 +361,7 @@ def evaluate_run(cfg: DictConfig) -> int:
             held = lock_held(t.run_dir)
             seen_running = seen_running or held is True
             ended = killed = seen_running and held is False and not run_ended(t.run_dir)
-        files = model_files(t.models) if t.models.is_dir() else {}
+        files = weights_files(t.models) if t.models.is_dir() else {}
         for step, path in files.items():
             if step in done:
                 continue
@@ -228,7 +377,7 @@ def evaluate_run(cfg: DictConfig) -> int:
             say(f"no new weights file in {t.models} for timeout={cfg.timeout:g} s and the run has not ended; "
                 f"giving up")
             return 1
-        time.sleep(cfg.poll)
+        time.sleep(_nap(cfg, idle_since))
     if killed:
         say(f"the run in {t.run_dir} stopped without a summary (no process holds its .lock: killed?); stopping "
             f"(follow it again if it resumes)")

@@ -226,7 +226,7 @@ def test_unreadable_weights_file_is_skipped_with_a_line(runs: dict[str, Path], t
     ("inloop", ["run_dir={tmp}/run"], "run_dir={tmp}/run: the run used evaluation=inloop without a model_dir"),
     ("no-models", ["run_dir={tmp}/run"], "model_dir={tmp}/run/models: no model_step_<t> files (empty)"),
     (None, [], "give run_dir=<the run's job folder>"),
-    (None, ["run_dir={tmp}", "poll=0"], "poll=0: must be a finite number > 0"),
+    (None, ["run_dir={tmp}", "poll=0"], "poll=0: must be a finite number in (0, 86400]"),
     (None, ["run_dir={tmp}", "+colour=red"], "colour='red': unknown setting"),
 ])
 def test_bad_requests_are_refused(make: str | None, args: list[str], message: str, runs: dict[str, Path],
@@ -338,3 +338,143 @@ def test_mpi_run_writes_the_weights_files(tmp_path: Path) -> None:
     for e, r in zip(evals, local, strict=True):
         for k in ("test_loss", "test_acc", "test_acc5"):
             assert e[k] == pytest.approx(r[k], rel=1e-5, abs=1e-7), (k, e["step"])
+
+
+# ------------------------------------------------------------------------------------------ audit: hostile inputs
+
+def _evaluated_copy(runs: dict[str, Path], tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    return run
+
+
+def test_a_torn_last_record_is_dropped_before_appending(runs: dict[str, Path], tmp_path: Path) -> None:
+    """An evaluator killed mid-write leaves a last line without its newline. The rerun used to append the
+    re-evaluated record right after it, fusing both into one line that is not JSON: analysis then rejected the
+    whole file, and every later rerun evaluated that step again."""
+    from analysis.load import read_jsonl as analysis_read
+
+    run = _evaluated_copy(runs, tmp_path)
+    whole = (run / "eval.jsonl").read_bytes()
+    last = whole.rstrip(b"\n").rsplit(b"\n", 1)[1]
+    (run / "eval.jsonl").write_bytes(whole[: len(whole) - len(last) - 1] + last[:30])  # torn inside the last record
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == STEPS  # every line a record again
+    assert_same_evaluations(runs["inloop"], read_jsonl(run / "eval.jsonl"))
+    assert analysis_read(run / "eval.jsonl")[1] is None
+
+
+@pytest.mark.parametrize("garbage", [b'{"step": 10, "epoch"\n', b"\xff\xfe not text\n", b'{"step": 10}\n', b"[1]\n"],
+                         ids=["torn-inside", "not-utf8", "partial-record", "not-an-object"])
+def test_a_records_file_with_a_bad_line_is_refused_and_kept(garbage: bytes, runs: dict[str, Path],
+                                                            tmp_path: Path) -> None:
+    """A line that is not a record anywhere but at the end: the file is not the evaluator's to append to (analysis
+    rejects it whole). It used to be appended to (or crash with a traceback on bytes that are not UTF-8)."""
+    run = _evaluated_copy(runs, tmp_path)
+    lines = (run / "eval.jsonl").read_bytes().splitlines(keepends=True)
+    (run / "eval.jsonl").write_bytes(b"".join(lines[:2]) + garbage + b"".join(lines[3:]))
+    before = (run / "eval.jsonl").read_bytes()
+    with pytest.raises(EvalError, match=r"^out=.*eval\.jsonl: (line 3 is not a record|not a records file)"):
+        evaluate_in_process([f"run_dir={run}"])
+    assert (run / "eval.jsonl").read_bytes() == before
+
+
+def test_a_second_evaluator_on_the_same_records_is_refused(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Two evaluators on one folder used to evaluate and record every step twice; the file is now held under an OS
+    lock while an evaluator writes it: the second is refused in one line and the lock goes with the first."""
+    import fcntl
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    with open(run / "eval.jsonl", "a") as held:  # what a running evaluator holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(EvalError, match=r"another evaluator is recording into it now"):
+            evaluate_in_process([f"run_dir={run}"])
+    assert (run / "eval.jsonl").read_text() == ""
+    assert evaluate_in_process([f"run_dir={run}"]) == 0  # released: the file is free again
+    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == STEPS
+
+
+@pytest.mark.parametrize(("out", "message"), [
+    ("{tmp}", "out={tmp}: not a file"),
+    ("{tmp}/nope/eval.jsonl", "out={tmp}/nope/eval.jsonl: its folder {tmp}/nope does not exist"),
+    ("{run}/metrics.jsonl", "out={run}/metrics.jsonl: a file of the run itself"),
+    ("{run}/summary.json", "out={run}/summary.json: a file of the run itself"),
+    ("{run}/models/records", "out={run}/models/records: a file of the run itself"),
+])
+def test_an_out_that_cannot_take_the_records_is_refused_before_work(out: str, message: str, runs: dict[str, Path],
+                                                                    tmp_path: Path) -> None:
+    """A folder or a missing folder used to fail with a traceback after the first evaluation; the run's own
+    metrics.jsonl was taken for a records file (its steps 'already evaluated', records appended into it)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={run}", f"out={out.format(tmp=tmp_path, run=run)}"])
+    assert str(info.value).startswith(message.format(tmp=tmp_path, run=run)), info.value
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_timeout_is_kept_when_poll_is_longer(runs: dict[str, Path], tmp_path: Path) -> None:
+    """follow: poll=600 used to sleep the whole 600 s past timeout=0.5 (and poll=1e10 crashed time.sleep)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    (run / "summary.json").unlink()  # a run that has not ended
+    t0 = time.monotonic()
+    assert evaluate_in_process([f"run_dir={run}", "follow=true", "poll=600", "timeout=0.5"]) == 1
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(ConfigError, match=r"^poll=10000000000.0: must be a finite number in \(0, 86400\]"):
+        evaluate_in_process([f"run_dir={run}", "follow=true", "poll=1e10"])
+
+
+def test_only_the_trainers_weights_are_evaluated(runs: dict[str, Path], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """A second name for a step (model_step_010, model_step_\u0663) is not a file of the run: it used to replace the
+    real file of its step, unseen. A state_dict of the right shapes in another dtype used to load, converted, and
+    give numbers the run never had; a pickle that runs code on load never runs."""
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    models = run / "models"
+    state = torch.load(models / "model_step_10", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, models / "model_step_010")
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, models / "model_step_\u0663")
+    torch.save({k: v.double() for k, v in state.items()}, models / "model_step_40")
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):  # noqa: ANN204 - what a hostile pickle does on load
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"x": Payload()}, models / "model_step_50")
+    assert evaluate_in_process([f"run_dir={run}"]) == 1
+    assert not marker.exists()
+    assert_same_evaluations(runs["inloop"], read_jsonl(run / "eval.jsonl"))  # steps 0..30 from the real files only
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    assert err[0].startswith(f"detox.evaluate: skipping {models / 'model_step_40'}: not weights of network=fc (")
+    assert "torch.float64 (128, 64), expected torch.float32 (128, 64)" in err[0]
+    assert err[1].startswith(f"detox.evaluate: skipping {models / 'model_step_50'}: not weights of network=fc (")
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("eval_batch_size: 0", "eval_batch_size=0: must be an integer >= 1"),
+    ("bn_calibration_batches: -1", "bn_calibration_batches=-1: must be an integer >= 0"),
+    ("seed: x", "seed='x': must be an integer"),
+])
+def test_a_run_config_the_trainer_would_refuse_is_one_line(line: str, message: str, runs: dict[str, Path],
+                                                           tmp_path: Path) -> None:
+    """A resolved_config.yaml edited by hand used to crash with a traceback (eval_batch_size: 0 after the data set
+    was loaded) or evaluate with settings no run can have."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    key = line.split(":")[0]
+    path = run / "resolved_config.yaml"
+    path.write_text("".join(line + "\n" if x.startswith(key + ":") else x for x in
+                            path.read_text().splitlines(keepends=True)))
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={run}"])
+    assert str(info.value).startswith(f"{path}: {message}"), info.value
+    assert not (run / "eval.jsonl").exists()
