@@ -24,7 +24,7 @@ from detox.schema import check, options, show
 
 # what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
 FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang",
-               "huge", "extra_message", "wrong_tag", "lying_meta",
+               "huge", "extra_message", "wrong_tag", "lying_meta", "nan_loss",
                "ack_hang", "fork_stdout", "forged_death", "exit0", "segv")  # the last five: how the world ends
 
 

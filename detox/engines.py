@@ -47,6 +47,12 @@ class LocalSource:
     def close(self) -> None:
         pass
 
+    def checkpoint_state(self) -> dict:
+        return {}  # stateless across steps: batches and attacks are drawn from (seed, unit, step)
+
+    def restore_state(self, state: dict) -> None:
+        pass
+
 
 def run_local(cfg: DictConfig, plan: Plan, out_dir: Path | None) -> dict:
     s = setup(cfg, plan)

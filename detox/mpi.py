@@ -57,7 +57,7 @@ from detox.attacks import NEEDS_ALL_HONEST, attack_vector, byzantine_mask
 from detox.data import UnitSampler
 from detox.models import gradient
 from detox.results import base_summary, write_json
-from detox.trainer import Gradients, Setup, setup, train
+from detox.trainer import Gradients, Setup, setup, train, unit_samplers
 
 log = logging.getLogger("detox")
 
@@ -496,7 +496,8 @@ class _Round:
     t0: float
     need: dict[int, set[int]]  # tag -> ranks that still owe a message with it
     malformed_p: np.ndarray  # (P,) gradient rows that arrived malformed (NaN-filled)
-    meta_p: np.ndarray  # (P, 2) accepted [loss, seconds] reports; NaN = none
+    meta_p: np.ndarray  # (P, 2) accepted [loss, seconds] reports (a diverging worker's loss is NaN or inf)
+    reported_p: np.ndarray  # (P,) rows of meta_p that hold an accepted report
 
     def missing(self) -> list[int]:
         return sorted(set().union(*self.need.values()))
@@ -530,6 +531,7 @@ class MPISource:
         self.malformed_by_rank: Counter[int] = Counter()
         self.malformed_rows = 0  # malformed gradients (the trainer counts these rows itself)
         self.rogue_p = np.zeros(self.P, dtype=bool)  # ranks that ever sent a malformed message: reports ignored
+        self.samplers: list | None = None  # the units' batch streams, made when the PS first checks a loss
         self.unacknowledged: list[int] = []
 
     # ---- one exchange
@@ -601,11 +603,15 @@ class MPISource:
             # the worker computed after the PS started this round: it cannot report more seconds than have
             # passed here (slack for clocks that tick at slightly different rates on other hosts)
             elapsed = time.perf_counter() - rnd.t0
-            if 0.0 <= loss <= FLOAT32_MAX and 0.0 <= secs <= 1.001 * elapsed + 1e-3:
+            # a float32 loss is NaN, +inf (a diverging model: the PS checks such a report, _unit_losses) or at
+            # most float32's max
+            plausible_loss = np.isnan(loss) or 0.0 <= loss <= FLOAT32_MAX or loss == np.inf
+            if plausible_loss and 0.0 <= secs <= 1.001 * elapsed + 1e-3:
                 rnd.meta_p[p] = (loss, secs)
+                rnd.reported_p[p] = True
             else:
-                self._malformed(src, rnd, f"report [loss {loss:.6g}, {secs:.6g} s]: not a finite loss in "
-                                          f"[0, float32 max] with seconds in [0, {elapsed:.3g}]")
+                self._malformed(src, rnd, f"report [loss {loss:.6g}, {secs:.6g} s]: not a loss in [0, float32 max] "
+                                          f"(or NaN, inf) with seconds in [0, {elapsed:.3g}]")
         else:  # TAG_BYE
             if not self._receive(msg, src, tag, n) or n:
                 self._malformed(src, rnd, f"stop acknowledgement of {n} bytes")
@@ -634,7 +640,7 @@ class MPISource:
         t0 = time.perf_counter()
         everyone = set(range(1, self.P + 1))
         rnd = _Round(step, t0, {TAG_GRAD: set(everyone), TAG_META: set(everyone)}, np.zeros(self.P, dtype=bool),
-                     np.full((self.P, 2), np.nan))
+                     np.full((self.P, 2), np.nan), np.zeros(self.P, dtype=bool))
         self._serve(rnd, self._start_broadcast(step, CMD_STEP))
         t_round = time.perf_counter() - t0
         if not self.answered_once:
@@ -642,28 +648,54 @@ class MPISource:
             _progress(f"step {step}: all {self.P} workers answered ({t_round:.1f} s round trip); training")
         # reports of ranks that ever misbehaved, whose gradient is malformed now, or that are Byzantine this step
         # never enter the metrics (engine=local leaves out the same units: see LocalSource)
-        trusted = ~self.rogue_p & ~rnd.malformed_p & np.isfinite(rnd.meta_p[:, 0]) & ~byz_p
+        trusted = ~self.rogue_p & ~rnd.malformed_p & rnd.reported_p & ~byz_p
         secs = rnd.meta_p[trusted, 1]
         # capped by the round: a report can move time between t_compute and t_comm, never add any
         t_compute = min(float(secs.max()), t_round) if secs.size else 0.0
         _end_if_driver_gone()  # the trainer writes this step's record next
-        return Gradients(self.grads_nd, self._unit_losses(rnd.meta_p[:, 0], trusted), t_compute=t_compute,
-                         t_comm=max(t_round - t_compute, 0.0), malformed_p=rnd.malformed_p)
+        losses = self._unit_losses(rnd, trusted)
+        return Gradients(self.grads_nd, losses, t_compute=t_compute, t_comm=max(t_round - t_compute, 0.0),
+                         malformed_p=rnd.malformed_p)
 
-    def _unit_losses(self, losses_p: np.ndarray, trusted: np.ndarray) -> list[float]:
+    def _unit_losses(self, rnd: _Round, trusted: np.ndarray) -> list[float]:
         """Per unit, the median of its trusted members' losses (members compute the same batch: one liar in a
-        group with an honest majority cannot move it); units without a trusted member are left out."""
+        group with an honest majority cannot move it); units without a trusted member are left out. A unit whose
+        median is not finite (NaN counts as +inf) is checked: the PS computes that unit's loss itself, so a
+        diverging model ends the run as in engine=local, and members that reported a non-finite loss the PS does
+        not get are counted malformed."""
         size, out = self.s.plan.unit_size, []
+        losses_p = np.where(np.isnan(rnd.meta_p[:, 0]), np.inf, rnd.meta_p[:, 0])
         for u in range(self.s.plan.units):
-            vals = losses_p[u * size : (u + 1) * size][trusted[u * size : (u + 1) * size]]
-            if vals.size:
-                out.append(float(np.median(vals)))
+            members = np.arange(u * size, (u + 1) * size)[trusted[u * size : (u + 1) * size]]
+            if not members.size:
+                continue
+            loss = float(np.median(losses_p[members]))
+            if not np.isfinite(loss):
+                loss = self._ps_loss(u, rnd.step)
+                if np.isfinite(loss):
+                    for p in members[~np.isfinite(losses_p[members])]:
+                        self._malformed(int(p) + 1, rnd, f"report of a non-finite loss; the PS computes {loss:.6g}")
+            out.append(loss)
         return out
+
+    @torch.no_grad()
+    def _ps_loss(self, unit: int, step: int) -> float:
+        """The loss of ``unit``'s batch at ``step`` under the weights just broadcast, computed here (the PS has the
+        data set); BatchNorm buffers are left as they were."""
+        if self.samplers is None:
+            self.samplers = unit_samplers(self.s)
+        model = self.s.model
+        buffers = [b.clone() for b in model.buffers()]
+        x, y = self.samplers[unit].batch(self.s.data, step)
+        loss = float(torch.nn.functional.cross_entropy(model(x), y))
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        return loss
 
     def close(self) -> None:
         """Stop the workers and drain what they still send until each has acknowledged the stop."""
         rnd = _Round(-1, time.perf_counter(), {TAG_BYE: set(range(1, self.P + 1))}, np.zeros(self.P, dtype=bool),
-                     np.full((self.P, 2), np.nan))
+                     np.full((self.P, 2), np.nan), np.zeros(self.P, dtype=bool))
         try:
             self._serve(rnd, self._start_broadcast(-1, CMD_STOP))
         except WorkerTimeout as err:  # training is over: record it, the world is aborted after the summary
@@ -673,6 +705,17 @@ class MPISource:
             log.error("the driver has recorded this job as failed: rank 0 stops without writing")
             sys.stdout.flush()
             self.comm.Abort(1)
+
+    def checkpoint_state(self) -> dict:
+        """Which ranks misbehaved so far (a resumed run keeps distrusting them and keeps counting)."""
+        return {"malformed_by_rank": {str(r): int(c) for r, c in sorted(self.malformed_by_rank.items())},
+                "malformed_rows": int(self.malformed_rows)}
+
+    def restore_state(self, state: dict) -> None:
+        self.malformed_by_rank = Counter({int(r): int(c) for r, c in state.get("malformed_by_rank", {}).items()})
+        self.malformed_rows = int(state.get("malformed_rows", 0))
+        self.rogue_p[:] = False
+        self.rogue_p[[r - 1 for r in self.malformed_by_rank]] = True
 
     def report(self) -> dict:
         """What goes into summary.json next to the trainer's fields."""
@@ -843,6 +886,8 @@ def _worker(s: Setup, comm, rank: int) -> None:
             payload = _fault_payload(kind, bytes(payload), out_d.numel())
         if kind == "lying_meta":
             meta[:] = 1e300
+        if kind == "nan_loss":  # the loss of a diverged model, with an honest gradient: the PS checks it
+            meta[0] = np.nan
         if kind == "huge":
             _send_big(comm, HUGE_BYTES, TAG_GRAD)  # instead of its gradient
         else:

@@ -68,6 +68,11 @@ class GradientSource(Protocol):
 
     def close(self) -> None: ...
 
+    # what the source remembers across steps (MPI: which ranks misbehaved), kept in checkpoints: plain types only
+    def checkpoint_state(self) -> dict: ...
+
+    def restore_state(self, state: dict) -> None: ...
+
 
 @dataclass
 class Setup:
@@ -217,6 +222,7 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         ps.v_d.copy_(state["v"])
         torch.set_rng_state(state["torch_rng"])
         records, wall, cluster, malformed = state["records"], state["wall"], state["cluster"], state["malformed"]
+        source.restore_state(state.get("source") or {})
         log.info("resuming from %s at step %d", ckpt_path, records[-1]["step"])
     if metrics_path is not None:  # the file holds exactly the records of this trajectory so far
         metrics_path.write_text("".join(json.dumps(clean_json(r)) + "\n" for r in records))
@@ -274,7 +280,7 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
             if ckpt_path is not None and done % int(every) == 0 and not diverged:
                 save_checkpoint(cfg, ckpt_path, {"w": s.w_d, "v": ps.v_d, "torch_rng": torch.get_rng_state(),
                                                  "records": records, "wall": wall, "cluster": cluster,
-                                                 "malformed": malformed})
+                                                 "malformed": malformed, "source": source.checkpoint_state()})
         if diverged:
             status = "diverged"
             log.warning("step %d: non-finite %s; stopping (status diverged)", done,
@@ -419,6 +425,25 @@ def _totals_problem(cfg: DictConfig, state: dict) -> str | None:
         return "malformed is not a count"
     if malformed and cfg.engine.name != "mpi":  # only MPI messages can be malformed
         return f"malformed={malformed} in a run of engine={cfg.engine.name}"
+    return _source_problem(cfg, state.get("source", {}), malformed)
+
+
+def _source_problem(cfg: DictConfig, source: object, malformed: int) -> str | None:
+    """The gradient source's own state (MPI: malformed messages per rank and malformed gradient rows); absent in
+    checkpoints of engine=local and of older code."""
+    if source == {}:
+        return None
+    if cfg.engine.name != "mpi" or not isinstance(source, dict) or set(source) != {"malformed_by_rank",
+                                                                                   "malformed_rows"}:
+        return "source is not the state of this engine's gradient source"
+    by_rank, rows = source["malformed_by_rank"], source["malformed_rows"]
+    workers = int(cfg.workers)
+    if not isinstance(by_rank, dict) or not all(
+            isinstance(r, str) and r.isascii() and r.isdigit() and 1 <= int(r) <= workers
+            and isinstance(c, int) and not isinstance(c, bool) and c > 0 for r, c in by_rank.items()):
+        return f"source.malformed_by_rank is not counts > 0 of worker ranks 1..{workers}"
+    if rows != malformed or rows > sum(by_rank.values()):
+        return "source.malformed_rows does not match the malformed gradient count"
     return None
 
 

@@ -97,6 +97,8 @@ TAMPERED: dict[str, Callable[[dict], None]] = {
     "wall times decrease": _wall_times_decrease,
     "total wall behind the records": lambda s: s.update(wall=0.0),
     "malformed messages on engine=local": lambda s: s.update(malformed=3),
+    "MPI source state on engine=local": lambda s: s.update(source={"malformed_by_rank": {"1": 2},
+                                                                   "malformed_rows": 0}),
 }
 
 
@@ -115,6 +117,29 @@ def test_a_tampered_checkpoint_is_ignored_with_one_warning(kind: str, real_check
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and CHECKPOINT in warnings[0] and "starting from step 0" in warnings[0], warnings
     assert not (tmp_path / CHECKPOINT).exists()
+
+
+@pytest.mark.parametrize(("source", "malformed", "problem"), [
+    ({}, 0, None),  # a checkpoint of older code, or of a run where no rank misbehaved yet
+    ({"malformed_by_rank": {"2": 3, "5": 1}, "malformed_rows": 3}, 3, None),
+    ({"malformed_by_rank": {"2": 3}, "malformed_rows": 2}, 3, "malformed_rows"),
+    ({"malformed_by_rank": {"2": 1}, "malformed_rows": 2}, 2, "malformed_rows"),
+    ({"malformed_by_rank": {"7": 1}, "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": {"0": 1}, "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": {"2": 0}, "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": {"2": True}, "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": {"\u0663": 1}, "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": [1], "malformed_rows": 0}, 0, "ranks 1..6"),
+    ({"malformed_by_rank": {}}, 0, "not the state"),
+    ("x", 0, "not the state"),
+])
+def test_an_mpi_checkpoints_source_state_is_checked(source: object, malformed: int, problem: str | None) -> None:
+    """engine=mpi keeps which ranks misbehaved in its checkpoint (a resumed run goes on distrusting them and
+    counting); a state this code never writes is refused like any other tampering."""
+    from detox.trainer import _source_problem
+
+    found = _source_problem(make_cfg(["engine=mpi", "workers=6"]), source, malformed)
+    assert (found is None) if problem is None else (problem in found), found
 
 
 def test_the_real_checkpoint_resumes(real_checkpoint: Path, tmp_path: Path,

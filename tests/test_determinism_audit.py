@@ -172,18 +172,16 @@ def test_mpi_matches_local_bit_for_bit(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.mpi
-@pytest.mark.xfail(strict=True, reason="detox/mpi.py drops an honest rank's non-finite loss report as malformed "
-                   "(MPISource._take); see the audit report for the fix")
 def test_a_diverging_run_stops_at_the_same_step_in_both_engines(tmp_path: Path) -> None:
     """Gaussian rows of std 1e20 into the plain mean: the training loss overflows at step 2. engine=local stops
-    there (status diverged); engine=mpi counted every honest rank's report [loss nan] as malformed (and that rank's
-    reports as untrusted for the rest of the run), so its train_loss stayed finite and it stopped a step later on
-    non-finite weights, with another final accuracy and malformed_messages=12."""
+    there (status diverged); engine=mpi used to count every honest rank's report [loss nan] as malformed (and that
+    rank's reports as untrusted for the rest of the run), so its train_loss stayed finite and it stopped a step
+    later on non-finite weights. Now the PS checks such a report by computing the batch's loss itself."""
     job = ["workers=6", "worker_fail=1", "group_size=3", "max_steps=10", "eval_freq=2", "approach=baseline",
            "mode=mean", "err_mode=gaussian", "err_mode.std=1e20", "threads=1", "save_model=true"]
     local = run_job(job, tmp_path / "local")
     mpi = run_job([*job, "engine=mpi"], tmp_path / "mpi")
     assert local["status"] == "diverged" and local["steps"] == 2
-    assert (mpi["status"], mpi["steps"], mpi["malformed_messages"]) == ("diverged", 2, 0)
+    assert (mpi["status"], mpi["steps"], mpi["malformed_messages"], mpi["malformed_by_rank"]) == ("diverged", 2, 0, {})
     assert trajectory(tmp_path / "local") == trajectory(tmp_path / "mpi")
 

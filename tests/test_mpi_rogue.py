@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, make_cfg, read_metrics, run_job
 from test_mpi import assert_same_trajectory
 
@@ -388,3 +389,53 @@ def test_mpi_dead_rank_is_named_exactly(fault: str, dead: str, tmp_path: Path) -
     assert died(summary["error"]) == dead, summary["error"]  # never the framed rank 4, never just "a rank"
     assert time.monotonic() - t0 < START_LIMIT_S
     assert ended_after_rank_0(tmp_path) < 10 + 20
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_nan_loss_report_is_checked_by_the_ps(tmp_path: Path) -> None:
+    """A rank reporting a NaN loss (what a diverging model reports) with an honest gradient, in baseline (a unit of
+    one worker: no median to outvote it): the PS computes that batch's loss itself, finds it finite, counts the
+    report malformed (once: the rank's later reports are not trusted) and goes on; the run is engine=local's, step
+    by step."""
+    job = ["approach=baseline", "mode=mean", "workers=6", "worker_fail=0", "max_steps=6", "eval_freq=3",
+           "threads=1", "save_model=true"]
+    run_job(job, tmp_path / "local")
+    mpi = run_job([*job, "engine=mpi", "engine.faults=[{rank: 2, kind: nan_loss, step: 2}]"], tmp_path / "mpi")
+    assert mpi["status"] == "completed", mpi.get("error")
+    assert mpi["malformed_by_rank"] == {"2": 1}
+    # training is engine=local's; the losses too, up to the step the rank was caught (the PS's own value for it),
+    # after which its reports are left out of train_loss
+    local, caught = read_metrics(tmp_path / "local"), read_metrics(tmp_path / "mpi")
+    assert [r["test_loss"] for r in local] == pytest.approx([r["test_loss"] for r in caught], rel=1e-5)
+    assert local[1]["train_loss"] == pytest.approx(caught[1]["train_loss"], rel=1e-5)
+    wa, wb = (torch.load(tmp_path / x / "model.pt") for x in ("local", "mpi"))
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-6) for k in wa)
+    assert "rank 2: report of a non-finite loss; the PS computes" in (tmp_path / "mpi" / "mpi.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_a_resumed_mpi_run_keeps_counting_and_distrusting_its_rogue_ranks(tmp_path: Path) -> None:
+    """The driver is killed (-9) once a checkpoint exists; the rerun resumes it. What the PS learnt about its ranks
+    before the checkpoint (rank 1 sends garbage every step) is in the checkpoint: the resumed run's per-rank counts
+    and its trajectory are the uninterrupted run's."""
+    job = ["workers=6", "worker_fail=0", "mode=mean", "max_steps=400", "eval_freq=20", "checkpoint.every=20",
+           "threads=1", "save_model=true", "engine=mpi", "engine.faults=[{rank: 1, kind: random_bytes}]"]
+    full = run_job(job, tmp_path / "full")
+    assert full["status"] == "completed" and full["malformed_by_rank"] == {"1": 400}, full
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *job, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (run / "checkpoint.pt").exists(), 120, "the first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_for(lambda: not world_of(run), 30, "the killed world to end")
+    assert not (run / "summary.json").exists()  # killed mid-run: the rerun has something to resume
+    resumed = run_job(job, run)
+    assert resumed["status"] == "completed", resumed.get("error")
+    assert resumed["malformed_by_rank"] == full["malformed_by_rank"]
+    assert resumed["malformed_messages"] == full["malformed_messages"] == 400
+    assert_same_trajectory(tmp_path / "full", run)
