@@ -22,10 +22,13 @@ includes them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +43,9 @@ from detox.approaches import APPROACHES
 
 RULES = tuple(AGGREGATORS)
 PAGE = os.sysconf("SC_PAGE_SIZE")
+METHOD_DIR = Path(__file__).resolve().parents[1] / "conf" / "method"
+# the rules whose PS step can be compared: a vanilla-X and a detox-X preset both exist (conf/method/)
+STEP_RULES = tuple(r for r in RULES if all((METHOD_DIR / f"{k}-{r}.yaml").is_file() for k in ("vanilla", "detox")))
 
 
 # ------------------------------------------------------------------------------- loop-style references
@@ -152,7 +158,10 @@ def _matrix(n: int, d: int, device: str, seed: int = 0) -> torch.Tensor:
 
 
 def _f_for(rule: str, n: int) -> int:
-    bounds = {"krum": (n - 3) // 2, "multi-krum": (n - 3) // 2, "bulyan": (n - 3) // 4, "trimmed-mean": (n - 1) // 2}
+    """f = 5, or the largest f the rule accepts at n (the median-type rules need n > 2f)."""
+    half = (n - 1) // 2
+    bounds = {"krum": (n - 3) // 2, "multi-krum": (n - 3) // 2, "bulyan": (n - 3) // 4, "trimmed-mean": half,
+              "coord-median": half, "geometric-median": half, "sign-sgd": half}
     return min(5, bounds.get(rule, 5))
 
 
@@ -333,6 +342,103 @@ def loadavg() -> str:
         return "n/a"
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable); None where /proc/meminfo cannot say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def peak_bytes(ns: list[int], dims: list[int], workers: int, with_reference: bool = True) -> int:
+    """About what the largest measurement holds at once, float32: a rule's (n, d) input with up to two (n, d)
+    working copies in the loop-style references (their sorts, Bulyan's selection) or half of one in the kernels,
+    or the PS step's (P, d) rows, the (P / 3, d) group gradients they are refilled from, and a few d-vectors."""
+    d = max(dims)
+    rows = 3 * max(ns) if with_reference else (3 * max(ns) + 1) // 2
+    return max(rows * d, (workers + workers // 3 + 4) * d) * 4
+
+
+def check_out(out: Path) -> str | None:
+    """Why the results cannot be written to ``out`` (and ``out.md``), checked before any measurement; None if
+    they can."""
+    md = out.with_suffix(".md")
+    if md == out:
+        return f"--out {out}: the table goes to {md}: give the JSON file, e.g. {out.with_suffix('.json')}"
+    for path in (out, md):
+        if path.exists() and not path.is_file():
+            return f"--out {out}: {path} is a folder, not a file"
+    folder = out.parent
+    if not folder.is_dir():
+        return f"--out {out}: its folder {folder} does not exist" if not folder.exists() else \
+            f"--out {out}: {folder} is not a folder"
+    try:  # a real probe: os.access says yes to root on a read-only mount's folders
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".detox-bench-"):
+            pass
+    except OSError as err:
+        return f"--out {out}: cannot write in {folder} ({err.strerror or err})"
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a temporary file in the same folder, then renamed)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every argument that cannot run is refused here, in one line (argparse's usage, exit 2), before the first
+    measurement: a long benchmark must not fail at its end, or after allocating what the machine does not have."""
+    bad = [d for d in args.d if not math.isfinite(d)]
+    if bad:
+        parser.error(f"--d {bad[0]}: give a number of coordinates >= 1")
+    if args.repeats < 1 or min(args.n) < 1 or min(args.d) < 1 or args.workers < 3:
+        parser.error(f"--repeats, every --n and every --d must be >= 1 and --workers >= 3; got --repeats "
+                     f"{args.repeats}, --n {args.n}, --d {args.d}, --workers {args.workers}")
+    if args.workers % 3:
+        parser.error(f"--workers {args.workers}: the PS step's presets put workers in groups of 3; give a multiple "
+                     f"of 3")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as err:
+        parser.error(f"--device {args.device}: not a device ({str(err).splitlines()[0]})")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device here")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: give cpu or cuda")
+    for rule in args.rules:  # each rule's own check of (n, f), on a tiny matrix
+        for n in args.n:
+            try:
+                AGGREGATORS[rule](torch.zeros((n, 2)), _f_for(rule, n))
+            except ValueError as err:
+                parser.error(f"--n {n}: too few rows for {rule} ({err})")
+    need = peak_bytes(args.n, [int(d) for d in args.d], args.workers, not args.no_reference)
+    have = available_memory()
+    if have is not None and need > have:
+        parser.error(f"--d {max(args.d):g}: the largest measurement needs about {need / 2**30:.1f} GiB and "
+                     f"{have / 2**30:.1f} GiB is available; give a smaller --d, --n or --workers")
+    if (why := check_out(args.out)) is not None:
+        parser.error(why)
+    from detox.bench_scaling import PAPER_NETWORK, preset_plan
+
+    for rule in args.step_rules:  # the presets at --workers, as bench_steps composes them
+        for kind in ("vanilla", "detox"):
+            plan, _, note = preset_plan(f"{kind}-{rule}", args.workers, PAPER_NETWORK)
+            if plan is None:
+                parser.error(f"--workers {args.workers}: {kind}-{rule} {note}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detox.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,18 +446,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--d", type=float, nargs="+", default=[1e3, 1e5, 1.1e7],
                         help="coordinates (1e3: per-call overhead; 1.1e7 ≈ ResNet-18)")
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
-    parser.add_argument("--step-rules", nargs="+", default=["multi-krum", "bulyan", "coord-median"], choices=RULES)
-    parser.add_argument("--workers", type=int, default=45)
+    parser.add_argument("--step-rules", nargs="+", default=["multi-krum", "bulyan", "coord-median"],
+                        choices=STEP_RULES, help="rules whose PS step is compared (those with both presets)")
+    parser.add_argument("--workers", type=int, default=45, help="P for the PS step (a multiple of 3)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (median)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-reference", action="store_true", help="skip the loop-style references (slow)")
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="JSON results (and a .md table)")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or min(args.n) < 1 or min(args.d) < 1 or args.workers < 3:
-        parser.error(f"--repeats, every --n and every --d must be >= 1 and --workers >= 3; got --repeats "
-                     f"{args.repeats}, --n {args.n}, --d {args.d}, --workers {args.workers}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: no CUDA device here")
+    check_args(parser, args)
     dims = [int(d) for d in args.d]
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else None
     print(f"detox.bench on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -368,8 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in dims:
         result["steps"] += bench_steps(args.workers, d, args.step_rules, args.repeats, args.device)
     result["machine"]["loadavg"] = [load0, loadavg()]
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    _write_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    _write_atomic(args.out.with_suffix(".md"), markdown(result))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}\n\n" + markdown(result), flush=True)
     return 0
 

@@ -32,6 +32,7 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -569,6 +570,75 @@ def write_split(rows: list[dict], out: Path, command: str, table: str = "table",
 # ------------------------------------------------------------------------------------------ command line
 
 
+def _available_memory() -> int | None:
+    """Bytes the kernel can give without swapping (MemAvailable); None where /proc/meminfo cannot say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _out_folder_problem(out: Path) -> str | None:
+    """Why ``out`` cannot become the output folder (it or a parent is a file, nothing can be written there);
+    checked before any measurement, None if it can."""
+    if out.exists():
+        if not out.is_dir():
+            return f"--out {out}: a file, not a folder"
+        probe = out
+    else:
+        probe = next((p for p in out.parents if p.exists()), Path("."))
+        if not probe.is_dir():
+            return f"--out {out}: {probe} is a file, not a folder"
+    try:  # a real probe: os.access says yes to root on a read-only mount
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".detox-bench-"):
+            pass
+    except OSError as err:
+        return f"--out {out}: cannot write in {probe} ({err.strerror or err})"
+    return None
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``scaling`` and ``iteration``: every argument that cannot run is refused in one line (exit 2) before the first
+    allocation and measurement (a run of minutes must not fail at its end, or ask for memory the machine lacks)."""
+    workers = args.workers if isinstance(args.workers, list) else [args.workers]
+    if args.repeats < 1 or min(workers) < 3:
+        parser.error("--repeats must be >= 1 and every --workers >= 3")
+    if args.warmup < 0:
+        parser.error(f"--warmup {args.warmup}: must be >= 0")
+    d = getattr(args, "d", None)
+    if d is not None and not (math.isfinite(d) and d >= 1):
+        parser.error(f"--d {d}: give a number of coordinates >= 1")
+    max_gib = getattr(args, "max_gib", None)
+    if max_gib is not None and not (math.isfinite(max_gib) and max_gib > 0):
+        parser.error(f"--max-gib {max_gib}: give a memory budget in GiB > 0")
+    if args.out is not None and (why := _out_folder_problem(args.out)) is not None:
+        parser.error(why)
+    try:
+        cfg = _method_cfg(args.methods[0], tuple(args.override))
+        r = int(cfg.group_size)
+        sizes = layer_sizes(cfg)
+    except Exception as err:  # an override Hydra cannot compose, a network that cannot be built
+        parser.error(f"--override {' '.join(args.override)}: {str(err).splitlines()[0] if str(err) else err!r}")
+    odd = [p for p in workers if p % r]
+    if odd:
+        parser.error(f"--workers {odd[0]}: workers come in groups of group_size = {r}; give multiples of {r}")
+    p = max(workers)
+    if args.command == "scaling":
+        want = sum(sizes) if d is None else int(d)
+        need = peak_bytes(p, r, largest_d(p, r, want, int(max_gib * GIB)))
+    else:  # the real network's d, and the model with its gradient
+        need = peak_bytes(p, r, sum(sizes)) + 4 * sum(sizes) * 4
+    have = _available_memory()
+    if have is not None and need > have:
+        what = "--max-gib or --d" if args.command == "scaling" else "--workers"
+        parser.error(f"--workers {' '.join(map(str, workers))}: the benchmark needs about {need / GIB:.1f} GiB and "
+                     f"{have / GIB:.1f} GiB is available; give a smaller {what}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m detox.bench_scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -611,6 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}/table.md, table.csv, fig_c_paper.png/.pdf")
         return 0
 
+    if args.command in ("scaling", "iteration"):
+        _check_args(parser, args)
     if args.command == "iteration":
         t0 = time.perf_counter()
         rows, setting = bench_iteration(args.workers, args.methods, args.repeats, args.warmup, args.override)
@@ -626,13 +698,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "replot":
-        saved = json.loads((args.folder / "scaling.json").read_text())
+        try:
+            saved = json.loads((args.folder / "scaling.json").read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"replot {args.folder}: no readable scaling.json there ({err})")
         write_scaling(saved["rows"], fit_exponents(saved["rows"]), saved["setting"], args.folder, saved["command"])
         print(f"redrew {args.folder}/scaling.md, .png, .pdf")
         return 0
 
-    if args.repeats < 1 or min(args.workers) < 3:
-        parser.error("--repeats must be >= 1 and every --workers >= 3")
     t0 = time.perf_counter()
     rows, setting = bench_scaling(args.workers, None if args.d is None else int(args.d), args.methods,
                                   args.repeats, args.warmup, args.override, int(args.max_gib * GIB))

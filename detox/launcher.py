@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import logging
 import multiprocessing as mp
@@ -40,6 +39,7 @@ log = logging.getLogger(__name__)
 
 GRACE_S = 5.0  # after SIGTERM, how long stopped jobs get before SIGKILL
 POLL_S = 1.0   # a job's exit is also polled: a process it forked may keep the exit-signalling pipe open
+PARENT_POLL_S = 0.2  # how often a job checks that its launcher is alive
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -77,24 +77,38 @@ class _Job:
     result: JobReturn | None = None
 
 
+class _JobError(RuntimeError):
+    """An exception the job raised that could not be pickled back: its type's name and message, as text."""
+
+
 class _Terminated(BaseException):
     """SIGTERM reached the launcher: unwind like Ctrl-C, stopping the children on the way."""
 
 
-def resolve_n_jobs(n_jobs: int) -> int:
-    """-1: one job per core this process may use; otherwise at least 1."""
+def resolve_n_jobs(n_jobs: Any) -> int:
+    """-1: one job per core this process may use; otherwise a whole number >= 1 (``2``, ``2.0``; not ``1.5``,
+    ``true``, ``'3'`` or null, which would otherwise be truncated or fail with a traceback)."""
+    key = "hydra.launcher.n_jobs"
+    if isinstance(n_jobs, float) and n_jobs.is_integer():
+        n_jobs = int(n_jobs)
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int):
+        raise ValueError(f"{key}={n_jobs!r}: give a whole number of jobs >= 1, or -1 for one per core")
     if n_jobs == -1:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return _cores()
     if n_jobs < 1:
-        raise ValueError(f"hydra.launcher.n_jobs={n_jobs}: give a number of jobs >= 1, or -1 for one per core")
-    return int(n_jobs)
+        raise ValueError(f"{key}={n_jobs}: give a number of jobs >= 1, or -1 for one per core")
+    return n_jobs
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class ParallelLauncher(Launcher):
     """Run a sweep's jobs in forked child processes, at most ``n_jobs`` at once (-1: one per core)."""
 
     def __init__(self, n_jobs: int = 2) -> None:
-        self.n_jobs = resolve_n_jobs(int(n_jobs))
+        self.n_jobs = resolve_n_jobs(n_jobs)
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -110,6 +124,9 @@ class ParallelLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info("Launching %d jobs locally, %d at a time, one process each", len(job_overrides), self.n_jobs)
+        if min(self.n_jobs, len(job_overrides)) > _cores():
+            log.warning("hydra.launcher.n_jobs=%d is more than the %d cores this process may use: jobs will slow "
+                        "each other down (and each holds its own memory)", self.n_jobs, _cores())
         pending = deque((initial_job_idx + i, list(o)) for i, o in enumerate(job_overrides))
         running: list[_Job] = []
         returns: dict[int, JobReturn] = {}
@@ -117,11 +134,14 @@ class ParallelLauncher(Launcher):
             try:
                 while pending or running:
                     while pending and len(running) < self.n_jobs:
-                        running.append(self._start(*pending.popleft()))
+                        self._start(*pending.popleft(), running)
                     self._wait(running)
                     for job in [j for j in running if _exited(j)]:
-                        running.remove(job)
-                        returns[job.idx] = self._finish(job)
+                        # a Ctrl-C now waits until the job is recorded: it is either running or finished, never
+                        # neither (then nobody would record it)
+                        with _signals_blocked():
+                            returns[job.idx] = self._finish(job)
+                            running.remove(job)
             except BaseException:  # Ctrl-C, SIGTERM, or a bug here: never leave a child behind
                 self._stop(running, returns)
                 raise
@@ -129,7 +149,9 @@ class ParallelLauncher(Launcher):
 
     # ------------------------------------------------------------------------------------------------ one job
 
-    def _start(self, idx: int, overrides: list[str]) -> _Job:
+    def _start(self, idx: int, overrides: list[str], running: list[_Job]) -> None:
+        """Fork the job's process and add it to ``running`` (both with signals blocked: a Ctrl-C or SIGTERM
+        arriving meanwhile is handled once the job is in ``running``, so it is stopped and recorded with the rest)."""
         assert self.config is not None and self.hydra_context is not None
         config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
         with open_dict(config):
@@ -138,18 +160,20 @@ class ParallelLauncher(Launcher):
         out_dir = _job_dir(config)
         recv, send = mp.Pipe(duplex=False)
         # fork: the child inherits the composed config, Hydra's singletons and the imported modules (no pickling,
-        # no second torch import). Signals stay blocked until the job is registered so that a Ctrl-C can never
+        # no second torch import). Signals stay blocked until the job is in ``running`` so that a Ctrl-C can never
         # leave a child the launcher does not know about.
         with _signals_blocked():
             process = mp.get_context("fork").Process(target=self._child, args=(config, send, os.getpid()),
                                                      name=f"job-{idx}", daemon=False)
-            process.start()
+            try:
+                process.start()
+            finally:
+                send.close()  # only the child writes: its exit then reads as EOF here
             with contextlib.suppress(OSError):
                 os.setpgid(process.pid, process.pid)  # also done in the child: whichever runs first wins
-            job = _Job(idx, config, out_dir, process, recv)
-        send.close()  # only the child writes: its exit then reads as EOF here
-        log.info("#%d started: %s (pid %d): %s", idx, out_dir, process.pid, " ".join(filter_overrides(overrides)))
-        return job
+            running.append(_Job(idx, config, out_dir, process, recv))
+            log.info("#%d started: %s (pid %d): %s", idx, out_dir, process.pid,
+                     " ".join(filter_overrides(overrides)))
 
     def _child(self, config: DictConfig, send: Connection, parent_pid: int) -> None:
         """In the forked child: run the job exactly as the basic launcher would, send the JobReturn back."""
@@ -182,8 +206,11 @@ class ParallelLauncher(Launcher):
             log.info("#%d %s: %s", job.idx, _summary_status(job.out_dir) or "completed", job.out_dir)
             return ret
         err = ret._return_value
-        error = str(err) if isinstance(err, JobDied) else f"{type(err).__name__}: {err}"
-        _record_failure(job.config, job.out_dir, error)
+        error = str(err) if isinstance(err, JobDied | _JobError) else f"{type(err).__name__}: {err}"
+        try:
+            _record_failure(job.config, job.out_dir, error)
+        except Exception as record_err:  # a full disk, a folder gone: the other jobs still run
+            log.error("#%d: could not record the failure in %s: %s", job.idx, job.out_dir, record_err)
         log.error("#%d failed: %s (%s)", job.idx, job.out_dir, error)
         failed = FailedJobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=ret.hydra_cfg,
                                  working_dir=ret.working_dir, task_name=ret.task_name, status=JobStatus.FAILED)
@@ -328,7 +355,7 @@ def _dumps(ret: JobReturn) -> bytes:
         return pickle.dumps(ret)
     except Exception:  # an unpicklable return value or exception: its text is enough for the launcher
         value = ret._return_value
-        ret.return_value = RuntimeError(f"{type(value).__name__}: {value}") if isinstance(value, BaseException) \
+        ret.return_value = _JobError(f"{type(value).__name__}: {value}") if isinstance(value, BaseException) \
             else None
         return pickle.dumps(ret)
 
@@ -386,11 +413,27 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Linux: the child gets SIGTERM if the launcher itself is SIGKILLed (nothing else could stop it then)."""
-    if not sys.platform.startswith("linux"):
-        return
-    with contextlib.suppress(Exception):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent_pid:  # the launcher died before prctl took effect
-        os._exit(1)
+    """The job and everything in its process group end when the launcher itself dies without stopping them
+    (``kill -9``, a hang-up): a watcher thread sends the group SIGTERM, then SIGKILL after GRACE_S. (Linux's
+    PDEATHSIG alone would end the job process only, leaving what it started running.)"""
+    if os.getppid() != parent_pid:  # the launcher died before the watcher started
+        _end_group()
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        _end_group()
+
+    threading.Thread(target=watch, name="detox-launcher-watch", daemon=True).start()
+
+
+def _end_group() -> None:
+    """SIGTERM to this process's group (the job and what it started), SIGKILL to whatever is left after GRACE_S.
+    Only a group the job leads: if setpgid failed the group is the launcher's caller's (a shell pipeline)."""
+    own = os.getpgrp() == os.getpid()
+    with contextlib.suppress(OSError):
+        os.killpg(0, signal.SIGTERM) if own else os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(GRACE_S)  # still here: the job handles SIGTERM (detox.train ends its MPI world) or ignores it
+    with contextlib.suppress(OSError):
+        os.killpg(0, signal.SIGKILL) if own else None
+    os._exit(1)

@@ -198,3 +198,59 @@ def test_split_reads_medians_and_computes_savings(tmp_path: Path) -> None:
     assert [s["saved_per_step"] for s in savings(both)] == pytest.approx([1.0, 2.5])
     assert main(["split", str(root), str(rerun), "--out", str(out)]) == 0
     assert (out / "table.md").read_text().count("| again |") == 3
+
+
+# every argument that cannot run is refused in one line (exit 2) before any allocation or measurement; before,
+# each failed with a traceback (--workers 16 after the first measurements, --d 1e12 --max-gib 1e6 asking for 4 TB)
+SCALING = ["scaling", "--methods", "vanilla-coord-median", "--repeats", "1", "--override", "--workers", "15"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([*SCALING, "16"], "--workers 16: workers come in groups of group_size = 3"),
+    ([*SCALING, "--d", "nan"], "--d nan: give a number of coordinates >= 1"),
+    ([*SCALING, "--d", "0"], "--d 0.0: give a number of coordinates >= 1"),
+    ([*SCALING, "--d", "-5"], "--d -5.0: give a number of coordinates >= 1"),
+    ([*SCALING, "--d", "1e12", "--max-gib", "1e6"], "--workers 15: the benchmark needs about"),
+    ([*SCALING, "--max-gib", "nan"], "--max-gib nan: give a memory budget in GiB > 0"),
+    ([*SCALING, "--max-gib", "-1"], "--max-gib -1.0: give a memory budget in GiB > 0"),
+    ([*SCALING, "--warmup", "-1"], "--warmup -1: must be >= 0"),
+    (["iteration", "--workers", "16", "--methods", "vanilla-coord-median", "--override"],
+     "--workers 16: workers come in groups of group_size = 3"),
+    (["iteration", "--workers", "15", "--warmup", "-2", "--override"], "--warmup -2: must be >= 0"),
+])
+def test_bench_scaling_refuses_what_cannot_run_before_measuring(args: list[str], message: str,
+                                                                capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import detox.bench_scaling as bs
+
+    measured = []
+    monkeypatch.setattr(bs, "bench_scaling", lambda *a, **k: measured.append(a))
+    monkeypatch.setattr(bs, "bench_iteration", lambda *a, **k: measured.append(a))
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and stderr[-1].startswith(f"python -m detox.bench_scaling: error: {message}"), stderr
+    assert not measured
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_bench_scaling_refuses_an_out_it_cannot_make_before_measuring(where: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import detox.bench_scaling as bs
+
+    measured = []
+    monkeypatch.setattr(bs, "bench_scaling", lambda *a, **k: measured.append(a))
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" if where == "file" else tmp_path / "afile" / "sub" / "deeper"
+    with pytest.raises(SystemExit) as err:
+        main([*SCALING, "--d", "1000", "--out", str(out)])
+    assert err.value.code == 2 and f"error: --out {out}: " in capsys.readouterr().err
+    assert not measured and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_replot_of_a_folder_without_results_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as err:
+        main(["replot", str(tmp_path / "nowhere")])
+    assert err.value.code == 2
+    assert f"error: replot {tmp_path / 'nowhere'}: no readable scaling.json there" in capsys.readouterr().err

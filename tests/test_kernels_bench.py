@@ -471,3 +471,81 @@ def test_unrolled_network_falls_back_where_the_cache_is_not_writable(tmp_path, m
     assert got.tobytes() == K._middle_mean_serial(x, np.arange(5), selection_network(5, 2, 3), 2, 3, K.BLOCK,
                                                   np.empty(3000, np.float32)).tobytes()
     K._unrolled.cache_clear()
+
+
+# every argument that cannot run is refused in one line (exit 2) before any measurement; before, each of these
+# failed with a traceback, most after minutes of measuring (or after asking for 4 TB), and wrote nothing
+SMALL = ["--n", "5", "--d", "10", "--rules", "mean", "--step-rules", "coord-median", "--no-reference",
+         "--workers", "15"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--n", "1", "--rules", "krum"], "--n 1: too few rows for krum"),
+    (["--d", "nan"], "--d nan: give a number of coordinates >= 1"),
+    (["--d", "inf"], "--d inf: give a number of coordinates >= 1"),
+    (["--d", "1e12"], "--d 1e+12: the largest measurement needs about"),
+    (["--workers", "16"], "--workers 16: the PS step's presets put workers in groups of 3"),
+    (["--workers", "9"], "--workers 9: detox-coord-median refused: approach.buckets=5"),
+    (["--step-rules", "mean"], "argument --step-rules: invalid choice: 'mean'"),
+    (["--device", "foo"], "--device foo: not a device"),
+    (["--device", "meta"], "--device meta: give cpu or cuda"),
+])
+def test_bench_refuses_what_cannot_run_before_measuring(args: list[str], message: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from detox import bench
+
+    measured = []
+    monkeypatch.setattr(bench, "bench_rules", lambda *a: measured.append(a) or [])
+    monkeypatch.setattr(bench, "bench_steps", lambda *a: measured.append(a) or [])
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as err:
+        bench_main([*SMALL, *args, "--out", str(out)])
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and stderr[-1].startswith(f"python -m detox.bench: error: {message}"), stderr
+    assert not measured and list(tmp_path.iterdir()) == []
+
+
+def test_bench_f_is_one_every_rule_accepts_from_three_rows() -> None:
+    # before: f = 5 for the median-type rules at any n, so `--n 5` (any n <= 10) stopped the run with a traceback
+    # at coord-median, after the rules before it were measured; n = 15 and 45 keep f = 5 (bulyan: 3 at 15)
+    import torch
+
+    from detox.aggregators import AGGREGATORS
+    from detox.bench import _f_for
+
+    for rule, aggregate in AGGREGATORS.items():
+        for n in range(3, 50):
+            aggregate(torch.zeros((n, 2)), _f_for(rule, n))
+        assert _f_for(rule, 45) == 5 and _f_for(rule, 15) == (3 if rule == "bulyan" else 5)
+
+
+@pytest.mark.parametrize("where", ["folder", "missing", "file_parent", "md"])
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(where: str, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from detox import bench
+
+    measured = []
+    monkeypatch.setattr(bench, "bench_rules", lambda *a: measured.append(a) or [])
+    (tmp_path / "afile").write_text("x")
+    out = {"folder": tmp_path, "missing": tmp_path / "missing" / "b.json", "file_parent": tmp_path / "afile" / "b.json",
+           "md": tmp_path / "b.md"}[where]
+    with pytest.raises(SystemExit) as err:
+        bench_main([*SMALL, "--out", str(out)])
+    assert err.value.code == 2 and f"error: --out {out}: " in capsys.readouterr().err
+    assert not measured and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_bench_writes_its_files_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the JSON and the table are written to a temporary name and renamed: a failure leaves no half file
+    from detox import bench
+
+    monkeypatch.setattr(bench, "bench_rules", lambda *a: [])
+    monkeypatch.setattr(bench, "bench_steps", lambda *a: [])
+    monkeypatch.setattr(bench, "markdown", lambda result: (_ for _ in ()).throw(OSError("disk full")))
+    out = tmp_path / "bench.json"
+    with pytest.raises(OSError, match="disk full"):
+        bench_main([*SMALL, "--out", str(out)])
+    assert [p.name for p in tmp_path.iterdir()] == ["bench.json"]  # written whole; no .md, no temporary left
+    assert json.loads(out.read_text())["rules"] == []
