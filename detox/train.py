@@ -222,9 +222,41 @@ class ValidateFirst(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_output_folder(config, "hydra.sweep.dir")
+            check_slurm_launcher(config)
         except ConfigError as err:
             refuse(err)
             sys.exit(2)
+
+
+SLURM_LAUNCHER = "submitit_launcher.SlurmLauncher"
+# hydra.launcher keys of submitit_slurm that are counts (null: submitit's default)
+SLURM_COUNTS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "nodes", "mem_gb",
+                "array_parallelism")
+SLURM_NAME = r"[A-Za-z0-9_.,-]+"
+
+
+def check_slurm_launcher(config: DictConfig) -> None:
+    """``hydra/launcher=slurm``: refuse, before the sweep's folder is made, a machine that cannot submit (no sbatch
+    or srun: submitit's traceback otherwise) and settings sbatch would refuse only after the sweep started."""
+    import re
+
+    launcher = config.hydra.launcher
+    if not str(launcher.get("_target_", "")).endswith(SLURM_LAUNCHER):
+        return
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]
+    if missing:
+        raise ConfigError(f"hydra/launcher=slurm: {' and '.join(missing)} not found on PATH: this machine cannot "
+                          f"submit Slurm jobs (run the sweep on a Slurm login node, or use "
+                          f"hydra/launcher=local_parallel)")
+    for key in SLURM_COUNTS:
+        value = launcher.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"hydra.launcher.{key}={value!r}: must be a whole number >= 1 (or null for "
+                              f"submitit's default)")
+    for key in ("partition", "account", "qos"):
+        value = launcher.get(key)
+        if value is not None and not re.fullmatch(SLURM_NAME, str(value)):
+            raise ConfigError(f"hydra.launcher.{key}={value!r}: not a Slurm name (letters, digits, _ . , -)")
 
 
 # an absolute path: a console script (detox-train) would make Hydra read "../conf" as a Python package
@@ -270,6 +302,14 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
                 # a launcher or callback refusing its settings (hydra.launcher.n_jobs=0): its own message
                 cause = err.__cause__ if isinstance(err, InstantiationException) else None
                 print(f"{prog}: error: {cause if isinstance(cause, ValueError) else _one_line(err)}",
+                      file=sys.stderr)
+                raise SystemExit(2) from None
+            except Exception as err:
+                # hydra/launcher=slurm: sbatch refused a job (submitit's FailedJobError holds sbatch's stderr)
+                if type(err).__name__ != "FailedJobError" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+                print(f"{prog}: error: sbatch refused the sweep: {lines[-1] if lines else type(err).__name__}",
                       file=sys.stderr)
                 raise SystemExit(2) from None
         return original(guarded)

@@ -192,3 +192,59 @@ def test_a_job_that_wrecks_its_folder_does_not_end_the_sweep(task: Path, tmp_pat
     assert f"#0 failed: {root / '0'} (job process exited with code 3)" in out
     assert summary(root / "1")["error"] == "Inner: a local exception class"
     assert (root / "2" / "done").exists() and f"#2 completed: {root / '2'}" in out
+
+
+# ------------------------------------------------------------------------------------------ hydra/launcher=slurm
+
+def _slurm_sweep(tmp_path: Path, path: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "detox.train", "-m", "hydra/launcher=slurm", "seed=0,1",
+                           "max_steps=2", "eval_freq=2", f"hydra.sweep.dir={tmp_path / 'sweep'}", *extra],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**ENV, "PATH": path, "HYDRA_FULL_ERROR": "0"})
+
+
+def _fake_slurm(tmp_path: Path) -> str:
+    """A PATH whose sbatch refuses every job as a misconfigured cluster's does, next to an srun (submitit looks for
+    it) and this Python."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: gpu' >&2\nexit 1\n")
+    (bin_ / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("sbatch", "srun"):
+        (bin_ / tool).chmod(0o755)
+    return f"{bin_}:{Path(sys.executable).parent}"
+
+
+def test_a_slurm_sweep_on_a_machine_without_slurm_is_one_line(tmp_path: Path) -> None:
+    """No sbatch/srun on PATH: submitit's traceback ("Could not detect srun") after multirun.yaml was written;
+    now one line, exit 2, before the sweep's folder exists."""
+    out = _slurm_sweep(tmp_path, str(Path(sys.executable).parent))
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "detox: error: hydra/launcher=slurm: sbatch and srun not found on PATH: this machine cannot submit Slurm "
+        "jobs (run the sweep on a Slurm login node, or use hydra/launcher=local_parallel)"]
+    assert not (tmp_path / "sweep").exists()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("hydra.launcher.timeout_min=-5", "hydra.launcher.timeout_min=-5: must be a whole number >= 1"),
+    ("hydra.launcher.cpus_per_task=0", "hydra.launcher.cpus_per_task=0: must be a whole number >= 1"),
+    ("hydra.launcher.mem_gb=-1", "hydra.launcher.mem_gb=-1: must be a whole number >= 1"),
+    ("hydra.launcher.array_parallelism=0", "hydra.launcher.array_parallelism=0: must be a whole number >= 1"),
+    ("hydra.launcher.partition='a b'", "hydra.launcher.partition='a b': not a Slurm name"),
+])
+def test_slurm_settings_sbatch_would_refuse_are_one_line(override: str, message: str, tmp_path: Path) -> None:
+    out = _slurm_sweep(tmp_path, _fake_slurm(tmp_path), override)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"detox: error: {message}"), lines
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_sbatch_refusing_the_jobs_is_one_line(tmp_path: Path) -> None:
+    """A cluster that refuses the submission (here: sbatch's own error) gave submitit's ~50-line FailedJobError."""
+    out = _slurm_sweep(tmp_path, _fake_slurm(tmp_path), "hydra.launcher.partition=gpu")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1] == (
+        "detox: error: sbatch refused the sweep: sbatch: error: invalid partition specified: gpu")
+    assert "Traceback" not in out.stderr
