@@ -168,7 +168,30 @@ def _f_for(rule: str, n: int) -> int:
 # ------------------------------------------------------------------------------- benchmarks
 
 
-def bench_rules(n: int, d: int, rules: list[str], repeats: int, device: str, with_reference: bool) -> list[dict]:
+# the rules whose least work is a multiply-add count: Krum-type rules need the n(n+1)/2 distinct entries of the
+# (n, n) Gram matrix, d multiply-adds each (any method: n(n-1)/2 distances of d terms at the least); one Weiszfeld
+# iteration of the geometric median is a distance pass and a weighted sum, d per row each
+MIN_FMA: dict[str, Callable[[int, int], float]] = {
+    "krum": lambda n, d: n * (n + 1) / 2 * d,
+    "multi-krum": lambda n, d: n * (n + 1) / 2 * d,
+    "bulyan": lambda n, d: n * (n + 1) / 2 * d,
+    "geometric-median": lambda n, d: 2.0 * n * d,
+}
+
+
+def fma_rate(device: str, repeats: int = 20) -> float:
+    """Multiply-adds per second that torch's BLAS reaches here now: the median time of a float32 matmul of
+    square matrices (512 on the CPU, 4096 on a GPU; cache-resident, compute-bound), with the process's threads.
+    Dividing a rule's least multiply-add count by it gives the time no implementation on this host beats by
+    much: the compute bound (``MIN_FMA``)."""
+    s = 4096 if device.startswith("cuda") else 512
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn((s, s), generator=gen).to(device) for _ in range(2))
+    return s**3 / timed(lambda: a @ b, repeats, device)
+
+
+def bench_rules(n: int, d: int, rules: list[str], repeats: int, device: str, with_reference: bool,
+                fma_per_s: float | None = None) -> list[dict]:
     # a per-call overhead (small d) is a fraction of a millisecond: a median over 5 calls is mostly scheduler noise
     repeats = repeats if n * d > 1 << 20 else max(repeats, 200)
     g = _matrix(n, d, device)
@@ -194,6 +217,9 @@ def bench_rules(n: int, d: int, rules: list[str], repeats: int, device: str, wit
             call()
         row = {"rule": rule, "n": n, "d": d, "f": f, "device": device, "seconds": t, "floor_seconds": floor,
                "x_floor": t / floor, "peak_extra_x_input": mem.extra / nbytes if device == "cpu" else None}
+        if fma_per_s and rule in MIN_FMA:
+            bound = MIN_FMA[rule](n, d) / fma_per_s
+            row.update(compute_bound_seconds=bound, x_compute_bound=t / bound, bound_x_floor=bound / floor)
         if with_reference:
             t_ref = timed(reference(rule, g_np, f, d2), 1)
             if rule in ("krum", "multi-krum", "bulyan"):
@@ -304,20 +330,23 @@ def _fmt_rule(r: dict) -> str:
            if "reference_seconds" in r else "")
     mem = f"  mem {r['peak_extra_x_input']:.2f}x" if r["peak_extra_x_input"] is not None else ""
     per = "/iter" if r["rule"] == "geometric-median" else ""
+    bound = (f"  {r['x_compute_bound']:5.1f}x compute bound (itself {r['bound_x_floor']:.1f}x floor)"
+             if "x_compute_bound" in r else "")
     return (f"{r['rule']:>16} n={r['n']:<3} d={r['d']:<9.3g} {r['seconds'] * 1e3:9.3f} ms{per:5} "
-            f"{r['x_floor']:6.1f}x floor ({r['floor_seconds']:.4f} s){mem}{ref}")
+            f"{r['x_floor']:6.1f}x floor ({r['floor_seconds']:.4f} s){bound}{mem}{ref}")
 
 
 def markdown(result: dict) -> str:
-    lines = ["| rule | n | d | ms | × floor | peak extra memory (× input) | reference (s) | "
-             "speedup vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| rule | n | d | ms | × floor | × compute bound | compute bound × floor | peak extra memory (× input) | "
+             "reference (s) | speedup vs reference |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rules"]:
         mem = "" if r["peak_extra_x_input"] is None else f"{r['peak_extra_x_input']:.2f}"
         ref = (f"{r['reference_seconds']:.3f} | {r['speedup_vs_reference']:.1f}" if "reference_seconds" in r
                else " | ")
+        bound = (f"{r['x_compute_bound']:.1f} | {r['bound_x_floor']:.1f}" if "x_compute_bound" in r else " | ")
         per = " (per iteration)" if r["rule"] == "geometric-median" else ""
         lines.append(f"| {r['rule']}{per} | {r['n']} | {r['d']:.3g} | {r['seconds'] * 1e3:.3f} | {r['x_floor']:.1f} | "
-                     f"{mem} | {ref} |")
+                     f"{bound} | {mem} | {ref} |")
     lines += ["", "| PS step (vote + buckets + rule) | P | d | vanilla (s) | DETOX (s) | vanilla / DETOX | vote (s) | "
               "vote share | vote × one read | vote × one read after the refill |",
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -327,6 +356,10 @@ def markdown(result: dict) -> str:
                      f"{s['vote_share']:.0%} | {s['vote_x_read']:.1f} | {s['vote_x_read_after_fill']:.1f} |")
     if result["machine"].get("gpu"):
         lines += ["", f"GPU: {result['machine']['gpu']} (torch {result['machine']['torch']})"]
+    if result["machine"].get("fma_per_s"):
+        lines += ["", f"Compute bound: the rule's least multiply-adds (Krum, Multi-Krum, Bulyan: the n(n+1)/2·d of "
+                      f"the Gram matrix; geometric median: 2nd per iteration) at the rate a square float32 matmul "
+                      f"(512 on the CPU, 4096 on a GPU) reached in this run: {result['machine']['fma_per_s'] / 1e9:.1f} G/s"]
     load = result["machine"].get("loadavg")
     if load:
         lines += ["", f"Load average (1 min) at start / end: {load[0]} / {load[1]}"]
@@ -465,9 +498,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"machine": {"cores": os.cpu_count(), "torch": torch.__version__,
                                 "threads": torch.get_num_threads(), "device": args.device, "gpu": gpu},
                     "rules": [], "steps": []}
+    rate = fma_rate(args.device)
+    result["machine"]["fma_per_s"] = rate
+    print(f"compute: {rate / 1e9:.1f} G multiply-adds/s (float32 matmul, {torch.get_num_threads()} threads): "
+          f"the compute bound of {', '.join(MIN_FMA)}", flush=True)
     for d in dims:
         for n in args.n:
-            result["rules"] += bench_rules(n, d, args.rules, args.repeats, args.device, not args.no_reference)
+            result["rules"] += bench_rules(n, d, args.rules, args.repeats, args.device, not args.no_reference, rate)
     for d in dims:
         result["steps"] += bench_steps(args.workers, d, args.step_rules, args.repeats, args.device)
     result["machine"]["loadavg"] = [load0, loadavg()]

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detox import bench
 from detox import kernels as K
 from detox.bench import main as bench_main
 from detox.kernels import centred_gram, middle_mean, selection_network, sign_votes, weighted_sum
@@ -88,6 +89,22 @@ def test_bench_command_writes_every_rule_and_step(tmp_path: Path) -> None:
         assert s["repeats"] == 50  # a few-ms step: at least 50 timed, whatever --repeats says
     md = out.with_suffix(".md").read_text()
     assert "| PS step (vote + buckets + rule) |" in md and "vanilla / DETOX" in md and "Load average" in md
+    # the compute bound: the rule's least multiply-adds at the matmul rate measured in the same run
+    rate = result["machine"]["fma_per_s"]
+    assert rate > 1e8 and "× compute bound" in md and "Compute bound:" in md
+    bounded = {r["rule"]: r for r in result["rules"] if "x_compute_bound" in r}
+    assert set(bounded) == {"krum", "multi-krum", "bulyan", "geometric-median"}
+    for r in bounded.values():
+        assert r["compute_bound_seconds"] == pytest.approx(bench.MIN_FMA[r["rule"]](11, 2000) / rate)
+        assert r["x_compute_bound"] == pytest.approx(r["seconds"] / r["compute_bound_seconds"])
+        assert r["bound_x_floor"] == pytest.approx(r["compute_bound_seconds"] / r["floor_seconds"])
+
+
+def test_least_multiply_adds_per_rule() -> None:
+    # Krum-type: the n(n+1)/2 distinct Gram entries of d terms; a Weiszfeld iteration: two passes of n*d
+    assert bench.MIN_FMA["krum"](45, 100_000) == 45 * 46 / 2 * 100_000 == bench.MIN_FMA["bulyan"](45, 100_000)
+    assert bench.MIN_FMA["geometric-median"](45, 10) == 900
+    assert "coord-median" not in bench.MIN_FMA  # comparisons, not multiply-adds: no compute bound claimed
 
 
 @pytest.mark.parametrize("args", [["--repeats", "0"], ["--repeats", "-3"], ["--n", "0"], ["--d", "0.5"],
@@ -104,7 +121,6 @@ def test_bench_refuses_bad_counts_in_one_line(args: list[str], tmp_path: Path,
 def test_bench_steps_alternate_vanilla_and_detox(monkeypatch: pytest.MonkeyPatch) -> None:
     # both approaches sampled under the same load: baseline, DETOX, baseline, DETOX, ... (not 51 of one, then the
     # other); at ResNet-18's size the --repeats given
-    from detox import bench
 
     calls = []
     approaches = dict(bench.APPROACHES)
@@ -493,7 +509,6 @@ SMALL = ["--n", "5", "--d", "10", "--rules", "mean", "--step-rules", "coord-medi
 def test_bench_refuses_what_cannot_run_before_measuring(args: list[str], message: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from detox import bench
 
     measured = []
     monkeypatch.setattr(bench, "bench_rules", lambda *a: measured.append(a) or [])
@@ -524,7 +539,6 @@ def test_bench_f_is_one_every_rule_accepts_from_three_rows() -> None:
 def test_bench_refuses_an_out_it_cannot_write_before_measuring(where: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from detox import bench
 
     measured = []
     monkeypatch.setattr(bench, "bench_rules", lambda *a: measured.append(a) or [])
@@ -539,7 +553,6 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(where: str, tmp_p
 
 def test_bench_writes_its_files_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # the JSON and the table are written to a temporary name and renamed: a failure leaves no half file
-    from detox import bench
 
     monkeypatch.setattr(bench, "bench_rules", lambda *a: [])
     monkeypatch.setattr(bench, "bench_steps", lambda *a: [])
