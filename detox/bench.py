@@ -359,7 +359,8 @@ def markdown(result: dict) -> str:
     if result["machine"].get("fma_per_s"):
         lines += ["", f"Compute bound: the rule's least multiply-adds (Krum, Multi-Krum, Bulyan: the n(n+1)/2·d of "
                       f"the Gram matrix; geometric median: 2nd per iteration) at the rate a square float32 matmul "
-                      f"(512 on the CPU, 4096 on a GPU) reached in this run: {result['machine']['fma_per_s'] / 1e9:.1f} G/s"]
+                      f"(512 on the CPU, 4096 on a GPU) reached in this run: "
+                      f"{result['machine']['fma_per_s'] / 1e9:.1f} G/s"]
     load = result["machine"].get("loadavg")
     if load:
         lines += ["", f"Load average (1 min) at start / end: {load[0]} / {load[1]}"]

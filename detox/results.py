@@ -385,6 +385,10 @@ class SweepSummary(Callback):
         refused = take_refusals(root, os.environ.pop(SWEEP_ID_ENV, "")) if root.is_dir() else {}
         if not root.is_dir():
             return
+        if config.get("save") is False:  # the jobs wrote no summary.json: there is nothing to read, nothing failed
+            print(f"detox: sweep {root}: save=false: its jobs wrote no results (each job's lines above say how it "
+                  f"ended); no summary.jsonl", flush=True)
+            return
         path = write_sweep_summary(root)
         counts = report_sweep(root, path, refused)
         if counts and not (counts.get("completed", 0) + counts.get("diverged", 0)):

@@ -335,6 +335,14 @@ def test_a_sweep_ends_with_its_table_and_fails_when_no_job_ran(tmp_path: Path) -
     assert len(_jsonl(tmp_path / "none" / "summary.jsonl")) == 2
 
 
+def test_a_sweep_with_save_false_reports_no_failures(tmp_path: Path) -> None:
+    """save=false: the jobs write no summary.json, so the sweep used to list every finished job as failed (exit 0)."""
+    out = cli(["-m", "save=false", "seed=0,1", "max_steps=2", "eval_freq=2", f"hydra.sweep.dir={tmp_path}"], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"detox: sweep {tmp_path}: save=false: its jobs wrote no results" in out.stdout
+    assert "failed" not in out.stdout and not (tmp_path / "summary.jsonl").exists()
+
+
 @pytest.mark.parametrize("value, says", [("${oc.env:DETOX_NO_SUCH_VARIABLE}", "Environment variable"),
                                          ("", "empty"), (" ", "empty"), ("{tmp}/x\tb", "control characters"),
                                          ("{tmp}/file", "is a file"), ("{tmp}/file/run", "file is a file")])
