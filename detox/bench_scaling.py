@@ -46,6 +46,7 @@ import detox.results  # noqa: F401 - registers the resolvers the configs use
 import detox.schema  # noqa: F401
 from detox.approaches import Plan
 from detox.attacks import byzantine_mask
+from detox.bench import available_memory
 from detox.config import ConfigError, validate
 from detox.models import MODELS, bind_flat, build_model, gradient
 from detox.results import job_dirs
@@ -570,18 +571,6 @@ def write_split(rows: list[dict], out: Path, command: str, table: str = "table",
 # ------------------------------------------------------------------------------------------ command line
 
 
-def _available_memory() -> int | None:
-    """Bytes the kernel can give without swapping (MemAvailable); None where /proc/meminfo cannot say."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _out_folder_problem(out: Path) -> str | None:
     """Why ``out`` cannot become the output folder (it or a parent is a file, nothing can be written there);
     checked before any measurement, None if it can."""
@@ -632,7 +621,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         need = peak_bytes(p, r, largest_d(p, r, want, int(max_gib * GIB)))
     else:  # the real network's d, and the model with its gradient
         need = peak_bytes(p, r, sum(sizes)) + 4 * sum(sizes) * 4
-    have = _available_memory()
+    have = available_memory()
     if have is not None and need > have:
         what = "--max-gib or --d" if args.command == "scaling" else "--workers"
         parser.error(f"--workers {' '.join(map(str, workers))}: the benchmark needs about {need / GIB:.1f} GiB and "
