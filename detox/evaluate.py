@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from detox.approaches import Plan, plan_from_cfg
 from detox.data import DataUnavailable
 from detox.errors import ConfigError
-from detox.results import MODEL_PREFIX, clean_json, lock_held, model_dir, writes_models
+from detox.results import MODEL_PREFIX, clean_json, lock_held, model_dir, model_files, writes_models
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
 
 # the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
@@ -53,9 +53,6 @@ ENDED = ("completed", "diverged", "failed")
 # files of the run folder that are never a records file (out= pointing at one would append into it)
 RUN_FILES = ("metrics.jsonl", "summary.json", "resolved_config.yaml", "checkpoint.pt", "train.log", ".lock",
              "model.pt", "mpi.log", "summary.jsonl")
-# the trainer's names only (detox.results.model_path): model_step_01 or model_step_\u0663 would be a second file for
-# an existing step, not a file of the run
-_WEIGHTS_FILE = re.compile(rf"{MODEL_PREFIX}(0|[1-9][0-9]*)")
 
 OPT_PATH = Str(pattern=PATH.pattern, null=True)
 SCHEMA: dict[str, Any] = {
@@ -133,23 +130,12 @@ def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
             raise EvalError(f"run_dir={run_dir}: the run used evaluation={run_cfg.get('evaluation', 'inloop')} "
                             f"without a model_dir, so it writes no weights files (its metrics.jsonl holds the "
                             f"accuracies); start it with evaluation=external")
-    if not cfg.follow and (not models.is_dir() or not weights_files(models)):
+    if not cfg.follow and (not models.is_dir() or not model_files(models)):
         raise EvalError(f"model_dir={models}: no {MODEL_PREFIX}<t> files "
                         f"({'no such folder' if not models.exists() else 'empty'}); follow=true waits for them")
     out = _path(cfg.out) or run_dir / "eval.jsonl"
     check_out(out, run_dir, models)
     return Target(run_dir, run_cfg, models, out)
-
-
-def weights_files(folder: Path) -> dict[int, Path]:
-    """step -> path of every finished weights file in ``folder``, by step: exactly the names the trainer writes
-    (``model_step_<t>``, no leading zero). A file being written has a temporary name until it is whole."""
-    found = {}
-    for p in folder.iterdir():
-        m = _WEIGHTS_FILE.fullmatch(p.name)
-        if m and p.is_file():
-            found[int(m.group(1))] = p
-    return dict(sorted(found.items()))
 
 
 def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
@@ -361,7 +347,7 @@ def _evaluate_files(cfg: DictConfig, t: Target, ev: Evaluator, done: set[int]) -
             held = lock_held(t.run_dir)
             seen_running = seen_running or held is True
             ended = killed = seen_running and held is False and not run_ended(t.run_dir)
-        files = weights_files(t.models) if t.models.is_dir() else {}
+        files = model_files(t.models) if t.models.is_dir() else {}
         for step, path in files.items():
             if step in done:
                 continue

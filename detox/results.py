@@ -70,7 +70,8 @@ def save_torch_atomic(path: Path, obj: Any) -> None:
 # --- weights files for the separate evaluator (python -m detox.evaluate), named as the original's ------------------
 
 MODEL_PREFIX = "model_step_"
-_MODEL_FILE = re.compile(r"model_step_(\d+)")
+# the trainer's names only: model_step_01 or model_step_\u0663 would be a second file for an existing step
+_MODEL_FILE = re.compile(r"model_step_(0|[1-9][0-9]*)")
 
 
 def writes_models(cfg: DictConfig) -> bool:
