@@ -22,7 +22,6 @@ includes them.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch
 
 from detox.aggregators import AGGREGATORS, _row_dists, _weighted_rows
 from detox.approaches import APPROACHES
+from detox.results import write_text_atomic
 
 RULES = tuple(AGGREGATORS)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -418,19 +418,6 @@ def check_out(out: Path) -> str | None:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a temporary file in the same folder, then renamed)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every argument that cannot run is refused here, in one line (argparse's usage, exit 2), before the first
     measurement: a long benchmark must not fail at its end, or after allocating what the machine does not have."""
@@ -509,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in dims:
         result["steps"] += bench_steps(args.workers, d, args.step_rules, args.repeats, args.device)
     result["machine"]["loadavg"] = [load0, loadavg()]
-    _write_atomic(args.out, json.dumps(result, indent=2) + "\n")
-    _write_atomic(args.out.with_suffix(".md"), markdown(result))
+    write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(args.out.with_suffix(".md"), markdown(result))
     print(f"\nwrote {args.out} and {args.out.with_suffix('.md')}\n\n" + markdown(result), flush=True)
     return 0
 

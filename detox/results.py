@@ -51,8 +51,11 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write through a temporary file of this process, then rename: a reader (or a concurrent writer) never sees
     half a file."""
     tmp = _private_tmp(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk: no half-written temporary file left behind
 
 
 def save_torch_atomic(path: Path, obj: Any) -> None:
