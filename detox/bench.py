@@ -410,7 +410,13 @@ def check_out(out: Path) -> str | None:
     if not folder.is_dir():
         return f"--out {out}: its folder {folder} does not exist" if not folder.exists() else \
             f"--out {out}: {folder} is not a folder"
-    try:  # a real probe: os.access says yes to root on a read-only mount's folders
+    return cannot_write(out, folder)
+
+
+def cannot_write(out: Path, folder: Path) -> str | None:
+    """Why nothing can be written in ``folder`` (for ``--out out``), or None: a real probe, since os.access says yes
+    to root on a read-only mount's folders."""
+    try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".detox-bench-"):
             pass
     except OSError as err:

@@ -32,7 +32,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -46,7 +45,7 @@ import detox.results  # noqa: F401 - registers the resolvers the configs use
 import detox.schema  # noqa: F401
 from detox.approaches import Plan
 from detox.attacks import byzantine_mask
-from detox.bench import available_memory
+from detox.bench import available_memory, cannot_write
 from detox.config import ConfigError, validate
 from detox.models import MODELS, bind_flat, build_model, gradient
 from detox.results import job_dirs
@@ -582,12 +581,7 @@ def _out_folder_problem(out: Path) -> str | None:
         probe = next((p for p in out.parents if p.exists()), Path("."))
         if not probe.is_dir():
             return f"--out {out}: {probe} is a file, not a folder"
-    try:  # a real probe: os.access says yes to root on a read-only mount
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".detox-bench-"):
-            pass
-    except OSError as err:
-        return f"--out {out}: cannot write in {probe} ({err.strerror or err})"
-    return None
+    return cannot_write(out, probe)
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
