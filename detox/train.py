@@ -304,6 +304,16 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
                 print(f"{prog}: error: {cause if isinstance(cause, ValueError) else _one_line(err)}",
                       file=sys.stderr)
                 raise SystemExit(2) from None
+            except KeyboardInterrupt:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                # Ctrl-C is not a failure of the job: no summary.json is written, so a rerun resumes or redoes it
+                print(f"{prog}: interrupted (Ctrl-C); the same command again skips finished jobs and resumes an "
+                      f"interrupted run from its last checkpoint (checkpoint.every), or starts it over",
+                      file=sys.stderr, flush=True)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)  # die of SIGINT, as a shell loop expects
+                os.kill(os.getpid(), signal.SIGINT)
+                raise SystemExit(130) from None
             except Exception as err:
                 # hydra/launcher=slurm: sbatch refused a job (submitit's FailedJobError holds sbatch's stderr)
                 if type(err).__name__ != "FailedJobError" or os.environ.get("HYDRA_FULL_ERROR") == "1":

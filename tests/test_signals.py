@@ -159,3 +159,27 @@ def test_a_submitit_handler_error_is_not_swallowed_by_an_except_exception_on_its
         assert not (tmp_path / "job" / "summary.json").exists()
     else:
         assert summary["status"] == "failed" and summary["error"] == f"RuntimeError: {message}", summary
+
+
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "local_parallel-sweep"])
+def test_ctrl_c_is_one_line_and_dies_of_sigint(sweep: bool, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the command) printed Python's traceback (~30 lines for a run, ~40 for a local_parallel
+    sweep); now one line saying what a rerun does, and the process still dies of SIGINT (a shell loop stops)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    where = ["-m", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=local_parallel", "seed=0,1"] if sweep else \
+        [f"hydra.run.dir={tmp_path}"]
+    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *where, "max_steps=1000000", "eval_freq=100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("metrics.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        "detox: interrupted (Ctrl-C); the same command again skips finished jobs and resumes an interrupted run from "
+        "its last checkpoint (checkpoint.every), or starts it over"], err[-2000:]
