@@ -203,9 +203,9 @@ def crop_flip(x_bchw: torch.Tensor, rng: np.random.Generator, fill: torch.Tensor
         padded = padded.expand(b, c, h + 2 * PAD, w + 2 * PAD).clone()
         padded[..., PAD : PAD + h, PAD : PAD + w] = x_bchw
     top, left = rng.integers(0, 2 * PAD + 1, size=b), rng.integers(0, 2 * PAD + 1, size=b)
-    flip = rng.random(b) < 0.5
+    flip = torch.from_numpy(rng.random(b) < 0.5).to(x_bchw.device)
     out = torch.stack([padded[i, :, top[i] : top[i] + h, left[i] : left[i] + w] for i in range(b)])
-    out[torch.from_numpy(flip).to(out.device)] = out[torch.from_numpy(flip).to(out.device)].flip(-1)
+    out[flip] = out[flip].flip(-1)
     return out
 
 

@@ -128,8 +128,7 @@ def evaluate(s: Setup) -> dict[str, float]:
     if has_batchnorm(model) and cfg.bn_calibration_batches:
         sampler = UnitSampler(len(data.train_y), min(int(cfg.eval_batch_size), len(data.train_y)),
                               int(cfg.seed), CALIBRATION_UNIT)
-        batches = [data.train_x[sampler.indices(i).to(data.train_x.device)]
-                   for i in range(int(cfg.bn_calibration_batches))]
+        batches = [sampler.batch(data, i)[0] for i in range(int(cfg.bn_calibration_batches))]
         recalibrate_batchnorm(model, batches)
     model.eval()
     loss_sum, top1, top5, n = 0.0, 0, 0, len(data.test_y)

@@ -138,9 +138,9 @@ if __name__ == "__main__":
 """
 
 
-@pytest.fixture
-def task(tmp_path: Path) -> Path:
-    """A Hydra app using the shipped local_parallel.yaml and the Ends callback."""
+def make_app(tmp_path: Path, source: str, extra_cfg: str = "") -> Path:
+    """A Hydra app in ``tmp_path/app`` running ``source`` (its task.py) with the shipped local_parallel.yaml; x: ok by
+    default; ``extra_cfg`` is appended to its cfg.yaml."""
     app = tmp_path / "app"
     (app / "hydra" / "launcher").mkdir(parents=True)
     (app / "hydra" / "launcher" / "local_parallel.yaml").write_text(
@@ -150,12 +150,15 @@ def task(tmp_path: Path) -> Path:
           - override hydra/launcher: local_parallel
           - _self_
         x: ok
-        hydra:
-          callbacks:
-            ends: {_target_: __main__.Ends}
-        """))
-    (app / "task.py").write_text(TASK)
+        """) + extra_cfg)
+    (app / "task.py").write_text(source)
     return app / "task.py"
+
+
+@pytest.fixture
+def task(tmp_path: Path) -> Path:
+    """A Hydra app using the shipped local_parallel.yaml and the Ends callback."""
+    return make_app(tmp_path, TASK, "hydra:\n  callbacks:\n    ends: {_target_: __main__.Ends}\n")
 
 
 def test_every_way_a_job_process_can_die_is_recorded(task: Path, tmp_path: Path) -> None:

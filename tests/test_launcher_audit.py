@@ -9,11 +9,10 @@ import re
 import signal
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
+from test_launcher import gone, make_app, wait_for
 
 from detox.launcher import resolve_n_jobs
 
@@ -68,34 +67,7 @@ if __name__ == "__main__":
 
 @pytest.fixture
 def task(tmp_path: Path) -> Path:
-    app = tmp_path / "app"
-    (app / "hydra" / "launcher").mkdir(parents=True)
-    (app / "hydra" / "launcher" / "local_parallel.yaml").write_text(
-        (ROOT / "conf" / "hydra" / "launcher" / "local_parallel.yaml").read_text())
-    (app / "cfg.yaml").write_text(textwrap.dedent("""\
-        defaults:
-          - override hydra/launcher: local_parallel
-          - _self_
-        x: ok
-        """))
-    (app / "task.py").write_text(TASK)
-    return app / "task.py"
-
-
-def gone(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-
-
-def wait_for(predicate, timeout: float, what: str):  # noqa: ANN001, ANN201 - any predicate
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return make_app(tmp_path, TASK)
 
 
 def sleeper_pids(root: Path) -> list[int] | None:
