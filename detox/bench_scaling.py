@@ -26,6 +26,7 @@ import copy
 import csv
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,7 +50,7 @@ from detox.attacks import byzantine_mask
 from detox.bench import available_memory, cannot_write
 from detox.config import ConfigError, validate
 from detox.models import MODELS, bind_flat, build_model, gradient
-from detox.results import job_dirs
+from detox.results import job_dirs, write_atomic, write_text_atomic
 from detox.step import ParameterServer, apply_attack
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -416,19 +418,11 @@ def plot_scaling(rows: list[dict], fits: dict[str, dict]):  # -> matplotlib Figu
 
 def write_scaling(rows: list[dict], fits: dict[str, dict], setting: dict, out: Path, command: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "scaling.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=SCALING_COLUMNS)
-        w.writeheader()
-        w.writerows({k: r.get(k) for k in SCALING_COLUMNS} for r in rows)
-    (out / "scaling.json").write_text(json.dumps({"command": command, "setting": setting, "rows": rows,
-                                                  "fits": fits}, indent=2) + "\n")
-    (out / "scaling.md").write_text(f"```bash\n{command}\n```\n\n" + scaling_markdown(rows, fits, setting))
-    fig = plot_scaling(rows, fits)
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"scaling.{ext}", dpi=150)
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    write_csv_atomic(out / "scaling.csv", SCALING_COLUMNS, rows)
+    write_text_atomic(out / "scaling.json", json.dumps({"command": command, "setting": setting, "rows": rows,
+                                                         "fits": fits}, indent=2) + "\n")
+    write_text_atomic(out / "scaling.md", f"```bash\n{command}\n```\n\n" + scaling_markdown(rows, fits, setting))
+    save_figure(plot_scaling(rows, fits), out / "scaling")
 
 
 # ------------------------------------------------------------------------------------------ Figure C, paper size
@@ -552,19 +546,28 @@ def write_split(rows: list[dict], out: Path, command: str, table: str = "table",
                 compute_label: str = "compute (slowest unit)") -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     saved = savings(rows)
-    with open(out / f"{table}.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=SPLIT_COLUMNS)
-        w.writeheader()
-        w.writerows({k: r.get(k) for k in SPLIT_COLUMNS} for r in rows)
-    (out / f"{table}.md").write_text(f"```bash\n{command}\n```\n\n" + split_markdown(rows, saved))
+    write_csv_atomic(out / f"{table}.csv", SPLIT_COLUMNS, rows)
+    write_text_atomic(out / f"{table}.md", f"```bash\n{command}\n```\n\n" + split_markdown(rows, saved))
     if any(r["t_step"] is not None for r in rows):
-        import matplotlib.pyplot as plt
-
-        fig = plot_split(rows, compute_label)
-        for ext in ("png", "pdf"):
-            fig.savefig(out / f"{figure}.{ext}", dpi=150)
-        plt.close(fig)
+        save_figure(plot_split(rows, compute_label), out / figure)
     return saved
+
+
+def write_csv_atomic(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows({k: r.get(k) for k in columns} for r in rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def save_figure(fig: Any, stem: Path) -> None:
+    """``<stem>.png`` and ``<stem>.pdf``, each written atomically; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    for ext in ("png", "pdf"):
+        write_atomic(stem.with_name(f"{stem.name}.{ext}"), lambda tmp, ext=ext: fig.savefig(tmp, format=ext, dpi=150))
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -675,8 +678,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             write_split(rows, args.out, command, table="iteration", figure="fig_c_iteration",
                         compute_label="compute (one unit, median)")
-            (args.out / "iteration.json").write_text(json.dumps({"command": command, "setting": setting,
-                                                                 "rows": rows}, indent=2) + "\n")
+            write_text_atomic(args.out / "iteration.json", json.dumps({"command": command, "setting": setting,
+                                                                       "rows": rows}, indent=2) + "\n")
             print(f"wrote {args.out}/iteration.md, .csv, .json, fig_c_iteration.png/.pdf")
         return 0
 

@@ -33,7 +33,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from detox.results import JobBusy, base_summary, job_lock, write_json
+from detox.results import JobBusy, base_summary, job_lock, lock_held, write_json
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,11 @@ class ParallelLauncher(Launcher):
             ret.status = JobStatus.FAILED
             ret.return_value = JobDied(_death(code))
         if ret.status == JobStatus.COMPLETED:
-            log.info("#%d %s: %s", job.idx, _summary_status(job.out_dir) or "completed", job.out_dir)
+            status = _summary_status(job.out_dir)
+            if status is None and lock_held(job.out_dir):  # its run found another sweep's run holding the folder
+                log.info("#%d skipped: %s (another process holds the folder and runs this job)", job.idx, job.out_dir)
+            else:
+                log.info("#%d %s: %s", job.idx, status or "completed", job.out_dir)
             return ret
         err = ret._return_value
         error = str(err) if isinstance(err, JobDied | _JobError) else f"{type(err).__name__}: {err}"

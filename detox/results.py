@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,27 +47,26 @@ def _private_tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write through a temporary file of this process, then rename: a reader (or a concurrent writer) never sees
-    half a file."""
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` into a temporary file of this process, then rename it to ``path``: a reader (or a concurrent
+    writer) never sees half a file, and a failure (a full disk) leaves no temporary file behind."""
     tmp = _private_tmp(path)
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a full disk: no half-written temporary file left behind
-
-
-def save_torch_atomic(path: Path, obj: Any) -> None:
-    """``torch.save`` through a temporary file, then rename: a reader (the evaluator) never sees half a file."""
-    import torch
-
-    tmp = _private_tmp(path)
-    try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """``torch.save`` atomically: a reader (the evaluator) never sees half a file."""
+    import torch
+
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 # --- weights files for the separate evaluator (python -m detox.evaluate), named as the original's ------------------

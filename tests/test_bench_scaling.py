@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from detox.bench_scaling import (
     read_splits,
     savings,
     scale_layers,
+    write_split,
 )
 from detox.config import validate
 
@@ -254,3 +256,28 @@ def test_replot_of_a_folder_without_results_is_one_line(tmp_path: Path, capsys: 
         main(["replot", str(tmp_path / "nowhere")])
     assert err.value.code == 2
     assert f"error: replot {tmp_path / 'nowhere'}: no readable scaling.json there" in capsys.readouterr().err
+
+
+def test_a_failed_write_leaves_the_previous_outputs_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The split's files were written in place one after another: a failure midway (a full disk) left a truncated
+    figure where the previous one had been. Now each is written to a temporary file and renamed."""
+    import matplotlib.figure
+
+    root = tmp_path / "fig_c_paper"
+    for method, t_vote in (("detox-bulyan", 0.2), ("vanilla-bulyan", 0.0)):
+        _job(root, method, {"t_compute": 1.0, "t_comm": 0.0, "t_vote": t_vote, "t_aggregate": 0.3, "t_update": 0.05})
+    out = tmp_path / "out"
+    assert main(["split", str(root), "--out", str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"table.csv", "table.md", "fig_c_paper.png", "fig_c_paper.pdf"} <= set(before)
+
+    def half_then_full_disk(self: matplotlib.figure.Figure, fname: Any, **kwargs: Any) -> None:
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", half_then_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_split(read_split(root), out, "again")
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after["fig_c_paper.png"] == before["fig_c_paper.png"]  # the previous figure, whole
+    assert set(after) == set(before)  # no temporary file left behind

@@ -220,3 +220,23 @@ def test_sbatch_refusing_the_jobs_is_one_line(tmp_path: Path) -> None:
     assert out.stderr.strip().splitlines()[-1] == (
         "detox: error: sbatch refused the sweep: sbatch: error: invalid partition specified: gpu")
     assert "Traceback" not in out.stderr
+
+
+def test_a_job_another_sweep_holds_is_logged_skipped(tmp_path: Path) -> None:
+    """A job whose folder another sweep's run holds was logged ``#N completed`` (its summary was not written yet)."""
+    from conftest import TINY, cli
+
+    from detox.results import job_lock
+
+    root = tmp_path / "sweep"
+    def folder(seed: int) -> Path:  # named by its overrides, sorted (hydra.job.override_dirname)
+        return root / ",".join(sorted([*TINY, f"seed={seed}"]))
+
+    held = folder(1)
+    held.mkdir(parents=True)
+    with job_lock(held):
+        proc = cli(["-m", "hydra/launcher=local_parallel", "seed=0,1", *TINY, f"hydra.sweep.dir={root}"], cwd=ROOT)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert f"#1 skipped: {held}" in out and "#1 completed" not in out
+    assert f"#0 completed: {folder(0)}" in out
