@@ -281,12 +281,15 @@ def _one_line(err: Exception) -> str:
 def _hydra_errors_in_one_line(prog: str = "detox") -> None:
     """A bad override (unknown option or key, an unparsable value) gets one line and exit 2 like every other
     refusal, instead of Hydra's multi-line report and exit 1 (HYDRA_FULL_ERROR=1 keeps Hydra's own)."""
+    import importlib
+
     from hydra._internal import utils as hydra_utils
     from hydra.errors import (
         ConfigCompositionException,
         InstantiationException,
         MissingConfigException,
         OverrideParseException,
+        SearchPathException,
     )
 
     original = hydra_utils.run_and_report
@@ -296,7 +299,7 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
             try:
                 return func()
             except (ConfigCompositionException, MissingConfigException, OverrideParseException,
-                    InstantiationException) as err:
+                    InstantiationException, SearchPathException) as err:
                 if os.environ.get("HYDRA_FULL_ERROR") == "1":
                     raise
                 # a launcher or callback refusing its settings (hydra.launcher.n_jobs=0): its own message
@@ -325,6 +328,23 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
         return original(guarded)
 
     hydra_utils.run_and_report = run_and_report
+
+    def flags_checked(original_call):  # noqa: ANN001, ANN202 - Hydra's own functions
+        """Hydra checks its flags (two of -m/--cfg/--info, --resolve without --cfg, a missing rerun file) outside
+        ``run_and_report``, raising ValueError: a traceback and exit 1."""
+        def call(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            try:
+                return original_call(*args, **kwargs)
+            except ValueError as err:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"{prog}: error: {err}", file=sys.stderr)
+                raise SystemExit(2) from None
+        return call
+
+    hydra_main = importlib.import_module("hydra.main")  # the module (``hydra.main`` the attribute is the decorator)
+    hydra_main._run_hydra = flags_checked(hydra_main._run_hydra)
+    hydra_main._get_rerun_conf = flags_checked(hydra_main._get_rerun_conf)
 
 
 def cli() -> None:

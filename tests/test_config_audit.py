@@ -207,6 +207,10 @@ BEFORE_FOLDER = [
      "engine.launcher='/nonexistent/mpiexec': /nonexistent/mpiexec is not an executable file"),
     (["engine=mpi", "workers=9", "engine.python=/nonexistent/python"], "engine.python='/nonexistent/python': not"),
     (["mode=../mode/krum"], "mode=../mode/krum: not an option name (a path is not taken); choose from bulyan,"),
+    # Hydra's own flags, checked outside its error reporting (were a traceback and exit 1)
+    (["--config-dir", "/nonexistent/conf"], "Additional config directory '/nonexistent/conf' not found"),
+    (["--resolve"], "The --resolve flag can only be used in conjunction with --cfg or --help"),
+    (["-m", "--cfg", "hydra"], "Only one of --run, --multirun, --cfg, --info and --shell_completion can be specified"),
 ]
 
 
@@ -217,7 +221,7 @@ def test_refused_before_hydra_makes_the_folder(args: list[str], message: str, tm
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("detox: error: ") and message in errors[0], proc.stderr
-    assert not run_dir.exists()
+    assert not run_dir.exists() and not (tmp_path / "multirun").exists()
 
 
 # ------------------------------------------------------------------------------ group options are names
