@@ -1,6 +1,7 @@
-"""Audit of "same seed, same trajectory": a crash and resume (also with evaluation=external, whose weights files are
-written again after the checkpoint), a rerun with another config into the folder, a sweep job against a single run,
-the local_parallel launcher against sequential jobs, threads, and engine=mpi against engine=local on a diverging run.
+"""Audit of "same seed, same trajectory": a crash and resume (also with augmentation, and with evaluation=external,
+whose weights files are written again after the checkpoint), a rerun with another config into the folder, a sweep
+job against a single run, the local_parallel launcher against sequential jobs, threads, and engine=mpi against
+engine=local on a diverging run.
 
 Compared bit for bit: every record's training and evaluation fields (timings aside), model.pt and every
 model_step_<t> file."""
@@ -45,6 +46,8 @@ def assert_same_run(a: Path, b: Path) -> None:
 # ------------------------------------------------------------------------------------------- crash and resume
 
 RESUMED = ["max_steps=60", "eval_freq=10", "checkpoint.every=20", "save_model=true"]
+# augmented: the crops and flips are drawn from (seed, unit, step), so a resumed run draws the same ones
+VARIANTS = {"inloop": [], "external": ["evaluation=external"], "augmented": ["dataset.augment=crop-flip"]}
 
 
 class Crash(RuntimeError):
@@ -54,9 +57,10 @@ class Crash(RuntimeError):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("full")
-    for name, extra in (("inloop", []), ("external", ["evaluation=external"])):
+    for name, extra in VARIANTS.items():
         assert run_job([*RESUMED, *extra], root / name)["status"] == "completed"
-    return {"inloop": root / "inloop", "external": root / "external"}
+    assert trajectory(root / "augmented") != trajectory(root / "inloop")  # the augmentation took effect
+    return {name: root / name for name in VARIANTS}
 
 
 def crash_at(monkeypatch: pytest.MonkeyPatch, step: int, after_checkpoint: bool) -> None:
@@ -82,15 +86,15 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int, after_checkpoint: bool)
         monkeypatch.setattr(trainer, "append_jsonl", append_then_crash)
 
 
-@pytest.mark.parametrize("evaluation", ["inloop", "external"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("after_checkpoint", [True, False], ids=["after-checkpoint", "between-checkpoints"])
-def test_a_crash_and_rerun_give_the_uninterrupted_run(evaluation: str, after_checkpoint: bool,
+def test_a_crash_and_rerun_give_the_uninterrupted_run(variant: str, after_checkpoint: bool,
                                                       uninterrupted: dict[str, Path], tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Crashed after the checkpoint of step 40, or at step 30's record (its weights file written, the checkpoint of
     step 20 the last one): the rerun in the folder resumes and ends with the uninterrupted run's records, model.pt and
     weights files, bit for bit, and no checkpoint left."""
-    job, run = [*RESUMED, f"evaluation={evaluation}"], tmp_path / "run"  # (a sweep skips a twin in a sibling)
+    job, run = [*RESUMED, *VARIANTS[variant]], tmp_path / "run"  # (a sweep skips a twin in a sibling)
     with monkeypatch.context() as mp:
         crash_at(mp, 40 if after_checkpoint else 30, after_checkpoint)
         crashed = run_job(job, run, multirun=True)
@@ -98,7 +102,7 @@ def test_a_crash_and_rerun_give_the_uninterrupted_run(evaluation: str, after_che
     state = torch.load(run / CHECKPOINT, weights_only=True)
     assert state["records"][-1]["step"] == (40 if after_checkpoint else 20)
     assert run_job(job, run)["status"] == "completed"
-    assert_same_run(uninterrupted[evaluation], run)
+    assert_same_run(uninterrupted[variant], run)
     assert not (run / CHECKPOINT).exists()
 
 
