@@ -201,11 +201,14 @@ def speedups(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | 
             row.update({f"{defence}_label": _first(part, "label"), f"{defence}_time": s.mean,
                         f"{defence}_time_lo": s.lo, f"{defence}_time_hi": s.hi, f"{defence}_reached": s.n,
                         f"{defence}_seeds": len(part)})
-        paired = side["vanilla"].set_index("seed")["ttt"].div(side["detox"].set_index("seed")["ttt"]) \
+        # a time of 0 (a target reached before training, at step 0) gives no ratio: x / 0 is no speedup, and an
+        # infinite one would silently drop out of the mean
+        detox_ttt = side["detox"].set_index("seed")["ttt"]
+        paired = side["vanilla"].set_index("seed")["ttt"].div(detox_ttt.where(detox_ttt > 0)) \
             if len(side["vanilla"]) and len(side["detox"]) else pd.Series(dtype=float)
         sp = interval(paired.to_numpy() if len(paired) else [])
         if sp.n == 0:
-            sp = interval([row["vanilla_time"] / row["detox_time"]])
+            sp = interval([row["vanilla_time"] / row["detox_time"] if row["detox_time"] > 0 else np.nan])
             sp = type(sp)(sp.mean, np.nan, 0, np.nan, np.nan)  # not paired: a point estimate, no seed count
         row.update({"speedup": sp.mean, "speedup_sd": sp.sd, "speedup_lo": sp.lo, "speedup_hi": sp.hi,
                     "speedup_n": sp.n})
@@ -240,6 +243,8 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
             if row.speedup_n >= 2:
                 text += f"\n[{row.speedup_lo:.2f}, {row.speedup_hi:.2f}]"
             text += f"\nn={row.speedup_n}" if row.speedup_n else "\nunpaired"
+        elif np.isfinite(row.vanilla_time) and np.isfinite(row.detox_time):
+            text = "no ratio:\nreached at time 0"  # the target lies below the accuracy before training
         else:
             text = "DETOX-X never\nreached it" if not np.isfinite(row.detox_time) else "X never\nreached it"
         # centred over the pair, above the taller bar's whisker; the y limit leaves room so it never meets the frame

@@ -8,6 +8,7 @@ neither is a plain ``approach=draco-lite mode=multi-krum`` run. Those get a labe
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -16,19 +17,28 @@ import yaml
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFENCE = {"baseline": "vanilla", "draco-lite": "detox"}
+# an option's name as conf/ spells them: what a summary or config names otherwise (``../x``, a NUL byte, which
+# open() refuses with ValueError) is no option, and no file outside conf/ is read for it
+OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
 
 
 def _load(path: Path) -> dict:
     try:
-        return yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError):
+        out = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
         return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _option_file(group: str, option: str) -> Path | None:
+    return CONF / group / f"{option}.yaml" if OPTION.fullmatch(option) else None
 
 
 @lru_cache(maxsize=64)
 def group_default(group: str, option: str) -> dict:
     """The option's own settings, ``conf/<group>/<option>.yaml`` (empty if unknown)."""
-    return _load(CONF / group / f"{option}.yaml")
+    path = _option_file(group, option)
+    return {} if path is None else _load(path)
 
 
 @lru_cache(maxsize=64)
@@ -39,7 +49,8 @@ def preset(method: str) -> dict | None:
     and ``mode:``; composing them is a merge of the group's file with those keys (a test checks this against
     Hydra's own composition for every preset).
     """
-    raw = _load(CONF / "method" / f"{method}.yaml")
+    path = _option_file("method", method)
+    raw = {} if path is None else _load(path)
     if not raw:
         return None
     chosen = {}

@@ -12,7 +12,9 @@ a readable summary is a row with status ``missing`` (``running`` while another p
 failed job keeps its ``error``. Only finished jobs (``completed`` or ``diverged``: ``FINISHED``) carry numbers: the
 records a killed, failed or running job left behind are partial, and would enter the means over seeds as if it had
 run through. A file that cannot be read as a run wrote it (not UTF-8, a line that is no JSON object with an integer
-``step``, a summary that is no object) gets one warning line naming it, and the job counts as having no such file.
+``step``, a number that is not finite or out of its range, a summary that is no object or has an unknown status, a
+config that is no mapping) gets one warning line naming it, and the job counts as having no such file. A finished
+job that repeats the config and seed of an earlier one is ``duplicate``, with one warning: a seed counts once.
 Relative roots are found from the repository root (where the sweeps write ``multirun/...``) when they are not under
 the current folder.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import sys
 from numbers import Real
 from pathlib import Path
@@ -60,6 +63,15 @@ RECORD_NUMBERS = ("test_acc", "test_loss", "wall_time", "cluster_time", "cluster
 SUMMARY_NUMBERS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "seed", "max_steps", "target_acc",
                    "steps", "final_test_acc", "best_test_acc", "final_test_loss", "wall_time", "cluster_time",
                    "time_to_target", "malformed_messages")
+# what a run's records and summary hold: accuracies are fractions, every other number a time, loss or count (never
+# negative); a run writes null for a value that is not finite (detox.results.clean_json), so NaN, Infinity or an
+# integer past float range (json reads 1e400 as inf and 1000…0 as an int) is no run's
+ACCURACIES = ("test_acc", "test_acc5", "final_test_acc", "best_test_acc")
+NON_NEGATIVE = (*RECORD_NUMBERS, "wall_time", "cluster_time", "time_to_target", "final_test_loss",
+                "malformed_messages")
+STEP_MAX = 2**63 - 1  # pandas holds steps as int64: a larger one would make the column one of Python objects
+# what summary.json's status can say (detox.train, detox.launcher; ``running`` while a run, or one that died, owns it)
+STATUSES = (*FINISHED, "failed", "running")
 # the metrics frame's columns that come from the job (also those of an empty frame, so that code that sorts or
 # groups by them needs no special case)
 JOB_FIELDS = ("job", *CHOICES, "label", "defence", "rule", "attack", "config", "seed", "worker_fail", "status",
@@ -86,7 +98,31 @@ def sweep_root(path: str | Path) -> Path:
 
 
 def _is_number(value: object) -> bool:
-    return value is None or isinstance(value, Real)  # (JSON's false counts as 0, as Python's does)
+    """A finite number (or null) that fits a float: ``_number_problem`` says why a value is not what a run writes."""
+    if value is None:
+        return True
+    if not isinstance(value, Real):  # (JSON's false counts as 0, as Python's does)
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past float range
+        return False
+
+
+def _number_problem(obj: dict, keys: tuple[str, ...]) -> str | None:
+    """Why one of ``keys`` of a record or summary is not a number a run writes there, or None."""
+    for k in keys:
+        value = obj.get(k)
+        if not _is_number(value):
+            shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}…"
+            return f"{k} {shown} is not a finite number"
+        if value is None:
+            continue
+        if k in ACCURACIES and not 0 <= value <= 1:
+            return f"{k} {value!r} is not an accuracy in [0, 1]"
+        if k in NON_NEGATIVE and value < 0:
+            return f"{k} {value!r} is negative"
+    return None
 
 
 def _record_problem(record: object) -> str | None:
@@ -94,10 +130,10 @@ def _record_problem(record: object) -> str | None:
     if not isinstance(record, dict):
         return "not a JSON object"
     step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        return f"step {step!r} is not a step number"
-    bad = next((k for k in RECORD_NUMBERS if not _is_number(record.get(k))), None)
-    return None if bad is None else f"{bad} {record[bad]!r} is not a number"
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= STEP_MAX:
+        shown = repr(step) if len(repr(step)) <= 40 else f"{repr(step)[:40]}…"
+        return f"step {shown} is not a step number"
+    return _number_problem(record, (*RECORD_NUMBERS, "test_acc5"))
 
 
 def read_jsonl(path: Path) -> tuple[list[dict], str | None]:
@@ -126,12 +162,22 @@ def read_jsonl(path: Path) -> tuple[list[dict], str | None]:
     return out, None
 
 
-def _read_yaml(path: Path) -> dict | None:
+def read_config(job: Path) -> tuple[dict | None, str | None]:
+    """The job's resolved_config.yaml and, where it exists but is not one a run writes (not UTF-8, not YAML, not a
+    mapping, or one that is no JSON: a key of another type next to names, an alias that contains itself), why:
+    then no config, and the job is described by its summary. A missing file (older runs) is no problem."""
+    path = job / "resolved_config.yaml"
     try:
-        out = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return out if isinstance(out, dict) else None
+        out = yaml.safe_load(path.read_bytes().decode())
+        json.dumps(out, sort_keys=True, default=str)  # what config_key does with it
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as err:
+        why = str(err).strip().splitlines()
+        return None, f"{path}: unreadable ({type(err).__name__}{': ' + why[0] if why else ''})"
+    if not isinstance(out, dict):
+        return None, f"{path}: not a mapping of config keys"
+    return out, None
 
 
 def read_run_records(job: Path) -> tuple[list[dict], list[str]]:
@@ -219,8 +265,9 @@ def _summary_problem(summary: dict) -> str | None:
         return "choices is not an object of option names"
     if not (summary.get("figure") is None or isinstance(summary["figure"], str)):
         return f"figure {summary['figure']!r} is not a string"
-    bad = next((k for k in SUMMARY_NUMBERS if not _is_number(summary.get(k))), None)
-    return None if bad is None else f"{bad} {summary[bad]!r} is not a number"
+    if summary["status"] not in STATUSES:
+        return f"status {summary['status']!r} is not one a run writes ({', '.join(STATUSES)})"
+    return _number_problem(summary, SUMMARY_NUMBERS)
 
 
 def job_summary(job: Path) -> tuple[dict, str | None]:
@@ -261,7 +308,9 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         summary, problem = job_summary(job)
         if problem is not None:
             warn(problem)
-        config = _read_yaml(job / "resolved_config.yaml")
+        config, config_problem = read_config(job)
+        if config_problem is not None:
+            warn(f"{config_problem}; the job is described by its summary.json")
         row: dict = {"job": job_id(job), "dir": str(job)}
         choices = summary.get("choices") or {}
         row.update({k: choices.get(k) for k in CHOICES})
@@ -284,10 +333,29 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         else:  # killed, failed or still running: its records stop part-way, its numbers are not a run's
             row.update(step_weighted_phases([]))
         rows.append(row)
+    _drop_repeated_seeds(rows)
     cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
             "cluster_time_median", "cluster_time_cpu", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES,
             "corrupted_per_step"]
     return pd.DataFrame(rows, columns=cols).set_index("job", drop=False).rename_axis(None)
+
+
+def _drop_repeated_seeds(rows: list[dict]) -> None:
+    """A finished job that repeats the config and seed of an earlier one (two roots merged, a folder copied) would
+    count one seed twice in every mean and narrow its interval: it becomes ``duplicate`` (no numbers), one warning
+    each."""
+    first: dict[tuple, object] = {}
+    for row in rows:
+        if row["status"] not in FINISHED or row["seed"] is None:
+            continue
+        key = (row["config"], row["seed"])
+        if key in first:
+            warn(f"{row['dir']}: the same config and seed ({row['seed']}) as job {first[key]}; left out of the "
+                 f"numbers")
+            row.update({"status": "duplicate", "error": f"the same config and seed as job {first[key]}"})
+            row.update(step_weighted_phases([]))
+        else:
+            first[key] = row["job"]
 
 
 def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -313,13 +381,18 @@ def load_metrics(root: str | Path, runs: pd.DataFrame | None = None) -> pd.DataF
 def time_column(df: pd.DataFrame) -> str:
     """The clock to compare approaches on: ``cluster_time_cpu`` (per-phase CPU medians: what a loaded machine
     leaves alone) where every record has it, else ``cluster_time_median`` (per-phase wall-clock medians, robust to
-    load spikes) where the runs recorded it, else ``cluster_time`` (per-phase means; older runs)."""
+    load spikes) where every record has that, else ``cluster_time`` (per-phase means; older runs)."""
     def recorded(col: str) -> bool:
         return col in df.columns and bool((df[col] > 0).any())
 
-    if recorded("cluster_time_cpu") and df["cluster_time_cpu"].notna().all():  # never one clock for some jobs only
-        return "cluster_time_cpu"
-    return "cluster_time_median" if recorded("cluster_time_median") else "cluster_time"
+    # never one clock for some jobs only: a job without it would have no time, and count as never reaching a target
+    # (records without any clock, eval.jsonl's alone, have no time on any)
+    clocks = [c for c in ("cluster_time_cpu", "cluster_time_median", "cluster_time") if c in df.columns]
+    timed = df[clocks].notna().any(axis=1) if clocks else pd.Series(False, index=df.index)
+    for col in ("cluster_time_cpu", "cluster_time_median"):
+        if recorded(col) and df.loc[timed, col].notna().all():
+            return col
+    return "cluster_time"
 
 
 def time_to_target(metrics: pd.DataFrame, target: float, x: str | None = None) -> pd.Series:

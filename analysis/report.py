@@ -163,7 +163,8 @@ def to_markdown(df: pd.DataFrame) -> str:
     def cell(v: object) -> str:
         if isinstance(v, float | np.floating):
             return "" if np.isnan(v) else f"{v:.4g}"
-        return "" if v is None else str(v).replace("|", "/")
+        # a "|" or a line break (a folder name, a hand-edited label) would end the cell or the row
+        return "" if v is None else " ".join(str(v).replace("|", "/").splitlines())
 
     head = "| " + " | ".join(df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
@@ -213,6 +214,18 @@ def _write(path: Path, content: str | plt.Figure) -> None:
         content.savefig(path, dpi=120)
 
 
+def _rename_unless_made(tmp: Path, out: Path) -> bool:
+    """Move the whole report folder into place; False where another report made ``out`` meanwhile (two reports
+    into one --out): the caller then replaces file by file, as into an earlier report."""
+    try:
+        tmp.rename(out)
+    except OSError:
+        if out.is_dir():
+            return False
+        raise
+    return True
+
+
 def publish(out: Path, files: dict[str, str | plt.Figure]) -> list[Path]:
     """Write ``files`` into a temporary folder next to ``out``, then move them into place: ``out`` never holds half
     a report, and an earlier report there stays whole if writing fails (files of its that this one does not write
@@ -223,11 +236,9 @@ def publish(out: Path, files: dict[str, str | plt.Figure]) -> list[Path]:
     try:
         for name, content in files.items():
             _write(tmp / name, content)
-        if not out.is_dir():
-            tmp.rename(out)
-        elif clash := [n for n in files if (out / n).is_dir()]:
-            raise ReportError(f"--out {out}: {out / clash[0]} is a folder; the report would write a file there")
-        else:
+        if out.is_dir() or not _rename_unless_made(tmp, out):
+            if clash := [n for n in files if (out / n).is_dir()]:
+                raise ReportError(f"--out {out}: {out / clash[0]} is a folder; the report would write a file there")
             for name in files:
                 os.replace(tmp / name, out / name)
     finally:

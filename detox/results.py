@@ -225,11 +225,15 @@ def job_dirs(root: str | Path) -> list[Path]:
         raise FileNotFoundError(f"{root}: not a folder (expected a multirun root with one folder per job)")
     jobs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")
             and any((p / f).exists() for f in ("summary.json", "resolved_config.yaml", ".hydra"))]
-    return sorted(jobs, key=lambda p: (0, int(p.name), "") if p.name.isdigit() else (1, 0, p.name))
+    return sorted(jobs, key=lambda p: (0, i, "") if isinstance(i := job_id(p), int) else (1, 0, p.name))
 
 
 def job_id(job: Path) -> int | str:
-    return int(job.name) if job.name.isdigit() else job.name
+    """A numbered folder's number (Hydra's default job folders ``0``, ``1``, ...), else its name. Only the number as
+    Python writes it counts: ``007`` or ``٣`` would share an id with ``7`` or ``3`` (and their jobs one row of every
+    per-job table), and ``²`` is a digit that int() refuses."""
+    name = job.name
+    return int(name) if name.isascii() and name.isdigit() and str(int(name)) == name else name
 
 
 class JobBusy(RuntimeError):

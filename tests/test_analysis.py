@@ -155,7 +155,7 @@ def sweep_e(root: Path) -> Path:
         accs = [0.1, 0.8, 0.87 - drop + 0.001 * seed]
         # every grouped method with the same seed meets the same Byzantine draws: identical counts
         write_job(root, method, "rev_grad", seed, accs, q=q, figure="E",
-                  corrupted=(expected[q] + 0.01 * (seed - 1)) if defence == "detox" else q)
+                  corrupted=max(0.0, expected[q] + 0.01 * (seed - 1)) if defence == "detox" else q)
     return root
 
 
