@@ -278,7 +278,8 @@ def _check_hostfile(cfg: DictConfig) -> None:
     e = cfg.engine
     path = Path(str(e.hostfile)).expanduser()
     if not path.is_file():
-        raise ConfigError(f"engine.hostfile={e.hostfile!r}: no such file")
+        raise ConfigError(f"engine.hostfile={e.hostfile!r}: " + ("is a folder, not a hostfile" if path.is_dir() else
+                                                                 "no such file"))
     try:
         hosts = parse_hostfile(path)
     except ValueError as err:

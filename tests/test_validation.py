@@ -109,7 +109,7 @@ BAD: list[tuple[list[str], str]] = [
     ([*MPI, "engine.launcher=''"], "engine.launcher=''"),
     ([*MPI, "engine.python=''"], "engine.python=''"),
     ([*MPI, "engine.hostfile=/nonexistent/hosts"], "engine.hostfile='/nonexistent/hosts': no such file"),
-    ([*MPI, "engine.hostfile=/tmp"], "engine.hostfile='/tmp': no such file"),
+    ([*MPI, "engine.hostfile=/tmp"], "engine.hostfile='/tmp': is a folder, not a hostfile"),
     ([*MPI, "save=false"], "save=false: engine=mpi reports through files"),
     ([*MPI, "engine.faults=[{rank: 99, kind: exit}]"], "engine.faults[0].rank=99: must be a worker rank"),
     ([*MPI, "engine.faults=[{rank: 1, kind: nuke}]"], "engine.faults=[{'rank': 1, 'kind': 'nuke'}]: entry 0: kind="),

@@ -26,7 +26,7 @@ import contextlib
 import io
 import re
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,13 @@ ROLES = ("ps", "worker")
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 ALL_STATES = [*LIVE_STATES, "shutting-down", "terminated"]
 MARKETS = ("spot", "on-demand")
+# EC2's limits per call: TerminateInstances takes up to 1000 instance ids (and terminates none if the call fails),
+# and a describe call at most 200 filter values, all its filters together (FilterLimitExceeded); a cluster may have
+# 1001 instances
+MAX_IDS, MAX_FILTER_VALUES = 1000, 200
+# spot_price: far above any instance type's on-demand price; the bounds keep the price a short decimal string
+# ('1e999999999' would otherwise become a billion-digit MaxPrice)
+MAX_SPOT_PRICE, SPOT_DECIMALS = Decimal(10000), 8
 # ClientError codes that mean "these credentials are not accepted", not "the request was wrong"
 AUTH_CODES = ("AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
               "ExpiredToken", "RequestExpired", "OptInRequired")
@@ -111,6 +118,35 @@ def cluster_instances(ec2: Any, name: str, states: list[str] = LIVE_STATES) -> l
     order = {role: k for k, role in enumerate(ROLES)}
     return sorted(found, key=lambda i: (order.get(_tag(i, TAG_ROLE), len(ROLES)), i.get("AmiLaunchIndex", 0),
                                         i["InstanceId"]))
+
+
+def _batches(items: list[str], size: int) -> Iterator[list[str]]:
+    """``items`` in slices of at most ``size``: EC2 refuses longer id lists and filters (``MAX_IDS``, ...)."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _terminate(ec2: Any, ids: list[str]) -> None:
+    for batch in _batches(ids, MAX_IDS):
+        ec2.terminate_instances(InstanceIds=batch)
+
+
+def _cancel_requests(ec2: Any, request_ids: list[str]) -> None:
+    for batch in _batches(request_ids, MAX_IDS):
+        ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=batch)
+
+
+def _spot_requests(ec2: Any, filters: list[dict]) -> list[dict]:
+    """Every page of ``describe_spot_instance_requests``: EC2 pages its answer (up to 1000 requests a page), and a
+    request on a later page must be cancelled too, or it can start an instance after `terminate`."""
+    found: list[dict] = []
+    token: str | None = None
+    while True:
+        page = ec2.describe_spot_instance_requests(Filters=filters, **({"NextToken": token} if token else {}))
+        found += page["SpotInstanceRequests"]
+        token = page.get("NextToken")
+        if not token:
+            return found
 
 
 def _line(instance: dict) -> str:
@@ -188,14 +224,21 @@ def spot_price(value: Any) -> str | None:
     """The spot max price as EC2 wants it (a plain decimal string), or None; a ``ClusterError`` if not a price."""
     if value is None:
         return None
-    allowed = "must be null or a price in USD per instance-hour > 0, e.g. 0.15"
+    allowed = (f"must be null or a price in USD per instance-hour > 0 and at most {MAX_SPOT_PRICE}, with at most "
+               f"{SPOT_DECIMALS} decimals, e.g. 0.15")
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise _bad("spot_price", value, allowed)
     try:
         price = Decimal(str(value).strip())
     except InvalidOperation:
         raise _bad("spot_price", value, allowed) from None
-    if not price.is_finite() or price <= 0:
+    if not price.is_finite() or not 0 < price <= MAX_SPOT_PRICE:
+        raise _bad("spot_price", value, allowed)
+    # decimals counted from the digits as given (normalize() would round 1e-999999999 to 0 in the default context);
+    # trailing zeros do not count: 0.1500000000 is 0.15
+    _, digits, exponent = price.as_tuple()
+    zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    if -(int(exponent) + zeros) > SPOT_DECIMALS:  # 1e-999999999 became a billion-digit string
         raise _bad("spot_price", value, allowed)
     return format(price, "f")  # 1e-05 -> 0.00001: EC2 does not read exponents
 
@@ -392,14 +435,18 @@ def launch(cfg: DictConfig, ec2: Any) -> int:
             print(f"launch failed: terminating the {len(started)} instance(s) already started: {' '.join(started)}",
                   file=sys.stderr)
             try:
-                ec2.terminate_instances(InstanceIds=started)
+                _terminate(ec2, started)
             except Exception:  # report the launch failure, not the clean-up's; `terminate` can finish the job
                 print(f"could not terminate them; run: python -m {PROG} terminate name={cfg.name}", file=sys.stderr)
         raise
     _yield_to_earlier_launch(ec2, cfg, replies)
     print(f"waiting until {len(started)} instance(s) run ...")
-    ec2.get_waiter("instance_running").wait(
-        InstanceIds=started, WaiterConfig={"Delay": cfg.wait.delay, "MaxAttempts": cfg.wait.max_attempts})
+    try:
+        ec2.get_waiter("instance_running").wait(
+            InstanceIds=started, WaiterConfig={"Delay": cfg.wait.delay, "MaxAttempts": cfg.wait.max_attempts})
+    except WaiterError:
+        _take_back_if_ended(ec2, cfg, replies)
+        raise  # still pending: the instances may yet run (see `status`)
     _yield_to_earlier_launch(ec2, cfg, replies)  # again: a rival not yet listed a moment ago is listed now
     instances = cluster_instances(ec2, cfg.name)
     _print_instances(instances)
@@ -434,20 +481,37 @@ def _earlier_launch(ec2: Any, name: str, ps_reply: dict) -> str | None:
     return first[1] if first is not None and first < ours else None
 
 
+def _take_back(ec2: Any, replies: list[dict]) -> str:
+    """Cancel the spot requests and terminate the instances of ``replies`` (this launch's); says what was done."""
+    instances = [i for reply in replies for i in reply["Instances"]]
+    ids = [i["InstanceId"] for i in instances]
+    requests = sorted({i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")})
+    if requests:  # first, so that no request of ours starts a replacement after the terminate
+        _cancel_requests(ec2, requests)
+    _terminate(ec2, ids)
+    return (f"terminated the {len(ids)} instance(s) this launch started: {' '.join(ids)}"
+            + (f" and cancelled spot request(s) {' '.join(requests)}" if requests else ""))
+
+
 def _yield_to_earlier_launch(ec2: Any, cfg: DictConfig, replies: list[dict]) -> None:
     """If a concurrent launch of this name won, take back exactly what this launch started and stop (exit 1)."""
     winner = _earlier_launch(ec2, str(cfg.name), replies[0])
     if winner is None:
         return
-    instances = [i for reply in replies for i in reply["Instances"]]
-    ids = [i["InstanceId"] for i in instances]
-    requests = sorted({i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")})
-    if requests:  # first, so that no request of ours starts a replacement after the terminate
-        ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=requests)
-    ec2.terminate_instances(InstanceIds=ids)
     raise ClusterError(f"cluster {cfg.name!r}: a concurrent launch of that name won (its PS, reservation {winner}, "
-                       f"started first); terminated the {len(ids)} instance(s) this launch started: {' '.join(ids)}"
-                       + (f" and cancelled spot request(s) {' '.join(requests)}" if requests else ""))
+                       f"started first); {_take_back(ec2, replies)}")
+
+
+def _take_back_if_ended(ec2: Any, cfg: DictConfig, replies: list[dict]) -> None:
+    """After the wait failed: if an instance of this launch has ended (a ``terminate`` of this name ran while it was
+    launching, or EC2 took back spot capacity), the cluster can never be whole; without this the rest kept running
+    (and billing) while `terminate` had said it was done. Take back all of it and stop (exit 1)."""
+    ours = {i["InstanceId"] for reply in replies for i in reply["Instances"]}
+    ended = [i["InstanceId"] for i in cluster_instances(ec2, str(cfg.name), ["shutting-down", "terminated"])
+             if i["InstanceId"] in ours]
+    if ended:
+        raise ClusterError(f"cluster {cfg.name!r}: {len(ended)} instance(s) ended while launching ({' '.join(ended)}: "
+                           f"a terminate of this name, or spot capacity taken back); {_take_back(ec2, replies)}")
 
 
 # ------------------------------------------------------------------------------------------------ others
@@ -498,23 +562,27 @@ def hosts(cfg: DictConfig, ec2: Any) -> int:
 def terminate(cfg: DictConfig, ec2: Any) -> int:
     """Terminate exactly the cluster's instances; cancel its open spot requests (tagged or linked to them)."""
     instances = cluster_instances(ec2, cfg.name)
-    requests = owned(ec2.describe_spot_instance_requests(Filters=[
+    requests = owned(_spot_requests(ec2, [
         {"Name": f"tag:{TAG_CLUSTER}", "Values": [cfg.name]},
         {"Name": "state", "Values": ["open", "active"]},
-    ])["SpotInstanceRequests"], cfg.name)
+    ]), cfg.name)
     linked = sorted({i["SpotInstanceRequestId"] for i in instances if i.get("SpotInstanceRequestId")})
-    if linked:  # a filter, not SpotInstanceRequestIds=: an already-gone request must not make this fail
-        requests += owned(ec2.describe_spot_instance_requests(Filters=[
-            {"Name": "spot-instance-request-id", "Values": linked},
-            {"Name": "state", "Values": ["open", "active"]},
-        ])["SpotInstanceRequests"], cfg.name, untagged=True)
+    # a filter, not SpotInstanceRequestIds=: an already-gone request must not make this fail; in slices (the limit
+    # counts the values of all filters of a call), since a spot cluster of over 200 instances failed here
+    # (FilterLimitExceeded) before terminating anything
+    states = ["open", "active"]
+    for batch in _batches(linked, MAX_FILTER_VALUES - len(states)):
+        requests += owned(_spot_requests(ec2, [
+            {"Name": "spot-instance-request-id", "Values": batch},
+            {"Name": "state", "Values": states},
+        ]), cfg.name, untagged=True)
     request_ids = sorted({r["SpotInstanceRequestId"] for r in requests})
     if request_ids:  # first, so that no open request starts a new instance after the terminate
-        ec2.cancel_spot_instance_requests(SpotInstanceRequestIds=request_ids)
+        _cancel_requests(ec2, request_ids)
         print(f"cancelled {len(request_ids)} spot request(s): {' '.join(request_ids)}")
     ids = [i["InstanceId"] for i in instances]
-    if ids:
-        ec2.terminate_instances(InstanceIds=ids)
+    if ids:  # in slices of 1000: a call with 1001 ids (workers.count=1000 + the PS) terminated none
+        _terminate(ec2, ids)
         print(f"terminating {len(ids)} instance(s) of cluster {cfg.name!r}: {' '.join(ids)}")
     elif not request_ids:
         print(f"cluster {cfg.name!r}: nothing to terminate in {cfg.region}")
@@ -608,6 +676,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"job, and write a multirun/ folder); run one command per cluster, e.g. "
                   f"'{command} name=exp1' then '{command} name=exp2'", file=sys.stderr)
             sys.exit(2)
+        try:  # the settings as without flags first: Hydra's own refusal of one is several lines and exit 1
+            compose_config(command, settings)
+        except ClusterError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            sys.exit(err.code)
         sys.argv = [sys.argv[0], *flags, *settings, f"command={command}"]
         _hydra_main()
         return

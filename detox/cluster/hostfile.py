@@ -56,10 +56,12 @@ def write_hostfile(path: str | Path, hosts: list[str], slots: list[int]) -> Path
         raise ValueError("no hosts to write")
     lines = []
     for host, n in zip(hosts, slots, strict=True):
-        if not host or any(c.isspace() for c in host) or "=" in host or "#" in host:
-            raise ValueError(f"host {host!r}: not a host name or address")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"host {host}: slots={n!r} must be an integer >= 1")
+        # what parse_hostfile (engine=mpi, provision) reads back: a host like '-F/tmp/x' or 'h:1' was written, and
+        # refused only when the run started
+        if not isinstance(host, str) or not is_host(host):
+            raise ValueError(f"host {_clip(str(host))}: not a host name or address")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SLOTS:
+            raise ValueError(f"host {host}: slots={n!r} must be an integer >= 1 and at most {MAX_SLOTS}")
         lines.append(f"{host} slots={n}\n")
     path = Path(path)
     problem = hostfile_problem(path)
@@ -115,8 +117,10 @@ def _parse_line(text: str) -> tuple[str, int]:
     # Open MPI reads ASCII: a no-break space or a Unicode digit would mean something else to it than to Python
     odd = next((c for c in text if not c.isascii()), None)
     if odd is not None:
-        raise ValueError(f"non-ASCII character {odd!r} (U+{ord(odd):04X}); hostfiles are ASCII, fields separated "
-                         f"by spaces or tabs")
+        # a byte that is not UTF-8 reaches here as a lone surrogate (parse_hostfile's surrogateescape): name the byte
+        what = (f"byte 0x{ord(odd) - 0xDC00:02x}" if 0xDC80 <= ord(odd) <= 0xDCFF
+                else f"character {odd!r} (U+{ord(odd):04X})")
+        raise ValueError(f"non-ASCII {what}; hostfiles are ASCII, fields separated by spaces or tabs")
     host, *options = re.split(f"[{BLANKS}]+", text.strip(BLANKS))
     if "=" in host:
         raise ValueError("the line must start with a host name")
@@ -136,8 +140,14 @@ def _parse_line(text: str) -> tuple[str, int]:
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     """``[(host, slots), ...]`` in file order; a ``ValueError`` naming the line for anything malformed."""
+    try:
+        # Open MPI reads bytes: a comment in Latin-1 is fine for it, so undecodable bytes are kept (surrogateescape)
+        # and refused only outside comments, by _parse_line
+        content = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    except OSError as err:  # unreadable (permissions, a folder, an I/O error): a ValueError like any bad hostfile,
+        raise ValueError(f"cannot read it: {err.strerror or err}") from None  # not a traceback from its callers
     entries = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(content.splitlines(), start=1):
         text = line.split("#", 1)[0].strip(BLANKS)  # ASCII blanks only: a no-break space is refused, not dropped
         if not text:
             continue

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from detox.cluster.hostfile import parse_hostfile
+from detox.cluster.hostfile import SHOWN, parse_hostfile
 
 PROG = "detox.cluster.provision"
 # ssh never prompts (a prompt would hang a host's check) and gives up on a dead address
@@ -53,6 +53,8 @@ SSH_DEFAULTS = ("BatchMode=yes", "ConnectTimeout=10")
 PROBE_TAG = "DETOX-PROVISION-PROBE "
 USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,63}")
 TIMEOUT_S = 600  # one remote step (a data preparation hashes and copies up to ~200 MB)
+# what `mktemp -d /tmp/detox-provision.XXXXXX` prints; anything else is never copied to or removed with rm -rf
+REMOTE_TMP = re.compile(r"/tmp/detox-provision\.[A-Za-z0-9]+")
 
 class InputError(Exception):
     """Bad input: one line, exit 2, before any host is contacted."""
@@ -121,12 +123,14 @@ class Ssh:
 
     def run(self, host: str, command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
         cmd = [self.program, *self._common(), self.target(host), command]
-        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=TIMEOUT_S)
+        # errors="replace": a host's output is not ours to trust as UTF-8 (a Latin-1 motd or error message); a
+        # strict decode raised out of the thread pool and lost every host's line
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S)
 
     def copy(self, local: Path, host: str, remote: str) -> subprocess.CompletedProcess:
         # scp runs the same ssh program (-S), so a wrapper's options hold for the copy too
         cmd = ["scp", "-q", "-S", self.program, *self._common(), str(local), self.remote_path(host, remote)]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S)
+        return subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=TIMEOUT_S)
 
 
 @dataclass
@@ -206,7 +210,14 @@ def probe(ssh: Ssh, host: str, want: Want) -> tuple[dict | None, str | None]:
         return None, f"no Python at {want.python} (the hosts must have this Python at the same path)"
     for line in got.stdout.splitlines():
         if line.startswith(PROBE_TAG):
-            return json.loads(line[len(PROBE_TAG):]), None
+            try:
+                have = json.loads(line[len(PROBE_TAG):])
+            except ValueError:
+                have = None
+            # the host's answer is read, not trusted: a torn or foreign line must fail this host, not the run
+            if not isinstance(have, dict) or not isinstance(have.get("python"), str):
+                return None, f"{want.python} answered the probe with something else: {line[:SHOWN]!r}"
+            return have, None
     return None, f"{want.python} failed (exit {got.returncode}): {_last_line(got.stderr)}"
 
 
@@ -232,6 +243,8 @@ def provision_host(ssh: Ssh, host: str, want: Want, wheel: Wheel) -> tuple[str, 
         return "failed", f"a step took over {TIMEOUT_S} s: {shlex.join(map(str, err.cmd))[:200]}"
     except OSError as err:  # the ssh or scp program itself is missing or not executable
         return "failed", f"{type(err).__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 - one line per host: whatever one host does, the others are reported
+        return "failed", f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:SHOWN]}"
 
 
 def _provision_host(ssh: Ssh, host: str, want: Want, wheel: Wheel) -> tuple[str, str]:
@@ -282,7 +295,11 @@ def install_wheel(ssh: Ssh, host: str, want: Want, wheel: Path) -> str | None:
     got = ssh.run(host, "mktemp -d /tmp/detox-provision.XXXXXX")
     if got.returncode != 0:
         return f"mktemp: {_last_line(got.stderr)}"
-    remote_dir = got.stdout.strip()
+    # the last line: a host's shell startup files may print first (a banner, a 'conda activate' note), and the whole
+    # output was taken as the folder (the copy failed, and `rm -rf` was given the host's text)
+    remote_dir = _last_line(got.stdout)
+    if not REMOTE_TMP.fullmatch(remote_dir):
+        return f"mktemp printed {remote_dir[:SHOWN]!r}, not a /tmp/detox-provision.* folder"
     try:
         got = ssh.copy(wheel, host, f"{remote_dir}/{wheel.name}")
         if got.returncode != 0:
@@ -344,11 +361,13 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     args = parse_args(argv)
     try:
         path = Path(args.hostfile).expanduser()
+        if path.is_dir():  # "no such file" said the wrong thing
+            raise InputError(f"{args.hostfile}: is a folder, not a hostfile")
         if not path.is_file():
             raise InputError(f"{args.hostfile}: no such file")
         try:
             hosts = distinct_hosts(parse_hostfile(path))
-        except (ValueError, UnicodeDecodeError) as err:
+        except ValueError as err:  # parse_hostfile's, an unreadable file's included
             raise InputError(f"{args.hostfile}: {err}") from None
         if args.jobs < 1:
             raise InputError(f"--jobs={args.jobs}: must be >= 1")
