@@ -289,3 +289,21 @@ def test_bad_setting_next_to_a_hydra_flag_is_one_line(aws_env: dict[str, str], t
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr)
         assert one_error_line(proc.stderr).startswith(f"detox.cluster.ec2: error: {message}"), args
+
+
+def test_a_name_is_resolved_once_for_the_check_and_every_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interpolated name was resolved again at every use: ``name='x${...}'`` could be checked as one name and
+    reach AWS as another. The command now gets the config resolved once, the value that was checked."""
+    from omegaconf import OmegaConf
+
+    values = iter(["exp1", "exp2", "exp3", "exp4"])
+    OmegaConf.register_new_resolver("audit_next", lambda: next(values), replace=True)
+    seen: list[str] = []
+
+    def status(cfg: Any, ec2: Any) -> int:
+        seen.extend([cfg.name, cfg.name])
+        return 0
+
+    monkeypatch.setitem(cluster.COMMANDS, "status", status)
+    assert cluster.run("status", ec2_cfg("name=${audit_next:}"), ec2=NoAws()) == 0
+    assert seen == ["exp1", "exp1"]

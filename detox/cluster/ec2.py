@@ -612,6 +612,11 @@ def run(command: str, cfg: DictConfig, ec2: Any = None) -> int:
     try:
         if command not in COMMANDS:
             raise ClusterError(f"unknown command {command!r}; choose from {', '.join(COMMANDS)}", 2)
+        # resolved once: an interpolation (name='${now:%S}') must not change between the check and the calls
+        try:
+            cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        except OmegaConfBaseException as err:
+            raise ClusterError(_first_line(err), 2) from None
         check_config(cfg, command)  # before the client exists: a bad setting never reaches AWS
         if ec2 is None:
             ec2 = boto3.client("ec2", region_name=cfg.region)
