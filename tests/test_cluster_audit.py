@@ -307,3 +307,19 @@ def test_a_name_is_resolved_once_for_the_check_and_every_call(monkeypatch: pytes
     monkeypatch.setitem(cluster.COMMANDS, "status", status)
     assert cluster.run("status", ec2_cfg("name=${audit_next:}"), ec2=NoAws()) == 0
     assert seen == ["exp1", "exp1"]
+
+
+def test_hosts_says_which_instances_it_leaves_out(moto_ec2: Any, tmp_path: Path,  # noqa: F811
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """An instance of the cluster whose role tag someone changed was left out of the hostfile without a word."""
+    cfg = ec2_cfg("name=rt", f"ami={an_ami(moto_ec2)}", "workers.count=2", "market=on-demand",
+                  f"hostfile={tmp_path / 'hosts'}")
+    assert cluster.run("launch", cfg, moto_ec2) == 0
+    worker = next(i["InstanceId"] for i in cluster.cluster_instances(moto_ec2, "rt")
+                  if cluster._tag(i, cluster.TAG_ROLE) == "worker")
+    moto_ec2.create_tags(Resources=[worker], Tags=[{"Key": cluster.TAG_ROLE, "Value": "spare"}])
+    capsys.readouterr()
+    assert cluster.run("hosts", cfg, moto_ec2) == 0
+    err = capsys.readouterr().err
+    assert f"1 instance(s) without a {cluster.TAG_ROLE} tag of ps or worker left out of the hostfile: {worker}" in err
+    assert len(parse_hostfile(tmp_path / "hosts")) == 2  # the PS and the other worker

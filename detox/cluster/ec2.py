@@ -544,6 +544,9 @@ def hosts(cfg: DictConfig, ec2: Any) -> int:
     if len(ps) != 1 or not workers:
         raise ClusterError(f"cluster {cfg.name!r}: needs exactly one PS and at least one worker instance, found "
                            f"{len(ps)} PS and {len(workers)} worker(s)")
+    if other := [i["InstanceId"] for i in live if _tag(i, TAG_ROLE) not in ROLES]:  # retagged by hand: not a host
+        print(f"warning: cluster {cfg.name!r}: {len(other)} instance(s) without a {TAG_ROLE} tag of "
+              f"{' or '.join(ROLES)} left out of the hostfile: {' '.join(other)}", file=sys.stderr)
     slots = int(cfg.workers.slots)
     ips = [i.get("PrivateIpAddress") for i in ps + workers]
     if not all(ips):
