@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import zlib
@@ -159,22 +160,71 @@ def _torchvision(cls_name: str, folder: str, num_classes: int, channels_last: bo
     return load
 
 
-def fashion_mnist(cfg) -> Data:
-    """Fashion-MNIST from Debian's ``dataset-fashion-mnist`` (verified and gunzipped once into the torchvision
-    layout, as ``python -m detox.data prepare fashion_mnist`` does)."""
-    root, source = _root(cfg), Path(str(cfg.source)).expanduser()
-    raw = root / SPECS["fashion_mnist"].where
-    missing = [n for n in IDX_FILES["fashion_mnist"] if not (raw / n).exists()]
-    if missing and all(_find_idx(source, n, "FashionMNIST") is not None for n in missing):
-        # MPI ranks may unpack at the same time: each writes a private part file and renames it atomically
-        _prepare_idx("fashion_mnist", source, root, str(source))
-    return _torchvision("FashionMNIST", "FashionMNIST", 10, False)(cfg)
+def _read_idx(name: str, path: Path, md5: str, size: int, root: Path) -> np.ndarray:
+    """The IDX file at ``path`` as a uint8 array, if its bytes are the release's (``md5``, ``size``).
+
+    The bytes hashed are the bytes parsed. torchvision's MNIST classes check only that the raw files exist (and
+    prefer a legacy ``processed/*.pt`` cache to them), so a damaged or foreign file used to be trained on."""
+    hint = _prepare_hint(name, root)
+    try:
+        got_size = path.stat().st_size  # checked before reading: a wrong file may be of any size
+        blob = np.fromfile(path, dtype=np.uint8) if got_size == size else None
+    except OSError as err:  # missing, a folder in its place, an I/O error
+        raise DataUnavailable(f"dataset={name}: cannot read {path} ({err.strerror or err}); {hint}") from None
+    if blob is None or blob.size != size:  # (or it changed between the stat and the read)
+        raise DataUnavailable(f"dataset={name}: {path} is {got_size if blob is None else blob.size:,} bytes, the "
+                              f"release's is {size:,} (truncated or damaged); {hint}")
+    got = hashlib.md5(blob, usedforsecurity=False).hexdigest()
+    if got != md5:
+        raise DataUnavailable(f"dataset={name}: {path} is not the release's {path.name} (md5 {got}, expected "
+                              f"{md5}: damaged, or another data set's file); {hint}")
+    ndim = int(blob[3])  # header: 2 zero bytes, the type (0x08: uint8), ndim, then ndim big-endian int32 sizes
+    dims = [int(d) for d in blob[4 : 4 + 4 * ndim].view(">i4")]
+    return blob[4 + 4 * ndim :].reshape(dims)
+
+
+def _idx_arrays(name: str, root: Path) -> dict[str, np.ndarray]:
+    """The 4 verified IDX files of ``name`` under ``root`` by file name (``_read_idx``)."""
+    raw = root / SPECS[name].where
+    return {f: _read_idx(name, raw / f, md5, size, root) for f, (md5, size) in IDX_FILES[name].items()}
+
+
+def _idx_loader(name: str) -> Callable[..., Data]:
+    """MNIST and Fashion-MNIST: read from ``root/<Class>/raw`` with every file verified (``_read_idx``).
+    Fashion-MNIST's missing files are first unpacked from Debian's package (``dataset.source``), as
+    ``python -m detox.data prepare fashion_mnist`` does; otherwise torchvision downloads them where it can."""
+
+    def load(cfg) -> Data:
+        spec, root = SPECS[name], _root(cfg)
+        raw = root / spec.where
+        missing = [n for n in IDX_FILES[name] if not (raw / n).is_file()]
+        if name == "fashion_mnist" and missing:
+            source = Path(str(cfg.source)).expanduser()
+            if all(_find_idx(source, n, spec.torchvision_class) is not None for n in missing):
+                # a data root that is a file, read-only or full is one line here too, not a traceback; the lock
+                # makes MPI ranks that start together unpack once
+                who = f"dataset={name}"
+                _make_root(who, root, "data_root")
+                with _prepare_lock(name, root), _writing(who, root, "data_root"):
+                    _prepare_idx(name, source, root, str(source))
+                missing = [n for n in IDX_FILES[name] if not (raw / n).is_file()]
+        if missing:  # torchvision downloads them where it can, else says why in one line (DataUnavailable)
+            _torchvision(spec.torchvision_class, spec.torchvision_class, 10, False)(cfg)
+        a = _idx_arrays(name, root)
+        return _finish(_images(a["train-images-idx3-ubyte"]), a["train-labels-idx1-ubyte"],
+                       _images(a["t10k-images-idx3-ubyte"]), a["t10k-labels-idx1-ubyte"], 10)
+
+    load.__name__ = name
+    return load
+
+
+fashion_mnist = _idx_loader("fashion_mnist")
 
 
 DATASETS: dict[str, Callable[..., Data]] = {
     "digits": digits,
     "fashion_mnist": fashion_mnist,
-    "mnist": _torchvision("MNIST", "MNIST", 10, False),
+    "mnist": _idx_loader("mnist"),
     "cifar10": _torchvision("CIFAR10", "cifar-10-batches-py", 10, True),
     "cifar100": _torchvision("CIFAR100", "cifar-100-python", 100, True),
     # the .mat files hold (N, 3, 32, 32) after torchvision's transpose; digit 0's label 10 is mapped to 0 there
@@ -225,6 +275,10 @@ class UnitSampler:
     """
 
     def __init__(self, n_train: int, batch_size: int, seed: int, unit: int, augment: str | None = None) -> None:
+        # 0 used to fail later as ZeroDivisionError, a negative size drew batches of the wrong length and 2.5 a
+        # TypeError at the first slice: say what is allowed instead
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r}: must be an integer >= 1")
         if batch_size > n_train:
             raise ValueError(f"batch_size={batch_size} exceeds the {n_train} training samples")
         self.n_train, self.batch_size, self.seed, self.unit = n_train, batch_size, seed, unit
@@ -314,13 +368,21 @@ def default_root() -> Path:
     return Path(os.environ.get("DETOX_DATA", "~/.cache/detox/data")).expanduser()
 
 
+THAT_FOLDER = "<that folder>"  # the placeholder for --from in hints (not a path: never shell-quoted)
+
+
+def _shell(path: str | Path) -> str:
+    """``path`` as the shell needs it typed: a folder like 'My Data' is quoted, so the command can be pasted."""
+    return str(path) if str(path) == THAT_FOLDER else shlex.quote(str(path))
+
+
 def prepare_command(name: str, root: Path | None = None, source: str | None = None) -> str:
     """The command line that prepares ``name`` (``--root`` only where it differs from the default)."""
     cmd = f"python -m detox.data prepare {name}"
     if source is not None:
-        cmd += f" --from {source}"
+        cmd += f" --from {_shell(source)}"
     if root is not None and Path(root).expanduser() != default_root():
-        cmd += f" --root {root}"
+        cmd += f" --root {_shell(root)}"
     return cmd
 
 
@@ -333,7 +395,7 @@ def _prepare_hint(name: str, root: Path) -> str:
         return f"run '{cmd}'"
     spec = SPECS[name]
     return (f"copy {spec.files} from {spec.url} into a folder and run "
-            f"'{prepare_command(name, root, '<that folder>')}'")
+            f"'{prepare_command(name, root, THAT_FOLDER)}'")
 
 
 def _md5(path: Path) -> str:
@@ -344,24 +406,45 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _idx_candidates(source: Path, name: str, folder: str) -> list[Path]:
+    """The files ``name`` and ``name.gz`` in ``source`` and in ``source/<folder>/raw`` (another data root works
+    too), in that order."""
+    bases = (source, source / folder / "raw")
+    return [c for base in bases for c in (base / name, base / f"{name}.gz") if c.is_file()]
+
+
 def _find_idx(source: Path, name: str, folder: str) -> Path | None:
-    """``name`` or ``name.gz`` in ``source`` (or in ``source/<folder>/raw``: another data root works too)."""
-    for base in (source, source / folder / "raw"):
-        for candidate in (base / name, base / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
+    """The first of ``_idx_candidates``, or None."""
+    return next(iter(_idx_candidates(source, name, folder)), None)
+
+
+def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with gzip's magic bytes (an IDX file starts with two zero bytes). The contents
+    decide, not the name: a release file whose '.gz' was dropped (or one unpacked but still named '.gz') used to
+    be refused as "not the release's" or "unreadable"."""
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _copy_hashing(src: Path, dst: Path, gunzip: bool) -> tuple[str, int]:
-    """Copy (gunzipping if asked) ``src`` to ``dst``; the md5 and size of what was written."""
+    """Copy (gunzipping if asked) ``src`` to ``dst``; the md5 and size of what was written.
+
+    A failed write (disk full, quota) raises OSError naming ``dst``: a write error carries no file name of its
+    own, and one without a name used to be reported as the source being "unreadable or truncated"."""
     digest, size = hashlib.md5(usedforsecurity=False), 0
     opener = gzip.open if gunzip else open
     with opener(src, "rb") as fin, open(dst, "wb") as fout:
-        for block in iter(lambda: fin.read(1 << 20), b""):
+        while block := fin.read(1 << 20):  # a read error is the source's: it propagates as it is
             digest.update(block)
             size += len(block)
-            fout.write(block)
+            try:
+                fout.write(block)
+            except OSError as err:
+                raise OSError(err.errno, err.strerror, str(dst)) from None
+        try:
+            fout.flush()  # the buffered tail fails here, naming dst, rather than at close
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(dst)) from None
     return digest.hexdigest(), size
 
 
@@ -374,8 +457,14 @@ def _unpack_verified(name: str, src: Path, dest: Path, md5: str, size: int, retr
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
     try:
         try:
-            got_md5, got_size = _copy_hashing(src, part, gunzip=src.suffix == ".gz")
+            gunzip, src_size = _is_gzip(src), src.stat().st_size
+            if not gunzip and src_size != size:  # refused before copying (a wrong 10 GB file was copied in full)
+                got_md5, got_size = "(not computed: wrong size)", src_size
+            else:
+                got_md5, got_size = _copy_hashing(src, part, gunzip=gunzip)
         except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as err:  # zlib.error: a corrupt deflate body
+            if isinstance(err, OSError) and err.filename == str(part):
+                raise  # the part file cannot be written (read-only, disk full): not the source's fault (_writing)
             kind = "zlib.error" if isinstance(err, zlib.error) else type(err).__name__
             raise DataUnavailable(f"{name}: {src} is unreadable or truncated ({kind}: {err}); replace it with the "
                                   f"release's file from {url} and rerun '{retry}'") from None
@@ -399,12 +488,20 @@ def _prepare_idx(name: str, source: Path | None, root: Path, source_arg: str | N
         if dest.is_file() and dest.stat().st_size == size and _md5(dest) == md5:
             kept.append(fname)
             continue
-        src = _find_idx(source, fname, cls_folder) if source is not None else None
-        if src is None:
+        candidates = _idx_candidates(source, fname, cls_folder) if source is not None else []
+        if not candidates:
             where = f"{fname}[.gz] not found at {source}" if source is not None else "no --from given"
             raise DataUnavailable(f"{name}: no {fname} under {raw} and {where}; " + _prepare_hint(name, root))
         raw.mkdir(parents=True, exist_ok=True)
-        _unpack_verified(name, src, dest, md5, size, retry)
+        refusals: list[DataUnavailable] = []
+        for src in candidates:  # a torn copy beside a good one (x and x.gz) used to hide the good one
+            try:
+                _unpack_verified(name, src, dest, md5, size, retry)
+                break
+            except DataUnavailable as err:
+                refusals.append(err)
+        else:
+            raise refusals[0]
         unpacked.append(fname)
     if not unpacked:
         return f"{name}: {raw} already holds the {len(kept)} verified IDX files; nothing to do"
@@ -534,9 +631,14 @@ _PREPARE = {"idx": _prepare_idx, "cifar": _prepare_cifar, "svhn": _prepare_svhn}
 
 
 def _load_check(name: str, root: Path) -> str:
-    """Load the prepared layout through torchvision, as training will: the proof that it is usable."""
+    """Load the prepared layout as training will (MNIST family: ``_idx_arrays``; the rest through torchvision):
+    the proof that it is usable."""
     import torchvision
 
+    if SPECS[name].kind == "idx":  # torchvision would read a stale processed/*.pt cache instead, if one exists
+        arrays = _idx_arrays(name, root)
+        return (f"{len(arrays['train-labels-idx1-ubyte'])} training / {len(arrays['t10k-labels-idx1-ubyte'])} "
+                f"test images load")
     cls = getattr(torchvision.datasets, SPECS[name].torchvision_class)
     if name == "svhn":
         train, test = (cls(str(root / SPECS[name].where), split=s) for s in ("train", "test"))
@@ -554,18 +656,21 @@ def prepare(name: str, source: str | Path | None = None, root: str | Path | None
         raise DataUnavailable(f"prepare {name}: unknown data set; one of {', '.join(SPECS)} "
                               f"(digits and synthetic need no preparation), e.g. 'python -m detox.data prepare "
                               f"fashion_mnist'")
-    root_path = Path(root).expanduser() if root is not None else default_root()
+    root_path = _root_arg(name, root)
     source_arg = None if source is None else str(source)
-    src = Path(source).expanduser() if source is not None else None
+    src = _path_arg(name, "--from", source) if source is not None else None
     if src is None and name == "fashion_mnist" and DEBIAN_FASHION_MNIST.is_dir():
         src = DEBIAN_FASHION_MNIST
     if src is not None and not src.exists():
         raise DataUnavailable(f"{name}: --from {src} does not exist; " + _prepare_hint(name, root_path))
     _make_root(name, root_path)
-    with _prepare_lock(name, root_path):
+    with _prepare_lock(name, root_path), _writing(name, root_path, "--root or $DETOX_DATA"):
+        _remove_leftovers(name, root_path)
         did = _PREPARE[SPECS[name].kind](name, src, root_path, source_arg)
         try:
             loads = _load_check(name, root_path)
+        except DataUnavailable:  # _read_idx's own line (a file changed under us since it was verified)
+            raise
         except Exception as err:  # the files verified, so this is a torchvision/layout problem worth reporting as is
             retry = prepare_command(name, root_path)
             raise DataUnavailable(f"{name}: verified files under {root_path} do not load through torchvision "
@@ -573,19 +678,80 @@ def prepare(name: str, source: str | Path | None = None, root: str | Path | None
     return [did, f"{name}: ready: {loads}; use dataset={name} (data_root={root_path})"]
 
 
-def _not_a_folder(root: Path) -> str:
-    return f"the data root {root} is not a folder (--root or $DETOX_DATA must name a folder)"
+def _path_arg(name: str, flag: str, value: str | Path) -> Path:
+    """``--from``, ``--root`` or ``$DETOX_DATA`` as a path: refused in one line if empty (it would silently mean
+    the current folder: ``--root ""`` used to lay the data set out wherever the command ran) or if it holds a
+    control character (a newline split every message that names the path)."""
+    text = str(value)
+    if text.strip() and not any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in text):
+        return Path(text).expanduser()
+    why = "is empty (it would mean the current folder)" if not text.strip() else "holds a control character"
+    fix = ("set it to a folder or unset it (default ~/.cache/detox/data)" if flag == "$DETOX_DATA"
+           else f"name a folder, e.g. {flag} ~/data")
+    raise DataUnavailable(f"{name}: {flag}={text!r} {why}; {fix}")
 
 
-def _make_root(name: str, root: Path) -> None:
-    """Create the data root (the lock lives in it); one line if it is a file or cannot be created (``/proc/x``)."""
+def _root_arg(name: str, root: str | Path | None) -> Path:
+    """The data root from ``--root``, else ``$DETOX_DATA``, else the default; checked by ``_path_arg``."""
+    if root is not None:
+        return _path_arg(name, "--root", root)
+    if "DETOX_DATA" in os.environ:  # the config refuses data_root='' too (detox.schema)
+        return _path_arg(name, "$DETOX_DATA", os.environ["DETOX_DATA"])
+    return default_root()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+@contextlib.contextmanager
+def _writing(name: str, root: Path, key: str) -> Iterator[None]:
+    """An OSError while laying files out under ``root`` as one line (it used to escape as a traceback): a
+    read-only or full data root, a file where a folder goes, a source file that cannot be read. ``key``: how the
+    user names another root (``--root or $DETOX_DATA``, ``data_root``)."""
+    try:
+        yield
+    except OSError as err:
+        path = Path(err.filename) if err.filename else None
+        why = err.strerror or type(err).__name__
+        if path is not None and path != root and root not in path.parents:
+            raise DataUnavailable(f"{name}: cannot read {path} ({why}); check it (or copy it again) and "
+                                  f"rerun") from None
+        if path is None and err.errno not in _DISK_FULL:
+            raise DataUnavailable(f"{name}: laying out the files under {root} failed ({why}); rerun") from None
+        full = "free space there or " if err.errno in _DISK_FULL else ""
+        raise DataUnavailable(f"{name}: cannot write {path or root} ({why}); {full}name a folder you can write "
+                              f"with {key}") from None
+
+
+def _remove_leftovers(name: str, root: Path) -> None:
+    """Delete what a killed (``kill -9``) prepare of ``name`` left behind: its part files ``.<file>.<pid>.part``
+    and temporary folders ``.<folder>.<pid>.tmp`` (up to hundreds of MB each, never read by anything; they used
+    to pile up). Called holding ``name``'s prepare lock, which every writer of these names holds: none is in use."""
+    folder, files = _layout(name, root)
+    names = [*files, "extra_32x32.mat"] if name == "svhn" else list(files)
+    for path in [p for f in names for p in folder.glob(f".{f}.*.part")]:
+        if path.name.split(".")[-2].isdigit():
+            path.unlink(missing_ok=True)
+    if SPECS[name].kind == "cifar":
+        for path in root.glob(f".{folder.name}.*.tmp"):
+            if path.name.split(".")[-2].isdigit() and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _not_a_folder(root: Path, key: str = "--root or $DETOX_DATA") -> str:
+    return f"the data root {root} is not a folder ({key} must name a folder)"
+
+
+def _make_root(name: str, root: Path, key: str = "--root or $DETOX_DATA") -> None:
+    """Create the data root (the lock lives in it); one line if it is a file or cannot be created (``/proc/x``).
+    ``key``: how the user names the root (the config's ``data_root`` when training)."""
     if root.exists() and not root.is_dir():
-        raise DataUnavailable(f"{name}: {_not_a_folder(root)}")
+        raise DataUnavailable(f"{name}: {_not_a_folder(root, key)}")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DataUnavailable(f"{name}: cannot create the data root {root} ({err.strerror or err}); name a folder "
-                              f"you can write with --root or $DETOX_DATA") from None
+                              f"you can write with {key}") from None
 
 
 @contextlib.contextmanager
@@ -650,7 +816,7 @@ def _invalid(folder: Path, files: dict[str, tuple[str, int | None]]) -> str | No
 def status(root: str | Path | None = None, names: Iterable[str] | None = None) -> list[str]:
     """One line per preparable data set (or per one of ``names``): ``present`` (every file laid out, at the
     release's size or md5, see ``_invalid``), ``invalid`` (a file is not the release's) or ``missing``."""
-    root_path = Path(root).expanduser() if root is not None else default_root()
+    root_path = _root_arg("status", root)
     if root_path.exists() and not root_path.is_dir():
         raise DataUnavailable(f"status: {_not_a_folder(root_path)}")
     lines = []
@@ -694,8 +860,12 @@ def main(argv: list[str] | None = None) -> int:
     except DataUnavailable as err:
         print(f"detox.data: error: {err}", file=sys.stderr)
         return 2
-    for line in lines:
-        print(f"detox.data: {line}")
+    try:
+        for line in lines:
+            print(f"detox.data: {line}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # '... status | head -1': the reader left early; a traceback used to follow
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
     return 0
 
 
