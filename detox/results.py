@@ -330,14 +330,19 @@ def _runtime_dir(root: DictConfig) -> Path | None:
 
 def _hydra_subdir(*_: Any, _root_: DictConfig) -> str | None:
     """``hydra.output_subdir``: ``.hydra`` for a fresh folder, None (Hydra then writes no ``.hydra/``) for one that
-    holds a run already: a finished one keeps the files it was run with, a foreign one is refused untouched."""
+    holds a run already (a finished one keeps the files it was run with, a foreign one is refused untouched) or with
+    save=false."""
+    if _root_.get("save") is False:  # all file output hangs on save: Hydra's record of the run too
+        return None
     out = _runtime_dir(_root_)
     return None if out is not None and holds_run(out) else ".hydra"
 
 
 def _job_log(path: str, *, _root_: DictConfig) -> str:
-    """The job log's file: ``path``, or the null device when the folder holds a run of another config (which this
-    job will refuse: its lines must not land in that run's log)."""
+    """The job log's file: ``path``, or the null device with save=false or when the folder holds a run of another
+    config (which this job will refuse: its lines must not land in that run's log)."""
+    if _root_.get("save") is False:
+        return os.devnull
     out = _runtime_dir(_root_)
     if out is None or not holds_run(out):
         return path

@@ -72,7 +72,11 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
             record_refusal(out_dir, summary["error"])  # that folder is another run's: nothing is written into it
         return summary
     if not save:
-        return _train(cfg, plan, None, multirun)
+        summary = _train(cfg, plan, None, multirun)
+        if multirun and out_dir is not None:  # the job's folder Hydra made, empty (save=false writes nothing)
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        return summary
     if foreign_run(cfg, out_dir):  # also when that run is still going: another config, not a second copy of it
         return _refuse_foreign(out_dir, multirun)
     try:
@@ -211,6 +215,8 @@ class ValidateFirst(Callback):
     config leaves nothing behind (a sweep's jobs are checked in ``run``, each recorded in its own folder); a
     sweep's root folder is checked before Hydra makes it."""
 
+    made: Path | None = None  # save=false: the first folder of hydra.run.dir that Hydra is about to make
+
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_output_folder(config, "hydra.run.dir")
@@ -218,6 +224,22 @@ class ValidateFirst(Callback):
         except ConfigError as err:
             refuse(err)
             sys.exit(2)
+        if config.get("save") is False:  # (${now:...} is cached: the folder run_job will make)
+            run_dir = Path(str(config.hydra.run.dir)).absolute()
+            self.made = next((p for p in [*reversed(run_dir.parents), run_dir] if not p.exists()), None)
+
+    def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """save=false writes nothing (no .hydra/, the job log to the null device): the empty folders Hydra made for
+        the run go too (outputs/<date>/<time>/, and outputs/<date>/ if this run made it)."""
+        if self.made is None:
+            return
+        path = Path(str(config.hydra.run.dir)).absolute()
+        while path == self.made or self.made in path.parents:
+            try:
+                path.rmdir()  # only while empty: nothing that anyone wrote is removed
+            except OSError:
+                return
+            path = path.parent
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:

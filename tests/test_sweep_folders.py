@@ -341,6 +341,20 @@ def test_a_sweep_with_save_false_reports_no_failures(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"detox: sweep {tmp_path}: save=false: its jobs wrote no results" in out.stdout
     assert "failed" not in out.stdout and not (tmp_path / "summary.jsonl").exists()
+    # all file output hangs on save: Hydra's .hydra/ and job log are not written, the empty job folders go
+    assert [p.name for p in tmp_path.iterdir()] == ["multirun.yaml"]
+
+
+def test_a_run_with_save_false_leaves_nothing(tmp_path: Path) -> None:
+    """save=false wrote no results but left Hydra's outputs/<date>/<time>/ with .hydra/ and train.log behind."""
+    (tmp_path / "outputs" / "earlier").mkdir(parents=True)
+    out = cli(["save=false", "max_steps=2", "eval_freq=2"], cwd=tmp_path)
+    assert out.returncode == 0 and "(save=false: nothing written)" in out.stdout, out.stderr[-2000:]
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == ["outputs",
+                                                                                          "outputs/earlier"]
+    deep = tmp_path / "a" / "b"
+    assert cli(["save=false", "max_steps=2", "eval_freq=2", f"hydra.run.dir={deep}"], cwd=tmp_path).returncode == 0
+    assert not (tmp_path / "a").exists()
 
 
 @pytest.mark.parametrize("value, says", [("${oc.env:DETOX_NO_SUCH_VARIABLE}", "Environment variable"),
