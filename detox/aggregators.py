@@ -520,7 +520,10 @@ def _centred_gram(x_nd: torch.Tensor, ref_d: torch.Tensor, rows: np.ndarray | No
     for s in range(0, d, step):
         blk = x_nd[:, s : s + step].to(wide) - ref_d[s : s + step]
         gram_t += (blk @ blk.t()).double()
-    return gram_t
+    # a BLAS product A @ A.T need not be symmetric to the last bit (MKL's float64 one is not): then d2[i, j] !=
+    # d2[j, i], and two rows that are each other's nearest neighbour get unequal Krum scores, so an exact tie went
+    # to the higher row. Mirror the upper triangle, as the CPU kernel does (kernels._mirror)
+    return torch.triu(gram_t) + torch.triu(gram_t, 1).t()
 
 
 def _sq_dists(grads_nd: torch.Tensor, k: int, rows: np.ndarray | None, diagonal: float,

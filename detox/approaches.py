@@ -431,7 +431,10 @@ def _vote_with_grams(grads_nd: torch.Tensor, byz_p: np.ndarray, plan: Plan, step
         return None
 
     cols = min(grads_nd.shape[1], BLOCK * 4 * _SPAN)
-    head = grads_nd[:, :cols].contiguous()  # a copy: what the guess writes stays there
+    # a copy, so that what the guess writes (a fallback median, assembled layers) stays there: .contiguous() is no
+    # copy where cols == d, and the guess's median written into a group's first row made the real vote find a
+    # majority in [a, a, b, b] (a median equal to b)
+    head = grads_nd[:, :cols].clone(memory_format=torch.contiguous_format)
     guess = vote_rows(head, r, tol, plan.vote, (cols,) if plan.vote == "boyer-moore" else None, honest_p).win_rows
     guess = np.where(guess >= 0, guess, np.arange(k) * r)
     spec = spec_of(guess)
