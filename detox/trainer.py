@@ -89,11 +89,14 @@ class Setup:
 def configure_threads(cfg: DictConfig) -> None:
     # under mpiexec torch starts with 1 thread (DESIGN §7): the count is always set explicitly when given
     if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
         # numba's parallel kernels (the vote, the rules) as well: threads=1 is one core, which the CPU clock assumes
         import numba
 
         numba.set_num_threads(max(1, min(int(cfg.threads), numba.config.NUMBA_NUM_THREADS)))
+        # torch's after numba's: in a process forked from one that had set them (a local_parallel job), numba's
+        # first call starts its OpenMP pool, which reset the OpenMP threads torch had just been given (torch then
+        # ran its reductions on 2 threads: a trajectory off the single run's in the last bits)
+        torch.set_num_threads(int(cfg.threads))
 
 
 def setup(cfg: DictConfig, plan: Plan) -> Setup:

@@ -9,6 +9,8 @@ model_step_<t> file."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,12 +133,14 @@ def test_a_rerun_with_another_config_leaves_the_checkpoint_alone(changed: str, u
 @pytest.mark.slow
 def test_a_sweep_job_and_the_local_parallel_launcher_follow_the_single_runs_trajectory(tmp_path: Path) -> None:
     """A job of a sequential sweep and of a local_parallel sweep (separate processes) are the single run with the
-    same overrides, bit for bit."""
+    same overrides, bit for bit. Fashion-MNIST's MLP: its sums are large enough for torch to split them over threads
+    (a forked local_parallel job once ran them on 2 threads with threads=1; digits' are not)."""
+    overrides = [*SMALL, "task=fc-fashion"]
     for seed in (0, 1):
-        single = cli([*SMALL, f"seed={seed}", f"hydra.run.dir={tmp_path / f'single{seed}'}"], cwd=ROOT)
+        single = cli([*overrides, f"seed={seed}", f"hydra.run.dir={tmp_path / f'single{seed}'}"], cwd=ROOT)
         assert single.returncode == 0, single.stderr[-2000:]
     for name, extra in (("sequential", []), ("parallel", ["hydra/launcher=local_parallel"])):
-        sweep = cli(["-m", *SMALL, "seed=0,1", *extra, f"hydra.sweep.dir={tmp_path / name}"], cwd=ROOT)
+        sweep = cli(["-m", *overrides, "seed=0,1", *extra, f"hydra.sweep.dir={tmp_path / name}"], cwd=ROOT)
         assert sweep.returncode == 0, sweep.stderr[-2000:]
         jobs = {json.loads(x)["job"] for x in (tmp_path / name / "summary.jsonl").read_text().splitlines()}
         for seed in (0, 1):
@@ -189,3 +193,25 @@ def test_a_diverging_run_stops_at_the_same_step_in_both_engines(tmp_path: Path) 
     assert (mpi["status"], mpi["steps"], mpi["malformed_messages"], mpi["malformed_by_rank"]) == ("diverged", 2, 0, {})
     assert trajectory(tmp_path / "local") == trajectory(tmp_path / "mpi")
 
+
+
+FORKED = """
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import make_cfg
+from detox import trainer
+torch.set_num_threads(1)  # the launcher's process, as it was set when the job is forked
+if os.fork() == 0:
+    trainer.configure_threads(make_cfg(["threads=1"]))
+    print(torch.get_num_threads(), flush=True)
+    os._exit(0)
+os.wait()
+"""
+
+
+def test_a_forked_job_runs_on_the_threads_it_was_given() -> None:
+    """In a process forked from one that had set torch's threads (a local_parallel job), numba's first call started
+    its OpenMP pool after torch.set_num_threads(1) and reset it: torch ran on 2 threads."""
+    proc = subprocess.run([sys.executable, "-c", FORKED.format(tests=str(ROOT / "tests"))], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.stdout.split() == ["1"], proc.stdout + proc.stderr[-2000:]
