@@ -214,27 +214,29 @@ def calls(log: Path, program: str) -> list[list[str]]:
     return [argv[1:] for argv in map(json.loads, lines) if argv[0] == program]
 
 
-def test_undecodable_host_output_still_gives_one_line_per_host(tmp_path: Path) -> None:
-    """A host whose ssh error (or motd, or Python's message) was not UTF-8 raised UnicodeDecodeError out of the
-    thread pool: a traceback, and no line for any host."""
-    ssh, _ = fake_programs(tmp_path / "bin", 'sys.stderr.buffer.write(b"ssh: connect to host caf\\xe9: refused\\n")\n'
-                                             "sys.exit(255)")
+def provision_h1_h2(tmp_path: Path, ssh_body: str) -> list[str]:
+    """The lines of ``provision`` over hosts h1 and h2 through a fake ssh running ``ssh_body`` (it fails: exit 1)."""
+    ssh, _ = fake_programs(tmp_path / "bin", ssh_body)
     hostfile = tmp_path / "hosts"
     hostfile.write_text("h1\nh2\n")
     printed: list[str] = []
     assert main([str(hostfile), "--ssh", str(ssh), "--data-root", str(tmp_path)], out=printed.append) == 1
+    return printed
+
+
+def test_undecodable_host_output_still_gives_one_line_per_host(tmp_path: Path) -> None:
+    """A host whose ssh error (or motd, or Python's message) was not UTF-8 raised UnicodeDecodeError out of the
+    thread pool: a traceback, and no line for any host."""
+    printed = provision_h1_h2(tmp_path, 'sys.stderr.buffer.write(b"ssh: connect to host caf\\xe9: refused\\n")\n'
+                                        "sys.exit(255)")
     assert printed == [f"{host} failed: unreachable over ssh: ssh: connect to host caf\ufffd: refused"
                        for host in ("h1", "h2")]
 
 
 def test_a_torn_probe_answer_fails_that_host_only(tmp_path: Path) -> None:
     """A probe line that was not a JSON object (a torn line, another program's output) raised out of the pool."""
-    ssh, _ = fake_programs(tmp_path / "bin", "host = sys.argv[-2]\n"
-                                             "print('DETOX-PROVISION-PROBE ' + ('{torn' if host == 'h1' else '[1]'))")
-    hostfile = tmp_path / "hosts"
-    hostfile.write_text("h1\nh2\n")
-    printed: list[str] = []
-    assert main([str(hostfile), "--ssh", str(ssh), "--data-root", str(tmp_path)], out=printed.append) == 1
+    printed = provision_h1_h2(tmp_path, "host = sys.argv[-2]\n"
+                                        "print('DETOX-PROVISION-PROBE ' + ('{torn' if host == 'h1' else '[1]'))")
     assert [line.split(" answered the probe with something else: ")[0] for line in printed] == [
         f"h1 failed: {sys.executable}", f"h2 failed: {sys.executable}"], printed
 
