@@ -134,6 +134,11 @@ PLACEMENTS: dict[str, Callable[..., np.ndarray]] = {"random": _random, "fixed": 
 
 def byzantine_mask(placement: str, step: int, workers: int, q: int, r: int, seed: int) -> np.ndarray:
     """Boolean (P,) mask of the workers that are Byzantine at ``step``."""
+    # exactly q or an error: `worst` would otherwise return fewer than q (q > P, or workers not in groups of r)
+    # and a negative q would mark P - |q| workers
+    if not 0 <= q <= workers or workers % r:
+        raise ValueError(f"byzantine_mask: need 0 <= q <= workers and workers divisible by r; "
+                         f"got workers={workers}, q={q}, r={r}")
     mask = np.zeros(workers, dtype=bool)
     if q:
         mask[PLACEMENTS[placement](step, workers, q, r, seed)] = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,11 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+# counts and steps are int64 wherever they are stored (checkpoints, numpy, pandas) and sized with floats (memory):
+# a 400-digit count was an OverflowError traceback
+INT64_MAX = 2**63 - 1
+
+
 @dataclass(frozen=True)
 class Int:
     lo: int | None = None
@@ -41,8 +47,11 @@ class Int:
     def error(self, v: Any) -> str | None:
         if _is_int(v) and (self.lo is None or v >= self.lo) and (self.hi is None or v <= self.hi):
             return None
-        bounds = {(False, False): "", (True, False): f" >= {self.lo}", (False, True): f" <= {self.hi}",
-                  (True, True): f" in [{self.lo}, {self.hi}]"}[(self.lo is not None, self.hi is not None)]
+        # int64's limit is named only to a value past it: ">= 1" is what a count needs to say otherwise
+        hi = None if self.hi == INT64_MAX and not (_is_int(v) and v > self.hi) else self.hi
+        shown = "2^63 - 1" if hi == INT64_MAX else hi
+        bounds = {(False, False): "", (True, False): f" >= {self.lo}", (False, True): f" <= {shown}",
+                  (True, True): f" in [{self.lo}, {shown}]"}[(self.lo is not None, hi is not None)]
         return f"must be an integer{bounds}" + (" or null" if self.null else "")
 
 
@@ -58,7 +67,10 @@ class Num:
     null: bool = False
 
     def error(self, v: Any) -> str | None:
-        ok = _is_num(v) and (not self.finite or math.isfinite(v))
+        # an int beyond float range (a 400-digit literal) is no number a run can use: refused here in one line,
+        # not an OverflowError from math.isfinite (or from torch mid-run, for err_mode.value)
+        ok = _is_num(v) and not (isinstance(v, int) and abs(v) > sys.float_info.max)
+        ok = ok and (not self.finite or math.isfinite(v))
         if ok and self.lo is not None:
             ok = v > self.lo if self.open_lo else v >= self.lo
         if ok and self.hi is not None:
@@ -215,8 +227,8 @@ def options(group: str) -> Callable[[], tuple[str, ...]]:
     return names
 
 
-POSITIVE = Int(lo=1)
-COUNT = Int(lo=0)
+POSITIVE = Int(lo=1, hi=INT64_MAX)
+COUNT = Int(lo=0, hi=INT64_MAX)
 SEED = Int(lo=0, hi=2**32 - 1)  # numpy and torch accept any seed in this range
 SECONDS = Num(lo=0.0, open_lo=True)
 # a path or a label may hold anything printable but no control characters (a newline would break logs and files)

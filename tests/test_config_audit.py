@@ -207,6 +207,9 @@ BEFORE_FOLDER = [
      "engine.launcher='/nonexistent/mpiexec': /nonexistent/mpiexec is not an executable file"),
     (["engine=mpi", "workers=9", "engine.python=/nonexistent/python"], "engine.python='/nonexistent/python': not"),
     (["mode=../mode/krum"], "mode=../mode/krum: not an option name (a path is not taken); choose from bulyan,"),
+    # a count past int64 (an OverflowError traceback in the memory check for workers)
+    (["workers=" + "9" * 400], "must be an integer in [1, 2^63 - 1]"),
+    (["eval_batch_size=" + "9" * 400], "must be an integer in [1, 2^63 - 1]"),
     # Hydra's own flags, checked outside its error reporting (were a traceback and exit 1)
     (["--config-dir", "/nonexistent/conf"], "Additional config directory '/nonexistent/conf' not found"),
     (["--resolve"], "The --resolve flag can only be used in conjunction with --cfg or --help"),
@@ -214,7 +217,7 @@ BEFORE_FOLDER = [
 ]
 
 
-@pytest.mark.parametrize(("args", "message"), BEFORE_FOLDER, ids=[" ".join(a) for a, _ in BEFORE_FOLDER])
+@pytest.mark.parametrize(("args", "message"), BEFORE_FOLDER, ids=[" ".join(a)[:60] for a, _ in BEFORE_FOLDER])
 def test_refused_before_hydra_makes_the_folder(args: list[str], message: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = cli([*args, "max_steps=2", "eval_freq=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
