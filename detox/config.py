@@ -7,6 +7,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ def validate(cfg: DictConfig) -> Plan:
     return the resolved aggregation plan. Raises ConfigError with one line on the first problem."""
     _check_choices(cfg)
     check(cfg)
+    _check_option_keys(cfg)
     workers, q, r = int(cfg.workers), int(cfg.worker_fail), int(cfg.group_size)
     if q > workers:
         raise ConfigError(f"worker_fail={q}: must be <= workers ({workers})")
@@ -197,6 +199,33 @@ def validate(cfg: DictConfig) -> Plan:
         _check_mpi(cfg)
     _check_memory(cfg, plan, facts)
     return plan
+
+
+# groups whose options each take their own settings: a setting of another option of the group would be ignored
+OWN_KEYS_GROUPS = ("mode", "err_mode")
+
+
+@lru_cache(maxsize=64)
+def option_keys(group: str, name: str) -> frozenset[str] | None:
+    """The settings ``conf/<group>/<name>.yaml`` defines (None: no such file, refused elsewhere)."""
+    path = Path(__file__).resolve().parents[1] / "conf" / group / f"{name}.yaml"
+    if not re.fullmatch(OPTION_NAME, name) or not path.is_file():
+        return None
+    return frozenset(OmegaConf.load(path).keys())
+
+
+def _check_option_keys(cfg: DictConfig) -> None:
+    """``mode=krum mode.theta=3`` or ``err_mode=rev_grad +err_mode.z=1``: a setting the chosen option does not read
+    (another option's) would be silently ignored; refused, naming the option's own settings."""
+    for group in OWN_KEYS_GROUPS:
+        node = cfg.get(group)
+        own = option_keys(group, str(node.get("name"))) if isinstance(node, DictConfig) else None
+        if own is None:
+            continue
+        extra = sorted(k for k in node.keys() if k not in own)
+        if extra:
+            raise ConfigError(f"{group}.{extra[0]}={show(node[extra[0]])}: not a setting of {group}={node.name} "
+                              f"(its settings: {', '.join(sorted(own - {'name'})) or 'none'})")
 
 
 # a config group's option as typed: a file name in the group's folder, never a path (mode=../../x would load a

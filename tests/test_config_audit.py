@@ -207,6 +207,9 @@ BEFORE_FOLDER = [
      "engine.launcher='/nonexistent/mpiexec': /nonexistent/mpiexec is not an executable file"),
     (["engine=mpi", "workers=9", "engine.python=/nonexistent/python"], "engine.python='/nonexistent/python': not"),
     (["mode=../mode/krum"], "mode=../mode/krum: not an option name (a path is not taken); choose from bulyan,"),
+    # another option's setting, which the chosen option would silently ignore
+    (["err_mode=rev_grad", "+err_mode.z=1"], "err_mode.z=1: not a setting of err_mode=rev_grad (its settings: scale)"),
+    (["mode=krum", "+mode.theta=3"], "mode.theta=3: not a setting of mode=krum (its settings: f, neighbours)"),
     # a count past int64 (an OverflowError traceback in the memory check for workers)
     (["workers=" + "9" * 400], "must be an integer in [1, 2^63 - 1]"),
     (["eval_batch_size=" + "9" * 400], "must be an integer in [1, 2^63 - 1]"),
