@@ -15,11 +15,13 @@ from typing import Any
 
 import yaml
 
+from detox.schema import OPTION_NAME
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DEFENCE = {"baseline": "vanilla", "draco-lite": "detox"}
-# an option's name as conf/ spells them: what a summary or config names otherwise (``../x``, a NUL byte, which
-# open() refuses with ValueError) is no option, and no file outside conf/ is read for it
-OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+# an option's name as conf/ spells them (detox.schema.OPTION_NAME): what a summary or config names otherwise (``../x``,
+# a NUL byte, which open() refuses with ValueError) is no option, and no file outside conf/ is read for it
+OPTION = re.compile(OPTION_NAME)
 
 
 def _load(path: Path) -> dict:

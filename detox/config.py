@@ -21,7 +21,7 @@ from detox.cluster.hostfile import parse_hostfile
 from detox.data import PAD, stratified_split
 from detox.errors import ConfigError
 from detox.models import MODELS
-from detox.schema import check, options, show
+from detox.schema import OPTION_NAME, check, options, show
 
 # what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
 FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang",
@@ -228,9 +228,6 @@ def _check_option_keys(cfg: DictConfig) -> None:
                               f"(its settings: {', '.join(sorted(own - {'name'})) or 'none'})")
 
 
-# a config group's option as typed: a file name in the group's folder, never a path (mode=../../x would load a
-# YAML from outside conf/)
-OPTION_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 
 
 def _choices(cfg: DictConfig) -> Mapping:

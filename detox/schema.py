@@ -24,6 +24,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from detox.errors import ConfigError
 
+# a config group's option as typed: a file name in the group's folder, never a path (mode=../../x would load a
+# YAML from outside conf/); also what analysis.labels looks up there
+OPTION_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
+
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
