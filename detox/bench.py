@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from detox.aggregators import AGGREGATORS, _row_dists, _weighted_rows
+from detox.aggregators import AGGREGATORS, _row_dists, _weighted_rows, requirement_error
 from detox.approaches import APPROACHES
 from detox.results import write_text_atomic
 
@@ -388,18 +388,27 @@ def available_memory() -> int | None:
     return None
 
 
-def peak_bytes(ns: list[int], dims: list[int], workers: int, with_reference: bool = True) -> int:
+DISTANCE_RULES = {"krum", "multi-krum", "bulyan"}  # they hold (n, n) matrices
+
+
+def peak_bytes(ns: list[int], dims: list[int], workers: int, with_reference: bool = True,
+               rules: list[str] | tuple[str, ...] = ("krum",)) -> int:
     """About what the largest measurement holds at once, float32: a rule's (n, d) input with up to two (n, d)
     working copies in the loop-style references (their sorts, Bulyan's selection) or half of one in the kernels,
-    or the PS step's (P, d) rows, the (P / 3, d) group gradients they are refilled from, and a few d-vectors."""
+    or the PS step's (P, d) rows, the (P / 3, d) group gradients they are refilled from, and a few d-vectors; plus
+    the distance-type rules' (n, n) matrices (float64 and their Gram, or the references' Python lists of floats),
+    which at a large n outweigh the rows."""
     d = max(dims)
+    n = max(*ns, workers) if set(rules) & DISTANCE_RULES else workers
     rows = 3 * max(ns) if with_reference else (3 * max(ns) + 1) // 2
-    return max(rows * d, (workers + workers // 3 + 4) * d) * 4
+    return max(rows * d, (workers + workers // 3 + 4) * d) * 4 + n * n * (40 if with_reference else 16)
 
 
 def check_out(out: Path) -> str | None:
     """Why the results cannot be written to ``out`` (and ``out.md``), checked before any measurement; None if
     they can."""
+    if out.name in ("", ".", ".."):
+        return f"--out {out}: give a file name for the JSON results, e.g. {out / 'bench.json'}"
     md = out.with_suffix(".md")
     if md == out:
         return f"--out {out}: the table goes to {md}: give the JSON file, e.g. {out.with_suffix('.json')}"
@@ -444,17 +453,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--device {args.device}: no CUDA device here")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device {args.device}: give cpu or cuda")
-    for rule in args.rules:  # each rule's own check of (n, f), on a tiny matrix
-        for n in args.n:
-            try:
-                AGGREGATORS[rule](torch.zeros((n, 2)), _f_for(rule, n))
-            except ValueError as err:
-                parser.error(f"--n {n}: too few rows for {rule} ({err})")
-    need = peak_bytes(args.n, [int(d) for d in args.d], args.workers, not args.no_reference)
+    need = peak_bytes(args.n, [int(d) for d in args.d], args.workers, not args.no_reference, args.rules)
     have = available_memory()
     if have is not None and need > have:
-        parser.error(f"--d {max(args.d):g}: the largest measurement needs about {need / 2**30:.1f} GiB and "
-                     f"{have / 2**30:.1f} GiB is available; give a smaller --d, --n or --workers")
+        parser.error(f"--n {max(args.n)} --d {max(args.d):g} --workers {args.workers}: the largest measurement needs "
+                     f"about {need / 2**30:.1f} GiB and {have / 2**30:.1f} GiB is available; give a smaller --d, --n "
+                     f"or --workers")
+    for rule in args.rules:  # each rule's own check of (n, f): arithmetic only, instant at any n
+        for n in args.n:
+            if (err := requirement_error(rule, n, _f_for(rule, n))) is not None:
+                parser.error(f"--n {n}: too few rows for {rule} ({err})")
     if (why := check_out(args.out)) is not None:
         parser.error(why)
     from detox.bench_scaling import PAPER_NETWORK, preset_plan

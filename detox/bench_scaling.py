@@ -430,16 +430,19 @@ def write_scaling(rows: list[dict], fits: dict[str, dict], setting: dict, out: P
 
 def read_split(root: str | Path) -> list[dict]:
     """One row per job of the sweep: per-step medians of the phases over the last metrics window (the
-    ``*_median`` keys; the means where a record predates them), their sum and the PS side's shares."""
+    ``*_median`` keys; the means where a record predates them), their sum and the PS side's shares. A job whose
+    summary or records are not a run's (``analysis.load``'s checks) is skipped with one warning."""
+    from analysis.load import job_summary, read_run_records, warn
+
     rows = []
     for job in job_dirs(root):
-        try:
-            summary = json.loads((job / "summary.json").read_text())
-            records = [json.loads(x) for x in (job / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        except (OSError, ValueError):
+        summary, problem = job_summary(job)
+        records, problems = read_run_records(job)
+        if problem or problems or summary["status"] == "missing":
+            warn(f"{job}: skipped ({'; '.join([problem, *problems] if problem else problems) or 'no summary.json'})")
             continue
-        last = next((r for r in reversed(records) if r.get("step", 0) > 0), None)
-        method = str(summary.get("choices", {}).get("method") or job.name)
+        last = next((r for r in reversed(records) if r["step"] > 0), None)
+        method = str((summary.get("choices") or {}).get("method") or job.name)
         row = dict.fromkeys(SPLIT_COLUMNS, None) | {
             "run": Path(root).name, "method": method, "rule": rule_of(method) if "-" in method else method,
             "status": summary.get("status"), "steps": summary.get("steps")}
@@ -587,14 +590,47 @@ def _out_folder_problem(out: Path) -> str | None:
     return cannot_write(out, probe)
 
 
+def _saved_scaling_problem(saved: object) -> str | None:
+    """Why a scaling.json cannot be replotted (checked before anything is written), or None: the table, the fits
+    and the figure are made from it in memory first, so a file edited by hand fails here, not half-way."""
+    if not (isinstance(saved, dict) and isinstance(saved.get("rows"), list) and saved["rows"]
+            and all(isinstance(r, dict) for r in saved["rows"]) and isinstance(saved.get("setting"), dict)
+            and isinstance(saved.get("command"), str)):
+        return "expected an object with a non-empty list of rows, a setting and a command"
+    missing = [k for k in SCALING_COLUMNS if any(k not in r for r in saved["rows"])]
+    if missing:
+        return f"a row lacks {missing[0]!r}"
+    try:
+        fits = fit_exponents(saved["rows"])
+        scaling_markdown(saved["rows"], fits, saved["setting"])
+        import matplotlib.pyplot as plt
+
+        plt.close(plot_scaling(saved["rows"], fits))
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+# keys a method preset sets: an --override of them would measure another method under the preset's name
+METHOD_KEYS = ("method", "mode", "approach", "err_mode", "workers", "worker_fail", "group_size")
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``scaling`` and ``iteration``: every argument that cannot run is refused in one line (exit 2) before the first
     allocation and measurement (a run of minutes must not fail at its end, or ask for memory the machine lacks)."""
     workers = args.workers if isinstance(args.workers, list) else [args.workers]
     if args.repeats < 1 or min(workers) < 3:
         parser.error("--repeats must be >= 1 and every --workers >= 3")
+    if len(set(workers)) < len(workers):
+        parser.error(f"--workers {' '.join(map(str, workers))}: each P once (a repeated P is measured twice and "
+                     f"counted twice in the fit)")
     if args.warmup < 0:
         parser.error(f"--warmup {args.warmup}: must be >= 0")
+    for o in args.override:
+        key = o.lstrip("+~").split("=", 1)[0].split("@", 1)[0].split(".", 1)[0].strip()
+        if key in METHOD_KEYS:
+            parser.error(f"--override {o}: {key} is set by each method's preset (--methods, --workers); override "
+                         f"the network, the data set or other keys only")
     d = getattr(args, "d", None)
     if d is not None and not (math.isfinite(d) and d >= 1):
         parser.error(f"--d {d}: give a number of coordinates >= 1")
@@ -656,11 +692,15 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m detox.bench_scaling " + " ".join(sys.argv[1:] if argv is None else argv)
 
     if args.command == "split":
+        if args.out is not None and (why := _out_folder_problem(args.out)) is not None:
+            parser.error(f"split {why}")
         try:
             rows = read_splits(args.roots)
         except FileNotFoundError as err:
-            print(err, file=sys.stderr)
-            return 2
+            parser.error(f"split {err}")
+        if not rows:
+            parser.error(f"split {' '.join(map(str, args.roots))}: no job of a sweep there (a folder with a run's "
+                     f"summary.json and metrics.jsonl)")
         print(split_markdown(rows, savings(rows)))
         if args.out:
             write_split(rows, args.out, command)
@@ -688,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.loads((args.folder / "scaling.json").read_text())
         except (OSError, ValueError) as err:
             parser.error(f"replot {args.folder}: no readable scaling.json there ({err})")
+        if (why := _saved_scaling_problem(saved)) is not None:
+            parser.error(f"replot {args.folder / 'scaling.json'}: not one `scaling` writes ({why})")
         write_scaling(saved["rows"], fit_exponents(saved["rows"]), saved["setting"], args.folder, saved["command"])
         print(f"redrew {args.folder}/scaling.md, .png, .pdf")
         return 0

@@ -187,7 +187,9 @@ def test_split_reads_medians_and_computes_savings(tmp_path: Path) -> None:
     md = (out / "table.md").read_text()
     assert "| fig_c_paper | vanilla-bulyan | completed | 3 | 1.000 | 0.000 | 1.500 | 0.050 | 2.550 | 59 % |" in md
     assert (out / "fig_c_paper.png").stat().st_size > 10_000
-    assert main(["split", str(tmp_path / "nowhere")]) == 2
+    with pytest.raises(SystemExit) as err:
+        main(["split", str(tmp_path / "nowhere")])
+    assert err.value.code == 2
     # repeated runs: rows of a method together, savings per run
     rerun = tmp_path / "again"
     _job(rerun, "vanilla-bulyan", {"t_compute": 2.0, "t_comm": 0.0, "t_vote": 0.0, "t_aggregate": 3.0,
@@ -216,6 +218,12 @@ SCALING = ["scaling", "--methods", "vanilla-coord-median", "--repeats", "1", "--
     ([*SCALING, "--max-gib", "nan"], "--max-gib nan: give a memory budget in GiB > 0"),
     ([*SCALING, "--max-gib", "-1"], "--max-gib -1.0: give a memory budget in GiB > 0"),
     ([*SCALING, "--warmup", "-1"], "--warmup -1: must be >= 0"),
+    # before: measured twice and fitted as two points
+    ([*SCALING, "30", "15"], "--workers 15 30 15: each P once"),
+    # before: each "vanilla-coord-median" row measured Krum (or refused every other preset) under the preset's name
+    ([*SCALING, "--override", "mode=krum"], "--override mode=krum: mode is set by each method's preset"),
+    ([*SCALING, "--override", "+approach.buckets=2"], "--override +approach.buckets=2: approach is set by"),
+    ([*SCALING, "--override", "worker_fail=1"], "--override worker_fail=1: worker_fail is set by"),
     (["iteration", "--workers", "16", "--methods", "vanilla-coord-median", "--override"],
      "--workers 16: workers come in groups of group_size = 3"),
     (["iteration", "--workers", "15", "--warmup", "-2", "--override"], "--warmup -2: must be >= 0"),
@@ -256,6 +264,55 @@ def test_replot_of_a_folder_without_results_is_one_line(tmp_path: Path, capsys: 
         main(["replot", str(tmp_path / "nowhere")])
     assert err.value.code == 2
     assert f"error: replot {tmp_path / 'nowhere'}: no readable scaling.json there" in capsys.readouterr().err
+
+
+def test_replot_of_a_foreign_or_edited_scaling_json_is_one_line_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a KeyError, TypeError or numpy casting traceback, after some of the files were rewritten."""
+    good = json.loads((Path(__file__).resolve().parents[1] / "docs/results/fig_c_paper/scaling.json").read_text())
+    edited = json.loads(json.dumps(good))
+    edited["rows"][0]["t_step"] = "abc"
+    lacking = json.loads(json.dumps(good))
+    del lacking["rows"][1]["method"]
+    for saved, why in (({}, "expected an object with a non-empty list of rows"), ([1], "expected an object"),
+                       ({"rows": [], "setting": {}, "command": "x"}, "non-empty list of rows"),
+                       (lacking, "a row lacks 'method'"), (edited, "TypeError")):
+        (tmp_path / "scaling.json").write_text(json.dumps(saved))
+        with pytest.raises(SystemExit) as err:
+            main(["replot", str(tmp_path)])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.value.code == 2 and f"error: replot {tmp_path / 'scaling.json'}: not one `scaling` writes" in line
+        assert why in line, line
+        assert [p.name for p in tmp_path.iterdir()] == ["scaling.json"]
+    (tmp_path / "scaling.json").write_text(json.dumps(good))
+    assert main(["replot", str(tmp_path)]) == 0
+    assert {"scaling.md", "scaling.png", "scaling.pdf", "scaling.csv"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_split_skips_jobs_that_are_not_runs_and_refuses_a_root_without_any(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Before: a summary.json or metrics.jsonl a run does not write (a list, a step that is a string) was a
+    TypeError traceback, and a folder with no job (``split /etc``) printed an empty table with exit 0."""
+    root = tmp_path / "fig_c_paper"
+    _job(root, "vanilla-bulyan", {"t_compute": 1.0, "t_comm": 0.0, "t_vote": 0.0, "t_aggregate": 1.5,
+                                  "t_update": 0.05})
+    for name, summary, record in (("7", '{"choices": []}', '{"step": "x"}'), ("8", "[]", "[1]")):
+        (root / name).mkdir()
+        (root / name / "summary.json").write_text(summary)
+        (root / name / "metrics.jsonl").write_text(record + "\n")
+    assert [r["method"] for r in read_split(root)] == ["vanilla-bulyan"]
+    err = capsys.readouterr().err
+    assert f"{root / '7'}: skipped" in err and f"{root / '8'}: skipped" in err
+    for bad in ("7", "8"):
+        (root / bad / "summary.json").unlink()
+    (root / "method=vanilla-bulyan" / "summary.json").write_text("[]")
+    with pytest.raises(SystemExit) as exit_:
+        main(["split", str(root), "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and f"error: split {root}: no job of a sweep there" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as exit_:
+        main(["split", str(root), "--out", str(root / "7" / "metrics.jsonl")])
+    assert exit_.value.code == 2 and "error: split --out" in capsys.readouterr().err
 
 
 def test_a_failed_write_leaves_the_previous_outputs_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -499,7 +499,9 @@ SMALL = ["--n", "5", "--d", "10", "--rules", "mean", "--step-rules", "coord-medi
     (["--n", "1", "--rules", "krum"], "--n 1: too few rows for krum"),
     (["--d", "nan"], "--d nan: give a number of coordinates >= 1"),
     (["--d", "inf"], "--d inf: give a number of coordinates >= 1"),
-    (["--d", "1e12"], "--d 1e+12: the largest measurement needs about"),
+    (["--d", "1e12"], "--n 5 --d 1e+12 --workers 15: the largest measurement needs about"),
+    # the (n, n) distance matrices count too: this one hung in krum's own check of n (a 1e6 x 1e6 Gram)
+    (["--n", "1000000", "--rules", "krum"], "--n 1000000 --d 10 --workers 15: the largest measurement needs about"),
     (["--workers", "16"], "--workers 16: the PS step's presets put workers in groups of 3"),
     (["--workers", "9"], "--workers 9: detox-coord-median refused: approach.buckets=5"),
     (["--step-rules", "mean"], "argument --step-rules: invalid choice: 'mean'"),
@@ -535,7 +537,7 @@ def test_bench_f_is_one_every_rule_accepts_from_three_rows() -> None:
         assert _f_for(rule, 45) == 5 and _f_for(rule, 15) == (3 if rule == "bulyan" else 5)
 
 
-@pytest.mark.parametrize("where", ["folder", "missing", "file_parent", "md"])
+@pytest.mark.parametrize("where", ["folder", "missing", "file_parent", "md", "root", "dot"])
 def test_bench_refuses_an_out_it_cannot_write_before_measuring(where: str, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str],
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
@@ -544,7 +546,7 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(where: str, tmp_p
     monkeypatch.setattr(bench, "bench_rules", lambda *a: measured.append(a) or [])
     (tmp_path / "afile").write_text("x")
     out = {"folder": tmp_path, "missing": tmp_path / "missing" / "b.json", "file_parent": tmp_path / "afile" / "b.json",
-           "md": tmp_path / "b.md"}[where]
+           "md": tmp_path / "b.md", "root": Path("/"), "dot": Path(".")}[where]  # last two: a traceback before
     with pytest.raises(SystemExit) as err:
         bench_main([*SMALL, "--out", str(out)])
     assert err.value.code == 2 and f"error: --out {out}: " in capsys.readouterr().err
