@@ -1,14 +1,18 @@
 """Networks (``network`` option -> constructor) and the flat-parameter view the PS works on.
 
 Every constructor is ``fn(input_shape, num_classes, **params) -> nn.Module`` with ``input_shape`` = (C, H, W).
-The CIFAR networks (ResNet-18/34/50, VGG-11/13 with batch norm, DenseNet-121) are torchvision's builders adapted to
-32x32 inputs as the original DETOX code (hwang595/DETOX, src/model_ops) has them: a 3x3 stride-1 stem without
-max-pool, and VGG's 512 -> classes head.
+The CIFAR networks (ResNet-18/34/50, VGG-11/13 with batch norm, DenseNet-121) are the original DETOX code's
+(hwang595/DETOX, src/model_ops: the kuangliu CIFAR ResNet and DenseNet, W. Yang's CIFAR VGG): a 3x3 stride-1 stem
+without max-pool, VGG's 512 -> classes head, the same parameters in the same flat order, the same forward pass, and
+the same initialisation (``original_init``, ``vgg_init``). ResNet reuses torchvision's blocks (the same layers as
+the original's); DenseNet is written out, because torchvision's concatenates a layer's new features after its
+input and the original's before (``tests/test_fidelity_audit.py`` checks each against a port of the original).
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,6 +51,42 @@ class LeNet(nn.Module):
         return self.fc2(self.fc1(x.flatten(1)))  # the original has no non-linearity between fc1 and fc2
 
 
+@torch.no_grad()
+def original_init(net: nn.Module) -> nn.Module:
+    """The initialisation the original's ResNet and DenseNet got: their code sets none, so PyTorch's defaults of
+    the version its README tested (1.0.1) — convolutions and linear layers Kaiming-uniform with a = sqrt(5) and a
+    bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (unchanged since), BatchNorm gamma ~ U(0, 1) and beta = 0 (PyTorch
+    1.2 made gamma 1). Drawn module by module in registration order."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            m.reset_parameters()
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            if m.affine:
+                nn.init.uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+    return net
+
+
+@torch.no_grad()
+def vgg_init(net: nn.Module) -> nn.Module:
+    """model_ops/vgg.py ``VGG._initialize_weights``: conv weights N(0, 2 / (k * k * out_channels)) and bias 0,
+    BatchNorm gamma 1 and beta 0, linear weights N(0, 0.01^2) and bias 0, in module order."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            m.weight.normal_(0, math.sqrt(2.0 / n))
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.BatchNorm2d):
+            m.weight.fill_(1)
+            m.bias.zero_()
+        elif isinstance(m, nn.Linear):
+            m.weight.normal_(0, 0.01)
+            m.bias.zero_()
+    return net
+
+
 def _cifar_resnet(block_name: str, layers: Sequence[int]) -> Callable[..., nn.Module]:
     """torchvision's ResNet builder (BasicBlock or Bottleneck, blocks per stage) with the CIFAR stem: a 3x3
     stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution into the first stage."""
@@ -56,7 +96,7 @@ def _cifar_resnet(block_name: str, layers: Sequence[int]) -> Callable[..., nn.Mo
         net = tv.ResNet(getattr(tv, block_name), list(layers), num_classes=num_classes)
         net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
-        return net
+        return original_init(net)  # torchvision's builder re-draws its convs (Kaiming normal); the original did not
 
     return build
 
@@ -67,8 +107,9 @@ resnet50 = _cifar_resnet("Bottleneck", (3, 4, 6, 3))
 
 
 def _cifar_vgg(table: str) -> Callable[..., nn.Module]:
-    """VGG with batch norm from torchvision's layer table (``"A"`` = VGG-11, ``"B"`` = VGG-13) and the
-    512 -> classes CIFAR head of the original's model_ops/vgg.py (no 4096-wide fully connected layers)."""
+    """VGG with batch norm from torchvision's layer table (``"A"`` = VGG-11, ``"B"`` = VGG-13, the original's
+    ``cfg`` tables) and the 512 -> classes CIFAR head and initialisation of the original's model_ops/vgg.py (no
+    4096-wide fully connected layers)."""
     def build(input_shape: Sequence[int], num_classes: int) -> nn.Module:
         from torchvision.models.vgg import cfgs as vgg_cfgs
 
@@ -80,7 +121,7 @@ def _cifar_vgg(table: str) -> Callable[..., nn.Module]:
             else:
                 layers += [nn.Conv2d(c, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
                 c = int(v)
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+        return vgg_init(nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes)))
 
     return build
 
@@ -89,16 +130,68 @@ vgg11 = _cifar_vgg("A")
 vgg13 = _cifar_vgg("B")
 
 
-def densenet121(input_shape: Sequence[int], num_classes: int) -> nn.Module:
-    """torchvision's DenseNet-121 (growth 32, blocks 6-12-24-16, 64 initial features) with the CIFAR stem of the
-    original's model_ops/densenet.py: one 3x3 stride-1 conv, without the stem's batch norm, ReLU and max-pool."""
-    from torchvision.models import DenseNet
+class _DenseLayer(nn.Module):
+    """model_ops/densenet.py ``Bottleneck``: BN-ReLU-conv 1x1 (4 x growth) and BN-ReLU-conv 3x3 (growth), the new
+    features concatenated *before* the input (torchvision's DenseNet puts them after)."""
 
-    net = DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64, num_classes=num_classes)
-    net.features.conv0 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
-    for name in ("norm0", "relu0", "pool0"):
-        setattr(net.features, name, nn.Identity())
-    return net
+    def __init__(self, in_planes: int, growth: int) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, 4 * growth, kernel_size=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(4 * growth)
+        self.conv2 = nn.Conv2d(4 * growth, growth, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.norm1(x)))
+        out = self.conv2(F.relu(self.norm2(out)))
+        return torch.cat([out, x], 1)
+
+
+class _Transition(nn.Module):
+    """model_ops/densenet.py ``Transition``: BN-ReLU-conv 1x1, then 2x2 average pooling."""
+
+    def __init__(self, in_planes: int, out_planes: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(in_planes)
+        self.conv = nn.Conv2d(in_planes, out_planes, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(self.conv(F.relu(self.norm(x))), 2)
+
+
+class DenseNet(nn.Module):
+    """model_ops/densenet.py ``DenseNet`` (reduction 0.5, a 3x3 stem of 2 x growth channels, final BN-ReLU, global
+    average pooling, linear head) with torchvision's attribute names (``features.conv0``, ``features.denseblock1``,
+    ..., ``features.norm5``, ``classifier``); parameters in the original's order."""
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, blocks: Sequence[int], growth: int) -> None:
+        super().__init__()
+        planes = 2 * growth
+        parts: list[tuple[str, nn.Module]] = [
+            ("conv0", nn.Conv2d(input_shape[0], planes, kernel_size=3, padding=1, bias=False))]
+        for i, n in enumerate(blocks, start=1):
+            layers = []
+            for j in range(n):
+                layers.append((f"denselayer{j + 1}", _DenseLayer(planes, growth)))
+                planes += growth
+            parts.append((f"denseblock{i}", nn.Sequential(OrderedDict(layers))))
+            if i < len(blocks):
+                out = int(math.floor(planes * 0.5))
+                parts.append((f"transition{i}", _Transition(planes, out)))
+                planes = out
+        parts.append(("norm5", nn.BatchNorm2d(planes)))
+        self.features = nn.Sequential(OrderedDict(parts))
+        self.classifier = nn.Linear(planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.adaptive_avg_pool2d(F.relu(self.features(x)), 1)  # the original's avg_pool2d(4) on 4x4 maps
+        return self.classifier(out.flatten(1))
+
+
+def densenet121(input_shape: Sequence[int], num_classes: int) -> nn.Module:
+    """The original's DenseNet121(): growth 32, blocks 6-12-24-16, 64 initial features, one 3x3 stride-1 stem
+    conv (no stem batch norm, ReLU or max-pool)."""
+    return original_init(DenseNet(input_shape, num_classes, (6, 12, 24, 16), 32))
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
