@@ -428,29 +428,35 @@ def _rank_failure(log_path: Path, rc: int) -> str:
 
 
 def decode_gradient(buf: bytes | bytearray | memoryview, row_np: np.ndarray, compress: str | None) -> bool:
-    """Fill ``row_np`` (float32) from a worker's message; False if the message is not a valid gradient."""
+    """Fill ``row_np`` (float32) from a worker's message; False if the message is not a valid gradient (``row_np``
+    may then hold anything: the PS overwrites it with NaN).
+
+    A blosc frame is at most ``row_np.nbytes + BLOSC_MAX_OVERHEAD`` bytes (what blosc writes for any input, an
+    incompressible one included): a longer message is oversized, however its header reads. It is decompressed
+    straight into ``row_np``: nothing a worker sends is copied or gets memory of its own."""
     nbytes = row_np.nbytes
+    if row_np.dtype != np.float32 or not row_np.flags.c_contiguous or not row_np.flags.writeable:
+        raise ValueError("decode_gradient needs a writeable C-contiguous float32 row")
+    n = memoryview(buf).nbytes
     if not compress:
-        if len(buf) != nbytes:
+        if n != nbytes:
             return False
         row_np[:] = np.frombuffer(buf, dtype=np.float32)
         return True
     import blosc
 
-    if len(buf) < BLOSC_HEADER.size:
+    if not BLOSC_HEADER.size <= n <= nbytes + BLOSC_MAX_OVERHEAD:
         return False
     _, _, _, typesize, raw, _, cbytes = BLOSC_HEADER.unpack_from(buf)
-    # bound the decompressed size by the header before blosc allocates anything
-    if raw != nbytes or cbytes != len(buf) or typesize != 4:
+    # the header's sizes must be the row's and the message's before blosc reads or writes anything: blosc writes
+    # the header's nbytes into the row
+    if raw != nbytes or cbytes != n or typesize != 4:
         return False
     try:
-        out = blosc.decompress(bytes(buf))
+        written = blosc.decompress_ptr(buf, row_np.ctypes.data)
     except Exception:  # blosc raises its own error type on corrupt input
         return False
-    if len(out) != nbytes:
-        return False
-    row_np[:] = np.frombuffer(out, dtype=np.float32)
-    return True
+    return written == nbytes
 
 
 def zero_extent_type(nbytes: int):
