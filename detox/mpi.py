@@ -934,6 +934,10 @@ def rank_main(job_dir: str) -> None:
     cfg = OmegaConf.create(_share_config(comm, out_dir / "resolved_config.yaml" if rank == 0 else None))
     # under mpiexec torch starts with 1 thread (DESIGN §7): always set it explicitly
     cfg.threads = int(cfg.engine.threads_per_rank or cfg.threads or 1)
+    if cfg.engine.get("compress") == "blosc":
+        import blosc
+
+        blosc.set_nthreads(cfg.threads)  # its default is one thread per core in every rank: a host's ranks fought
     plan = plan_from_cfg(cfg)
     if size != plan.workers + 1:
         raise SystemExit(f"detox.mpi: world size {size} != workers + 1 = {plan.workers + 1}")

@@ -322,7 +322,9 @@ SCHEMA: dict[str, Any] = {
     "engine.compress": Str(("blosc",), null=True),
     "engine.codec": Str(pattern=r"[a-z0-9]+"),
     "engine.clevel": Int(lo=0, hi=9),
-    "engine.timeout": SECONDS,
+    # >= 1 s: less fails every run at its first exchange (after minutes of start-up); <= a week: 1e308 turned every
+    # per-exchange deadline off, so a hung rank held the PS forever
+    "engine.timeout": Num(lo=1.0, hi=7 * 86400.0),
     "engine.job_timeout": Num(lo=0.0, open_lo=True, null=True),
     "engine.faults": Records((("rank", Int(lo=1)), ("kind", Str(_registry("detox.config", "FAULT_KINDS"))),
                               ("step", COUNT)), required=("rank", "kind")),

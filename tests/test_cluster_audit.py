@@ -169,6 +169,64 @@ def test_hostfile_comment_may_hold_any_bytes(tmp_path: Path) -> None:
         parse_hostfile(path)
 
 
+# what prterun (Open MPI 5.0.11) refuses after mpiexec has started, each passed parse_hostfile before (the run then
+# ended `failed` instead of exit 2 before any work); and what it takes, which must still parse
+PRTE_REFUSES = [
+    (b"localhost slots=2\r\n", "a carriage return (CRLF line ends"),
+    (b"localhost slots=2\x01\n", "the control character '\\x01'"),
+    (b"localhost slots=2\x1c\n", "the control character '\\x1c'"),
+    (b"localhost slots=2\nlocalhost slots=1\n", "localhost is also on line 1"),
+    (b"localhost\nlocalhost slots=1\n", "localhost is also on line 1"),
+    (b"localhost slots=2 slots=1\n", "slots given twice"),
+    (b"localhost slots=2 max_slots=1\n", "max_slots=1 is below slots=2"),
+]
+PRTE_TAKES = [
+    (b"localhost\nlocalhost\n", [("localhost", 1), ("localhost", 1)]),
+    (b"localhost slots=2 # a comment\r\n", [("localhost", 2)]),
+    (b"localhost slots=2 max_slots=2\n", [("localhost", 2)]),
+    (b"localhost\tslots=2\n", [("localhost", 2)]),
+    (b"localhost\x0cslots=2\x0b\n", [("localhost", 2)]),  # prterun's blanks (splitlines ended the line there)
+]
+
+
+# refused though prterun takes it (the last max_slots counts there, checked against slots only when after it)
+STRICTER = [(b"localhost max_slots=1 max-slots=2\n", "max_slots given twice")]
+
+
+@pytest.mark.parametrize(("content", "message"), PRTE_REFUSES + STRICTER)
+def test_hostfile_open_mpi_refuses_is_refused_by_line(content: bytes, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"^line \d ") as err:
+        parse_hostfile(path)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "hosts"), PRTE_TAKES)
+def test_hostfile_open_mpi_takes_still_parses(content: bytes, hosts: list, tmp_path: Path) -> None:
+    path = tmp_path / "hosts"
+    path.write_bytes(content)
+    assert parse_hostfile(path) == hosts
+
+
+def test_hostfile_checks_agree_with_mpiexec(tmp_path: Path) -> None:
+    """The oracle: the wheel's own mpiexec refuses every PRTE_REFUSES file and runs every PRTE_TAKES one."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    from detox.mpi import launcher_path
+
+    mpiexec = launcher_path(OmegaConf.create({"engine": {"launcher": None}}))
+    env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    path = tmp_path / "hosts"
+    for content, refused in [*((c, True) for c, _ in PRTE_REFUSES), *((c, False) for c, _ in PRTE_TAKES)]:
+        path.write_bytes(content)
+        run = subprocess.run([mpiexec, "--hostfile", str(path), "-n", "1", "true"], env=env, capture_output=True,
+                             text=True, timeout=60)
+        assert (run.returncode != 0) == refused, (content, run.returncode, run.stderr[-500:])
+
+
 def test_provision_folder_or_unreadable_hostfile_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """A folder was "no such file"; a file that cannot be read (permissions) was a traceback."""
@@ -178,10 +236,10 @@ def test_provision_folder_or_unreadable_hostfile_is_one_line(tmp_path: Path, mon
     hostfile = tmp_path / "hosts"
     hostfile.write_text("10.0.0.1\n")
 
-    def denied(*args: object, **kwargs: object) -> str:
+    def denied(*args: object, **kwargs: object) -> bytes:
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_text", denied)
+    monkeypatch.setattr(Path, "read_bytes", denied)
     assert main([str(hostfile), "--ssh", "/nonexistent/ssh"], out=printed.append) == 2
     assert capsys.readouterr().err == f"detox.cluster.provision: error: {hostfile}: cannot read it: Permission denied\n"
     assert printed == []

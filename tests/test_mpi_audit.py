@@ -410,6 +410,8 @@ BAD_ENGINE = [
     "engine.compress=lz4", "engine.compress=BLOSC", "engine.compress=''",
     "engine.codec=snappy", "engine.codec=foo", "engine.codec=LZ4", "engine.codec=''",
     "engine.threads_per_rank=0", "engine.job_timeout=0", "engine.job_timeout=inf", "engine.job_timeout=nan",
+    # taken before: 1e308 turned every per-exchange deadline off, 0.5 (or 5e-324) failed every run's first exchange
+    "engine.timeout=1e308", "engine.timeout=0.5", "engine.timeout=5e-324", "engine.timeout=604801",
 ]
 
 

@@ -3,9 +3,12 @@
 Format (Open MPI's): one host per line, ``<host> slots=<n>``; ``#`` starts a comment; blank lines are ignored.
 The first host runs rank 0 (the PS), because Open MPI fills slots in file order. A bare ``<host>`` line (the
 original project's ``hosts_address``) counts as one slot here: that is how the original ran, one rank per
-instance (Open MPI itself may give a bare host one slot per core). Parsing is ASCII, as Open MPI's: fields are
-separated by spaces or tabs, ``slots`` are ASCII digits (1 to ``MAX_SLOTS``), and a host is a DNS name or an IPv4/IPv6
-address; a no-break space or a Unicode digit is refused rather than read as Python would read it.
+instance (Open MPI itself may give a bare host one slot per core). Parsing is ASCII, as Open MPI's: lines end at a
+line feed only, fields are separated by spaces, tabs, vertical tabs or form feeds, ``slots`` are ASCII
+digits (1 to ``MAX_SLOTS``), and a host is a DNS name or an IPv4/IPv6 address; a no-break space or a Unicode digit is
+refused rather than read as Python would read it, and so is what Open MPI refuses only once mpiexec has started (a
+carriage return or another control character, a repeated key, ``max_slots`` below ``slots``, a host on two lines
+where one gives ``slots=``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ SLOTS = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() would take '٣
 # one host name label (letters, digits, '_', '-', not first or last): hosts end up as arguments of ssh, scp and
 # mpiexec, where a leading '-' (e.g. '-F/tmp/config' or '-oProxyCommand') would be read as an option
 LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
-BLANKS = " \t"  # the separators Open MPI reads; str.split() would also split at a no-break space
+BLANKS = " \t\v\f"  # the separators Open MPI reads; str.split() would also split at a no-break space
 SHOWN = 80  # characters of a line or value an error message repeats: the message stays one short line
 
 
@@ -113,7 +116,8 @@ def _slot_count(key: str, value: str) -> int:
     return int(value)
 
 
-def _parse_line(text: str) -> tuple[str, int]:
+def _parse_line(text: str) -> tuple[str, int, bool]:
+    """(host, slots, whether slots= was given) of one line without its comment."""
     # Open MPI reads ASCII: a no-break space or a Unicode digit would mean something else to it than to Python
     odd = next((c for c in text if not c.isascii()), None)
     if odd is not None:
@@ -121,21 +125,32 @@ def _parse_line(text: str) -> tuple[str, int]:
         what = (f"byte 0x{ord(odd) - 0xDC00:02x}" if 0xDC80 <= ord(odd) <= 0xDCFF
                 else f"character {odd!r} (U+{ord(odd):04X})")
         raise ValueError(f"non-ASCII {what}; hostfiles are ASCII, fields separated by spaces or tabs")
+    # prterun (Open MPI 5) refuses a line with a carriage return or another control character after mpiexec has
+    # started: refused here, before any work
+    control = next((c for c in text if (c < " " and c not in BLANKS) or c == "\x7f"), None)
+    if control is not None:
+        what = "a carriage return (CRLF line ends: save the file with LF ends)" if control == "\r" else \
+            f"the control character {control!r}"
+        raise ValueError(f"{what}; Open MPI refuses it")
     host, *options = re.split(f"[{BLANKS}]+", text.strip(BLANKS))
     if "=" in host:
         raise ValueError("the line must start with a host name")
     if not is_host(host):
         raise ValueError(f"{_clip(host)} is not a host name or an IP address (a host name is letters, digits, '_', "
                          f"'-', dot-separated, no label starting or ending with '-'; or an IPv4 or IPv6 address)")
-    slots = 1
+    counts: dict[str, int] = {}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in SLOT_KEYS:
             raise ValueError(f"unknown option {_clip(option)} (expected slots=<n>)")
-        count = _slot_count(key, value)
-        if key == "slots":
-            slots = count
-    return host, slots
+        name = key.replace("-", "_")
+        if name in counts:  # Open MPI refuses a repeated key; which one would count is not ours to guess
+            raise ValueError(f"{name} given twice")
+        counts[name] = _slot_count(key, value)
+    slots = counts.get("slots", 1)
+    if counts.get("max_slots", slots) < slots:
+        raise ValueError(f"max_slots={counts['max_slots']} is below slots={slots} (Open MPI refuses it)")
+    return host, slots, "slots" in counts
 
 
 def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
@@ -143,18 +158,28 @@ def parse_hostfile(path: str | Path) -> list[tuple[str, int]]:
     try:
         # Open MPI reads bytes: a comment in Latin-1 is fine for it, so undecodable bytes are kept (surrogateescape)
         # and refused only outside comments, by _parse_line
-        content = Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+        content = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")  # no newline translation
     except OSError as err:  # unreadable (permissions, a folder, an I/O error): a ValueError like any bad hostfile,
         raise ValueError(f"cannot read it: {err.strerror or err}") from None  # not a traceback from its callers
     entries = []
-    for number, line in enumerate(content.splitlines(), start=1):
+    explicit: dict[str, int] = {}  # host -> first line that lists it, where a line of it gives slots=
+    listed: dict[str, int] = {}
+    # lines end at "\n" only, as Open MPI reads them (str.splitlines also ends them at \r, \f, \x1c, ...)
+    for number, line in enumerate(content.split("\n"), start=1):
         text = line.split("#", 1)[0].strip(BLANKS)  # ASCII blanks only: a no-break space is refused, not dropped
         if not text:
             continue
         try:
-            entries.append(_parse_line(text))
+            host, slots, given = _parse_line(text)
+            first = listed.setdefault(host, number)
+            if given:
+                explicit.setdefault(host, number)
+            if first != number and host in explicit:
+                raise ValueError(f"{host} is also on line {first}, and one of its lines gives slots=: Open MPI "
+                                 f"refuses that; give the host once, with its total slots")
         except ValueError as err:
             raise ValueError(f"line {number} {_clip(line.strip(BLANKS))}: {err}") from None
+        entries.append((host, slots))
     if not entries:
         raise ValueError("no hosts in the file")
     return entries
