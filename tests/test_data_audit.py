@@ -334,3 +334,22 @@ def test_status_into_a_closed_pipe_is_no_traceback(tmp_path: Path) -> None:
     child.stdout.close()  # before it prints: the import alone takes far longer than this
     err = child.stderr.read().decode()
     assert child.wait(timeout=120) == 0 and err == "", err
+
+
+def test_status_checks_the_md5_training_checks(tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """status checked IDX files by size only: a label file with one byte changed was "present", and the run then
+    refused it (training checks the md5). Now status says invalid, naming the file."""
+    blobs = fake_mnist(tmp_path / "src", monkeypatch)
+    prepare("mnist", tmp_path / "src")
+    raw = data_root / "MNIST" / "raw"
+    assert data.status(names=["mnist"]) == [f"mnist: present in {raw}"]
+    labels = bytearray(blobs["train-labels-idx1-ubyte"])
+    labels[-1] ^= 1
+    (raw / "train-labels-idx1-ubyte").write_bytes(bytes(labels))
+    assert data.main(["status"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "mnist:" in x and "fashion" not in x)
+    assert line.startswith(f"detox.data: mnist: invalid: train-labels-idx1-ubyte ({len(labels)} bytes) fails the "
+                           f"release's md5 (damaged, or another data set's file) in {raw}; "), line
+    with pytest.raises(DataUnavailable, match="train-labels-idx1-ubyte"):
+        load_data(make_cfg(["dataset=mnist", "dataset.download=false"]).dataset)  # what a run says of the file
