@@ -12,8 +12,12 @@ fills a run's accuracies from it.
 ``follow=true`` keeps watching the weights folder (every ``poll`` seconds) and stops once the run's ``summary.json``
 says it ended and every file is evaluated, or once the run it watched dies without one (exit 1); without it, the
 files present are evaluated and the command ends. A bad request (no such folder, not a run folder, no weights
-files, an ``out=`` that is not a records file or is being written by another evaluator, a run config this code
-cannot evaluate) is one line and exit 2, before any work.
+files, weights of a run of another config (``models/.detox_run`` names their run), an ``out=`` that is not a records
+file or is being written by another evaluator, a run config this code cannot evaluate, a CUDA device this machine
+lacks) is one line and exit 2, before any work. A weights file is read only if it can be one the trainer wrote (a
+regular file, not a link; an uncompressed torch archive no larger than the network's tensors need; a step within the
+run's max_steps); any other is skipped with one line. A disk that fills is one line and exit 1, the records before
+it kept whole; Ctrl-C keeps them too.
 
 The records file is held under an OS lock while an evaluator writes it (two evaluators never record a step twice);
 a last line torn by a killed evaluator is dropped before anything is appended (appending after it would fuse the
@@ -27,6 +31,8 @@ import fcntl
 import json
 import os
 import re
+import signal
+import stat
 import sys
 import time
 import warnings
@@ -37,12 +43,21 @@ from typing import Any
 
 import hydra
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from detox.approaches import Plan, plan_from_cfg
 from detox.data import DataUnavailable
 from detox.errors import ConfigError
-from detox.results import MODEL_PREFIX, clean_json, lock_held, model_dir, model_files, writes_models
+from detox.results import (
+    MODEL_OWNER,
+    MODEL_PREFIX,
+    clean_json,
+    lock_held,
+    model_dir,
+    model_files,
+    writes_models,
+)
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
 
 # the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
@@ -50,6 +65,8 @@ EVAL_KEYS = ("step", "epoch", "eval_time", "samples", "test_loss", "test_acc", "
 # the statuses summary.json holds once a run has ended (detox.train writes it on every way out)
 ENDED = ("completed", "diverged", "failed")
 
+# the longest line a record can be (seven keys and numbers: about 200 bytes)
+RECORD_BYTES = 4096
 # files of the run folder that are never a records file (out= pointing at one would append into it)
 RUN_FILES = ("metrics.jsonl", "summary.json", "resolved_config.yaml", "checkpoint.pt", "train.log", ".lock",
              "model.pt", "mpi.log", "summary.jsonl")
@@ -70,6 +87,28 @@ SCHEMA: dict[str, Any] = {
 
 class EvalError(RuntimeError):
     """A request the evaluator cannot serve; the message is the one line the user sees."""
+
+
+class WriteFailed(RuntimeError):
+    """The records file stopped taking records (a full disk): one line, exit 1; the records written so far stay."""
+
+
+# the most bytes read from a run's small text files (resolved_config.yaml, summary.json, models/.detox_run)
+SMALL_FILE = 1 << 20
+
+
+def read_small(path: Path, limit: int = SMALL_FILE) -> str:
+    """The text of a run's small file, read only if it is a regular file of at most ``limit`` bytes: a fifo put in
+    its place (or swapped in after a look) would block the read forever, a link to /dev/zero never end it. Raises
+    OSError (FileNotFoundError when absent) or ValueError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a fifo with no writer opens at once
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{path}: {info.st_size} bytes, more than such a file holds")
+        return f.read(limit + 1)[:limit].decode()
 
 
 def say(message: str) -> None:
@@ -104,7 +143,12 @@ def _run_config(run_dir: Path, cfg: DictConfig) -> DictConfig | None:
         raise EvalError(f"run_dir={run_dir}: {what} (give the job folder a run wrote, or follow=true to wait "
                         f"for a run that has not started)")
     try:
-        run_cfg = OmegaConf.load(path)
+        text = read_small(path)
+        # OmegaConf.to_yaml writes no anchors: an alias can only come from a hand-made file, and nested aliases
+        # (a 'billion laughs') take OmegaConf hours to expand
+        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+            raise ValueError("YAML aliases (*name), which no run writes")
+        run_cfg = OmegaConf.create(text)
         run_cfg.network.name, run_cfg.dataset.name, run_cfg.eval_batch_size  # noqa: B018 - the keys it needs
     except Exception as err:
         raise EvalError(f"{path}: not a detox run config ({type(err).__name__}: {err})") from None
@@ -130,12 +174,36 @@ def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
             raise EvalError(f"run_dir={run_dir}: the run used evaluation={run_cfg.get('evaluation', 'inloop')} "
                             f"without a model_dir, so it writes no weights files (its metrics.jsonl holds the "
                             f"accuracies); start it with evaluation=external")
+    if (owner := foreign_weights(run_dir, models, run_cfg)) is not None:
+        raise EvalError(f"model_dir={models} holds the weights files of {owner}, a run of another config than "
+                        f"run_dir={run_dir} (their resolved_config.yaml differ): its numbers would be recorded as "
+                        f"this run's; give that run's folder as run_dir")
     if not cfg.follow and (not models.is_dir() or not model_files(models)):
         raise EvalError(f"model_dir={models}: no {MODEL_PREFIX}<t> files "
                         f"({'no such folder' if not models.exists() else 'empty'}); follow=true waits for them")
     out = _path(cfg.out) or run_dir / "eval.jsonl"
     check_out(out, run_dir, models)
     return Target(run_dir, run_cfg, models, out)
+
+
+def foreign_weights(run_dir: Path, models: Path, run_cfg: DictConfig) -> str | None:
+    """The job folder of another run whose weights ``models`` holds, or None. The trainer claims a weights folder
+    for its job folder (``models/.detox_run``); a folder claimed by another job folder is that run's unless the
+    other folder holds a run of this same config (a copy: the same weights). The default layout of a run without
+    model_dir, ``<run_dir>/models``, travels with its folder (a moved or copied run) and is always the run's."""
+    if run_cfg.get("model_dir") is None and models.resolve() == (run_dir / "models").resolve():
+        return None
+    try:
+        owner = Path(read_small(models / MODEL_OWNER).strip())
+    except (OSError, ValueError):  # unclaimed (written by older code, or the run has not started yet)
+        return None
+    if not str(owner) or owner.resolve() == run_dir.resolve():
+        return None
+    try:
+        same = read_small(owner / "resolved_config.yaml") == read_small(run_dir / "resolved_config.yaml")
+    except (OSError, ValueError):  # the owner's folder is gone (moved): nothing says the config differs
+        return None
+    return None if same else str(owner)
 
 
 def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
@@ -148,8 +216,11 @@ def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise EvalError(f"out={out}: not writable here")
     where = out.resolve()
-    if (run_dir is not None and where.parent == run_dir.resolve() and where.name in RUN_FILES) or (
-            models is not None and where.parent == models.resolve()):
+    run_file = where.name in RUN_FILES or where.name == MODEL_OWNER or where.name.startswith(MODEL_PREFIX)
+    in_run = run_dir is not None and where.parent == run_dir.resolve()
+    # the weights folder holds nothing else, unless it is the run's folder itself (model_dir=<its job folder>)
+    in_models = models is not None and where.parent == models.resolve()
+    if (in_run and run_file) or (in_models and (run_file or not in_run)):
         raise EvalError(f"out={out}: a file of the run itself, not a records file (the default is "
                         f"<run_dir>/eval.jsonl)")
 
@@ -157,7 +228,7 @@ def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
 def run_ended(run_dir: Path) -> bool:
     """The run wrote its final summary (detox.train writes one however it ends, a kill -9 aside: see ``timeout``)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status") in ENDED
+        return json.loads(read_small(run_dir / "summary.json")).get("status") in ENDED
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -179,10 +250,14 @@ class Records:
 
     def __init__(self, out: Path) -> None:
         self.out, self.created = out, not out.exists()
-        try:
-            self.fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        try:  # non-blocking: a fifo swapped in after check_out's look opens at once, and is refused below
+            self.fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
         except OSError as err:
             raise EvalError(f"out={out}: cannot be opened ({err.strerror})") from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise EvalError(f"out={out}: not a file (give the file for the records, e.g. <run_dir>/eval.jsonl)")
+        os.set_blocking(self.fd, True)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -196,35 +271,53 @@ class Records:
             raise
 
     def _read(self) -> set[int]:
-        data = b""
+        """The steps recorded; read line by line, so that a file that is not a records file (out= given a data set
+        of GBs) is refused at its first line, not after reading it all into memory."""
         os.lseek(self.fd, 0, os.SEEK_SET)
+        steps: set[int] = set()
+        number, size, rest = 0, 0, b""
         while chunk := os.read(self.fd, 1 << 20):
-            data += chunk
-        try:
-            text = data.decode()
-        except UnicodeDecodeError:
-            raise EvalError(f"out={self.out}: not a records file (not UTF-8 text); move it aside or give another "
-                            f"out=") from None
-        lines = text.split("\n")
-        steps = set()
-        for number, line in enumerate(lines[:-1], 1):
-            if not _is_record(line):
-                raise EvalError(f"out={self.out}: line {number} is not a record of detox.evaluate; move the file "
-                                f"aside or give another out=")
-            steps.add(json.loads(line)["step"])
-        torn = lines[-1]  # no final newline: what an evaluator killed mid-write leaves (checked after the rest)
+            size += len(chunk)
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                number += 1
+                if not _is_record(self._text(line)):
+                    raise EvalError(f"out={self.out}: line {number} is not a record of detox.evaluate; move the "
+                                    f"file aside or give another out=")
+                steps.add(json.loads(line)["step"])
+            if len(rest) > RECORD_BYTES:  # no record is that long
+                raise EvalError(f"out={self.out}: line {number + 1} is not a record of detox.evaluate; move the "
+                                f"file aside or give another out=")
+        torn = self._text(rest)  # no final newline: what an evaluator killed mid-write leaves
         if torn and _is_record(torn):  # whole but for its newline: kept
             steps.add(json.loads(torn)["step"])
             os.write(self.fd, b"\n")
         elif torn:  # its step is evaluated again
             say(f"dropping the torn last line of {self.out} (an evaluator killed while writing it)")
-            os.ftruncate(self.fd, len(data) - len(torn.encode()))
+            os.ftruncate(self.fd, size - len(rest))
         return steps
+
+    def _text(self, line: bytes) -> str:
+        try:
+            return line.decode()
+        except UnicodeDecodeError:
+            raise EvalError(f"out={self.out}: not a records file (not UTF-8 text); move it aside or give another "
+                            f"out=") from None
 
     def append(self, rec: dict) -> None:
         data = (json.dumps(clean_json(rec)) + "\n").encode()
-        while data:  # O_APPEND: each write lands at the end
-            data = data[os.write(self.fd, data):]
+        size = os.fstat(self.fd).st_size
+        try:
+            while data:  # O_APPEND: each write lands at the end
+                data = data[os.write(self.fd, data):]
+        except OSError as err:  # a full disk: no part of the record stays, the records before it do
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass  # a torn last line is dropped by the next evaluator
+            raise WriteFailed(f"out={self.out}: cannot write the record of step {rec['step']} ({err.strerror}); "
+                              f"the records before it are kept: the same command again evaluates the rest") \
+                from None
 
     def close(self) -> None:
         if self.created and os.fstat(self.fd).st_size == 0:  # nothing recorded: leave no empty file behind
@@ -237,8 +330,12 @@ def evaluation_config(t: Target, cfg: DictConfig) -> tuple[DictConfig, Plan]:
     eval_batch_size of 0 or an unknown network is one line, not a traceback after the data set is loaded)."""
     run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
                                               if cfg[k] is not None})
-    if str(run_cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"device={run_cfg.device}: no CUDA device is available here; give device=cpu")
+    device = str(run_cfg.device)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"device={device}: no CUDA device is available here; give device=cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= (count := torch.cuda.device_count()):
+        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise EvalError(f"device={device}: this machine's CUDA devices are {names}; give one of them, or device=cpu")
     where = t.run_dir / "resolved_config.yaml"
     try:
         check(run_cfg)
@@ -258,7 +355,10 @@ class Evaluator:
 
         self.t, self.s, self.records = t, setup(run_cfg, plan), records
         self.samples_per_step = plan.units * int(run_cfg.batch_size)  # as the trainer counts them
-        self.expected = {k: (v.shape, v.dtype) for k, v in self.s.model.state_dict().items()}
+        state = self.s.model.state_dict()
+        self.expected = {k: (v.shape, v.dtype) for k, v in state.items()}
+        # a weights file holds these tensors and a little pickle; anything much larger is not one (load_torch_file)
+        self.limit = 2 * sum(v.numel() * v.element_size() for v in state.values()) + (1 << 20)
 
     def _check_state(self, state: object) -> None:
         """Exactly the state_dict the trainer writes for this network: the same keys, shapes and dtypes (a float64
@@ -276,14 +376,17 @@ class Evaluator:
 
     def evaluate(self, step: int, path: Path) -> dict | None:
         """The record of one weights file (also appended to eval.jsonl), or None if the file cannot be read."""
-        from detox.trainer import evaluate
+        from detox.trainer import evaluate, load_torch_file
 
         try:
             with warnings.catch_warnings():  # torch warns about some pickle protocols: the one line below says it
                 warnings.simplefilter("ignore")
-                # weights_only: loading runs no code from the file, whatever it holds
-                state = torch.load(path, map_location=self.s.cfg.device, weights_only=True)
+                # weights_only: loading runs no code from the file, whatever it holds; a link (to another run's
+                # file, to /dev/zero), a fifo or a compressed archive is refused unread
+                state = load_torch_file(path, self.limit, self.s.cfg.device, follow_symlinks=False)
             self._check_state(state)
+            if step > int(self.s.cfg.max_steps):  # weights of this network, but never written by this run
+                raise ValueError(f"step {step} is past the run's max_steps={self.s.cfg.max_steps}: not its file")
             self.s.model.load_state_dict(state)
         except Exception as err:
             reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else ""
@@ -380,6 +483,17 @@ def main(cfg: DictConfig) -> None:
     except (EvalError, ConfigError, DataUnavailable) as err:
         print(f"detox.evaluate: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except WriteFailed as err:
+        print(f"detox.evaluate: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print("detox.evaluate: interrupted (Ctrl-C); the records so far are kept: the same command again "
+              "evaluates only the steps not yet recorded", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # die of SIGINT, as a shell loop expects
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(130)
     sys.exit(code)
 
 

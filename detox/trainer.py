@@ -7,10 +7,14 @@ Everything else (Byzantine placement, the PS step, evaluation, metrics, summary)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import math
+import os
+import stat
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -35,6 +39,7 @@ from detox.results import (
     resolved_yaml,
     save_torch_atomic,
     write_json,
+    write_text_atomic,
     writes_models,
 )
 from detox.step import ParameterServer
@@ -226,8 +231,9 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
         records, wall, cluster, malformed = state["records"], state["wall"], state["cluster"], state["malformed"]
         source.restore_state(state.get("source") or {})
         log.info("resuming from %s at step %d", ckpt_path, records[-1]["step"])
-    if metrics_path is not None:  # the file holds exactly the records of this trajectory so far
-        metrics_path.write_text("".join(json.dumps(clean_json(r)) + "\n" for r in records))
+    if metrics_path is not None:  # the file holds exactly the records of this trajectory so far (written whole: a
+        # reader, or a kill while it is written, never sees the previous attempt's file cut short)
+        write_text_atomic(metrics_path, "".join(json.dumps(clean_json(r)) + "\n" for r in records))
     # evaluation=external: no evaluation here (the original ran its evaluator on its own node so that it never
     # slowed training); the weights of every evaluation step go to model_step_<t> files for python -m detox.evaluate
     external = cfg.get("evaluation") == "external"
@@ -301,7 +307,7 @@ def train(s: Setup, source: GradientSource, out_dir: Path | None) -> dict:
     })
     if save:
         if cfg.get("save_model"):
-            torch.save(s.model.state_dict(), out_dir / "model.pt")
+            save_torch_atomic(out_dir / "model.pt", s.model.state_dict())  # a full disk leaves no torn model.pt
         write_json(out_dir / "summary.json", summary)
         if ckpt_path is not None:
             ckpt_path.unlink(missing_ok=True)  # the run is finished: nothing left to resume
@@ -322,8 +328,7 @@ def load_checkpoint(cfg: DictConfig, path: Path, w_d: torch.Tensor) -> dict | No
     if not path.exists():
         return None
     try:
-        # weights_only keeps torch.load from running code, whatever the file holds
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, checkpoint_limit(cfg, w_d))
         problem = checkpoint_problem(cfg, state, w_d)
     except Exception as err:  # unreadable: torn, not a torch file, a directory, ...
         problem = f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
@@ -331,6 +336,47 @@ def load_checkpoint(cfg: DictConfig, path: Path, w_d: torch.Tensor) -> dict | No
         log.warning("ignoring checkpoint %s: %s; starting from step 0", path, problem)
         return None
     return state
+
+
+def checkpoint_limit(cfg: DictConfig, w_d: torch.Tensor) -> int:
+    """The most bytes a checkpoint of this config can hold: weights and momentum, the RNG state, at most one record
+    (a few hundred bytes pickled) every eval_freq steps, the config and the MPI source's counts, with room to spare."""
+    records = int(cfg.max_steps) // int(cfg.eval_freq) + 2
+    return 4 * w_d.numel() * w_d.element_size() + 4096 * records + 64 * int(cfg.workers) + (1 << 20)
+
+
+def load_torch_file(path: Path, limit: int, map_location: str | torch.device = "cpu",
+                    follow_symlinks: bool = True) -> object:
+    """``torch.load(path, weights_only=True)`` (no code from the file runs) of a file that can only be one
+    ``torch.save`` wrote: a regular file (a fifo or a device is never read: the read would hang, or never end) and a
+    zip archive of stored (uncompressed) entries, at most ``limit`` bytes unpacked. torch allocates every tensor
+    before anything can check its shape, and reads deflated entries too: a few hundred KB could unpack into GBs.
+    Raises ValueError (or OSError) saying why the file is refused."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_symlinks else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags)  # non-blocking: opening a fifo with no writer returns at once
+    except OSError as err:
+        if err.errno == errno.ELOOP and not follow_symlinks:
+            raise ValueError("a symbolic link, not a file the run wrote") from None
+        raise
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        os.set_blocking(fd, True)
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, more than such a file holds (at most {limit})")
+        try:
+            with zipfile.ZipFile(f) as archive:  # (f stays open)
+                entries = archive.infolist()
+        except (zipfile.BadZipFile, EOFError, ValueError):
+            raise ValueError("not a file torch.save wrote (no zip archive)") from None
+        if any(e.compress_type != zipfile.ZIP_STORED for e in entries):
+            raise ValueError("compressed entries (torch.save stores its data uncompressed)")
+        if (unpacked := sum(e.file_size for e in entries)) > limit:
+            raise ValueError(f"{unpacked} bytes unpacked, more than such a file holds (at most {limit})")
+        f.seek(0)
+        return torch.load(f, map_location=map_location, weights_only=True)
 
 
 def checkpoint_problem(cfg: DictConfig, state: object, w_d: torch.Tensor) -> str | None:
