@@ -63,10 +63,16 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_torch_atomic(path: Path, obj: Any) -> None:
-    """``torch.save`` atomically: a reader (the evaluator) never sees half a file."""
+    """``torch.save`` atomically: a reader (the evaluator) never sees half a file. Serialised in memory first and
+    written by Python: torch's own writer turns a full disk into a RuntimeError ("unexpected pos ...") that names
+    neither the disk nor the file; written here it is the OSError (ENOSPC) the run reports in one line."""
+    import io
+
     import torch
 
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_atomic(path, lambda tmp: tmp.write_bytes(buf.getbuffer()))
 
 
 # --- weights files for the separate evaluator (python -m detox.evaluate), named as the original's ------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -53,6 +54,34 @@ def refuse(err: Exception) -> None:
     print(f"detox: error: {err}", file=sys.stderr)
 
 
+# a full or read-only disk, a quota or a file-size limit: the output cannot be written; one line and exit 1, never a
+# traceback
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def disk_problem(err: BaseException, out_dir: Path | None) -> str | None:
+    """The one line for an error of the disk the output goes to, or None for any other error."""
+    if not (isinstance(err, OSError) and err.errno in DISK_ERRNOS):
+        return None
+    # a write that fills the disk fails at write or close, where the error names no file
+    where = err.filename or (f"the run's output in {out_dir}" if out_dir is not None else "the run's output")
+    return (f"cannot write {where}: {err.strerror}; the run stopped (make room, then the same command again resumes "
+            f"or redoes it)")
+
+
+def _failed_summary(cfg: DictConfig, out_dir: Path | None, err: BaseException) -> dict:
+    """The failed job's summary, written where it can be: a disk that is full may take it or not."""
+    summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
+    if out_dir is not None:
+        try:
+            write_json(out_dir / "summary.json", summary)
+        except OSError as write_err:
+            if disk_problem(write_err, out_dir) is None:  # a full disk refusing it too is what the error says
+                log.error("cannot record the failure in %s: %s", out_dir / "summary.json",
+                          write_err.strerror or write_err)
+    return summary
+
+
 def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
     """Validate, train with the chosen engine, and leave a summary.json whatever happens.
 
@@ -85,6 +114,14 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
     except JobBusy as err:
         log.warning("skipping: %s", err)
         return {"status": "skipped", "error": str(err)}
+    except OSError as err:  # before training (the lock file, resolved_config.yaml): _train handles its own
+        if (why := disk_problem(err, out_dir)) is None:
+            raise
+        summary = _failed_summary(cfg, out_dir, err)
+        print(f"detox: error: {why}", file=sys.stderr, flush=True)
+        if not multirun:
+            sys.exit(1)
+        return summary
 
 
 def _refuse_foreign(out_dir: Path, multirun: bool) -> dict:
@@ -165,17 +202,20 @@ def _train(cfg: DictConfig, plan, out_dir: Path | None, multirun: bool) -> dict:
         err = signalled(caught)
         if not isinstance(err, Exception):  # Ctrl-C, submitit's requeue: not this job's failure
             raise err from None
-        summary = {**base_summary(cfg), "status": "failed", "error": f"{type(err).__name__}: {err}"}
-        if out_dir is not None:
-            write_json(out_dir / "summary.json", summary)
+        summary = _failed_summary(cfg, out_dir, err)
+        why = disk_problem(err, out_dir)
         if isinstance(err, USER_ERRORS):
             refuse(err)
+        elif why is not None:
+            print(f"detox: error: {why}", file=sys.stderr, flush=True)
         else:
             log.error("job failed:\n%s", traceback.format_exc())
         if multirun:  # record it and let the sweep go on
             return summary
         if isinstance(err, USER_ERRORS):
             sys.exit(2)
+        if why is not None:
+            sys.exit(1)
         if err is caught:
             raise
         raise err from None
@@ -339,6 +379,11 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
                 signal.signal(signal.SIGINT, signal.SIG_DFL)  # die of SIGINT, as a shell loop expects
                 os.kill(os.getpid(), signal.SIGINT)
                 raise SystemExit(130) from None
+            except OSError as err:  # Hydra's own writes (.hydra/, a sweep's job folders) on a full disk
+                if (why := disk_problem(err, None)) is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"{prog}: error: {why}", file=sys.stderr)
+                raise SystemExit(1) from None
             except Exception as err:
                 # hydra/launcher=slurm: sbatch refused a job (submitit's FailedJobError holds sbatch's stderr)
                 if type(err).__name__ != "FailedJobError" or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -372,6 +417,8 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
 def cli() -> None:
     """``python -m detox.train`` and the ``detox-train`` console script."""
     _hydra_errors_in_one_line()
+    # a log file on a full disk: logging's default prints a traceback for every line that cannot be written
+    logging.raiseExceptions = False
     main()
 
 

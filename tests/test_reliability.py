@@ -113,3 +113,39 @@ def test_sweep_records_a_failing_job_and_rerun_retries_only_it(tmp_path: Path) -
     out = again.stdout + again.stderr
     assert again.returncode == 0 and out.count("skipping") == 1  # job 0 kept, job 1 retried
     assert "detox: error: dataset=mnist: " in out  # the retried job says why, in one line
+
+
+def _limited(max_bytes: int):  # noqa: ANN202
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, max_bytes))  # writes past it: EFBIG
+
+
+def test_a_disk_that_takes_no_more_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    """A full disk (here a file-size limit: the checkpoint, ~80 KB, is the first file past 30 KB) was a traceback:
+    torch's writer turned the OSError into "RuntimeError: unexpected pos 2944 vs 2838", then writing the failed
+    summary raised again outside any handler. Now: one line naming the folder and the cause, exit 1, the failure
+    recorded where it fits; the same command without the limit redoes the run. A sweep records the job `failed`
+    and goes on."""
+    run = ["max_steps=100", "checkpoint.every=50", "threads=1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "detox.train", *run, f"hydra.run.dir={tmp_path / 'one'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env, preexec_fn=_limited(30_000))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Logging error" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"detox: error: cannot write the run's output in {tmp_path / 'one'}: File too large; the run stopped (make "
+        f"room, then the same command again resumes or redoes it)"]
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"].startswith("OSError: [Errno 27] File too large")
+    again = cli([*run, f"hydra.run.dir={tmp_path / 'one'}"], ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "one" / "summary.json").read_text())["status"] == "completed"
+
+    sweep = subprocess.run([sys.executable, "-m", "detox.train", "-m", *run, "seed=0,1",
+                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300, env=env, preexec_fn=_limited(30_000))
+    # every job ran (the first one's failure did not stop the second); exit 1: nothing ran through
+    assert sweep.returncode == 1 and "Traceback" not in sweep.stderr, sweep.stderr[-2000:]
+    assert "2 jobs: 0 completed, 2 failed" in sweep.stdout
+    jobs = [json.loads(line) for line in (tmp_path / "sweep" / "summary.jsonl").read_text().splitlines()]
+    assert [j["status"] for j in jobs] == ["failed", "failed"] and all("File too large" in j["error"] for j in jobs)

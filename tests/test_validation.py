@@ -96,7 +96,7 @@ BAD: list[tuple[list[str], str]] = [
     (["workers=true"], "workers=true: must be an integer >= 1"),
     (["save=null"], "save=null: must be true or false"),
     # every engine.* key
-    ([*MPI, "engine.timeout=0"], "engine.timeout=0: must be a finite number > 0"),
+    ([*MPI, "engine.timeout=0"], "engine.timeout=0: must be a finite number in [1, 604800]"),
     ([*MPI, "engine.timeout=inf"], "engine.timeout=inf"),
     ([*MPI, "engine.timeout=abc"], "engine.timeout='abc'"),
     ([*MPI, "engine.job_timeout=abc"], "engine.job_timeout='abc': must be a finite number > 0 or null"),
