@@ -22,6 +22,7 @@ from detox.data import PAD, stratified_split
 from detox.errors import ConfigError
 from detox.models import MODELS
 from detox.schema import OPTION_NAME, check, options, show
+from detox.tuning import apply_lr_picks
 
 # what a deliberately faulty worker of engine=mpi does (engine.faults[].kind; detox.mpi)
 FAULT_KINDS = ("wrong_length", "random_bytes", "pickle", "float64", "bad_blosc", "empty", "exit", "hang",
@@ -147,10 +148,13 @@ def _check_memory(cfg: DictConfig, plan: Plan, facts: DataFacts) -> None:
 
 def validate(cfg: DictConfig) -> Plan:
     """Check every key's type and range (detox.schema), then every cross-field rule, with arithmetic only;
-    return the resolved aggregation plan. Raises ConfigError with one line on the first problem."""
+    return the resolved aggregation plan. Raises ConfigError with one line on the first problem. The one change it
+    makes: with ``lr_picks`` set, ``cfg.lr`` becomes the picked lr (detox.tuning), so the run, its
+    resolved_config.yaml and its summary all carry it."""
     _check_choices(cfg)
     check(cfg)
     _check_option_keys(cfg)
+    apply_lr_picks(cfg)  # lr_picks=<file>: lr becomes the one tuned for this (task, method, err_mode), or refused
     workers, q, r = int(cfg.workers), int(cfg.worker_fail), int(cfg.group_size)
     if q > workers:
         raise ConfigError(f"worker_fail={q}: must be <= workers ({workers})")

@@ -249,6 +249,7 @@ SCHEMA: dict[str, Any] = {
     # optimisation
     "batch_size": POSITIVE,
     "lr": Num(lo=0.0, open_lo=True),
+    "lr_picks": Str(pattern=r"[^\x00-\x1f]+", null=True),  # analysis.tune's picks file (detox.tuning)
     "momentum": Num(lo=0.0, hi=1.0, open_hi=True),
     "weight_decay": Num(lo=0.0),
     "max_steps": POSITIVE,

@@ -1,0 +1,110 @@
+"""Learning rates tuned per method (DESIGN §5): ``lr_picks=<file>`` sets a job's ``lr`` from a picks file.
+
+The original tuned the learning rate of every method over {2^-10, ..., 2^-3}, 200 iterations each, and kept the one
+of the lowest training loss (``src/tune.sh``). ``sweeps/tune_lr_*`` run that grid and ``python -m analysis.tune``
+writes its picks as YAML::
+
+    lr:
+      fc-fashion:                 # task
+        detox-bulyan:             # method
+          constant: 0.0625        # err_mode: the picked lr
+          rev_grad: 0.03125
+
+(other top-level keys are notes for the reader: ``source``, ``loss``). A job with ``lr_picks`` set trains with the lr
+picked for its (task, method, err_mode); one the file has no lr for, one without a task or method preset, a file
+that cannot be read, or an ``lr=`` typed next to ``lr_picks=`` is refused in one line before any work: never the
+task's lr in silence. ``lr_picks=null`` (the default) leaves ``lr`` as the task preset (or the command line) set it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from detox.errors import ConfigError
+
+KEYS = ("task", "method", "err_mode")
+
+
+def _is_lr(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            and value > 0)
+
+
+def read_picks(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """The ``lr`` table of a picks file (task -> method -> err_mode -> lr). Raises ConfigError (one line) where
+    the file is missing, not YAML, or not such a table of finite positive numbers."""
+    where = f"lr_picks={path}"
+    file = Path(path).expanduser()
+    try:
+        data = yaml.safe_load(file.read_bytes().decode())
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file (write one with python -m analysis.tune <tuning sweep>)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{where}: is a folder; name the lr_picks.yaml that python -m analysis.tune wrote") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        why = str(err).strip().splitlines()
+        raise ConfigError(f"{where}: unreadable ({type(err).__name__}{': ' + why[0] if why else ''})") from None
+    table = data.get("lr") if isinstance(data, Mapping) else None
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{where}: not a picks file (a mapping with an 'lr' table of task -> method -> err_mode "
+                          f"-> lr, as python -m analysis.tune writes)")
+    for task, methods in table.items():
+        for method, attacks in (methods.items() if isinstance(methods, Mapping) else [(None, None)]):
+            for err_mode, lr in (attacks.items() if isinstance(attacks, Mapping) else [(None, None)]):
+                if method is None or err_mode is None or not _is_lr(lr):
+                    at = ".".join(str(k) for k in (task, method, err_mode) if k is not None)
+                    raise ConfigError(f"{where}: lr.{at} is not a learning rate (each entry is task -> method -> "
+                                      f"err_mode -> a finite number > 0)")
+    return {str(t): {str(m): {str(e): float(v) for e, v in a.items()} for m, a in ms.items()}
+            for t, ms in table.items()}
+
+
+def lookup(picks: Mapping[str, Mapping[str, Mapping[str, float]]], task: Any, method: Any, err_mode: Any,
+           where: str) -> float:
+    """The lr picked for (task, method, err_mode); ConfigError (one line naming what the file has) if none."""
+    if task is None or method is None:
+        missing = " and ".join(k for k, v in (("task", task), ("method", method)) if v is None)
+        raise ConfigError(f"{where}: picks are per task, method and err_mode; this job has no {missing} preset "
+                          f"(set task=... method=..., or lr_picks=null)")
+    methods = picks.get(str(task))
+    if methods is None:
+        raise ConfigError(f"{where}: no lr for task={task} (the file tunes task={', '.join(sorted(picks)) or '-'}); "
+                          f"tune it, or lr_picks=null for the task's lr")
+    attacks = methods.get(str(method))
+    lr = None if attacks is None else attacks.get(str(err_mode))
+    if lr is None:
+        have = sorted(f"{m}/{e}" for m, a in methods.items() for e in a)
+        raise ConfigError(f"{where}: no lr for task={task} method={method} err_mode={err_mode} (it has "
+                          f"{', '.join(have) or 'none'} for task={task}); tune it, or lr_picks=null for the task's lr")
+    return lr
+
+
+def _typed_keys(cfg: DictConfig) -> set[str]:
+    """The keys this job's command line (or sweep) set: ``hydra.overrides.task`` (the ValidateFirst callback's
+    config has it), else the running Hydra job's; empty outside Hydra (compose in tests)."""
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def apply_lr_picks(cfg: DictConfig) -> float | None:
+    """With ``lr_picks`` set: set ``cfg.lr`` to the lr the file picked for the job's (task, method, err_mode) and
+    return it; else leave the config alone and return None. Raises ConfigError (one line) where it cannot."""
+    path = cfg.get("lr_picks")
+    if path is None:
+        return None
+    where = f"lr_picks={path}"
+    if "lr" in _typed_keys(cfg):
+        raise ConfigError(f"lr={cfg.lr}: the job also has {where}, which sets lr; give one of them")
+    lr = lookup(read_picks(str(path)), cfg.get("task"), cfg.get("method"), cfg.err_mode.name, where)
+    cfg.lr = lr
+    return lr

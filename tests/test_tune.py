@@ -1,0 +1,323 @@
+"""Learning-rate tuning as the original did it (DESIGN §5): the tuning sweeps compose, ``analysis.tune`` picks per
+(task, method, err_mode) the lr of the lowest training loss (ties: the smaller lr; a diverged, failed or missing run
+never), and ``lr_picks=<file>`` makes a job train with its pick (or refuses it in one line)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CONF, ROOT, cli, make_cfg, run_job
+from hydra import compose, initialize_config_dir
+
+import detox.train  # noqa: F401 - registers the config resolvers validate() needs
+from analysis.tune import lr_label
+from analysis.tune import main as tune_main
+from detox.config import ConfigError, validate
+from detox.results import job_dir_name
+from detox.schema import SCHEMA
+from detox.tuning import read_picks
+
+SWEEPS = ROOT / "sweeps"
+GRID = [2.0**k for k in range(-10, -2)]  # the original's src/tune.sh: 2^-10 ... 2^-3
+METHODS = ["vanilla-multi-krum", "detox-multi-krum", "vanilla-bulyan", "detox-bulyan", "vanilla-coord-median",
+           "detox-coord-median"]
+
+
+# ----------------------------------------------------------------------------------- hand-made tuning roots
+
+
+def write_job(root: Path, method: str, attack: str, lr: float, loss: float | None = 0.5, *, seed: int = 0,
+              status: str = "completed", task: str = "fc-fashion", steps: tuple[int, ...] = (0, 199, 200),
+              early: float = 1.0, workers: int = 45) -> Path:
+    """A job folder as the tuning sweep writes it: records at ``steps`` whose last train_loss is ``loss`` (the
+    ones before it ``early``)."""
+    d = root / f"err_mode={attack},lr={lr!r},method={method},seed={seed},task={task}"
+    d.mkdir(parents=True)
+    config = {"task": task, "method": method, "err_mode": {"name": attack}, "lr": lr, "seed": seed,
+              "workers": workers, "max_steps": steps[-1], "eval_freq": steps[1]}
+    (d / "resolved_config.yaml").write_text(yaml.safe_dump(config))
+    summary = {"status": status, "choices": {"network": "fc", "dataset": "fashion_mnist", "mode": "bulyan",
+                                             "approach": "baseline", "err_mode": attack, "engine": "local",
+                                             "task": task, "method": method},
+               "workers": workers, "worker_fail": 5, "group_size": 3, "lr": lr, "seed": seed, "max_steps": steps[-1],
+               "placement": "random", "figure": None}
+    if status == "failed":
+        (d / "summary.json").write_text(json.dumps({**summary, "error": "RuntimeError: boom"}))
+        return d
+    records = [{"step": s, "train_loss": None if i == 0 else (loss if i == len(steps) - 1 else early),
+                "test_acc": 0.5} for i, s in enumerate(steps)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "summary.json").write_text(json.dumps({**summary, "steps": steps[-1], "final_test_acc": 0.5}))
+    return d
+
+
+def tune(root: Path, out: Path, *extra: str) -> tuple[int, dict | None]:
+    """Run the command; (exit code, the picks file's lr table or None)."""
+    code = tune_main([str(root), "--out", str(out), *extra])
+    picks = out / "lr_picks.yaml"
+    return code, (yaml.safe_load(picks.read_text())["lr"] if picks.exists() else None)
+
+
+def test_lowest_loss_wins_ties_go_to_the_smaller_lr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tune"
+    for lr, loss in zip(GRID[:4], (0.9, 0.4, 0.4, 0.6), strict=True):  # a tie between 2^-9 and 2^-8
+        write_job(root, "detox-bulyan", "constant", lr, loss)
+    for lr, loss in zip(GRID[:4], (0.9, 0.8, 0.3, 0.6), strict=True):
+        write_job(root, "vanilla-bulyan", "constant", lr, loss)
+    code, picks = tune(root, tmp_path / "out")
+    assert code == 0
+    assert picks == {"fc-fashion": {"detox-bulyan": {"constant": GRID[1]}, "vanilla-bulyan": {"constant": GRID[2]}}}
+    out = capsys.readouterr().out
+    assert "**0.4000**" in out and "| 2^-9 = 0.001953125 |" in out  # the table, the pick in bold
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"table.md", "table.csv", "lr_picks.yaml"}
+
+
+def test_a_diverged_lr_is_never_picked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tune"
+    write_job(root, "vanilla-mean", "rev_grad", GRID[0], 0.9)
+    write_job(root, "vanilla-mean", "rev_grad", GRID[1], 0.7)
+    write_job(root, "vanilla-mean", "rev_grad", GRID[2], 0.01, status="diverged")  # the lowest loss, diverged
+    write_job(root, "detox-bulyan", "rev_grad", GRID[0], 0.9, status="diverged")
+    write_job(root, "detox-bulyan", "rev_grad", GRID[1], 0.9, status="diverged")
+    write_job(root, "detox-bulyan", "rev_grad", GRID[2], 0.9, status="diverged")
+    code, picks = tune(root, tmp_path / "out")
+    assert code == 0 and picks == {"fc-fashion": {"vanilla-mean": {"rev_grad": GRID[1]}}}
+    captured = capsys.readouterr()
+    assert "| vanilla-mean | rev_grad | 0.9000 | **0.7000** | diverged |" in captured.out
+    assert "detox-bulyan/rev_grad: no lr of the grid completed" in captured.err  # no pick: said, not guessed
+
+
+def test_failed_and_missing_lrs_are_never_picked_and_said(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tune"
+    for lr in GRID[:3]:
+        write_job(root, "vanilla-coord-median", "constant", lr, 0.5 if lr != GRID[1] else 0.8)
+    write_job(root, "detox-coord-median", "constant", GRID[0], 0.7)
+    write_job(root, "detox-coord-median", "constant", GRID[1], 0.1, status="failed")  # would have won
+    # GRID[2] never ran for detox-coord-median: missing from the grid the root ran
+    code, picks = tune(root, tmp_path / "out")
+    assert code == 0
+    assert picks["fc-fashion"]["detox-coord-median"] == {"constant": GRID[0]}
+    assert picks["fc-fashion"]["vanilla-coord-median"] == {"constant": GRID[0]}  # 0.5 tie: the smaller lr
+    err = capsys.readouterr().err
+    assert "detox-coord-median/constant: picked among the lrs that ran; 2^-9 failed, 2^-8 missing" in err
+    rows = (tmp_path / "out" / "table.csv").read_text()
+    assert "detox-coord-median,constant,0.001953125,1,failed" in rows
+    assert "detox-coord-median,constant,0.00390625,0,missing" in rows
+
+
+def test_seeds_are_averaged_and_an_lr_short_of_a_seed_is_not_picked(tmp_path: Path) -> None:
+    root = tmp_path / "tune"
+    for seed, losses in ((0, (0.5, 0.2, 0.6)), (1, (0.5, 0.9, None))):
+        for lr, loss in zip(GRID[:3], losses, strict=True):
+            if loss is not None:
+                write_job(root, "detox-multi-krum", "rev_grad", lr, loss, seed=seed)
+    # 2^-9: mean 0.55 > 2^-10's 0.5; 2^-8 has the best seed-0 loss but no seed 1
+    code, picks = tune(root, tmp_path / "out")
+    assert code == 0 and picks == {"fc-fashion": {"detox-multi-krum": {"rev_grad": GRID[0]}}}
+
+
+def test_loss_final_is_the_last_iteration_and_mean_the_whole_run(tmp_path: Path) -> None:
+    root = tmp_path / "tune"
+    # 2^-10: 1.0 for steps 1..199, 0.2 at step 200 (final 0.2; mean 0.996); 2^-9: 0.5 then 0.4 (final 0.4; mean 0.4995)
+    write_job(root, "detox-bulyan", "constant", GRID[0], 0.2, early=1.0)
+    write_job(root, "detox-bulyan", "constant", GRID[1], 0.4, early=0.5)
+    assert tune(root, tmp_path / "final")[1]["fc-fashion"]["detox-bulyan"]["constant"] == GRID[0]
+    assert tune(root, tmp_path / "mean", "--loss", "mean")[1]["fc-fashion"]["detox-bulyan"]["constant"] == GRID[1]
+
+
+def _one_line_exit_2(capsys: pytest.CaptureFixture, code: int, says: str) -> None:
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if not line.startswith("analysis: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("analysis.tune: error: ") and says in lines[0], err
+
+
+def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    _one_line_exit_2(capsys, tune_main([str(tmp_path / "nowhere"), "--out", str(out)]), "not a folder")
+    (tmp_path / "empty").mkdir()
+    _one_line_exit_2(capsys, tune_main([str(tmp_path / "empty"), "--out", str(out)]), "no job folders")
+    failed = tmp_path / "failed"
+    write_job(failed, "detox-bulyan", "constant", GRID[0], status="failed")
+    _one_line_exit_2(capsys, tune_main([str(failed), "--out", str(out)]), "no finished")
+    diverged = tmp_path / "diverged"
+    write_job(diverged, "detox-bulyan", "constant", GRID[0], status="diverged")
+    _one_line_exit_2(capsys, tune_main([str(diverged), "--out", str(out)]), "nothing to pick")
+    # a figure sweep's run: its last record averages steps 151..200, not the last iteration (--loss mean takes it)
+    coarse = tmp_path / "coarse"
+    write_job(coarse, "detox-bulyan", "constant", GRID[0], steps=(0, 50, 100, 150, 200))
+    _one_line_exit_2(capsys, tune_main([str(coarse), "--out", str(out)]), "steps 151...200")
+    assert tune_main([str(coarse), "--out", str(tmp_path / "mean"), "--loss", "mean"]) == 0
+    capsys.readouterr()
+    _one_line_exit_2(capsys, tune_main([str(coarse), "--out", str(out), "--loss", "median"]), "--loss median")
+    # two configs for one (task, method, err_mode, lr): two sweeps mixed in one root
+    mixed = tmp_path / "mixed"
+    write_job(mixed, "detox-bulyan", "constant", GRID[0])
+    write_job(mixed, "detox-bulyan", "constant", GRID[0], seed=1, workers=15)
+    _one_line_exit_2(capsys, tune_main([str(mixed), "--out", str(out)]), "with different configs")
+    (tmp_path / "file").write_text("")
+    _one_line_exit_2(capsys, tune_main([str(coarse), "--out", str(tmp_path / "file"), "--loss", "mean"]),
+                     "not a folder")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------- lr_picks=<file>
+
+
+def picks_file(tmp_path: Path, table: dict | None = None) -> Path:
+    path = tmp_path / "lr_picks.yaml"
+    table = table if table is not None else {"fc-digits": {"vanilla-coord-median": {"rev_grad": 0.125}},
+                                             "fc-fashion": {"detox-bulyan": {"constant": 0.0078125}}}
+    path.write_text(yaml.safe_dump({"source": "/tmp/x", "loss": "final", "lr": table}))
+    return path
+
+
+def test_the_picked_lr_is_used_and_recorded(tmp_path: Path) -> None:
+    picks = picks_file(tmp_path)
+    cfg = make_cfg(["task=fc-fashion", "method=detox-bulyan", "err_mode=constant", f"lr_picks={picks}"])
+    assert cfg.lr == 0.05
+    validate(cfg)
+    assert cfg.lr == 0.0078125
+    summary = run_job(["workers=9", "worker_fail=1", "max_steps=2", "eval_freq=2", "batch_size=8", "task=fc-digits",
+                       "method=vanilla-coord-median", f"lr_picks={picks}"], tmp_path / "run")
+    assert summary["status"] == "completed" and summary["lr"] == 0.125
+    resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+    assert resolved["lr"] == 0.125 and resolved["lr_picks"] == str(picks)
+
+
+@pytest.mark.parametrize(("task", "lr"), [("fc-fashion", 0.05), ("lenet-fashion", 0.02), (None, 0.05)])
+def test_without_a_picks_file_the_tasks_lr_stays(task: str | None, lr: float) -> None:
+    cfg = make_cfg([f"task={task}"] if task else [])
+    assert cfg.lr_picks is None
+    validate(cfg)
+    assert cfg.lr == lr
+
+
+def test_a_job_absent_from_the_picks_is_refused_in_one_line_before_work(tmp_path: Path) -> None:
+    picks = picks_file(tmp_path)
+    for overrides, says in (
+            (["task=fc-fashion", "method=detox-bulyan", "err_mode=rev_grad"],
+             "no lr for task=fc-fashion method=detox-bulyan err_mode=rev_grad (it has detox-bulyan/constant"),
+            (["task=fc-fashion", "method=vanilla-bulyan", "err_mode=constant"], "method=vanilla-bulyan"),
+            (["task=lenet-fashion", "method=detox-bulyan", "err_mode=constant"], "no lr for task=lenet-fashion"),
+            (["task=fc-fashion", "err_mode=constant"], "no method preset"),
+            (["method=detox-bulyan", "err_mode=constant"], "no task preset")):
+        cfg = make_cfg([*overrides, f"lr_picks={picks}"])
+        with pytest.raises(ConfigError) as info:
+            validate(cfg)
+        message = str(info.value)
+        assert message.startswith(f"lr_picks={picks}: ") and says in message and "\n" not in message, message
+    # as a user types it: exit 2, one line, and no run folder made
+    run_dir = tmp_path / "never"
+    proc = cli(["task=fc-fashion", "method=detox-bulyan", "err_mode=rev_grad", f"lr_picks={picks}",
+                f"hydra.run.dir={run_dir}"], cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith(f"detox: error: lr_picks={picks}: no lr for task=fc-fashion")
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    (None, "no such file"),
+    ("lr: [", "unreadable (ParserError"),
+    ("- 1\n", "not a picks file"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: -0.1}}}\n", "lr.fc-fashion.detox-bulyan.constant is not a learning"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: .nan}}}\n", "is not a learning rate"),
+    ("lr: {fc-fashion: {detox-bulyan: 0.1}}\n", "lr.fc-fashion.detox-bulyan is not a learning rate"),
+    ("lr: {fc-fashion: 0.1}\n", "lr.fc-fashion is not a learning rate"),
+])
+def test_a_bad_picks_file_is_refused_in_one_line(tmp_path: Path, content: str | None, says: str) -> None:
+    path = tmp_path / "picks.yaml"
+    if content is not None:
+        path.write_text(content)
+    cfg = make_cfg(["task=fc-fashion", "method=detox-bulyan", "err_mode=constant", f"lr_picks={path}"])
+    with pytest.raises(ConfigError, match=f"^lr_picks={path}: ") as info:
+        validate(cfg)
+    assert says in str(info.value) and "\n" not in str(info.value)
+    folder = make_cfg(["task=fc-fashion", "method=detox-bulyan", "err_mode=constant", f"lr_picks={tmp_path}"])
+    with pytest.raises(ConfigError, match="is a folder"):
+        validate(folder)
+
+
+def test_an_lr_typed_next_to_the_picks_is_refused(tmp_path: Path) -> None:
+    picks = picks_file(tmp_path)
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose("config", overrides=["task=fc-fashion", "method=detox-bulyan", "err_mode=constant", "lr=0.01",
+                                           f"lr_picks={picks}"], return_hydra_config=True)
+    with pytest.raises(ConfigError, match=r"^lr=0\.01: the job also has lr_picks=.*give one of them$"):
+        validate(cfg)
+
+
+def test_picks_written_by_the_analysis_are_read_back_exactly(tmp_path: Path) -> None:
+    root = tmp_path / "tune"
+    for method in ("detox-bulyan", "vanilla-bulyan"):
+        for lr, loss in zip(GRID, (0.9, 0.8, 0.7, 0.6, 0.5, 0.45, 0.55, 0.65), strict=True):
+            write_job(root, method, "constant", lr, loss)
+    assert tune_main([str(root), "--out", str(tmp_path / "out")]) == 0
+    picks = read_picks(tmp_path / "out" / "lr_picks.yaml")
+    assert picks == {"fc-fashion": {"detox-bulyan": {"constant": 2.0**-5}, "vanilla-bulyan": {"constant": 2.0**-5}}}
+    cfg = make_cfg(["task=fc-fashion", "method=detox-bulyan", "err_mode=constant",
+                    f"lr_picks={tmp_path / 'out' / 'lr_picks.yaml'}"])
+    validate(cfg)
+    assert cfg.lr == 2.0**-5
+    assert [lr_label(x) for x in GRID] == [f"2^{k}" for k in range(-10, -2)] and lr_label(0.05) == "0.05"
+
+
+# ----------------------------------------------------------------------------------- the tuning sweeps
+
+
+def _sweep(name: str) -> tuple[dict, dict[str, list[str]]]:
+    raw = yaml.safe_load((SWEEPS / f"{name}.yaml").read_text())
+    return raw, {k: str(v).split(",") for k, v in raw["hydra"]["sweeper"]["params"].items()}
+
+
+@pytest.mark.parametrize("name", ["tune_lr_cpu", "tune_lr_full"])
+def test_the_tuning_sweeps_run_the_originals_grid(name: str) -> None:
+    raw, params = _sweep(name)
+    assert [float(v) for v in params["lr"]] == GRID
+    assert all(SCHEMA["lr"].error(float(v)) is None for v in params["lr"])
+    assert params["method"] == METHODS and params["err_mode"] == ["rev_grad", "constant"]
+    assert raw["max_steps"] == 200 and raw["eval_freq"] == raw["max_steps"] - 1  # the last record: step 200 alone
+    assert (raw["workers"], raw["worker_fail"], raw["group_size"], raw["batch_size"]) == (45, 5, 3, 32)
+    assert raw["hydra"]["sweep"]["dir"] == f"multirun/{name}"
+    assert raw["hydra"]["sweep"]["subdir"] == "${detox.job_dir:${hydra.job.override_dirname}}"
+    text = (SWEEPS / f"{name}.yaml").read_text()
+    assert f"--config-name {name}\n" in text and f"# Analyse: python -m analysis.tune multirun/{name}\n" in text
+    if name.endswith("_full"):
+        assert params["task"] == ["resnet18-cifar10", "vgg13-cifar100"] and params["engine"] == ["mpi"]
+    else:
+        assert params["task"] == ["fc-fashion"]
+
+
+def test_every_tuning_job_composes_and_validates() -> None:
+    """Each (method, err_mode) of tune_lr_cpu at one lr (the lr changes no composition: each is checked above)."""
+    _, params = _sweep("tune_lr_cpu")
+    with initialize_config_dir(version_base="1.3", config_dir=str(SWEEPS)):
+        for method in params["method"]:
+            for attack in params["err_mode"]:
+                cfg = compose("tune_lr_cpu", overrides=[
+                    "seed=0", "task=fc-fashion", f"method={method}", f"err_mode={attack}", f"lr={GRID[0]}",
+                    f"hydra.searchpath=[file://{CONF}]"])
+                validate(cfg)
+                assert (cfg.method, cfg.err_mode.name, cfg.lr, cfg.max_steps, cfg.eval_freq) == (
+                    method, attack, GRID[0], 200, 199)
+                assert cfg.figure is None and cfg.lr_picks is None
+
+
+def test_a_figure_sweep_takes_the_picks_and_names_its_folders(tmp_path: Path) -> None:
+    picks = picks_file(tmp_path, {"fc-fashion": {m: {"rev_grad": 2.0**-(i + 3), "constant": 0.0625}
+                                                 for i, m in enumerate(METHODS)}})
+    with initialize_config_dir(version_base="1.3", config_dir=str(SWEEPS)):
+        for i, method in enumerate(METHODS):
+            cfg = compose("fig_a_cpu", overrides=["seed=0", "task=fc-fashion", f"method={method}", "err_mode=rev_grad",
+                                                  f"lr_picks={picks}", f"hydra.searchpath=[file://{CONF}]"])
+            validate(cfg)
+            assert cfg.lr == 2.0**-(i + 3) and cfg.figure == "A"
+    name = job_dir_name(f"err_mode=rev_grad,lr_picks={picks},method=detox-bulyan,seed=0,task=fc-fashion")
+    assert "lr_picks=" in name and "/" not in name and name != job_dir_name(
+        "err_mode=rev_grad,method=detox-bulyan,seed=0,task=fc-fashion")
+    assert not math.isnan(read_picks(picks)["fc-fashion"]["detox-bulyan"]["constant"])
