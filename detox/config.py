@@ -146,6 +146,20 @@ def _check_memory(cfg: DictConfig, plan: Plan, facts: DataFacts) -> None:
                           f"{have / 2**30:.1f} GiB available: use fewer workers or a smaller network")
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run on this machine (no CUDA, or an index past its devices: torch's "invalid device
+    ordinal" came only after the data set was loaded), or None. Shared by training and the evaluator."""
+    if not device.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device is available here; use device=cpu"
+    index, count = device.partition(":")[2], torch.cuda.device_count()
+    if index and (not index.isdecimal() or int(index) >= count):
+        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        return f"this machine's CUDA devices are {names}; give one of them, or device=cpu"
+    return None
+
+
 def validate(cfg: DictConfig) -> Plan:
     """Check every key's type and range (detox.schema), then every cross-field rule, with arithmetic only;
     return the resolved aggregation plan. Raises ConfigError with one line on the first problem. The one change it
@@ -166,8 +180,8 @@ def validate(cfg: DictConfig) -> Plan:
         key = "evaluation=external" if cfg.evaluation == "external" else f"model_dir={cfg.model_dir!r}"
         raise ConfigError(f"{key}: the run writes weights files (for python -m detox.evaluate), which needs "
                           f"save=true")
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={cfg.device!r}: no CUDA device is available here; use device=cpu")
+    if (why := device_problem(str(cfg.device))) is not None:
+        raise ConfigError(f"device={cfg.device}: {why}")
 
     grouped = cfg.approach.name != "baseline"
     if grouped:

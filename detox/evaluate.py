@@ -330,12 +330,10 @@ def evaluation_config(t: Target, cfg: DictConfig) -> tuple[DictConfig, Plan]:
     eval_batch_size of 0 or an unknown network is one line, not a traceback after the data set is loaded)."""
     run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
                                               if cfg[k] is not None})
-    device = str(run_cfg.device)
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"device={device}: no CUDA device is available here; give device=cpu")
-    if device.startswith("cuda:") and int(device[5:]) >= (count := torch.cuda.device_count()):
-        names = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
-        raise EvalError(f"device={device}: this machine's CUDA devices are {names}; give one of them, or device=cpu")
+    from detox.config import device_problem
+
+    if (why := device_problem(str(run_cfg.device))) is not None:
+        raise EvalError(f"device={run_cfg.device}: {why}")
     where = t.run_dir / "resolved_config.yaml"
     try:
         check(run_cfg)

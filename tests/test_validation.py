@@ -171,7 +171,7 @@ BAD: list[tuple[list[str], str]] = [
     (["workers=30000000", "approach=baseline", "mode=mean"], "workers=30000000: needs"),
 ]
 if not torch.cuda.is_available():
-    BAD.append((["device=cuda"], "device='cuda': no CUDA device is available here; use device=cpu"))
+    BAD.append((["device=cuda"], "device=cuda: no CUDA device is available here; use device=cpu"))
 
 
 def _key(override: str) -> str:
@@ -262,3 +262,17 @@ def test_full_error_shows_the_traceback(tmp_path: Path) -> None:
 def test_messages_are_single_lines() -> None:
     for _, message in BAD:
         assert "\n" not in message and not re.search(r"\s$", message)
+
+
+def test_a_cuda_index_this_machine_lacks_is_refused_before_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """device=cuda:3 on a one-GPU machine passed validation (CUDA is available) and failed with torch's 'invalid
+    device ordinal' after the data set was loaded. Simulated: one CUDA device."""
+    from detox.config import ConfigError, validate
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^device=cuda:3: this machine's CUDA devices are cuda:0; give one of "
+                                          r"them, or device=cpu$"):
+        validate(make_cfg(["device=cuda:3"]))
+    validate(make_cfg(["device=cuda:0"]))
+    validate(make_cfg(["device=cuda"]))
