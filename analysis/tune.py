@@ -12,23 +12,28 @@ member; ``mean`` is the mean of the per-step training loss over the whole run (r
 With several seeds at an lr their losses are averaged. Ties go to the smaller lr. An lr is never picked where a
 run of it diverged, failed, is missing (a seed or the whole lr of the grid: the lrs any job of the root ran) or has
 no loss; a (task, method, err_mode) without any lr left gets no pick (one warning line; a job of it with
-``lr_picks=`` is then refused). Bad input (no such root, no finished job, a last record that averages several steps
-under ``--loss final``, two configs for one (task, method, err_mode, lr), nothing to pick, an ``--out`` that is a
-file) is one line and exit 2, with nothing written.
+``lr_picks=`` is then refused). Bad input (no such root, a job still running, no finished job, a last record that
+averages several steps under ``--loss final`` (a lone record too: it averages steps 1..its step), jobs of one (task,
+method, err_mode) whose configs differ beyond the lr and the seed, a root where no (task, method, err_mode) ran two
+lrs (a figure sweep's: nothing was compared), nothing to pick, an ``--out`` that is a file) is one line and exit 2,
+with nothing written. Two runs into one ``--out`` at once write one after the other.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import math
+import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from analysis.load import load_runs, run_records, step_weighted, sweep_root, warn
+from analysis.load import config_key, load_runs, read_config, run_records, step_weighted, sweep_root, warn
 from analysis.report import ReportError, check_out, publish, to_markdown
 from detox.results import FINISHED
 from detox.tuning import KEYS
@@ -53,8 +58,9 @@ def run_loss(job: str, records: list[dict], how: str) -> float | None:
         value = step_weighted(records, ("train_loss",))["train_loss"] if records else math.nan
         return value if math.isfinite(value) else None
     last = records[-1] if records else {}
-    before = records[-2]["step"] if len(records) > 1 else None
-    if before is not None and last["step"] - before != 1:
+    # a run's first record averages the steps since step 0: a lone record at step 200 is steps 1..200, not the last
+    before = records[-2]["step"] if len(records) > 1 else 0
+    if last and last["step"] - before != 1:
         raise TuneError(f"{job}: its last metrics record averages the training loss of steps {before + 1}..."
                         f"{last['step']}, not the last iteration alone (the original's measure): tune with "
                         f"eval_freq = max_steps - 1, as sweeps/tune_lr_* do, or pick by --loss mean")
@@ -82,15 +88,25 @@ def job_losses(runs: pd.DataFrame, how: str) -> pd.DataFrame:
                 warn(f"{run['dir']}: completed without a finite training loss; its lr is not picked")
                 status = "no loss"
         rows.append({**dict(zip(KEYS, key, strict=True)), "lr": float(lr), "seed": run["seed"], "status": status,
-                     "config": run["config"], "loss": loss, "job": job})
+                     "config": tuned_config(Path(run["dir"]), run), "loss": loss, "job": job})
     out = pd.DataFrame(rows, columns=[*KEYS, "lr", "seed", "status", "config", "loss", "job"])
     finished = out[out["status"].isin([*FINISHED, "no loss"])]
-    for (*key, lr), group in finished.groupby([*KEYS, "lr"], sort=False):
-        if group["config"].nunique() > 1:
-            a, b = group.drop_duplicates("config")["job"].iloc[:2]
-            raise TuneError(f"jobs {a} and {b} tune {'/'.join(key)} at lr {lr:g} with different configs (beyond the "
-                            f"seed): one tuning sweep per root")
+    for key, group in finished.groupby(list(KEYS), sort=False):
+        if group["config"].nunique() > 1:  # two sweeps in one root: losses of other settings are no comparison
+            a, b = group.drop_duplicates("config").iloc[:2].itertuples()
+            at = f"at lr {a.lr:g}" if a.lr == b.lr else f"at lrs {a.lr:g} and {b.lr:g}"
+            raise TuneError(f"jobs {a.job} and {b.job} tune {'/'.join(key)} {at} with different configs (beyond "
+                            f"the lr and the seed): one tuning sweep per root")
     return out
+
+
+def tuned_config(job: Path, run: pd.Series) -> str:
+    """A short id shared by exactly the jobs whose configs differ only in the lr (what is tuned), how it was set
+    (``lr_picks``) and the seed: the runs one (task, method, err_mode) compares must agree on everything else."""
+    config, _ = read_config(job)  # (its problem was said once by load_runs)
+    if config:
+        return config_key({k: v for k, v in config.items() if k not in ("lr", "lr_picks")}, {})
+    return config_key(None, {**run.to_dict(), "lr": None})
 
 
 def _cell_status(statuses: Iterable[str]) -> str:
@@ -194,6 +210,10 @@ def tune(root: Path, out: Path, how: str = "final") -> tuple[pd.DataFrame, dict]
     runs = load_runs(root)
     if runs.empty:
         raise TuneError(f"{root}: no job folders; is this a tuning sweep's multirun root?")
+    running = runs[runs["status"] == "running"]
+    if len(running):  # its lr would be picked among the lrs that finished so far, and the file used as final
+        raise TuneError(f"{root}: {len(running)} job(s) still running (e.g. {running['dir'].iloc[0]}): tune once "
+                        f"the sweep has finished")
     if not runs["status"].isin(FINISHED).any():
         counts = ", ".join(f"{n} {k}" for k, n in runs["status"].value_counts().items())
         raise TuneError(f"{root}: no finished (completed or diverged) job ({counts}): nothing to pick from")
@@ -204,8 +224,11 @@ def tune(root: Path, out: Path, how: str = "final") -> tuple[pd.DataFrame, dict]
     chosen = picks(table)
     if not chosen:
         raise TuneError(f"{root}: no (task, method, err_mode) has an lr whose runs all completed: nothing to pick")
-    if table["lr"].nunique() < 2:
-        warn(f"{root}: the jobs ran one lr ({lr_label(table['lr'].iloc[0])}): nothing was compared")
+    ran = table[table["status"] != "missing"].groupby(list(KEYS), sort=False)["lr"].nunique()
+    if ran.max() < 2:  # a figure sweep's root: every method at one lr; its "picks" would be that lr, tuned by no one
+        lrs = ", ".join(lr_label(lr) for lr in sorted(set(table["lr"])))
+        raise TuneError(f"{root}: each (task, method, err_mode) ran one lr ({lrs}): nothing was compared; give a "
+                        f"tuning sweep's root (sweeps/tune_lr_*: every lr of a grid)")
     _warn_gaps(table)
     shown = wide(table)
     measure = ("the training loss of the last iteration (mean over the units' batches; the original's measure)"
@@ -217,11 +240,25 @@ def tune(root: Path, out: Path, how: str = "final") -> tuple[pd.DataFrame, dict]
     csv = _order(table).assign(lr_label=lambda d: d["lr"].map(lr_label))
     files = {"table.md": "\n".join(md), "table.csv": csv.to_csv(index=False),
              "lr_picks.yaml": picks_yaml(chosen, sweep_root(root).resolve(), how)}
-    written = publish(out, files)
+    with out_lock(out):
+        written = publish(out, files)
     print(to_markdown(shown), end="")
     print(f"wrote {out}: {', '.join(p.name for p in written)} ({len(shown)} (task, method, err_mode), "
           f"{table['lr'].nunique()} lrs, {len(runs)} jobs)", flush=True)
     return table, chosen
+
+
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Held while the files move into ``out``: two runs into one ``--out`` at once each leave their three files
+    whole, never table.md of one and lr_picks.yaml of the other (a lock on the folder above it; no file left)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def main(argv: list[str] | None = None) -> int:

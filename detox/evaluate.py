@@ -43,7 +43,6 @@ from typing import Any
 
 import hydra
 import torch
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from detox.approaches import Plan, plan_from_cfg
@@ -53,9 +52,11 @@ from detox.results import (
     MODEL_OWNER,
     MODEL_PREFIX,
     clean_json,
+    has_yaml_aliases,
     lock_held,
     model_dir,
     model_files,
+    read_small,
     writes_models,
 )
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
@@ -93,24 +94,6 @@ class WriteFailed(RuntimeError):
     """The records file stopped taking records (a full disk): one line, exit 1; the records written so far stay."""
 
 
-# the most bytes read from a run's small text files (resolved_config.yaml, summary.json, models/.detox_run)
-SMALL_FILE = 1 << 20
-
-
-def read_small(path: Path, limit: int = SMALL_FILE) -> str:
-    """The text of a run's small file, read only if it is a regular file of at most ``limit`` bytes: a fifo put in
-    its place (or swapped in after a look) would block the read forever, a link to /dev/zero never end it. Raises
-    OSError (FileNotFoundError when absent) or ValueError."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a fifo with no writer opens at once
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{path}: not a regular file")
-        if info.st_size > limit:
-            raise ValueError(f"{path}: {info.st_size} bytes, more than such a file holds")
-        return f.read(limit + 1)[:limit].decode()
-
-
 def say(message: str) -> None:
     print(f"detox.evaluate: {message}", flush=True)
 
@@ -144,9 +127,7 @@ def _run_config(run_dir: Path, cfg: DictConfig) -> DictConfig | None:
                         f"for a run that has not started)")
     try:
         text = read_small(path)
-        # OmegaConf.to_yaml writes no anchors: an alias can only come from a hand-made file, and nested aliases
-        # (a 'billion laughs') take OmegaConf hours to expand
-        if any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader)):
+        if has_yaml_aliases(text):
             raise ValueError("YAML aliases (*name), which no run writes")
         run_cfg = OmegaConf.create(text)
         run_cfg.network.name, run_cfg.dataset.name, run_cfg.eval_batch_size  # noqa: B018 - the keys it needs

@@ -11,6 +11,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -45,6 +46,39 @@ def _private_tmp(path: Path) -> Path:
     """A temporary name next to ``path`` that no other process or thread uses, hidden (dot) and ending in .tmp,
     so nothing that lists the folder for finished files mistakes it for one."""
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+
+
+# the most bytes read from a small text file a run or an analysis writes (resolved_config.yaml, summary.json,
+# models/.detox_run, lr_picks.yaml): anything larger is not one
+SMALL_FILE = 1 << 20
+
+
+def read_small(path: Path, limit: int = SMALL_FILE) -> str:
+    """The text of a small file, read only if it is a regular file of at most ``limit`` bytes: a fifo put in its
+    place (or swapped in after a look) would block the read forever, /dev/zero never end it, a huge file fill the
+    memory. Raises OSError (FileNotFoundError when absent, IsADirectoryError for a folder) or ValueError (also for
+    text that is not UTF-8)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a fifo with no writer opens at once
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, more than such a file holds ({limit})")
+        data = f.read(limit + 1)
+    if len(data) > limit:  # grew after the look
+        raise ValueError(f"more than {limit} bytes, more than such a file holds")
+    return data.decode()
+
+
+def has_yaml_aliases(text: str) -> bool:
+    """Whether YAML ``text`` uses aliases (``*name``). Nothing this code writes has any: one comes only from a hand
+    edit, and nested ones (a 'billion laughs') expand a few KB into 10^9 entries (OmegaConf takes hours)."""
+    import yaml
+
+    return any(isinstance(e, yaml.AliasEvent) for e in yaml.parse(text, Loader=yaml.SafeLoader))
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:

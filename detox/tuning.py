@@ -12,13 +12,16 @@ writes its picks as YAML::
 
 (other top-level keys are notes for the reader: ``source``, ``loss``). A job with ``lr_picks`` set trains with the lr
 picked for its (task, method, err_mode); one the file has no lr for, one without a task or method preset, a file
-that cannot be read, or an ``lr=`` typed next to ``lr_picks=`` is refused in one line before any work: never the
+that cannot be read (not a regular file of at most 1 MiB of UTF-8 YAML, as a fifo or /dev/zero; YAML aliases, a key
+given twice or one that is not a string), an entry that is no finite number > 0 (named with its value), or an
+``lr=`` typed next to ``lr_picks=`` is refused in one line before any work: never the
 task's lr in silence. ``lr_picks=null`` (the default) leaves ``lr`` as the task preset (or the command line) set it.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,40 +30,75 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from detox.errors import ConfigError
+from detox.results import has_yaml_aliases, read_small
 
 KEYS = ("task", "method", "err_mode")
 
 
 def _is_lr(value: Any) -> bool:
-    return (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-            and value > 0)
+    # an int past float range (a 400-digit literal) is no learning rate: refused, not an OverflowError
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and not (isinstance(value, int) and abs(value) > sys.float_info.max) and math.isfinite(value) and value > 0)
+
+
+def _check_nodes(node: yaml.Node, seen: int = 0) -> None:
+    """Refuse what analysis.tune never writes and a hand edit makes ambiguous: a key given twice in one mapping
+    (YAML keeps the last in silence), or a key that is not a plain string."""
+    if isinstance(node, yaml.MappingNode):
+        keys: set[str] = set()
+        for key, value in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag != "tag:yaml.org,2002:str":
+                shown = key.value if isinstance(key, yaml.ScalarNode) else key.tag
+                raise ValueError(f"the key {shown!r} is not a name (keys are task, method and err_mode names)")
+            if key.value in keys:
+                raise ValueError(f"the key {key.value!r} is given twice in one mapping")
+            keys.add(key.value)
+            _check_nodes(value)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_nodes(item)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def read_picks(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
     """The ``lr`` table of a picks file (task -> method -> err_mode -> lr). Raises ConfigError (one line) where
-    the file is missing, not YAML, or not such a table of finite positive numbers."""
+    the file is missing, not a small regular file of UTF-8 YAML (no aliases, no repeated or non-string keys), or
+    not such a table of finite positive numbers."""
     where = f"lr_picks={path}"
     file = Path(path).expanduser()
     try:
-        data = yaml.safe_load(file.read_bytes().decode())
+        text = read_small(file)
+        if has_yaml_aliases(text):
+            raise ValueError("YAML aliases (*name), which analysis.tune never writes")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_nodes(node)
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"{where}: no such file (write one with python -m analysis.tune <tuning sweep>)") from None
     except IsADirectoryError:
         raise ConfigError(f"{where}: is a folder; name the lr_picks.yaml that python -m analysis.tune wrote") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:  # UnicodeDecodeError is a ValueError
         why = str(err).strip().splitlines()
-        raise ConfigError(f"{where}: unreadable ({type(err).__name__}{': ' + why[0] if why else ''})") from None
+        raise ConfigError(f"{where}: unreadable ({type(err).__name__}{': ' + why[0] if why else ''}); a picks file "
+                          f"is the small UTF-8 YAML file python -m analysis.tune writes") from None
     table = data.get("lr") if isinstance(data, Mapping) else None
     if not isinstance(table, Mapping):
         raise ConfigError(f"{where}: not a picks file (a mapping with an 'lr' table of task -> method -> err_mode "
                           f"-> lr, as python -m analysis.tune writes)")
     for task, methods in table.items():
-        for method, attacks in (methods.items() if isinstance(methods, Mapping) else [(None, None)]):
-            for err_mode, lr in (attacks.items() if isinstance(attacks, Mapping) else [(None, None)]):
+        for method, attacks in (methods.items() if isinstance(methods, Mapping) else [(None, methods)]):
+            for err_mode, lr in (attacks.items() if isinstance(attacks, Mapping) else [(None, attacks)]):
                 if method is None or err_mode is None or not _is_lr(lr):
                     at = ".".join(str(k) for k in (task, method, err_mode) if k is not None)
-                    raise ConfigError(f"{where}: lr.{at} is not a learning rate (each entry is task -> method -> "
-                                      f"err_mode -> a finite number > 0)")
+                    hint = (" (a string: YAML reads 1e-3 as one; write 0.001 or 1.0e-3)"
+                            if isinstance(lr, str) else "")
+                    raise ConfigError(f"lr_picks={path}: lr.{at} is {_shown(lr)}{hint}, not a learning rate (each "
+                                      f"entry is task -> method -> err_mode -> a finite number > 0)")
     return {str(t): {str(m): {str(e): float(v) for e, v in a.items()} for m, a in ms.items()}
             for t, ms in table.items()}
 

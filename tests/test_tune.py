@@ -4,6 +4,7 @@ never), and ``lr_picks=<file>`` makes a job train with its pick (or refuses it i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -150,7 +151,8 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(tmp_path: Path,
     _one_line_exit_2(capsys, tune_main([str(diverged), "--out", str(out)]), "nothing to pick")
     # a figure sweep's run: its last record averages steps 151..200, not the last iteration (--loss mean takes it)
     coarse = tmp_path / "coarse"
-    write_job(coarse, "detox-bulyan", "constant", GRID[0], steps=(0, 50, 100, 150, 200))
+    for lr in GRID[:2]:
+        write_job(coarse, "detox-bulyan", "constant", lr, steps=(0, 50, 100, 150, 200))
     _one_line_exit_2(capsys, tune_main([str(coarse), "--out", str(out)]), "steps 151...200")
     assert tune_main([str(coarse), "--out", str(tmp_path / "mean"), "--loss", "mean"]) == 0
     capsys.readouterr()
@@ -225,10 +227,10 @@ def test_a_job_absent_from_the_picks_is_refused_in_one_line_before_work(tmp_path
     (None, "no such file"),
     ("lr: [", "unreadable (ParserError"),
     ("- 1\n", "not a picks file"),
-    ("lr: {fc-fashion: {detox-bulyan: {constant: -0.1}}}\n", "lr.fc-fashion.detox-bulyan.constant is not a learning"),
-    ("lr: {fc-fashion: {detox-bulyan: {constant: .nan}}}\n", "is not a learning rate"),
-    ("lr: {fc-fashion: {detox-bulyan: 0.1}}\n", "lr.fc-fashion.detox-bulyan is not a learning rate"),
-    ("lr: {fc-fashion: 0.1}\n", "lr.fc-fashion is not a learning rate"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: -0.1}}}\n", "lr.fc-fashion.detox-bulyan.constant is -0.1, not"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: .nan}}}\n", "is nan, not a learning rate"),
+    ("lr: {fc-fashion: {detox-bulyan: 0.1}}\n", "lr.fc-fashion.detox-bulyan is 0.1, not a learning rate"),
+    ("lr: {fc-fashion: 0.1}\n", "lr.fc-fashion is 0.1, not a learning rate"),
 ])
 def test_a_bad_picks_file_is_refused_in_one_line(tmp_path: Path, content: str | None, says: str) -> None:
     path = tmp_path / "picks.yaml"
@@ -321,3 +323,149 @@ def test_a_figure_sweep_takes_the_picks_and_names_its_folders(tmp_path: Path) ->
     assert "lr_picks=" in name and "/" not in name and name != job_dir_name(
         "err_mode=rev_grad,method=detox-bulyan,seed=0,task=fc-fashion")
     assert not math.isnan(read_picks(picks)["fc-fashion"]["detox-bulyan"]["constant"])
+
+
+# ----------------------------------------------------------------------------------- hostile input (audit)
+
+BOMB = ("t: &t {" + ", ".join(f"e{i}: 0.1" for i in range(30)) + "}\n"
+        "m: &m {" + ", ".join(f"m{i}: *t" for i in range(30)) + "}\n"
+        "lr: {" + ", ".join(f"k{i}: *m" for i in range(30)) + "}\n")  # 27,000 entries out of 1 KB; 10^9 likewise
+
+
+@pytest.mark.parametrize(("content", "says"), [
+    ("lr: {fc-fashion: {detox-bulyan: {constant: 1" + "0" * 400 + "}}}\n", "constant is 1000"),  # was OverflowError
+    ("lr: {fc-fashion: {detox-bulyan: {constant: 1e-3}}}\n", "constant is '1e-3' (a string"),  # YAML 1.1: a string
+    ("lr: {fc-fashion: {detox-bulyan: {constant: true}}}\n", "constant is True, not"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: [0.1]}}}\n", "constant is [0.1], not"),
+    (BOMB, "YAML aliases"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: 0.1, constant: 0.2}}}\n", "'constant' is given twice"),
+    ("lr: {1: {2: {3: 0.1}}, '1': {'2': {'3': 0.2}}}\n", "the key '1' is not a name"),
+    ("lr: {fc-fashion: {detox-bulyan: {constant: 0.1}}}\n#" + "x" * (2 << 20) + "\n", "more than such a file holds"),
+    (b"lr: {fc-fashion: {detox-bulyan: {constant: 0.1}}}\n# \xff\n", "UnicodeDecodeError"),
+])
+def test_a_hostile_picks_file_is_one_line_naming_the_value(tmp_path: Path, content: str | bytes, says: str) -> None:
+    path = tmp_path / "picks.yaml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    cfg = make_cfg(["task=fc-fashion", "method=detox-bulyan", "err_mode=constant", f"lr_picks={path}"])
+    with pytest.raises(ConfigError, match=f"^lr_picks={path}: ") as info:
+        validate(cfg)
+    message = str(info.value)
+    assert says in message and "\n" not in message and len(message) < 400, message
+
+
+def test_a_fifo_picks_file_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    import os
+    import threading
+    import time
+
+    fifo = tmp_path / "picks.yaml"
+    os.mkfifo(fifo)
+
+    def writer() -> None:  # unblocks a reader that waits for a writer (the old code): the test ends either way
+        time.sleep(3)
+        with contextlib.suppress(OSError), open(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK), "w") as f:
+            f.write("lr: {fc-fashion: {detox-bulyan: {constant: 0.1}}}\n")
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_picks(fifo)
+    assert time.monotonic() - start < 2
+
+
+def test_a_lone_record_is_the_mean_of_the_whole_run_not_the_last_iteration(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tune"
+    write_job(root, "detox-bulyan", "constant", GRID[0], 0.2, steps=(0, 199, 200))
+    write_job(root, "detox-bulyan", "constant", GRID[1], 0.1, steps=(0, 200))  # killed records: steps 1..200 in one
+    _one_line_exit_2(capsys, tune_main([str(root), "--out", str(tmp_path / "out")]), "steps 1...200")
+    lone = tmp_path / "lone" / "err_mode=constant,lr=0.001953125,method=detox-bulyan,seed=0,task=fc-fashion"
+    lone.parent.mkdir()
+    (root / lone.name).rename(lone)
+    (lone / "metrics.jsonl").write_text(json.dumps({"step": 200, "train_loss": 0.1}) + "\n")  # no step-0 record
+    (root / lone.name).mkdir()
+    for f in lone.iterdir():
+        (root / lone.name / f.name).write_bytes(f.read_bytes())
+    _one_line_exit_2(capsys, tune_main([str(root), "--out", str(tmp_path / "out")]), "steps 1...200")
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_of_other_settings_at_other_lrs_are_not_compared(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "tune"
+    write_job(root, "detox-bulyan", "constant", GRID[0], 0.5)
+    write_job(root, "detox-bulyan", "constant", GRID[1], 0.1, workers=15)  # another sweep's job, merged in
+    _one_line_exit_2(capsys, tune_main([str(root), "--out", str(tmp_path / "out")]),
+                     "at lrs 0.000976562 and 0.00195312 with different configs (beyond the lr and the seed)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_root_that_compared_no_lrs_is_no_tuning_sweep(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "fig"  # a figure sweep: every method at the task's lr (or each at its own pick)
+    write_job(root, "detox-bulyan", "constant", 0.05)
+    write_job(root, "vanilla-bulyan", "constant", 0.0625)
+    _one_line_exit_2(capsys, tune_main([str(root), "--out", str(tmp_path / "out")]),
+                     "each (task, method, err_mode) ran one lr (0.05, 2^-4): nothing was compared")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_root_still_running_is_not_tuned_yet(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from detox.results import job_lock
+
+    root = tmp_path / "tune"
+    write_job(root, "detox-bulyan", "constant", GRID[0], 0.5)
+    write_job(root, "detox-bulyan", "constant", GRID[1], 0.4)
+    busy = write_job(root, "detox-bulyan", "constant", GRID[2], 0.1)
+    (busy / "summary.json").unlink()  # the best lr, still training
+    with job_lock(busy):
+        _one_line_exit_2(capsys, tune_main([str(root), "--out", str(tmp_path / "out")]), "1 job(s) still running")
+    assert not (tmp_path / "out").exists()
+
+
+def test_two_runs_into_one_out_leave_one_runs_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import threading
+
+    import analysis.report
+
+    roots = {}
+    for name, best in (("a", 0), ("b", 1)):
+        roots[name] = tmp_path / name
+        for i, lr in enumerate(GRID[:2]):
+            write_job(roots[name], "detox-bulyan", "constant", lr, 0.1 if i == best else 0.5)
+    replace, moved = os.replace, {"a": 0, "b": 0}
+    b_first, a_done = threading.Event(), threading.Event()
+
+    def slow_replace(src: str | Path, dst: str | Path) -> None:
+        # unserialised: b moves table.md, a all three, then b the rest: table.md a's, lr_picks.yaml b's. Serialised,
+        # the waits time out (the other run waits for the lock) and each moves its three files in turn.
+        who = "a" if threading.current_thread().name == "tune-a" else "b"
+        moved[who] += 1
+        if who == "a":
+            b_first.wait(1)
+            replace(src, dst)
+            if moved["a"] == 3:
+                a_done.set()
+        else:
+            if moved["b"] > 1:
+                a_done.wait(1)
+            replace(src, dst)
+            b_first.set()
+
+    monkeypatch.setattr(analysis.report.os, "replace", slow_replace)
+    out = tmp_path / "out"
+    out.mkdir()  # (a new --out is one rename: only an existing one takes the files one by one)
+    threads = [threading.Thread(target=tune_main, args=([str(roots[n]), "--out", str(out)],), name=f"tune-{n}")
+               for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.undo()
+    source = Path(yaml.safe_load((out / "lr_picks.yaml").read_text())["source"]).name
+    assert (out / "table.md").read_text().startswith(f"# {source}: ")
+    assert f"detox-bulyan,constant,{GRID[0 if source == 'a' else 1]}" in (out / "table.csv").read_text().split(
+        "True")[0].splitlines()[-1]
