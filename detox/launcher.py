@@ -5,6 +5,12 @@ basic launcher (``load_sweep_config``, ``run_job``): job folders, ``.hydra/`` an
 child that dies (a signal, a non-zero exit, an exception out of the task) is recorded as a failed job: its
 ``summary.json`` says so when the job could not write one, Hydra's ``on_job_end`` callbacks see it, and the other
 jobs run. Hydra finds the class through the shim ``hydra_plugins.detox_launcher`` (launchers must live there).
+
+``SlurmLauncher`` is hydra-submitit-launcher's Slurm launcher with the same promise: a Slurm job that ends without
+a result (``scancel``, out of memory, a node failure, Slurm's own kill) or that Slurm will never start (it asks for
+more than the partition has) is recorded failed and the sweep goes on; hydra-submitit-launcher's own either waits
+for it forever (a cluster without ``sacct``: the job's state stays UNKNOWN) or ends the whole sweep with the job's
+exception, without ``summary.jsonl``. Slurm's view of each job comes from ``scontrol``, which every cluster has.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ import logging
 import multiprocessing as mp
 import os
 import pickle
+import re
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -28,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
+from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from detox.results import JobBusy, base_summary, job_lock, lock_held, write_json
@@ -216,20 +226,11 @@ class ParallelLauncher(Launcher):
         except Exception as record_err:  # a full disk, a folder gone: the other jobs still run
             log.error("#%d: could not record the failure in %s: %s", job.idx, job.out_dir, record_err)
         log.error("#%d failed: %s (%s)", job.idx, job.out_dir, error)
-        failed = FailedJobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=ret.hydra_cfg,
-                                 working_dir=ret.working_dir, task_name=ret.task_name, status=JobStatus.FAILED)
-        failed.return_value = err
+        failed = _failed(ret, err)
         if job.result is None:  # the child died before its own on_job_end: callbacks still see every job end
-            self._on_job_end(job.config, failed)
+            assert self.hydra_context is not None
+            _on_job_end(self.hydra_context, job.config, failed)
         return failed
-
-    def _on_job_end(self, config: DictConfig, ret: JobReturn) -> None:
-        assert self.hydra_context is not None
-        with _hydra_config(config):
-            try:
-                self.hydra_context.callbacks.on_job_end(config=config, job_return=ret)
-            except Exception:  # a callback's bug must not take the other jobs down
-                log.exception("on_job_end callback failed for %s", ret.hydra_cfg.hydra.runtime.output_dir)
 
     def _wait(self, running: list[_Job]) -> None:
         """Block until a child sends its result or exits (reading results as they come: a big one fills the pipe
@@ -258,7 +259,251 @@ class ParallelLauncher(Launcher):
                     returns[job.idx] = self._finish(job)
 
 
+# --------------------------------------------------------------------------------------------- hydra/launcher=slurm
+
+SLURM_POLL_S = 10.0   # how often Slurm is asked (scontrol) about the jobs still without a result
+RESULT_POLL_S = 1.0   # how often the jobs' result files are looked for
+RESULT_GRACE_S = 30.0  # how long a result file may take to appear after Slurm says its job ended (shared file systems)
+# Slurm states of a job that has ended for good (a requeued job goes REQUEUED/PENDING/RUNNING again instead)
+SLURM_ENDED = {"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL", "OUT_OF_MEMORY", "REVOKED",
+               "TIMEOUT"}
+# reasons a pending job stays pending until an administrator changes the cluster (not those a job may outwait: a
+# node down or reserved, a partition switched off, PartitionNodeLimit which can also mean nodes down)
+SLURM_NEVER = {
+    "PartitionConfig": "it asks for more CPUs, memory, nodes or GPUs than partition {partition} has",
+    "PartitionTimeLimit": "its time limit is over partition {partition}'s",
+    "BadConstraints": "no node of partition {partition} satisfies what it asks for",
+    "InvalidAccount": "its account is not valid",
+    "InvalidQOS": "its QoS is not valid",
+    "AccountNotAllowed": "its account may not use partition {partition}",
+    "QOSNotAllowed": "its QoS may not use partition {partition}",
+}
+
+
+@dataclass
+class _SlurmJob:
+    idx: int
+    overrides: list[str]
+    job: Any                    # submitit's SlurmJob
+    ended: float | None = None  # when Slurm was first seen to have ended it (no result file yet)
+    still: float | None = None  # the latest time Slurm said so, every answer since ``ended`` saying the same
+    why: str = ""               # Slurm's word on it: state (reason)
+
+    def dead(self) -> bool:
+        """Ended without a result: Slurm will never start it, or has said it ended for RESULT_GRACE_S, each time
+        it was asked (a state seen for a moment, or Slurm not answering, concludes nothing)."""
+        return self.ended is not None and self.still is not None and (
+            self.why.startswith("never") or self.still - self.ended >= RESULT_GRACE_S)
+
+
+class SlurmLauncher(submitit_launcher.SlurmLauncher):
+    """hydra-submitit-launcher's Slurm launcher whose sweep survives a job that ends without a result.
+
+    Submission is the same (one job array, the same sbatch parameters, the same job function); the waiting is
+    detox's: every job's result file is looked for each second and Slurm asked every ``SLURM_POLL_S`` (scontrol)
+    about those without one. A job Slurm has ended without a result, or will never start, is recorded failed
+    (``summary.json``, a ``#N failed`` line, Hydra's ``on_job_end``), as is a job whose task failed; the sweep goes
+    on. Results are returned in the sweep's order."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+
+        assert self.config is not None and self.hydra_context is not None
+        assert len(job_overrides) > 0
+        # the executor and its parameters exactly as hydra-submitit-launcher 1.2 builds them
+        init = {"folder": self.params["submitit_folder"]}
+        init.update({f"{self._EXECUTOR}_{k}": v for k, v in self.params.items() if k == "max_num_timeout"})
+        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        executor.update_parameters(**{k if k in base else f"{self._EXECUTOR}_{k}": v for k, v in self.params.items()
+                                      if k not in ("max_num_timeout", "submitit_folder")})
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        if "mode" in self.config.hydra.sweep:
+            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+        log.info("Submitting %d jobs to Slurm (one job array), output in %s", len(job_overrides), sweep_dir)
+        params = [(list(o), "hydra.sweep.dir", initial_job_idx + i, f"job_id_for_{initial_job_idx + i}",
+                   Singleton.get_state()) for i, o in enumerate(job_overrides)]
+        for overrides, _, idx, _, _ in params:
+            log.info("\t#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        submitted = executor.map_array(self, *zip(*params, strict=True))
+        jobs = [_SlurmJob(idx, overrides, job)
+                for (overrides, _, idx, _, _), job in zip(params, submitted, strict=True)]
+        for job in jobs:
+            log.info("#%d submitted: Slurm job %s", job.idx, job.job.job_id)
+        returns = self._wait(jobs)
+        return [returns[idx] for idx in sorted(returns)]
+
+    def _wait(self, jobs: list[_SlurmJob]) -> dict[int, JobReturn]:
+        returns: dict[int, JobReturn] = {}
+        waiting = list(jobs)
+        asked = -float("inf")
+        while waiting:
+            now = time.monotonic()
+            if now - asked >= SLURM_POLL_S:
+                asked = now
+                states = slurm_states({j.job.job_id.split("_")[0] for j in waiting})
+                for job in waiting:
+                    self._judge(job, states, now)
+            for job in list(waiting):
+                if _has_result(job.job):
+                    returns[job.idx] = self._result(job)
+                elif job.dead():
+                    returns[job.idx] = self._dead(job)
+                else:
+                    continue
+                waiting.remove(job)
+            if waiting:
+                time.sleep(RESULT_POLL_S)
+        return returns
+
+    def _judge(self, job: _SlurmJob, states: dict[str, dict[str, str]] | None, now: float) -> None:
+        """What Slurm says of a job without a result: ended (and since when), never to start, or still on."""
+        if states is None:  # Slurm did not answer (the controller is down, busy, scontrol missing): start over
+            job.ended, job.still, job.why = None, None, ""  # (a job is declared dead on Slurm's answers alone)
+            return
+        info = states.get(job.job.job_id)
+        if info is None:  # Slurm forgot it (MinJobAge after its end) or never had it
+            state, reason = "ENDED", "no longer known to Slurm"
+        else:
+            state, reason = info.get("JobState", "UNKNOWN"), info.get("Reason", "None")
+        if state == "PENDING" and info is not None and reason in SLURM_NEVER:
+            with contextlib.suppress(Exception):
+                subprocess.run(["scancel", job.job.job_id], capture_output=True, timeout=60)
+            why = SLURM_NEVER[reason].format(partition=info.get("Partition", "?"))
+            job.why = (f"never started: Slurm keeps job {job.job.job_id} pending for {reason} ({why}: see "
+                       f"hydra.launcher.partition, cpus_per_task, mem_gb, nodes, gpus_per_node, timeout_min, "
+                       f"account, qos); cancelled")
+            job.ended = job.still = now
+        elif state in SLURM_ENDED or state == "ENDED":
+            if job.ended is None:
+                job.ended = now
+                job.why = f"Slurm job {job.job.job_id} {state}" + (f" ({reason})" if reason not in ("None", "") else "")
+            job.still = now
+        else:  # pending, running, requeued, completing, suspended: a requeued job may end here once more
+            job.ended, job.still, job.why = None, None, ""
+
+    def _config(self, job: _SlurmJob) -> DictConfig:
+        assert self.hydra_context is not None and self.config is not None
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, job.overrides)
+        with open_dict(config):
+            config.hydra.job.id = job.job.job_id
+            config.hydra.job.num = job.idx
+        return config
+
+    def _result(self, job: _SlurmJob) -> JobReturn:
+        """The job's result file is there: its JobReturn, a failed one recorded as such."""
+        try:
+            ret = job.job.results()[0]
+        except Exception as err:  # the job function itself failed (submitit's FailedJobError), or a torn result
+            return self._record(job, JobDied(f"Slurm job {job.job.job_id}: {_last_error(err)}"), None)
+        if not isinstance(ret, JobReturn) or ret.status == JobStatus.COMPLETED:
+            out_dir = Path(str(OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir"))) \
+                if isinstance(ret, JobReturn) and ret.hydra_cfg is not None else None
+            status = _summary_status(out_dir) if out_dir is not None else None
+            if out_dir is not None and status is None and lock_held(out_dir):
+                # its run found another sweep's run holding the folder (the lock works across Slurm jobs of a node,
+                # and of nodes sharing a file system with working locks)
+                log.info("#%d skipped: %s (another process holds the folder and runs this job)", job.idx, out_dir)
+            else:
+                log.info("#%d %s: %s (Slurm job %s)", job.idx, status or "completed", out_dir, job.job.job_id)
+            return ret
+        return self._record(job, ret._return_value, ret)
+
+    def _dead(self, job: _SlurmJob) -> JobReturn:
+        why = job.why if job.why.startswith("never") else \
+            f"{job.why} without a result (its log: {_tasks(job.job)[0].paths.stderr})"
+        return self._record(job, JobDied(why), None)
+
+    def _record(self, job: _SlurmJob, err: BaseException | None, ret: JobReturn | None) -> JobReturn:
+        """A failed job: summary.json (unless the job wrote a final one), the progress line, on_job_end when the
+        job could not run its own. Its return reads as None to Hydra's sweeper, so the sweep goes on."""
+        assert self.hydra_context is not None
+        config = self._config(job)
+        out_dir = _job_dir(config)
+        error = str(err) if isinstance(err, JobDied | _JobError) else f"{type(err).__name__}: {err}"
+        try:
+            _record_failure(config, out_dir, error)
+        except Exception as record_err:
+            log.error("#%d: could not record the failure in %s: %s", job.idx, out_dir, record_err)
+        log.error("#%d failed: %s (%s)", job.idx, out_dir, error)
+        failed = _failed(ret if ret is not None else _job_return(config, out_dir), err)
+        if ret is None:
+            _on_job_end(self.hydra_context, config, failed)
+        return failed
+
+
+def _last_error(err: Exception) -> str:
+    """The line that says what went wrong: of submitit's FailedJobError (the job's traceback between two rules of
+    dashes, then where its logs are), the traceback's last line."""
+    parts = re.split(r"\n-{5,}\n", str(err))
+    lines = [line.strip() for line in (parts[1] if len(parts) > 2 else str(err)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def _tasks(job: Any) -> list[Any]:
+    """A submitit job's tasks (itself when it has one; tasks_per_node or nodes > 1 give it several)."""
+    return list(job._sub_jobs) or [job]
+
+
+def _has_result(job: Any) -> bool:
+    return all(task.paths.result_pickle.exists() for task in _tasks(job))
+
+
+def slurm_states(array_ids: set[str]) -> dict[str, dict[str, str]] | None:
+    """``scontrol -o show job`` of each job (array): submitit's job id (``12_3``, or ``12``) -> the job's fields;
+    a job Slurm no longer knows is absent. None when Slurm could not be asked."""
+    states: dict[str, dict[str, str]] = {}
+    for array_id in sorted(array_ids):
+        try:
+            out = subprocess.run(["scontrol", "-o", "show", "job", array_id], capture_output=True, text=True,
+                                 timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0:
+            if "Invalid job id" in out.stderr:  # purged after MinJobAge: every task of it has ended
+                continue
+            return None
+        for line in out.stdout.splitlines():
+            # "Key=value Key2=value with spaces AllocNode:Sid=host:1 ...": a value runs up to the next key
+            fields = dict(re.findall(r"(\w+)=(.*?)(?= [\w:/]+=|$)", line.strip()))
+            if "JobId" not in fields:
+                continue
+            array, tasks = fields.get("ArrayJobId"), fields.get("ArrayTaskId")
+            if array and tasks:  # one task, or pending tasks folded into one line: 3-5,7 (and %N, a throttle)
+                for task in _task_ids(tasks):
+                    states[f"{array}_{task}"] = fields
+            else:
+                states[fields["JobId"]] = fields
+    return states
+
+
+def _task_ids(text: str) -> list[int]:
+    ids: list[int] = []
+    for part in text.split("%")[0].split(","):
+        if m := re.fullmatch(r"(\d+)(?:-(\d+))?(?::(\d+))?", part.strip()):
+            first, last, step = int(m[1]), int(m[2] or m[1]), int(m[3] or 1)
+            ids.extend(range(first, last + 1, step))
+    return ids
+
+
 # ------------------------------------------------------------------------------------------------------ helpers
+
+
+def _failed(ret: JobReturn, err: BaseException | None) -> FailedJobReturn:
+    failed = FailedJobReturn(overrides=ret.overrides, cfg=ret.cfg, hydra_cfg=ret.hydra_cfg,
+                             working_dir=ret.working_dir, task_name=ret.task_name, status=JobStatus.FAILED)
+    failed.return_value = err
+    return failed
+
+
+def _on_job_end(hydra_context: HydraContext, config: DictConfig, ret: JobReturn) -> None:
+    with _hydra_config(config):
+        try:
+            hydra_context.callbacks.on_job_end(config=config, job_return=ret)
+        except Exception:  # a callback's bug must not take the other jobs down
+            log.exception("on_job_end callback failed for %s", ret.hydra_cfg.hydra.runtime.output_dir)
 
 
 def _job_dir(config: DictConfig) -> Path:

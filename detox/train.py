@@ -247,6 +247,10 @@ def check_output_folder(config: DictConfig, key: str) -> None:
             if not folder.is_dir():
                 raise ConfigError(f"{key}={text}: {folder} is {'a file' if folder.is_file() else 'not a folder'}; "
                                   f"give a folder (existing or new)")
+            # (access() says no to root too on a read-only mount: Hydra's own mkdir was a traceback there)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}={text}: {folder} is not writable (read-only, or not yours); give a "
+                                  f"folder the run can write")
             break
 
 
@@ -290,7 +294,7 @@ class ValidateFirst(Callback):
             sys.exit(2)
 
 
-SLURM_LAUNCHER = "submitit_launcher.SlurmLauncher"
+SLURM_LAUNCHER = ("submitit_launcher.SlurmLauncher", "detox_launcher.SlurmLauncher")
 # hydra.launcher keys of submitit_slurm that are counts (null: submitit's default)
 SLURM_COUNTS = ("timeout_min", "cpus_per_task", "gpus_per_node", "tasks_per_node", "nodes", "mem_gb",
                 "array_parallelism")
@@ -319,6 +323,11 @@ def check_slurm_launcher(config: DictConfig) -> None:
         value = launcher.get(key)
         if value is not None and not re.fullmatch(SLURM_NAME, str(value)):
             raise ConfigError(f"hydra.launcher.{key}={value!r}: not a Slurm name (letters, digits, _ . , -)")
+    for key in ("nodes", "tasks_per_node"):  # submitit runs one copy of the job per task: N copies of one run
+        value = launcher.get(key)
+        if value is not None and value != 1:
+            raise ConfigError(f"hydra.launcher.{key}={value!r}: must be 1 (one Hydra job per Slurm job; engine=mpi "
+                              f"jobs start their own ranks with mpiexec)")
 
 
 # an absolute path: a console script (detox-train) would make Hydra read "../conf" as a Python package
@@ -386,7 +395,8 @@ def _hydra_errors_in_one_line(prog: str = "detox") -> None:
                 raise SystemExit(1) from None
             except Exception as err:
                 # hydra/launcher=slurm: sbatch refused a job (submitit's FailedJobError holds sbatch's stderr)
-                if type(err).__name__ != "FailedJobError" or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                if (type(err).__name__ != "FailedJobError" or "sbatch" not in str(err)
+                        or os.environ.get("HYDRA_FULL_ERROR") == "1"):
                     raise
                 lines = [line.strip() for line in str(err).splitlines() if line.strip()]
                 print(f"{prog}: error: sbatch refused the sweep: {lines[-1] if lines else type(err).__name__}",

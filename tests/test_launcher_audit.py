@@ -204,6 +204,9 @@ def test_a_slurm_sweep_on_a_machine_without_slurm_is_one_line(tmp_path: Path) ->
     ("hydra.launcher.mem_gb=-1", "hydra.launcher.mem_gb=-1: must be a whole number >= 1"),
     ("hydra.launcher.array_parallelism=0", "hydra.launcher.array_parallelism=0: must be a whole number >= 1"),
     ("hydra.launcher.partition='a b'", "hydra.launcher.partition='a b': not a Slurm name"),
+    # submitit runs one copy of the Hydra job per task: the same run N times, N - 1 of them skipped on its lock
+    ("hydra.launcher.tasks_per_node=2", "hydra.launcher.tasks_per_node=2: must be 1"),
+    ("hydra.launcher.nodes=2", "hydra.launcher.nodes=2: must be 1"),
 ])
 def test_slurm_settings_sbatch_would_refuse_are_one_line(override: str, message: str, tmp_path: Path) -> None:
     out = _slurm_sweep(tmp_path, _fake_slurm(tmp_path), override)

@@ -8,8 +8,6 @@ status objects (no MPI world: ``mpi4py.rc.initialize = False``); the ``slow`` te
 
 from __future__ import annotations
 
-import os
-import signal
 import struct
 import subprocess
 import sys
@@ -459,7 +457,7 @@ def test_blosc_world_with_rogues_resumes_with_its_counts(tmp_path: Path) -> None
     resumes: its per-rank counts, its malformed_messages and its trajectory are the uninterrupted run's, which is
     engine=local's step by step."""
     from test_mpi import assert_same_trajectory
-    from test_mpi_rogue import wait_for, world_of
+    from test_mpi_rogue import kill_at_first_checkpoint
 
     steps = 200
     job = [*JOB, f"max_steps={steps}", "eval_freq=20", "checkpoint.every=20"]
@@ -473,14 +471,7 @@ def test_blosc_world_with_rogues_resumes_with_its_counts(tmp_path: Path) -> None
     assert full["malformed_messages"] == 2 * steps - 3
     assert_same_trajectory(tmp_path / "local", tmp_path / "full")
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *mpi, f"hydra.run.dir={run}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(lambda: (run / "checkpoint.pt").exists(), 240, "the first checkpoint")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_for(lambda: not world_of(run), 30, "the killed world to end")
+    kill_at_first_checkpoint(mpi, run, 240)
     assert not (run / "summary.json").exists()
     resumed = run_job(mpi, run)
     assert resumed["status"] == "completed", resumed.get("error")

@@ -66,6 +66,19 @@ def world_of(job_dir: Path) -> list[int]:
     return found
 
 
+def kill_at_first_checkpoint(job: list[str], run: Path, timeout_s: float) -> None:
+    """``python -m detox.train JOB`` into ``run``, its driver's whole session killed (-9) once the first checkpoint
+    is written; returns when its MPI world has ended."""
+    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *job, f"hydra.run.dir={run}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for(lambda: (run / "checkpoint.pt").exists(), timeout_s, "the first checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wait_for(lambda: not world_of(run), 30, "the killed world to end")
+
+
 def wait_for(cond: Callable[[], bool], timeout_s: float, what: str) -> None:
     end = time.monotonic() + timeout_s
     while not cond():
@@ -425,14 +438,7 @@ def test_a_resumed_mpi_run_keeps_counting_and_distrusting_its_rogue_ranks(tmp_pa
     full = run_job(job, tmp_path / "full")
     assert full["status"] == "completed" and full["malformed_by_rank"] == {"1": 400}, full
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "detox.train", *job, f"hydra.run.dir={run}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for(lambda: (run / "checkpoint.pt").exists(), 120, "the first checkpoint")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    wait_for(lambda: not world_of(run), 30, "the killed world to end")
+    kill_at_first_checkpoint(job, run, 120)
     assert not (run / "summary.json").exists()  # killed mid-run: the rerun has something to resume
     resumed = run_job(job, run)
     assert resumed["status"] == "completed", resumed.get("error")

@@ -382,3 +382,21 @@ def test_a_run_or_sweep_into_an_empty_folder_name_is_refused_in_one_line(key: st
     assert proc.returncode == 2 and proc.stderr.strip() == f"detox: error: {key}='': empty; give the folder for " \
                                                           f"the run's output", proc.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written where it was started
+
+
+def test_an_output_folder_under_a_read_only_one_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep (either launcher) or run under a read-only mount was Hydra's mkdir traceback, exit 1. The check is
+    access(2), which says no even to root on a read-only file system (seen with `mount -o ro`); simulated here for
+    the folder that exists, since a test cannot count on mounting."""
+    from omegaconf import OmegaConf
+
+    from detox.config import ConfigError
+    from detox.train import check_output_folder
+
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(tmp_path / "sweep" / "deeper")}}})
+    with pytest.raises(ConfigError, match=rf"^hydra.sweep.dir={tmp_path}/sweep/deeper: {tmp_path} is not writable"):
+        check_output_folder(config, "hydra.sweep.dir")
+    monkeypatch.setattr(os, "access", real_access)
+    check_output_folder(config, "hydra.sweep.dir")

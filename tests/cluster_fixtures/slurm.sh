@@ -110,6 +110,8 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.log
 MinJobAge=3600
 ReturnToService=2
+# scancel / scontrol requeue send SIGTERM (which a submitit job ignores), then SIGKILL after KillWait (default 30 s)
+KillWait=5
 SlurmdTimeout=60
 NodeName=$host NodeAddr=127.0.0.1 $node State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
