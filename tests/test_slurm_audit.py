@@ -78,7 +78,7 @@ def test_a_cancelled_job_is_recorded_failed_and_the_sweep_goes_on(slurm: dict[st
     assert rows[1000000]["status"] == "failed"
     assert rows[1000000]["error"].startswith(f"Slurm job {task} CANCELLED without a result (its log: "), rows
     assert finished_job(task, env)["JobState"] == "CANCELLED"
-    assert squeue(env) == []
+    wait_for(lambda: squeue(env) == [], 60, "Slurm to take the jobs off its queue")  # (a moment after the result)
 
 
 def test_a_job_slurm_will_never_start_is_recorded_failed(slurm: dict[str, str], tmp_path: Path) -> None:
@@ -95,7 +95,8 @@ def test_a_job_slurm_will_never_start_is_recorded_failed(slurm: dict[str, str], 
         assert row["status"] == "failed"
         assert re.match(r"never started: Slurm keeps job \d+_\d pending for PartitionConfig \(it asks for more "
                         r"CPUs, memory, nodes or GPUs than partition debug has", row["error"]), row["error"]
-    assert squeue(env) == []  # cancelled, not left pending in the queue
+    # cancelled, not left pending in the queue (Slurm takes a job off it a moment after its end)
+    wait_for(lambda: squeue(env) == [], 60, "Slurm to take the jobs off its queue")
 
 
 @pytest.mark.parametrize("launcher", ["submitit", "detox"])
@@ -172,4 +173,4 @@ def test_two_sweeps_into_one_root_run_a_job_once(slurm: dict[str, str], tmp_path
     steps = [json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(0, 6001, 1000))  # one run wrote it, once
     assert json.loads((folder / "summary.json").read_text())["status"] == "completed"
-    assert squeue(env) == []
+    wait_for(lambda: squeue(env) == [], 60, "Slurm to take the jobs off its queue")  # (a moment after the result)
