@@ -329,7 +329,7 @@ def test_slurm_launcher_config_composes() -> None:
         cfg = compose(config_name="config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=cpu"],
                       return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher._target_ == "hydra_plugins.detox_launcher.SlurmLauncher"
     assert (launcher.partition, launcher.cpus_per_task, launcher.timeout_min) == ("cpu", 4, 240)
     assert cfg.hydra.callbacks.summary._target_ == "detox.results.SweepSummary"  # summary.jsonl on Slurm too
     slurm = instantiate(launcher)  # the plugin accepts every key (no Slurm needed to construct it)

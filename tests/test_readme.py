@@ -401,7 +401,7 @@ def test_readme_cluster_commands(moto_server: dict[str, str], tmp_path: Path,
             launcher = [w for w in words if w.startswith(("hydra/launcher=", "hydra.launcher."))]
             shown = ok(shell(shlex.join(["python", "-m", "detox.train", *launcher, "--cfg", "hydra", "-p",
                                          "hydra.launcher"]), tmp_path), command)
-            assert "_target_: hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher" in shown
+            assert "_target_: hydra_plugins.detox_launcher.SlurmLauncher" in shown
             for key, value in (w.removeprefix("hydra.launcher.").split("=", 1) for w in launcher if "." in w):
                 assert f"{key}: {value}" in shown.splitlines()
         if "engine.hostfile=" in command:  # the real hostfile from `hosts`: the job would be accepted
