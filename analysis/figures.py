@@ -12,6 +12,10 @@ recorded it, else ``cluster_time_median``.
 
 from __future__ import annotations
 
+import functools
+import textwrap
+from collections.abc import Callable
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -22,7 +26,7 @@ from matplotlib.patches import Patch
 from scipy.stats import hypergeom
 
 from analysis.load import CPU_MEDIAN_PHASES, FINISHED, MEDIAN_PHASES, PHASES, time_column, time_to_target
-from analysis.stats import aggregate, interval
+from analysis.stats import Stat, aggregate, interval
 
 FAMILY_COLOURS = {"vanilla": "tab:blue", "detox": "tab:orange", "other": "tab:gray"}
 FAMILY_LINES = {"vanilla": "--", "detox": "-", "other": ":"}
@@ -44,6 +48,28 @@ FAMILY_ORDER = ("vanilla", "detox", "other")
 class NothingToDraw(Exception):
     """What a figure needs is absent (no finished run, a value no run recorded): the message says what; the caller
     skips the figure."""
+
+
+class Ambiguous(ValueError):
+    """Two configurations that a figure would draw or pair as one (two sweeps in one root): the message names two of
+    their jobs."""
+
+
+def plain_text(draw: Callable[..., Figure]) -> Callable[..., Figure]:
+    """Every text of the figure drawn as typed: a label with two ``$`` (an approach or attack named by hand) would
+    otherwise be parsed as mathtext when the figure is saved, and fail."""
+    @functools.wraps(draw)
+    def drawn(*args: object, **kwargs: object) -> Figure:
+        # that setting alone, set back after: plt.rc_context would also set back what picking the backend changed
+        # meanwhile (a notebook's first figure turns interactive mode on; reverted, no later figure is shown)
+        before = plt.rcParams["text.parse_math"]
+        plt.rcParams["text.parse_math"] = False
+        try:
+            return draw(*args, **kwargs)
+        finally:
+            plt.rcParams["text.parse_math"] = before
+
+    return drawn
 
 
 def _need(ok: bool, why: str) -> None:
@@ -102,6 +128,12 @@ def _first(df: pd.DataFrame, col: str) -> object:
     return df[col].iloc[0] if len(df) else None
 
 
+def _wrap(label: str, width: int = 32) -> str:
+    """A long label (one built from a config: ``baseline/bulyan (average=original, ...)``) over several lines, so
+    that rotated tick labels leave the plot room."""
+    return "\n".join(textwrap.wrap(str(label), width, break_on_hyphens=False)) or str(label)
+
+
 def _whiskers(lo: pd.Series | np.ndarray, mean: pd.Series | np.ndarray, hi: pd.Series | np.ndarray) -> np.ndarray:
     """Asymmetric error-bar lengths; 0 where there is no interval (n = 1)."""
     lo, mean, hi = (np.asarray(a, dtype=float) for a in (lo, mean, hi))
@@ -132,6 +164,7 @@ def seed_curve(metrics: pd.DataFrame, x: str, y: str = "test_acc") -> pd.DataFra
 # ------------------------------------------------------------------------------------------------ figure A
 
 
+@plain_text
 def fig_a(metrics: pd.DataFrame, x: str | None = None) -> Figure:
     """Test accuracy against time (or iterations): one panel per (attack, rule), vanilla vs DETOX, each the mean
     over seeds with its 95 % interval shaded; y axes zoomed to the range where the methods differ."""
@@ -180,42 +213,57 @@ def fig_a(metrics: pd.DataFrame, x: str | None = None) -> Figure:
 
 
 def speedups(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | None = None) -> pd.DataFrame:
-    """Per (attack, rule, q): time to ``target`` of vanilla X and DETOX-X over their seeds (mean, 95 % interval,
+    """Per (attack, rule, q) (and ``variant``, where a root holds configurations the label alone does not tell
+    apart: ``analysis.load``): time to ``target`` of vanilla X and DETOX-X over their seeds (mean, 95 % interval,
     how many seeds reached it) and the speedup vanilla / DETOX: the mean of the per-seed ratios (seed s of X over
-    seed s of DETOX-X) with its interval; the ratio of the mean times where no seed pairs up."""
+    seed s of DETOX-X, paired by seed: a seed one side lacks, or that one side never reached the target with, has no
+    ratio; nor has a seed reached at time 0 on either side, before any training) with its interval; the ratio of
+    the mean times where no seed pairs up. Raises Ambiguous where one side holds two configurations (which would it
+    pair?)."""
     x = x or time_column(metrics)
     ttt = time_to_target(metrics, target, x) if len(metrics) else pd.Series(dtype=float)
     runs = runs[runs["status"].isin(FINISHED)]  # a killed or failed seed is no seed that did not reach it
-    data = ordered(runs.assign(ttt=runs["job"].map(ttt).astype(float)))
+    variant = runs["variant"].fillna("") if "variant" in runs else ""
+    data = ordered(runs.assign(ttt=runs["job"].map(ttt).astype(float), variant=variant))
     rows = []
-    for (attack, rule, q), sub in data.groupby(["err_mode", "rule", "worker_fail"], sort=False, dropna=False):
-        side = {}
-        for defence in ("vanilla", "detox"):
-            part = sub[sub["defence"] == defence]
-            side[defence] = part[part["config"] == part["config"].iloc[0]] if len(part) else part
+    for (attack, rule, q, variant), sub in data.groupby(["err_mode", "rule", "worker_fail", "variant"], sort=False,
+                                                        dropna=False):
+        side = {defence: sub[sub["defence"] == defence] for defence in ("vanilla", "detox")}
+        for defence, part in side.items():
+            seeds = part["seed"].dropna()
+            if part["config"].nunique() > 1 or not seeds.is_unique:
+                a, b = (part.drop_duplicates("config") if part["config"].nunique() > 1 else
+                        part[part["seed"].duplicated(keep=False)])["job"].iloc[:2]
+                raise Ambiguous(f"jobs {a} and {b} are both {defence} {rule} under {attack}, q = {q}, "
+                                f"{'with different configs' if part['config'].nunique() > 1 else 'with the same seed'}"
+                                f": which would the speedup pair? (one sweep per root)")
         if not len(side["vanilla"]) and not len(side["detox"]):
             continue
-        row = {"err_mode": attack, "rule": rule, "worker_fail": q, "target_acc": target, "clock": x}
+        row = {"err_mode": attack, "rule": rule, "worker_fail": q, "variant": variant, "target_acc": target,
+               "clock": x}
         for defence, part in side.items():
             s = interval(part["ttt"])
             row.update({f"{defence}_label": _first(part, "label"), f"{defence}_time": s.mean,
                         f"{defence}_time_lo": s.lo, f"{defence}_time_hi": s.hi, f"{defence}_reached": s.n,
                         f"{defence}_seeds": len(part)})
-        # a time of 0 (a target reached before training, at step 0) gives no ratio: x / 0 is no speedup, and an
-        # infinite one would silently drop out of the mean
-        detox_ttt = side["detox"].set_index("seed")["ttt"]
-        paired = side["vanilla"].set_index("seed")["ttt"].div(detox_ttt.where(detox_ttt > 0)) \
-            if len(side["vanilla"]) and len(side["detox"]) else pd.Series(dtype=float)
-        sp = interval(paired.to_numpy() if len(paired) else [])
-        if sp.n == 0:
-            sp = interval([row["vanilla_time"] / row["detox_time"] if row["detox_time"] > 0 else np.nan])
-            sp = type(sp)(sp.mean, np.nan, 0, np.nan, np.nan)  # not paired: a point estimate, no seed count
+        # paired by seed, never by position (a job without a seed pairs with none); a time of 0 (a target reached
+        # before training, at step 0) on either side gives no ratio: x / 0 is no speedup, 0 / x none either
+        times = {d: part.dropna(subset=["seed"]).set_index("seed")["ttt"] for d, part in side.items()}
+        ratios = [times["vanilla"][seed] / times["detox"][seed] for seed in times["vanilla"].index
+                  if seed in times["detox"].index and times["vanilla"][seed] > 0 and times["detox"][seed] > 0]
+        sp = interval(ratios)
+        if sp.n == 0:  # not paired: the ratio of the mean times, a point estimate without a seed count
+            v, d = row["vanilla_time"], row["detox_time"]
+            sp = Stat(v / d if v > 0 and d > 0 else np.nan, np.nan, 0, np.nan, np.nan)
         row.update({"speedup": sp.mean, "speedup_sd": sp.sd, "speedup_lo": sp.lo, "speedup_hi": sp.hi,
                     "speedup_n": sp.n})
         rows.append(row)
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    # the variant column only where a root needs one (the tables of a sweep of one setting keep their columns)
+    return out.drop(columns="variant") if len(out) and not out["variant"].astype(bool).any() else out
 
 
+@plain_text
 def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | None = None) -> Figure:
     """Time to the target accuracy, vanilla X vs DETOX-X (mean over seeds, 95 % whiskers), with the speedup and
     its interval above each pair."""
@@ -232,12 +280,15 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
         ax.bar(pos + offset, mean.fillna(0.0), 0.4, color=FAMILY_COLOURS[defence], label=name)
         ax.errorbar(pos + offset, mean, yerr=_whiskers(lo, mean, hi), fmt="none", ecolor="k", capsize=3, lw=1)
         tops.append(np.fmax(mean.to_numpy(dtype=float), hi.to_numpy(dtype=float)))
-    top = np.nanmax(np.concatenate(tops + [np.array([1e-9])])) if len(table) else 1.0
+    finite = np.concatenate(tops)
+    finite = finite[np.isfinite(finite)]
+    top = float(finite.max()) if len(finite) and finite.max() > 0 else 1.0  # no time to show: an axis of 0..1
     for p, row in zip(pos, table.itertuples(), strict=True):
         pair_top = np.nanmax([row.vanilla_time, row.vanilla_time_hi, row.detox_time, row.detox_time_hi, 0.0])
         for offset, defence in ((-0.2, "vanilla"), (0.2, "detox")):
             if not np.isfinite(getattr(row, f"{defence}_time")):
-                ax.text(p + offset, 0.02 * top, "never", ha="center", va="bottom", rotation=90, fontsize=8)
+                ax.text(p + offset, 0.02 * top, "never" if getattr(row, f"{defence}_seeds") else "no run",
+                        ha="center", va="bottom", rotation=90, fontsize=8)
         if np.isfinite(row.speedup):
             text = f"{row.speedup:.2f}×"
             if row.speedup_n >= 2:
@@ -245,13 +296,21 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
             text += f"\nn={row.speedup_n}" if row.speedup_n else "\nunpaired"
         elif np.isfinite(row.vanilla_time) and np.isfinite(row.detox_time):
             text = "no ratio:\nreached at time 0"  # the target lies below the accuracy before training
-        else:
-            text = "DETOX-X never\nreached it" if not np.isfinite(row.detox_time) else "X never\nreached it"
+        else:  # one side (or both) has no time: no finished seed, or none reached the target
+            missing = [name for name, d in (("X", "vanilla"), ("DETOX-X", "detox"))
+                       if not np.isfinite(getattr(row, f"{d}_time"))]
+            runs_of = [name for name, d in (("X", "vanilla"), ("DETOX-X", "detox")) if not getattr(row, f"{d}_seeds")]
+            if runs_of:
+                text = f"no finished\n{' or '.join(runs_of)} run"
+            else:
+                text = "neither\nreached it" if len(missing) == 2 else f"{missing[0]} never\nreached it"
         # centred over the pair, above the taller bar's whisker; the y limit leaves room so it never meets the frame
         ax.text(p, pair_top + 0.04 * top, text, ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, top * 1.45)
-    ax.set_xticks(pos, [f"{r.rule}\n{r.err_mode}\nreached {r.vanilla_reached}/{r.vanilla_seeds} · "
-                        f"{r.detox_reached}/{r.detox_seeds}" for r in table.itertuples()], fontsize=8)
+    variants = table["variant"] if "variant" in table else pd.Series("", index=table.index)
+    ax.set_xticks(pos, [f"{r.rule}\n{r.err_mode}{chr(10) + v if v else ''}\nreached {r.vanilla_reached}/"
+                        f"{r.vanilla_seeds} · {r.detox_reached}/{r.detox_seeds}"
+                        for r, v in zip(table.itertuples(), variants, strict=True)], fontsize=8)
     ax.set_ylabel(f"{X_LABELS.get(x, x)}\nto {target:.0%} accuracy")
     ax.set_title("mean over seeds, whiskers: 95 % t-interval\nspeedup: mean of per-seed ratios [95 % interval]",
                  fontsize=9)
@@ -264,6 +323,7 @@ def fig_b(runs: pd.DataFrame, metrics: pd.DataFrame, target: float, x: str | Non
 # ------------------------------------------------------------------------------------------------ figure C
 
 
+@plain_text
 def fig_c(runs: pd.DataFrame) -> Figure:
     """Per-iteration time split (per-phase medians where recorded, else means), one bar per configuration: mean
     over seeds, whisker the 95 % interval of the total, a grey line the within-run spread of a step (10th–90th
@@ -309,7 +369,8 @@ def fig_c(runs: pd.DataFrame) -> Figure:
         ax.text(p, np.nanmax([row.total_hi, row.total]) * 1000 + 0.03 * top, note, ha="center", va="bottom",
                 fontsize=7, color="darkred")
     ax.set_ylim(0, top * 1.3)
-    ax.set_xticks(pos, [f"{r.label}\n(n={r.n})" for r in agg.itertuples()], rotation=30, ha="right", fontsize=8)
+    ax.set_xticks(pos, [f"{_wrap(r.label)}\n(n={r.n})" for r in agg.itertuples()], rotation=30, ha="right",
+                  fontsize=8)
     for tick, defence in zip(ax.get_xticklabels(), agg["defence"], strict=True):
         tick.set_color(FAMILY_COLOURS.get(defence, FAMILY_COLOURS["other"]))
     clock = {CPU_MEDIAN_PHASES[0]: "CPU median", MEDIAN_PHASES[0]: "median"}.get(phases[0], "mean")
@@ -339,6 +400,7 @@ def _setting(runs: pd.DataFrame) -> str:
     return f"{attacks}, {p}" if p else attacks
 
 
+@plain_text
 def fig_d(runs: pd.DataFrame) -> Figure:
     """Final test accuracy per method under one attack (ALIE in the paper): mean over seeds, 95 % whiskers, and
     the mean best accuracy during the run."""
@@ -352,8 +414,8 @@ def fig_d(runs: pd.DataFrame) -> Figure:
     ax.errorbar(pos, agg["final_test_acc"], fmt="none", ecolor="k", capsize=3, lw=1,
                 yerr=_whiskers(agg["final_test_acc_lo"], agg["final_test_acc"], agg["final_test_acc_hi"]))
     ax.scatter(pos, agg["best_test_acc"], marker="_", s=300, color="k", label="best during the run (mean)")
-    ax.set_xticks(pos, [f"{r.label}\n(n={r.final_test_acc_n})" for r in agg.itertuples()], rotation=30, ha="right",
-                  fontsize=8)
+    ax.set_xticks(pos, [f"{_wrap(r.label)}\n(n={r.final_test_acc_n})" for r in agg.itertuples()], rotation=30,
+                  ha="right", fontsize=8)
     ax.set_ylabel("final test accuracy")
     ax.set_ylim(0, 1.05)
     ax.set_title(f"{_setting(done) if len(done) else ''}\nmean over seeds, whiskers: 95 % t-interval", fontsize=9)
@@ -369,6 +431,15 @@ def fig_d(runs: pd.DataFrame) -> Figure:
 # ------------------------------------------------------------------------------------------------ figure E
 
 
+def _lines(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with ``label`` naming one line of a plot against q: the method, and its attack where the runs hold
+    several (a line's points are means over the seeds of one configuration each, never over two attacks')."""
+    runs = runs.copy()
+    if runs["attack"].nunique(dropna=False) > 1:
+        runs["label"] = runs["label"].astype(str) + " — " + runs["attack"].astype(str)
+    return runs
+
+
 def _by_q(sub: pd.DataFrame, col: str) -> pd.DataFrame:
     return aggregate(sub.sort_values("worker_fail"), "worker_fail", [col])
 
@@ -378,11 +449,12 @@ def _dodge(k: int, count: int, width: float = 0.3) -> float:
     return 0.0 if count < 2 else (k / (count - 1) - 0.5) * width
 
 
+@plain_text
 def fig_e(runs: pd.DataFrame) -> Figure:
     """Left: final test accuracy against the number of Byzantine workers q, one line per method (mean over
     seeds, 95 % whiskers). Right: what differs between the robust methods, their gap to their own clean run
     (q = 0; per-seed differences), zoomed; methods that diverge or fall to chance are named, not drawn."""
-    done = ordered(_finished(runs, "final_test_acc")).copy()
+    done = _lines(ordered(_finished(runs, "final_test_acc")))
     done["chance"] = chance_level(done) | (done["status"] == "diverged")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.5, 4.2))
     lines = list(dict.fromkeys(done["label"]))
@@ -457,13 +529,14 @@ def expected_corrupted(workers: int, q: int, r: int) -> float:
     return workers // r * float(hypergeom(workers, q, r).sf(r // 2))
 
 
+@plain_text
 def fig_theory(runs: pd.DataFrame) -> Figure:
     """Measured corrupted groups per step (grouped approaches, random placement; mean over seeds, 95 % whiskers)
     vs the hypergeometric expectation. Methods with the same seeds meet the same Byzantine draws and measure the
     same counts: their markers are set side by side and hollow so that none hides another."""
-    grouped = ordered(runs[(runs["approach"] != "baseline") & (runs["placement"] == "random")
-                           & runs["corrupted_per_step"].notna() & runs["workers"].notna()
-                           & runs["group_size"].notna()])
+    grouped = _lines(ordered(runs[(runs["approach"] != "baseline") & (runs["placement"] == "random")
+                                  & runs["corrupted_per_step"].notna() & runs["workers"].notna()
+                                  & runs["group_size"].notna()]))
     _need(len(grouped) > 0, "no grouped run with random placement recorded corrupted groups")
     fig, ax = plt.subplots(figsize=(6.0, 4.0))
     labels = list(dict.fromkeys(grouped["label"]))

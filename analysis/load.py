@@ -13,8 +13,13 @@ failed job keeps its ``error``. Only finished jobs (``completed`` or ``diverged`
 records a killed, failed or running job left behind are partial, and would enter the means over seeds as if it had
 run through. A file that cannot be read as a run wrote it (not UTF-8, a line that is no JSON object with an integer
 ``step``, a number that is not finite or out of its range, a summary that is no object or has an unknown status, a
-config that is no mapping) gets one warning line naming it, and the job counts as having no such file. A finished
+config that is no mapping) gets one warning line naming it, and the job counts as having no such file. A file that is
+no regular file (a fifo, /dev/zero), larger than a run writes (a summary or config over 1 MiB, records over 256 MiB),
+a config with YAML aliases (an alias bomb) or a value nested thousands deep is such a file as well. A finished
 job that repeats the config and seed of an earlier one is ``duplicate``, with one warning: a seed counts once.
+Configurations that would look alike in every figure and table (the same label, attack and q; a sweep over two tasks,
+two sweeps in one root) get a ``variant``, the settings that tell them apart, in their label:
+``vanilla-bulyan [task=vgg13-cifar100]`` (``_name_variants``).
 Relative roots are found from the repository root (where the sweeps write ``multirun/...``) when they are not under
 the current folder.
 """
@@ -25,6 +30,7 @@ import hashlib
 import itertools
 import json
 import math
+import re
 import sys
 from numbers import Real
 from pathlib import Path
@@ -34,7 +40,7 @@ import pandas as pd
 import yaml
 
 from analysis.labels import attack_label, labels
-from detox.results import FINISHED, job_dirs, job_id, read_summary
+from detox.results import FINISHED, has_yaml_aliases, job_dirs, job_id, read_small, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
@@ -69,18 +75,32 @@ SUMMARY_NUMBERS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "
 ACCURACIES = ("test_acc", "test_acc5", "final_test_acc", "best_test_acc")
 NON_NEGATIVE = (*RECORD_NUMBERS, "wall_time", "cluster_time", "time_to_target", "final_test_loss",
                 "malformed_messages")
+# the most bytes of a metrics.jsonl or eval.jsonl the analysis reads (a record is about 1.3 KB: 200,000 evaluations);
+# a larger file, a fifo or /dev/zero is no run's records (detox.results.read_small)
+RECORDS_FILE = 256 << 20
 STEP_MAX = 2**63 - 1  # pandas holds steps as int64: a larger one would make the column one of Python objects
 # what summary.json's status can say (detox.train, detox.launcher; ``running`` while a run, or one that died, owns it)
 STATUSES = (*FINISHED, "failed", "running")
 # the metrics frame's columns that come from the job (also those of an empty frame, so that code that sorts or
 # groups by them needs no special case)
-JOB_FIELDS = ("job", *CHOICES, "label", "defence", "rule", "attack", "config", "seed", "worker_fail", "status",
-              "figure")
+JOB_FIELDS = ("job", *CHOICES, "label", "variant", "defence", "rule", "attack", "config", "seed", "worker_fail",
+              "status", "figure")
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: a line break or other control character (in a folder's name) as ``\\xNN``."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def warn(message: str) -> None:
     """One line on stderr: a problem with one job's files that leaves the rest of the sweep reportable."""
-    print(f"analysis: warning: {message}", file=sys.stderr, flush=True)
+    print(f"analysis: warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def repo_root() -> Path:
@@ -141,10 +161,10 @@ def read_jsonl(path: Path) -> tuple[list[dict], str | None]:
     file and the first bad line): then no records, since one bad line puts every other in doubt. A missing file has
     no records and no problem; so has a torn last line (no newline: a run killed mid-write leaves one)."""
     try:
-        text = path.read_bytes().decode()
+        text = read_small(path, RECORDS_FILE)
     except FileNotFoundError:
         return [], None
-    except (OSError, UnicodeDecodeError) as err:
+    except (OSError, ValueError) as err:
         return [], f"{path}: unreadable ({type(err).__name__}: {err})"
     lines = text.split("\n")  # the last item is "" after a final newline, else a torn line
     out = []
@@ -152,7 +172,7 @@ def read_jsonl(path: Path) -> tuple[list[dict], str | None]:
         torn = number == len(lines)
         try:
             record = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # (a value nested thousands deep is no record either)
             if torn:
                 break
             return [], f"{path}: line {number} is not JSON"
@@ -168,8 +188,13 @@ def read_config(job: Path) -> tuple[dict | None, str | None]:
     then no config, and the job is described by its summary. A missing file (older runs) is no problem."""
     path = job / "resolved_config.yaml"
     try:
-        out = yaml.safe_load(path.read_bytes().decode())
-        json.dumps(out, sort_keys=True, default=str)  # what config_key does with it
+        text = read_small(path)  # a regular file of a config's size: a fifo or /dev/zero would never end the read
+        if has_yaml_aliases(text):  # a run writes none; nested ones (a 'billion laughs') expand to 10^9 entries
+            raise ValueError("uses YAML aliases (*name), which no run writes")
+        out = yaml.safe_load(text)
+        # what config_key does with it; and text that a figure can draw and a table hold (a "\ud800" escape gives
+        # a lone surrogate, which no UTF-8 file or font takes)
+        json.dumps(out, sort_keys=True, default=str, ensure_ascii=False).encode()
     except FileNotFoundError:
         return None, None
     except (OSError, ValueError, TypeError, RecursionError, yaml.YAMLError) as err:
@@ -274,17 +299,24 @@ def job_summary(job: Path) -> tuple[dict, str | None]:
     """The job's summary and, where its summary.json exists but is not a run's, why. A job without one is
     ``missing``, or ``running`` while a process holds its job lock (``detox.results.read_summary`` decides)."""
     path = job / "summary.json"
-    summary = read_summary(job)
-    if not path.exists():
+    problem = None
+    try:
+        # a regular file of a summary's size: a fifo, /dev/zero or a huge file would hang the read or fill memory
+        summary = json.loads(read_small(path))
+    except FileNotFoundError:
+        summary = read_summary(job)  # (running while a process holds the job lock)
         return (summary if summary["status"] == "running" else
                 {"status": "missing", "error": "no summary.json"}), None
-    problem = None
-    stand_in = str(summary.get("error", ""))
-    if "choices" not in summary and stand_in.startswith("no readable summary.json"):
-        # read_summary's stand-in for a file that is unreadable, not JSON, or not an object: its error says which
-        problem = "not a readable JSON object" + stand_in.removeprefix("no readable summary.json")
-    elif (why := _summary_problem(summary)) is not None:
-        problem = why
+    except (OSError, ValueError, RecursionError) as err:  # (RecursionError: nested thousands deep)
+        why = str(err).strip().splitlines()
+        problem = f"not a readable JSON object ({type(err).__name__}{': ' + why[0][:80] if why else ''})"
+    else:
+        if not isinstance(summary, dict):
+            problem = "not a readable JSON object (not an object)"
+        elif (why := _summary_problem(summary)) is not None:
+            problem = why
+        elif SURROGATE.search(json.dumps(summary, ensure_ascii=False)):  # a "\ud800" escape: no text a run writes
+            problem = "a string holds a lone surrogate (a \\ud800-style escape), which no run writes"
     if problem is None:
         return summary, None
     return ({"status": "missing", "error": f"unreadable summary.json: {problem}"},
@@ -303,7 +335,8 @@ def _num_classes(config: dict | None) -> int:
 
 def load_runs(root: str | Path) -> pd.DataFrame:
     """One row per job folder of ``root`` (module docstring); prints one warning line per unreadable file."""
-    rows = []
+    rows: list[dict] = []
+    settings: list[tuple[bool, dict[str, str]]] = []
     for job in job_dirs(sweep_root(root)):
         summary, problem = job_summary(job)
         if problem is not None:
@@ -322,6 +355,7 @@ def load_runs(root: str | Path) -> pd.DataFrame:
         row["attack"] = attack_label(config, row["err_mode"])
         row["num_classes"] = _num_classes(config)
         row["config"] = config_key(config, row)
+        settings.append(_settings(config, row))
         records, problems = read_run_records(job)
         for p in problems:
             warn(f"{p}; the file's records are left out")
@@ -334,10 +368,79 @@ def load_runs(root: str | Path) -> pd.DataFrame:
             row.update(step_weighted_phases([]))
         rows.append(row)
     _drop_repeated_seeds(rows)
-    cols = ["job", "dir", *CHOICES, "label", "defence", "rule", "attack", "config", "num_classes", *SUMMARY_KEYS,
+    _name_variants(rows, settings)
+    cols = ["job", "dir", *CHOICES, "label", "variant", "defence", "rule", "attack", "config", "num_classes",
+            *SUMMARY_KEYS,
             "cluster_time_median", "cluster_time_cpu", *PHASES, *MEDIAN_PHASES, *STEP_SPREAD, *CPU_MEDIAN_PHASES,
             "corrupted_per_step"]
     return pd.DataFrame(rows, columns=cols).set_index("job", drop=False).rename_axis(None)
+
+
+def _flat(node: object, prefix: str = "") -> dict[str, object]:
+    if not isinstance(node, dict) or not node:
+        return {prefix.removesuffix("."): node}
+    out: dict[str, object] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _settings(config: dict | None, row: dict) -> tuple[bool, dict[str, str]]:
+    """Whether the job has a resolved config, and what config_key tells configurations apart by, flat
+    (``approach.buckets``), each value as JSON text."""
+    flat = _flat({k: v for k, v in config.items() if k not in NOT_CONFIG}) if config else \
+        {k: row.get(k) for k in CONFIG_KEYS if k != "label"}
+    return bool(config), {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()}
+
+
+def _variant_text(flat: dict[str, str], keys: list[str]) -> str:
+    """``lr=0.5, batch_size=64`` (strings bare, other values as JSON, ``absent`` for a key the config lacks)."""
+    def value(k: str) -> str:
+        if k not in flat:
+            return "absent"
+        v = json.loads(flat[k])
+        return v if isinstance(v, str) else flat[k]
+
+    return ", ".join(f"{k}={value(k)}" for k in keys[:3]) + (", …" if len(keys) > 3 else "")
+
+
+def _name_variants(rows: list[dict], settings: list[tuple[bool, dict[str, str]]]) -> None:
+    """Configurations that every figure and table would show alike (the same label, attack and q) but that differ
+    (a sweep over two tasks, two sweeps in one root) each get ``variant``, the settings that tell them apart
+    (``task=vgg13-cifar100``: a task decides the rest; else up to three differing keys, sorted; ``config <id>``
+    where those do not tell them apart; ``no resolved config`` for a job described by its summary alone), and their
+    label says it: ``vanilla-bulyan [task=vgg13-cifar100]``. Means, lines and speedup pairs are never taken across
+    them. Only configurations with a finished job are compared (a job that failed before it wrote its resolved
+    config would otherwise rename its finished siblings)."""
+    groups: dict[tuple, dict[str, tuple[bool, dict[str, str]]]] = {}
+    for row, (resolved, flat) in zip(rows, settings, strict=True):
+        row["variant"] = ""
+        if row["status"] in FINISHED:
+            key = (row["label"], str(row["err_mode"]), str(row["worker_fail"]))
+            groups.setdefault(key, {}).setdefault(row["config"], (resolved, flat))
+    names: dict[tuple, str] = {}
+    for key, configs in groups.items():
+        if len(configs) < 2:
+            continue
+        texts = {}
+        # a job without a readable resolved config is described by its summary's settings: those of the others
+        # would differ from them in every key
+        for resolved in (True, False):
+            some = {config: flat for config, (r, flat) in configs.items() if r == resolved}
+            keys = sorted(set().union(*some.values()))
+            differ = [k for k in keys if len({flat.get(k) for flat in some.values()}) > 1]
+            shown = ["task"] if "task" in differ else differ
+            for config, flat in some.items():
+                text = _variant_text(flat, shown)
+                texts[config] = text if resolved else ", ".join(["no resolved config", *[text] * bool(text)])
+        if len(set(texts.values())) < len(texts):
+            texts = {config: f"config {config}" for config in configs}
+        names.update({(key, config): t for config, t in texts.items() if t})
+    for row in rows:
+        variant = names.get(((row["label"], str(row["err_mode"]), str(row["worker_fail"])), row["config"]))
+        if variant is not None:
+            row["variant"] = variant
+            row["label"] = f"{row['label']} [{variant}]"
 
 
 def _drop_repeated_seeds(rows: list[dict]) -> None:

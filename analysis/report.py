@@ -4,19 +4,30 @@
 Which figures a sweep gets follows its ``figure`` setting (the sweeps in ``sweeps/`` set it); an ad-hoc sweep
 gets the curves, the time split and the accuracy bars. Only finished jobs (completed or diverged) enter the numbers;
 a figure whose data no finished job has is skipped with one line saying why. Everything is computed before anything
-is written, and written into a temporary folder next to ``--out`` that then takes its place (or, where ``--out``
-exists, whose files replace theirs): a failure leaves ``--out`` as it was. Bad input is one line and exit 2.
+is written, and written into a temporary folder next to ``--out`` that then takes its place in one step (``publish``):
+a failure, or a kill at any moment, leaves ``--out`` as it was or as this report made it, never a mix. An existing
+``--out`` keeps its files that no report writes; an earlier report's files that this one does not write (a figure it
+now skips) go. Two reports into one ``--out`` at once take turns. Bad input is one line and exit 2, nothing written:
+among it an ``--out`` that is the sweep root (or holds it), one of its job folders or any folder holding a folder,
+jobs that aim at different ``target_acc`` without ``--target``, and a Figure B root where one side of a speedup
+pair (vanilla X or DETOX-X of one rule, attack and q) holds two configurations the labels do not tell apart.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import errno
+import fcntl
 import math
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -29,8 +40,11 @@ from analysis.load import (
     CPU_MEDIAN_PHASES,
     MEDIAN_PHASES,
     PHASES,
+    SURROGATE,
     load_metrics,
     load_runs,
+    one_line,
+    sweep_root,
     time_column,
     time_to_target,
     warn,
@@ -46,6 +60,13 @@ VALUES = ["final_test_acc", "best_test_acc", "cluster_time", "cluster_time_media
           *MEDIAN_PHASES, *CPU_MEDIAN_PHASES, "corrupted_per_step"]
 
 
+# every file a report can write (the figures of every family, as PNG and PDF, and the tables): what it replaces in an
+# earlier report's --out, a figure this one skips included; any other file there stays
+FIGURE_NAMES = ("fig_a_time", "fig_a_iter", "fig_b", "fig_c", "fig_d", "fig_e", "fig_theory")
+REPORT_FILES = frozenset({*(f"{name}.{ext}" for name in FIGURE_NAMES for ext in ("png", "pdf")),
+                          "table.md", "table.csv", "jobs.csv", "speedup.csv"})
+
+
 class ReportError(ValueError):
     """Bad input (a root with nothing to report, an unusable --out or --target): one line, exit 2, nothing written."""
 
@@ -57,22 +78,48 @@ def check_target(target: float, what: str = "--target") -> float:
     return target
 
 
-def check_out(out: Path) -> None:
-    """Refuse an output folder that cannot be one before any work (the nearest existing path decides)."""
+def check_out(out: Path, root: Path | None = None) -> None:
+    """Refuse an output folder that cannot be one before any work (the nearest existing path decides): a file, the
+    sweep root or a folder holding it, one of its job folders, a folder that holds a folder (``publish``)."""
     for path in (out, *out.parents):
         if path.exists() or path.is_symlink():
             if not path.is_dir():
                 raise ReportError(f"--out {out}: {path} exists and is not a folder")
-            return
+            break
+    if root is not None and root.is_dir():
+        real_out, real_root = out.resolve(), root.resolve()
+        if real_root == real_out or real_out in real_root.parents:
+            raise ReportError(f"--out {out}: the sweep root {root} or a folder holding it; the report replaces its "
+                              f"--out as a whole (default: <sweep>/report)")
+        if real_out.parent == real_root and any((out / f).exists() for f in ("summary.json", "resolved_config.yaml",
+                                                                              ".hydra")):
+            raise ReportError(f"--out {out}: a job folder of the sweep; the report replaces its --out as a whole")
+    if out.is_dir():
+        check_files_only(out)
+
+
+def check_files_only(out: Path) -> None:
+    """An --out that is replaced as a whole holds files only: a folder in it would be copied link by link, and
+    writes into it meanwhile lost (the sweep root, a home folder)."""
+    with os.scandir(out) as entries:
+        folder = next((e.name for e in entries if e.is_dir(follow_symlinks=False)), None)
+    if folder is not None:
+        raise ReportError(f"--out {out}: holds the folder {folder}; the report replaces its --out as a whole: give a "
+                          f"new folder or an earlier report's")
 
 
 def sweep_target(runs: pd.DataFrame) -> float | None:
-    """The sweep's own target accuracy (``target_acc`` of its finished jobs), if it is an accuracy."""
+    """The sweep's own target accuracy (``target_acc`` of its finished jobs), if it is an accuracy. Jobs that aim at
+    different ones (two sweeps in one root) are refused: one target for all would misstate the others' times."""
     values = runs.loc[runs["status"].isin(FINISHED), "target_acc"].dropna().astype(float)
     bad = values[~((values > 0) & (values <= 1))]
     if len(bad):
         warn(f"target_acc {bad.iloc[0]:g} in the summary of job {bad.index[0]} is no accuracy; ignored")
     good = values[(values > 0) & (values <= 1)]
+    if good.nunique() > 1:
+        other = good[good != good.iloc[0]]
+        raise ReportError(f"jobs {good.index[0]} and {other.index[0]} aim at different target accuracies "
+                          f"(target_acc {good.iloc[0]:g} and {other.iloc[0]:g}): give one with --target")
     return float(good.iloc[0]) if len(good) else None
 
 
@@ -207,16 +254,99 @@ def tables(root: Path, runs: pd.DataFrame, metrics: pd.DataFrame, target: float 
     return out
 
 
+def utf8(text: str) -> str:
+    """``text`` as a UTF-8 file can hold it: a lone surrogate (a byte of a folder name that is not UTF-8, as Python
+    reads it) written as ``\\xNN``, its byte (``\\uNNNN`` for one no byte gave)."""
+    def escape(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"\\u{c:04x}"
+
+    return SURROGATE.sub(escape, text)
+
+
 def _write(path: Path, content: str | plt.Figure) -> None:
     if isinstance(content, str):
-        path.write_text(content)
+        path.write_text(utf8(content), encoding="utf-8")
     else:
         content.savefig(path, dpi=120)
 
 
+@contextlib.contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Held while a report (or ``analysis.tune``) moves its files into ``out``: two of them into one ``--out`` at
+    once each leave their files whole, one after the other, never a mix (a lock on the folder above it, which the
+    OS releases on any exit, kill included; no file left)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _tmp_name(out: Path) -> re.Pattern:
+    return re.compile(rf"\.{re.escape(out.name)}\.([0-9]+)\.[0-9a-f]{{8}}\.tmp")
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Remove the temporary folders a publish into ``out`` that was killed left next to it (their process is gone;
+    a live one's, still being written, stays). Called under ``out_lock``."""
+    pattern = _tmp_name(out)
+    with os.scandir(out.parent) as entries:
+        for e in entries:
+            if (m := pattern.fullmatch(e.name)) and e.is_dir(follow_symlinks=False) and not _alive(int(m[1])):
+                shutil.rmtree(e.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OverflowError:  # no process has that number
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders ``a`` and ``b`` in one step (Linux's renameat2 with RENAME_EXCHANGE): at every moment ``b``
+    is the one or the other, whole. False where the system or the file system cannot."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EBUSY):
+        return False  # (EXDEV, EBUSY: --out is a mount point)
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """Put ``src`` (a file of --out that no report writes) into the new folder as well: a hard link (the same file,
+    no copy), a copy where the file system links none, a symbolic link as itself."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+        return
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        if not stat.S_ISREG(src.lstat().st_mode):
+            raise
+        shutil.copy2(src, dst)
+
+
 def _rename_unless_made(tmp: Path, out: Path) -> bool:
-    """Move the whole report folder into place; False where another report made ``out`` meanwhile (two reports
-    into one --out): the caller then replaces file by file, as into an earlier report."""
+    """Move the whole report folder into place; False where ``out`` exists (made meanwhile by another program)."""
     try:
         tmp.rename(out)
     except OSError:
@@ -226,46 +356,69 @@ def _rename_unless_made(tmp: Path, out: Path) -> bool:
     return True
 
 
-def publish(out: Path, files: dict[str, str | plt.Figure]) -> list[Path]:
-    """Write ``files`` into a temporary folder next to ``out``, then move them into place: ``out`` never holds half
-    a report, and an earlier report there stays whole if writing fails (files of its that this one does not write
-    stay too)."""
+def publish(out: Path, files: dict[str, str | plt.Figure], replaces: Iterable[str] = ()) -> list[Path]:
+    """Write ``files`` into a temporary folder next to ``out``, then put it in ``out``'s place in one step: a reader,
+    a kill at any moment or a failure sees ``out`` as it was or as this report made it, never a mix. An earlier
+    ``out``'s files stay, except those named in ``files`` or ``replaces`` (the files this tool can write: an
+    earlier run's that this one did not write would not belong with it). ``out`` holds files only (folders are
+    refused: ``check_files_only``). Two publishes into one ``out`` take turns (``out_lock``). Where the file system
+    cannot swap two folders in one step (renameat2), the files move one by one, as before."""
+    out = out.resolve() if out.is_symlink() else out  # (the folder it names is replaced, not the link)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"  # hidden: no job folder
     tmp.mkdir()
     try:
         for name, content in files.items():
             _write(tmp / name, content)
-        if out.is_dir() or not _rename_unless_made(tmp, out):
-            if clash := [n for n in files if (out / n).is_dir()]:
-                raise ReportError(f"--out {out}: {out / clash[0]} is a folder; the report would write a file there")
-            for name in files:
-                os.replace(tmp / name, out / name)
+        with out_lock(out):
+            _clear_leftovers(out)
+            if not _rename_unless_made(tmp, out):
+                _replace(out, tmp, files, set(files) | set(replaces))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [out / name for name in files]
 
 
+def _replace(out: Path, tmp: Path, files: Iterable[str], replaced: set[str]) -> None:
+    """``out`` exists: carry its other files into ``tmp``, then swap the two (or move the files one by one)."""
+    check_files_only(out)
+    with os.scandir(out) as entries:
+        kept = [e.name for e in entries if e.name not in replaced]
+    for name in kept:
+        _carry(out / name, tmp / name)
+    if _exchange(tmp, out):
+        return  # (tmp now holds the earlier folder, removed by the caller)
+    for name in files:
+        os.replace(tmp / name, out / name)
+    for name in replaced - set(files):
+        (out / name).unlink(missing_ok=True)
+
+
 def report(root: Path, out: Path, target: float | None = None) -> list[Path]:
     """Write the sweep's figures and tables into ``out``; return the written paths. Everything is computed first:
     bad input raises ReportError (or OSError) with nothing written."""
-    check_out(out)
+    check_out(out, sweep_root(root))
     runs = load_runs(root)
     check_reportable(root, runs)
     check_families(root, runs)
     metrics = load_metrics(root, runs)
     target = target if target is not None else sweep_target(runs)
-    figures = draw_figures(runs, metrics, target)
+    try:
+        figures = draw_figures(runs, metrics, target)
+    except F.Ambiguous as err:  # two sweeps' configurations that a figure would pair as one
+        raise ReportError(str(err)) from None
     try:
         files: dict[str, str | plt.Figure] = {f"{name}.{ext}": fig for name, fig in figures.items()
                                               for ext in ("png", "pdf")}
         files.update(tables(root, runs, metrics, target))
-        written = publish(out, files)
+        written = publish(out, files, REPORT_FILES)
+    except F.Ambiguous as err:
+        raise ReportError(str(err)) from None
     finally:
         for fig in figures.values():
             plt.close(fig)
-    print(f"wrote {out}: {', '.join(p.name for p in written)} ({runs['config'].nunique()} configurations, "
-          f"{len(runs)} jobs)", flush=True)
+    print(utf8(f"wrote {out}: {', '.join(p.name for p in written)} ({runs['config'].nunique()} configurations, "
+               f"{len(runs)} jobs)"), flush=True)
     return written
 
 
@@ -280,7 +433,8 @@ def speedup_text(sp: pd.DataFrame) -> pd.DataFrame:
 
     rows = []
     for r in sp.itertuples():
-        rows.append({"err_mode": r.err_mode, "rule": r.rule, "target_acc": r.target_acc,
+        variant = {"variant": r.variant} if "variant" in sp.columns else {}  # (only where a root needs one)
+        rows.append({"err_mode": r.err_mode, "rule": r.rule, **variant, "target_acc": r.target_acc,
                      "vanilla_time": ci(r.vanilla_time, r.vanilla_time_lo, r.vanilla_time_hi, r.vanilla_reached),
                      "vanilla_reached": f"{r.vanilla_reached}/{r.vanilla_seeds}",
                      "detox_time": ci(r.detox_time, r.detox_time_lo, r.detox_time_hi, r.detox_reached),
@@ -303,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         target = None if args.target is None else check_target(args.target)
         report(args.sweep, args.out or args.sweep / "report", target)
     except (ReportError, OSError) as err:
-        print(f"analysis.report: error: {err}", file=sys.stderr)
+        print(f"analysis.report: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
 

@@ -37,14 +37,24 @@ def interval(values: Iterable[float | None]) -> Stat:
     n = len(x)
     if n == 0:
         return Stat(np.nan, np.nan, 0, np.nan, np.nan)
-    mean = float(x.mean())
+    # in units of a power of two near the largest magnitude (exact: the same bits as unscaled, where that neither
+    # overflows nor underflows): a sum of values near the float maximum would overflow to inf, the squares of tiny
+    # ones (1e-300) underflow to a standard deviation of 0
+    e = int(np.frexp(np.abs(x).max())[1])
+    y = np.ldexp(x, -e)
+
+    def unscaled(v: float) -> float:
+        with np.errstate(over="ignore"):  # an interval reaching past the float maximum: its end is inf
+            return float(np.ldexp(v, e))
+
+    mean = unscaled(y.mean())
     if n == 1:
         return Stat(mean, np.nan, 1, np.nan, np.nan)
-    sd = float(x.std(ddof=1))
-    if sd == 0.0:  # identical seeds (e.g. a deterministic count): a zero-width interval, not NaN
+    sd_y = float(y.std(ddof=1))
+    if sd_y == 0.0:  # identical seeds (e.g. a deterministic count): a zero-width interval, not NaN
         return Stat(mean, 0.0, n, mean, mean)
-    lo, hi = stats.t.interval(LEVEL, n - 1, loc=mean, scale=sd / np.sqrt(n))
-    return Stat(mean, sd, n, float(lo), float(hi))
+    lo, hi = stats.t.interval(LEVEL, n - 1, loc=float(y.mean()), scale=sd_y / np.sqrt(n))
+    return Stat(mean, unscaled(sd_y), n, unscaled(lo), unscaled(hi))
 
 
 def fmt(mean: float, sd: float, n: int, digits: int = 3) -> str:

@@ -22,18 +22,24 @@ with nothing written. Two runs into one ``--out`` at once write one after the ot
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import math
-import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
-from analysis.load import config_key, load_runs, read_config, run_records, step_weighted, sweep_root, warn
+from analysis.load import (
+    config_key,
+    load_runs,
+    one_line,
+    read_config,
+    run_records,
+    step_weighted,
+    sweep_root,
+    warn,
+)
 from analysis.report import ReportError, check_out, publish, to_markdown
 from detox.results import FINISHED
 from detox.tuning import KEYS
@@ -240,25 +246,11 @@ def tune(root: Path, out: Path, how: str = "final") -> tuple[pd.DataFrame, dict]
     csv = _order(table).assign(lr_label=lambda d: d["lr"].map(lr_label))
     files = {"table.md": "\n".join(md), "table.csv": csv.to_csv(index=False),
              "lr_picks.yaml": picks_yaml(chosen, sweep_root(root).resolve(), how)}
-    with out_lock(out):
-        written = publish(out, files)
+    written = publish(out, files)  # (under analysis.report.out_lock: two runs into one --out take turns)
     print(to_markdown(shown), end="")
     print(f"wrote {out}: {', '.join(p.name for p in written)} ({len(shown)} (task, method, err_mode), "
           f"{table['lr'].nunique()} lrs, {len(runs)} jobs)", flush=True)
     return table, chosen
-
-
-@contextlib.contextmanager
-def out_lock(out: Path) -> Iterator[None]:
-    """Held while the files move into ``out``: two runs into one ``--out`` at once each leave their three files
-    whole, never table.md of one and lr_picks.yaml of the other (a lock on the folder above it; no file left)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -271,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tune(args.sweep, args.out or sweep_root(args.sweep) / "tune", args.loss)
     except (ReportError, OSError) as err:
-        print(f"analysis.tune: error: {err}", file=sys.stderr)
+        print(f"analysis.tune: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     return 0
 

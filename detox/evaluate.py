@@ -23,11 +23,22 @@ The records file is held under an OS lock while an evaluator writes it (two eval
 a last line torn by a killed evaluator is dropped before anything is appended (appending after it would fuse the
 next record into it, a line analysis rejects), and a file with any other line that is not a record is refused, never
 appended to.
+
+One records file holds the numbers of one run under one set of evaluation settings: ``eval_batch_size`` (it also
+sizes the BatchNorm calibration batches), ``device`` and ``threads`` (1 and 2 threads differ in the last bits) can
+each change the numbers. They are kept next to the records, in ``<out>.settings.json`` (``eval.jsonl.settings.json``:
+those three and ``run_config_sha256``, the SHA-256 of the run's resolved_config.yaml), written before the first record
+is appended. An evaluation whose settings differ from the ones of the records already in the file, or of another run,
+is refused in one line naming each setting with both values (exit 2, the file untouched); a file without records takes
+the new settings. Records of an older evaluator carry no settings: they are taken as made with the run's own, so
+adding to them with the run's own settings works (said in one line) and with any other is refused. An ``out=`` in the
+folder of another run (analysis reads ``<folder>/eval.jsonl`` as that run's) is refused too.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -57,9 +68,11 @@ from detox.results import (
     model_dir,
     model_files,
     read_small,
+    write_text_atomic,
     writes_models,
 )
 from detox.schema import DEVICE, PATH, Bool, Int, Num, Str, check
+from detox.tuning import DIGEST_KEY
 
 # the evaluation fields of a metrics.jsonl record (detox.trainer.METRIC_KEYS), in that order
 EVAL_KEYS = ("step", "epoch", "eval_time", "samples", "test_loss", "test_acc", "test_acc5")
@@ -71,6 +84,14 @@ RECORD_BYTES = 4096
 # files of the run folder that are never a records file (out= pointing at one would append into it)
 RUN_FILES = ("metrics.jsonl", "summary.json", "resolved_config.yaml", "checkpoint.pt", "train.log", ".lock",
              "model.pt", "mpi.log", "summary.jsonl")
+
+# the evaluation settings that can change the numbers (one records file holds one setting of each), and the file next
+# to the records that says which (Records)
+EVAL_SETTINGS = ("eval_batch_size", "device", "threads")
+RUN_DIGEST = "run_config_sha256"
+SETTINGS_SUFFIX = ".settings.json"
+# keys of a run's resolved config that record what it read rather than set anything (detox.tuning)
+RECORD_KEYS = (DIGEST_KEY,)
 
 OPT_PATH = Str(pattern=PATH.pattern, null=True)
 SCHEMA: dict[str, Any] = {
@@ -106,15 +127,21 @@ class Target:
     run_cfg: DictConfig
     models: Path
     out: Path
+    run_digest: str = ""  # SHA-256 of the run's resolved_config.yaml, as read
+
+
+def settings_path(out: Path) -> Path:
+    """Where the evaluation settings of ``out``'s records are kept: ``<out>.settings.json``."""
+    return out.with_name(out.name + SETTINGS_SUFFIX)
 
 
 def _path(value: Any) -> Path | None:
     return None if value is None else Path(str(value)).expanduser()
 
 
-def _run_config(run_dir: Path, cfg: DictConfig) -> DictConfig | None:
-    """The run's resolved config; None while it does not exist yet (follow: the run has not started). Raises
-    EvalError when the folder cannot be a run folder."""
+def _run_config(run_dir: Path, cfg: DictConfig) -> tuple[DictConfig, str] | None:
+    """The run's resolved config and the SHA-256 of its text; None while it does not exist yet (follow: the run has
+    not started). Raises EvalError when the folder cannot be a run folder."""
     if run_dir.exists() and not run_dir.is_dir():
         raise EvalError(f"run_dir={run_dir}: not a folder (give the run's job folder, which holds "
                         f"resolved_config.yaml)")
@@ -133,7 +160,7 @@ def _run_config(run_dir: Path, cfg: DictConfig) -> DictConfig | None:
         run_cfg.network.name, run_cfg.dataset.name, run_cfg.eval_batch_size  # noqa: B018 - the keys it needs
     except Exception as err:
         raise EvalError(f"{path}: not a detox run config ({type(err).__name__}: {err})") from None
-    return run_cfg
+    return run_cfg, hashlib.sha256(text.encode()).hexdigest()
 
 
 def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
@@ -146,9 +173,10 @@ def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
         raise EvalError(f"model_dir={models}: not a folder")
     if run_dir is None:
         run_dir = models.parent  # type: ignore[union-attr]  # the default layout: <job folder>/models
-    run_cfg = _run_config(run_dir, cfg)
-    if run_cfg is None:
+    found = _run_config(run_dir, cfg)
+    if found is None:
         return None
+    run_cfg, run_digest = found
     if models is None:
         models = model_dir(run_cfg, run_dir)
         if not writes_models(run_cfg) and not models.is_dir():
@@ -164,7 +192,24 @@ def target(cfg: DictConfig, wait: float = 0.0) -> Target | None:
                         f"({'no such folder' if not models.exists() else 'empty'}); follow=true waits for them")
     out = _path(cfg.out) or run_dir / "eval.jsonl"
     check_out(out, run_dir, models)
-    return Target(run_dir, run_cfg, models, out)
+    _check_out_folder(out, run_dir, run_digest)
+    return Target(run_dir, run_cfg, models, out, run_digest)
+
+
+def _check_out_folder(out: Path, run_dir: Path, run_digest: str) -> None:
+    """Records put into the folder of another run are read as that run's (analysis.load reads its eval.jsonl):
+    refused, unless that folder holds a run of this same config (a copy: the same numbers)."""
+    folder = Path(os.path.realpath(out)).parent  # where the records land, through any link
+    config = folder / "resolved_config.yaml"
+    if folder == run_dir.resolve() or not config.is_file():
+        return
+    try:
+        same = hashlib.sha256(read_small(config).encode()).hexdigest() == run_digest
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        raise EvalError(f"out={out}: in the folder of another run ({config} differs from run_dir={run_dir}'s): "
+                        f"analysis would read its records as that run's; give another out=")
 
 
 def foreign_weights(run_dir: Path, models: Path, run_cfg: DictConfig) -> str | None:
@@ -197,6 +242,9 @@ def check_out(out: Path, run_dir: Path | None, models: Path | None) -> None:
     if not os.access(out if out.exists() else out.parent, os.W_OK):
         raise EvalError(f"out={out}: not writable here")
     where = out.resolve()
+    if where.name.endswith(SETTINGS_SUFFIX):
+        raise EvalError(f"out={out}: the settings file kept next to a records file, not a records file (the "
+                        f"default is <run_dir>/eval.jsonl)")
     run_file = where.name in RUN_FILES or where.name == MODEL_OWNER or where.name.startswith(MODEL_PREFIX)
     in_run = run_dir is not None and where.parent == run_dir.resolve()
     # the weights folder holds nothing else, unless it is the run's folder itself (model_dir=<its job folder>)
@@ -224,13 +272,40 @@ def _is_record(line: str) -> bool:
             and not isinstance(rec["step"], bool) and rec["step"] >= 0)
 
 
+def _shown_settings(values: Mapping[str, Any], keys: list[str]) -> str:
+    return ", ".join(f"{k}={'null' if values.get(k) is None else values.get(k)}" for k in keys)
+
+
+def _settings_problem(values: object) -> str | None:
+    """Why the content of a settings file is not one this evaluator writes, or None."""
+    if not isinstance(values, dict) or set(values) != {*EVAL_SETTINGS, RUN_DIGEST}:
+        return f"no object of {', '.join([*EVAL_SETTINGS, RUN_DIGEST])}"
+    batch, device, threads, digest = (values[k] for k in (*EVAL_SETTINGS, RUN_DIGEST))
+    if (SCHEMA["eval_batch_size"].error(batch) or SCHEMA["device"].error(device)
+            or (threads is not None and SCHEMA["threads"].error(threads))  # null: the run's threads=null
+            or not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest))):
+        return "a value of another type or form than this evaluator writes"
+    return None
+
+
 class Records:
     """The records file, held under an OS lock (``flock``) while this evaluator writes it: a second evaluator on
     the same file is refused (it would evaluate and record every step again), and the lock goes with the process
-    however it ends. ``done`` holds the steps already recorded."""
+    however it ends. ``done`` holds the steps already recorded.
 
-    def __init__(self, out: Path) -> None:
+    ``settings``: what this evaluation uses (``EVAL_SETTINGS`` and ``RUN_DIGEST``), kept in ``<out>.settings.json``
+    before the first record is appended; records already in the file that were made with other settings (or of
+    another run) refuse the file (EvalError, one line naming each setting and both values), before anything in it
+    changes. ``own``: the run's own settings, which records of an older evaluator (no settings file) are taken to
+    have. Without ``settings`` (None) nothing is compared or kept."""
+
+    def __init__(self, out: Path, settings: Mapping[str, Any] | None = None,
+                 own: Mapping[str, Any] | None = None) -> None:
         self.out, self.created = out, not out.exists()
+        # the real file's name: two names of one records file (a link) share its settings file as they share its lock
+        self.side = settings_path(Path(os.path.realpath(out)))
+        self.settings = dict(settings) if settings is not None else None
+        self.unsaved, self.saved = False, False  # the settings file: still to write before a record / written here
         try:  # non-blocking: a fifo swapped in after check_out's look opens at once, and is refused below
             self.fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NONBLOCK, 0o644)
         except OSError as err:
@@ -246,14 +321,18 @@ class Records:
             raise EvalError(f"out={out}: another evaluator is recording into it now (each step once: let it "
                             f"finish, or give another out=)") from None
         try:
-            self.done = self._read()
+            self.done, count, mend = self._read()
+            if self.settings is not None:
+                self.unsaved = self._check_settings(count, own)
+            mend()  # only once the file is known to be one this evaluation adds to: a refusal leaves it as it was
         except EvalError:
             self.close()
             raise
 
-    def _read(self) -> set[int]:
-        """The steps recorded; read line by line, so that a file that is not a records file (out= given a data set
-        of GBs) is refused at its first line, not after reading it all into memory."""
+    def _read(self) -> tuple[set[int], int, Any]:
+        """The steps recorded, the number of records, and what mends a torn last line; read line by line, so that a
+        file that is not a records file (out= given a data set of GBs) is refused at its first line, not after
+        reading it all into memory."""
         os.lseek(self.fd, 0, os.SEEK_SET)
         steps: set[int] = set()
         number, size, rest = 0, 0, b""
@@ -270,13 +349,61 @@ class Records:
                 raise EvalError(f"out={self.out}: line {number + 1} is not a record of detox.evaluate; move the "
                                 f"file aside or give another out=")
         torn = self._text(rest)  # no final newline: what an evaluator killed mid-write leaves
-        if torn and _is_record(torn):  # whole but for its newline: kept
+
+        def mend() -> None:
+            if torn and _is_record(torn):  # whole but for its newline: kept
+                os.write(self.fd, b"\n")
+            elif torn:  # its step is evaluated again
+                say(f"dropping the torn last line of {self.out} (an evaluator killed while writing it)")
+                os.ftruncate(self.fd, size - len(rest))
+
+        if torn and _is_record(torn):
             steps.add(json.loads(torn)["step"])
-            os.write(self.fd, b"\n")
-        elif torn:  # its step is evaluated again
-            say(f"dropping the torn last line of {self.out} (an evaluator killed while writing it)")
-            os.ftruncate(self.fd, size - len(rest))
-        return steps
+            number += 1
+        return steps, number, mend
+
+    def _check_settings(self, count: int, own: Mapping[str, Any] | None) -> bool:
+        """Refuse (EvalError) records made with other settings or of another run; True when the settings file is
+        to be (re)written before this evaluation's first record."""
+        assert self.settings is not None
+        if not count:  # no record to mix with: whatever settings file is there describes nothing
+            return True
+        its = "its record" if count == 1 else f"its {count} records"
+        carry, are, were = ("carries", "is", "was") if count == 1 else ("carry", "are", "were")
+        side, theirs, problem = self.side, None, None
+        try:
+            theirs = json.loads(read_small(side))
+            problem = _settings_problem(theirs)
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError) as err:  # a fifo, a folder, a huge file, not UTF-8, not JSON
+            problem = f"unreadable ({type(err).__name__}: {str(err).strip().splitlines()[0] if str(err) else ''})"
+        if problem is not None:
+            raise EvalError(f"out={self.out}: its settings file {side} is {problem}: the settings of {its} {are} "
+                            f"unknown; move both files aside, or give another out=")
+        if theirs is None:  # records of an older evaluator: made with the run's own settings unless overridden
+            base = dict(own) if own is not None else self.settings
+            differ = [k for k in EVAL_SETTINGS if base.get(k) != self.settings.get(k)]
+            if differ:
+                raise EvalError(f"out={self.out}: {its} {carry} no settings (an older detox.evaluate wrote them, or "
+                                f"{side.name} was removed), so they count as made with the run's own "
+                                f"{_shown_settings(base, differ)}; this evaluation uses "
+                                f"{_shown_settings(self.settings, differ)}, which can change the numbers: give "
+                                f"another out= for it")
+            say(f"{self.out}: {its} {carry} no settings (an older detox.evaluate wrote them): taken as made with the "
+                f"run's own {_shown_settings(base, list(EVAL_SETTINGS))}, which this evaluation uses")
+            return True
+        if theirs[RUN_DIGEST] != self.settings[RUN_DIGEST]:
+            raise EvalError(f"out={self.out}: {its} {are} of another run (its settings file {side} names a "
+                            f"resolved_config.yaml of sha256 {theirs[RUN_DIGEST][:12]}, this run's is "
+                            f"{str(self.settings[RUN_DIGEST])[:12]}): one run's records per file; give another out=")
+        differ = [k for k in EVAL_SETTINGS if theirs[k] != self.settings[k]]
+        if differ:
+            raise EvalError(f"out={self.out}: {its} {were} made with {_shown_settings(theirs, differ)} ({side}); "
+                            f"this evaluation uses {_shown_settings(self.settings, differ)}, which can change the "
+                            f"numbers: give {_shown_settings(theirs, differ).replace(', ', ' ')} to add to them, or "
+                            f"another out= for these settings")
+        return False
 
     def _text(self, line: bytes) -> str:
         try:
@@ -285,7 +412,18 @@ class Records:
             raise EvalError(f"out={self.out}: not a records file (not UTF-8 text); move it aside or give another "
                             f"out=") from None
 
+    def _save_settings(self, step: int) -> None:
+        try:
+            write_text_atomic(self.side, json.dumps(self.settings, indent=2) + "\n")
+        except OSError as err:
+            raise WriteFailed(f"out={self.out}: cannot write its settings file {self.side} before the record of "
+                              f"step {step} ({err.strerror}); the records before it are kept: the same command "
+                              f"again evaluates the rest") from None
+        self.unsaved, self.saved = False, True
+
     def append(self, rec: dict) -> None:
+        if self.unsaved:  # no record without the settings it was made with
+            self._save_settings(rec["step"])
         data = (json.dumps(clean_json(rec)) + "\n").encode()
         size = os.fstat(self.fd).st_size
         try:
@@ -301,23 +439,26 @@ class Records:
                 from None
 
     def close(self) -> None:
-        if self.created and os.fstat(self.fd).st_size == 0:  # nothing recorded: leave no empty file behind
+        empty = os.fstat(self.fd).st_size == 0
+        if self.created and empty:  # nothing recorded: leave no empty file behind
             self.out.unlink(missing_ok=True)
+        if self.saved and empty:  # written for a record that never made it
+            self.side.unlink(missing_ok=True)
         os.close(self.fd)  # releases the lock
 
 
 def evaluation_config(t: Target, cfg: DictConfig) -> tuple[DictConfig, Plan]:
     """The run's config with this command's overrides, checked as the trainer checks it (types and ranges: an
     eval_batch_size of 0 or an unknown network is one line, not a traceback after the data set is loaded)."""
-    run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in ("eval_batch_size", "device", "threads")
-                                              if cfg[k] is not None})
+    run_cfg = OmegaConf.merge(t.run_cfg, {k: cfg[k] for k in EVAL_SETTINGS if cfg[k] is not None})
     from detox.config import device_problem
 
     if (why := device_problem(str(run_cfg.device))) is not None:
         raise EvalError(f"device={run_cfg.device}: {why}")
     where = t.run_dir / "resolved_config.yaml"
     try:
-        check(run_cfg)
+        # what the run recorded of what it read (lr_picks_sha256) is no setting: the schema has none of those
+        check(OmegaConf.masked_copy(run_cfg, [k for k in run_cfg if k not in RECORD_KEYS]))
         plan = plan_from_cfg(run_cfg)
     except ConfigError as err:
         raise EvalError(f"{where}: {err}") from None
@@ -401,7 +542,9 @@ def evaluate_run(cfg: DictConfig) -> int:
                 return 1
             time.sleep(_nap(cfg, start))
     run_cfg, plan = evaluation_config(t, cfg)  # checked before the records file is touched
-    records = Records(t.out)  # and that before the data set is loaded
+    settings = {**{k: run_cfg.get(k) for k in EVAL_SETTINGS}, RUN_DIGEST: t.run_digest}
+    own = {k: t.run_cfg.get(k) for k in EVAL_SETTINGS}
+    records = Records(t.out, settings, own)  # and that before the data set is loaded
     try:
         return _evaluate_files(cfg, t, Evaluator(t, run_cfg, plan, records), records.done)
     finally:

@@ -43,7 +43,7 @@ from hydra.types import HydraContext, TaskFunction
 from hydra_plugins.hydra_submitit_launcher import submitit_launcher
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from detox.results import JobBusy, base_summary, job_lock, lock_held, write_json
+from detox.results import JobBusy, base_summary, job_lock, lock_held, read_small, write_json
 
 log = logging.getLogger(__name__)
 
@@ -566,11 +566,15 @@ def _record_failure(config: DictConfig, out_dir: Path, error: str) -> None:
     if _summary_status(out_dir) not in (None, "running"):
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _hydra_config(config):
-        try:
-            summary = base_summary(cfg)
-        except Exception:  # a config that does not resolve still gets its failure recorded
-            summary = {}
+    # the job's own ``running`` summary, where it wrote one, holds what it ran with (an lr from ``lr_picks``, which
+    # the launcher's config has not applied); else the settings as the launcher has them
+    summary = _summary(out_dir)
+    if summary is None or summary.get("status") != "running":
+        with _hydra_config(config):
+            try:
+                summary = base_summary(cfg)
+            except Exception:  # a config that does not resolve still gets its failure recorded
+                summary = {}
     try:
         with job_lock(out_dir):  # not while another process (a rerun of this sweep) owns the folder
             if _summary_status(out_dir) in (None, "running"):
@@ -579,11 +583,16 @@ def _record_failure(config: DictConfig, out_dir: Path, error: str) -> None:
         log.warning("not recording the failure: %s", err)
 
 
-def _summary_status(out_dir: Path) -> str | None:
+def _summary(out_dir: Path) -> dict | None:
     try:
-        return json.loads((out_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
+        summary = json.loads(read_small(out_dir / "summary.json"))
+    except (OSError, ValueError):
         return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _summary_status(out_dir: Path) -> str | None:
+    return (_summary(out_dir) or {}).get("status")
 
 
 def _read(job: _Job) -> None:

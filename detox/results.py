@@ -28,7 +28,9 @@ GROUPS = ("network", "dataset", "mode", "approach", "err_mode", "engine")
 PRESETS = ("task", "method")
 # numeric/top-level settings copied into summary.json
 SETTINGS = ("workers", "worker_fail", "group_size", "batch_size", "lr", "momentum", "weight_decay",
-            "max_steps", "eval_freq", "seed", "target_acc", "device", "figure", "evaluation")
+            "max_steps", "eval_freq", "seed", "target_acc", "device", "figure", "evaluation",
+            # where lr came from: the picks file and the SHA-256 of the bytes read (detox.tuning); null without one
+            "lr_picks", "lr_picks_sha256")
 
 
 def clean_json(value: Any) -> Any:
@@ -58,6 +60,11 @@ def read_small(path: Path, limit: int = SMALL_FILE) -> str:
     place (or swapped in after a look) would block the read forever, /dev/zero never end it, a huge file fill the
     memory. Raises OSError (FileNotFoundError when absent, IsADirectoryError for a folder) or ValueError (also for
     text that is not UTF-8)."""
+    return read_small_bytes(path, limit).decode()
+
+
+def read_small_bytes(path: Path, limit: int = SMALL_FILE) -> bytes:
+    """``read_small``'s bytes, undecoded (what a digest of the file is taken of)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: a fifo with no writer opens at once
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
@@ -70,7 +77,7 @@ def read_small(path: Path, limit: int = SMALL_FILE) -> str:
         data = f.read(limit + 1)
     if len(data) > limit:  # grew after the look
         raise ValueError(f"more than {limit} bytes, more than such a file holds")
-    return data.decode()
+    return data
 
 
 def has_yaml_aliases(text: str) -> bool:
@@ -204,7 +211,8 @@ def choices(cfg: DictConfig) -> dict[str, str | None]:
 
 
 def settings(cfg: DictConfig) -> dict[str, Any]:
-    out = {k: OmegaConf.to_container(cfg, resolve=True).get(k) for k in SETTINGS}
+    values = OmegaConf.to_container(cfg, resolve=True)
+    out = {k: values.get(k) for k in SETTINGS}
     out["placement"] = cfg.adversary.placement
     return out
 
@@ -335,6 +343,42 @@ def foreign_run(cfg: DictConfig, out_dir: Path) -> bool:
     return holds_run(out_dir) and theirs != resolved_yaml(cfg)
 
 
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix.rstrip("."): node}
+    out: dict[str, Any] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def config_difference(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The first setting (dotted, in sorted order) where ``out_dir``'s resolved_config.yaml and ``cfg`` differ, as
+    ``key=<theirs> there, <ours> here`` (``absent`` for a key one of them lacks); None if it cannot tell."""
+    import yaml
+
+    try:
+        text = read_small(out_dir / "resolved_config.yaml")
+        if has_yaml_aliases(text):
+            return None
+        theirs = yaml.safe_load(text)
+        mine = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # unreadable, or not YAML: the refusal still names the file
+        return None
+    if not isinstance(theirs, dict) or not isinstance(mine, dict):
+        return None
+    a, b = _flat(theirs), _flat(mine)
+    missing = object()
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key, missing), b.get(key, missing)
+        if x != y or type(x) is not type(y):
+            def shown(v: Any) -> str:
+                text = "absent" if v is missing else json.dumps(v, default=str)
+                return text if len(text) <= 70 else text[:67] + "..."
+            return f"{key}={shown(x)} there, {shown(y)} here"
+    return None
+
+
 def same_config_elsewhere(cfg: DictConfig, out_dir: Path) -> Path | None:
     """Another job folder of ``out_dir``'s sweep root that holds a finished run of exactly this config. Folders are
     named by the overrides as typed, so one config can be spelled into two names (``lr=0.05`` where 0.05 is the
@@ -388,6 +432,10 @@ def _job_log(path: str, *, _root_: DictConfig) -> str:
         return path
     try:
         task = OmegaConf.masked_copy(_root_, [k for k in _root_ if k != "hydra"])
+        if task.get("lr_picks") is not None:  # the config as the run will have it: lr picked, the file's digest
+            from detox.tuning import apply_lr_picks
+
+            apply_lr_picks(task)
         same = (out / "resolved_config.yaml").read_text() == resolved_yaml(task)
     except Exception:  # unresolvable: refused before it trains, so nothing of it belongs in that folder either
         same = False
@@ -405,18 +453,39 @@ SWEEP_ID_ENV = "DETOX_SWEEP_ID"
 REFUSED = ".refused"
 
 
+# pins of the picks files a running sweep's jobs read (detox.tuning.pin_lr_picks): <root>/.lr_picks/<sweep id>/
+PINS = ".lr_picks"
+
+
+def sweep_folder_name(sweep: str) -> str:
+    """The sweep id as a folder name: the id SweepSummary sets is one already; any other (set by hand in the
+    environment) is hashed, so that no id can name a path outside the root."""
+    if re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", sweep) and len(sweep) <= NAME_MAX:
+        return sweep
+    return "sweep-" + hashlib.sha1(sweep.encode()).hexdigest()[:16]
+
+
+def drop_pins(root: Path, sweep: str) -> None:
+    """The sweep's picks pins go when it ends; the folder of pins too once no other sweep into the root has any."""
+    if not sweep:
+        return
+    shutil.rmtree(root / PINS / sweep_folder_name(sweep), ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (root / PINS).rmdir()
+
+
 def record_refusal(out_dir: Path, error: str) -> None:
     """Note that this sweep's job for ``out_dir`` was refused without writing into it."""
     sweep = os.environ.get(SWEEP_ID_ENV)
     if sweep:
-        folder = out_dir.parent / REFUSED / sweep
+        folder = out_dir.parent / REFUSED / sweep_folder_name(sweep)
         folder.mkdir(parents=True, exist_ok=True)
         write_text_atomic(folder / out_dir.name, error)
 
 
 def take_refusals(root: Path, sweep: str) -> dict[str, str]:
     """Job folder name -> error of this sweep's refused jobs; the notes are removed once read."""
-    folder = root / REFUSED / sweep
+    folder = root / REFUSED / sweep_folder_name(sweep)
     if not folder.is_dir():
         return {}
     refused = {p.name: p.read_text(errors="replace") for p in folder.iterdir() if not p.name.startswith(".")}
@@ -434,9 +503,11 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         root = Path(config.hydra.sweep.dir)
-        refused = take_refusals(root, os.environ.pop(SWEEP_ID_ENV, "")) if root.is_dir() else {}
+        sweep = os.environ.pop(SWEEP_ID_ENV, "")
         if not root.is_dir():
             return
+        drop_pins(root, sweep)
+        refused = take_refusals(root, sweep)
         if config.get("save") is False:  # the jobs wrote no summary.json: there is nothing to read, nothing failed
             print(f"detox: sweep {root}: save=false: its jobs wrote no results (each job's lines above say how it "
                   f"ended); no summary.jsonl", flush=True)

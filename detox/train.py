@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import os
@@ -28,6 +29,7 @@ from detox.errors import HandlerError, signalled
 from detox.results import (
     JobBusy,
     base_summary,
+    config_difference,
     finished_summary,
     foreign_run,
     holds_run,
@@ -40,6 +42,7 @@ from detox.results import (
     save_resolved_config,
     write_json,
 )
+from detox.tuning import DIGEST_KEY, pin_lr_picks
 
 log = logging.getLogger("detox")
 
@@ -90,6 +93,8 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
     save = out_dir is not None and bool(cfg.save)
     try:
         plan = validate(cfg)
+        if multirun and out_dir is not None:  # a picks file rewritten while the sweep runs: refused, never mixed
+            pin_lr_picks(cfg, out_dir.parent)
     except ConfigError as err:
         refuse(err)
         summary = {"status": "failed", "error": f"ConfigError: {err}"}
@@ -107,7 +112,7 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
                 out_dir.rmdir()
         return summary
     if foreign_run(cfg, out_dir):  # also when that run is still going: another config, not a second copy of it
-        return _refuse_foreign(out_dir, multirun)
+        return _refuse_foreign(cfg, out_dir, multirun)
     try:
         with job_lock(out_dir):
             return _run_locked(cfg, plan, out_dir, multirun)
@@ -124,8 +129,12 @@ def run(cfg: DictConfig, out_dir: Path | None, multirun: bool = False) -> dict:
         return summary
 
 
-def _refuse_foreign(out_dir: Path, multirun: bool) -> dict:
-    err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml); "
+def _refuse_foreign(cfg: DictConfig, out_dir: Path, multirun: bool) -> dict:
+    diff = config_difference(cfg, out_dir)
+    why = f": {diff}" if diff else ""
+    if diff and diff.startswith(f"{DIGEST_KEY}="):
+        why += f" (lr_picks={cfg.get('lr_picks')} holds other content than the file that run read)"
+    err = ConfigError(f"{out_dir} holds a run of a different config (see its resolved_config.yaml{why}); "
                       f"nothing was written: choose another hydra.sweep.dir or hydra.run.dir")
     refuse(err)
     if not multirun:
@@ -136,7 +145,7 @@ def _refuse_foreign(out_dir: Path, multirun: bool) -> dict:
 
 def _run_locked(cfg: DictConfig, plan, out_dir: Path, multirun: bool) -> dict:
     if foreign_run(cfg, out_dir):  # checked again under the lock: no other run is writing the folder now
-        return _refuse_foreign(out_dir, multirun)
+        return _refuse_foreign(cfg, out_dir, multirun)
     if (done := finished_summary(cfg, out_dir)) is not None:
         log.info("skipping: %s already holds a %s run of this exact config (delete its summary.json to rerun)",
                  out_dir, done["status"])
@@ -264,7 +273,9 @@ class ValidateFirst(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         try:
             check_output_folder(config, "hydra.run.dir")
-            validate(config)
+            # a copy: Hydra deep-copies this config into the job's, which ``run`` validates again; what validate
+            # adds (lr_picks_sha256, a key the schema does not take as a setting) must not be in it then
+            validate(copy.deepcopy(config))
         except ConfigError as err:
             refuse(err)
             sys.exit(2)

@@ -16,23 +16,34 @@ that cannot be read (not a regular file of at most 1 MiB of UTF-8 YAML, as a fif
 given twice or one that is not a string), an entry that is no finite number > 0 (named with its value), or an
 ``lr=`` typed next to ``lr_picks=`` is refused in one line before any work: never the
 task's lr in silence. ``lr_picks=null`` (the default) leaves ``lr`` as the task preset (or the command line) set it.
+
+What a job read is recorded: ``lr_picks_sha256``, the SHA-256 of the file's bytes as they were parsed, is added to
+its config (so ``resolved_config.yaml`` and ``summary.json`` carry it next to ``lr``). A picks file edited after a
+run was made is therefore another config for that run's folder: a rerun or resume into it is refused, never mixed;
+and within one sweep the first job that reads a picks file pins its digest under the sweep's root
+(``<root>/.lr_picks/<sweep id>/``, removed when the sweep ends): a later job of that sweep that reads other content
+is refused in one line naming both digests (``pin_lr_picks``), so the jobs of one sweep never mix two files.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from detox.errors import ConfigError
-from detox.results import has_yaml_aliases, read_small
+from detox.results import PINS, SMALL_FILE, SWEEP_ID_ENV, has_yaml_aliases, read_small_bytes, sweep_folder_name
 
 KEYS = ("task", "method", "err_mode")
+# the config key (added by apply_lr_picks) that records the SHA-256 of the picks file's bytes the job's lr came from
+DIGEST_KEY = "lr_picks_sha256"
 
 
 def _is_lr(value: Any) -> bool:
@@ -68,10 +79,18 @@ def read_picks(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
     """The ``lr`` table of a picks file (task -> method -> err_mode -> lr). Raises ConfigError (one line) where
     the file is missing, not a small regular file of UTF-8 YAML (no aliases, no repeated or non-string keys), or
     not such a table of finite positive numbers."""
+    return read_picks_file(path)[0]
+
+
+def read_picks_file(path: str | Path) -> tuple[dict[str, dict[str, dict[str, float]]], str]:
+    """``read_picks`` and the SHA-256 (hex) of the very bytes the table was parsed from: the file is read once, so
+    the digest names the content the lr came from even when the file is rewritten meanwhile."""
     where = f"lr_picks={path}"
     file = Path(path).expanduser()
     try:
-        text = read_small(file)
+        raw = read_small_bytes(file)
+        digest = hashlib.sha256(raw).hexdigest()
+        text = raw.decode()
         if has_yaml_aliases(text):
             raise ValueError("YAML aliases (*name), which analysis.tune never writes")
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -100,7 +119,7 @@ def read_picks(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
                     raise ConfigError(f"lr_picks={path}: lr.{at} is {_shown(lr)}{hint}, not a learning rate (each "
                                       f"entry is task -> method -> err_mode -> a finite number > 0)")
     return {str(t): {str(m): {str(e): float(v) for e, v in a.items()} for m, a in ms.items()}
-            for t, ms in table.items()}
+            for t, ms in table.items()}, digest
 
 
 def lookup(picks: Mapping[str, Mapping[str, Mapping[str, float]]], task: Any, method: Any, err_mode: Any,
@@ -135,14 +154,57 @@ def _typed_keys(cfg: DictConfig) -> set[str]:
 
 
 def apply_lr_picks(cfg: DictConfig) -> float | None:
-    """With ``lr_picks`` set: set ``cfg.lr`` to the lr the file picked for the job's (task, method, err_mode) and
-    return it; else leave the config alone and return None. Raises ConfigError (one line) where it cannot."""
+    """With ``lr_picks`` set: set ``cfg.lr`` to the lr the file picked for the job's (task, method, err_mode),
+    record the file's digest as ``cfg.lr_picks_sha256`` and return the lr; else leave the config alone and return
+    None. Raises ConfigError (one line) where it cannot."""
     path = cfg.get("lr_picks")
     if path is None:
         return None
     where = f"lr_picks={path}"
     if "lr" in _typed_keys(cfg):
         raise ConfigError(f"lr={cfg.lr}: the job also has {where}, which sets lr; give one of them")
-    lr = lookup(read_picks(str(path)), cfg.get("task"), cfg.get("method"), cfg.err_mode.name, where)
+    picks, digest = read_picks_file(str(path))
+    lr = lookup(picks, cfg.get("task"), cfg.get("method"), cfg.err_mode.name, where)
     cfg.lr = lr
+    with open_dict(cfg):  # a record of the run, not a setting: the schema has no entry for it, nobody types it
+        cfg[DIGEST_KEY] = digest
     return lr
+
+
+def _pin_key(path: str) -> str:
+    """One pin per file, however its path is spelled (relative, ``~``, through a link)."""
+    resolved = str(Path(path).expanduser().resolve())
+    return hashlib.sha1(resolved.encode()).hexdigest()[:16]
+
+
+def pin_lr_picks(cfg: DictConfig, root: Path) -> None:
+    """Inside a sweep (``DETOX_SWEEP_ID`` set) whose job read a picks file: the first job of the sweep to read that
+    file pins its digest under ``root`` (created exclusively: two jobs starting together cannot both pin); a later
+    job whose read gave other bytes is refused (ConfigError, one line naming both digests). Outside a sweep, or
+    without ``lr_picks``, nothing happens. A pin that cannot be written or read is one warning: the digest in the
+    job's resolved_config.yaml still tells the analysis which content each job used."""
+    sweep, path, digest = os.environ.get(SWEEP_ID_ENV), cfg.get("lr_picks"), cfg.get(DIGEST_KEY)
+    if not sweep or path is None or digest is None:
+        return
+    pin = root / PINS / sweep_folder_name(sweep) / _pin_key(str(path))
+    mine = f"{digest} {Path(str(path)).expanduser().resolve()}\n"
+    tmp = pin.with_name(f".{pin.name}.{os.urandom(8).hex()}.tmp")  # jobs on several hosts may share a pid
+    try:
+        pin.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the pin appears whole, and only if none is there yet: os.link never replaces a file
+            tmp.write_text(mine)
+            os.link(tmp, pin)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+        pinned = read_small_bytes(pin, SMALL_FILE).decode().split(" ", 1)[0]
+    except (OSError, ValueError) as err:
+        print(f"detox: warning: lr_picks={path}: cannot pin its digest for this sweep in {pin.parent} "
+              f"({type(err).__name__}: {err}); jobs of this sweep that read other content will not be refused "
+              f"(each records what it read: {DIGEST_KEY})", file=sys.stderr, flush=True)
+        return
+    if pinned != digest:
+        raise ConfigError(f"lr_picks={path}: its content changed while this sweep ran (sha256 {pinned[:12]} when its "
+                          f"first job read it, {digest[:12]} now): the jobs of one sweep must train with one picks "
+                          f"file; restore it, or run the sweep again into another hydra.sweep.dir")

@@ -3,6 +3,7 @@ the walkthrough notebook, robust timing records, resumable sweeps."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -52,7 +53,7 @@ def write_job(root: Path, method: str, attack: str, seed: int, accs: list[float]
                                                                                 else "")
     d = root / name
     d.mkdir(parents=True)
-    settings = preset(method)
+    settings = copy.deepcopy(preset(method))  # (preset is cached: changing its dict would change every later job's)
     settings["approach"].update(approach_changes or {})
     config = {**settings, "err_mode": {"name": attack, **(attack_params or {})}, "seed": seed, "workers": 45,
               "worker_fail": q, "dataset": {"name": "fashion_mnist", "num_classes": 10}, "data_root": f"/tmp/{seed}"}

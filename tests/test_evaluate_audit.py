@@ -355,3 +355,213 @@ def test_weights_in_the_job_folder_itself_are_evaluated(tmp_path: Path) -> None:
     for name in ("model_step_6", ".detox_run", "metrics.jsonl"):
         with pytest.raises(EvalError, match=rf"^out={run / name}: a file of the run itself"):
             evaluate_in_process([f"run_dir={run}", f"out={run / name}"])
+
+
+# ------------------------------------------------------------------------- one records file, one set of settings
+# eval_batch_size (it also sizes the BatchNorm calibration batches), device and threads can each change the numbers.
+# Overriding one used to append records into a records file next to records made with other settings (or of another
+# run), nothing saying so. The settings are now kept next to the records (<out>.settings.json) and a mix is refused
+# in one line, exit 2, the file untouched.
+
+def _evaluated_minus_last(runs: dict[str, Path], tmp_path: Path, *args: str, out: Path | None = None) -> Path:
+    """A copy of the external run evaluated (with ``args``), its last record gone again: step 30 is still to be
+    recorded, as for an evaluator stopped before the run's last file."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    out = out or run / "eval.jsonl"
+    assert evaluate_in_process([f"run_dir={run}", f"out={out}", *args]) == 0
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]))
+    return run
+
+
+def _settings(out: Path) -> dict:
+    return json.loads((out.parent / f"{out.name}.settings.json").read_text())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_other_evaluation_settings_never_mix_into_one_records_file(runs: dict[str, Path], tmp_path: Path) -> None:
+    run = _evaluated_minus_last(runs, tmp_path)
+    out = run / "eval.jsonl"
+    before = out.read_bytes()
+    for args, made, uses in ((["eval_batch_size=7"], "eval_batch_size=1000", "eval_batch_size=7"),
+                             (["threads=2"], "threads=1", "threads=2"),
+                             (["eval_batch_size=7", "threads=2"], "eval_batch_size=1000, threads=1",
+                              "eval_batch_size=7, threads=2")):
+        with pytest.raises(EvalError) as info:
+            evaluate_in_process([f"run_dir={run}", *args])
+        assert str(info.value).startswith(
+            f"out={out}: its 3 records were made with {made} ({out}.settings.json); this evaluation uses {uses}, "
+            f"which can change the numbers: give "), info.value
+        assert out.read_bytes() == before
+    # as typed: one line, exit 2
+    proc = subprocess.run([sys.executable, "-m", "detox.evaluate", f"run_dir={run}", "eval_batch_size=7"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"detox.evaluate: error: out={out}: its 3 records were made with "
+                                  f"eval_batch_size=1000"), proc.stderr
+    assert out.read_bytes() == before
+    # the run's own settings, typed: they are the records', so the missing step is added
+    assert evaluate_in_process([f"run_dir={run}", "eval_batch_size=1000", "threads=1", "device=cpu"]) == 0
+    assert_same_evaluations(runs["inloop"], read_jsonl(out))
+    assert _settings(out) == {"eval_batch_size": 1000, "device": "cpu", "threads": 1,
+                              "run_config_sha256": _sha256(run / "resolved_config.yaml")}
+    # other settings go to a file of their own, which keeps them
+    other = tmp_path / "batch7.jsonl"
+    assert evaluate_in_process([f"run_dir={run}", "eval_batch_size=7", f"out={other}"]) == 0
+    assert [r["step"] for r in read_jsonl(other)] == STEPS and _settings(other)["eval_batch_size"] == 7
+
+
+def test_records_of_an_older_evaluator_take_only_the_runs_own_settings(runs: dict[str, Path], tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    """Records without a settings file (an older evaluator wrote them): they count as made with the run's own
+    settings, so adding to them with other settings is refused; with the run's own it goes on, and says so."""
+    run = _evaluated_minus_last(runs, tmp_path)
+    out = run / "eval.jsonl"
+    (run / "eval.jsonl.settings.json").unlink(missing_ok=True)
+    before = out.read_bytes()
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={run}", "eval_batch_size=7"])
+    assert str(info.value) == (
+        f"out={out}: its 3 records carry no settings (an older detox.evaluate wrote them, or eval.jsonl.settings.json "
+        f"was removed), so they count as made with the run's own eval_batch_size=1000; this evaluation uses "
+        f"eval_batch_size=7, which can change the numbers: give another out= for it")
+    assert out.read_bytes() == before and not (run / "eval.jsonl.settings.json").exists()
+    capsys.readouterr()
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert (f"detox.evaluate: {out}: its 3 records carry no settings (an older detox.evaluate wrote them): taken as "
+            f"made with the run's own eval_batch_size=1000, device=cpu, threads=1, which this evaluation uses"
+            in capsys.readouterr().out)
+    assert_same_evaluations(runs["inloop"], read_jsonl(out))
+    assert _settings(out)["eval_batch_size"] == 1000
+
+
+def test_records_of_another_run_are_never_added_to(runs: dict[str, Path], tmp_path: Path) -> None:
+    """out= shared by two runs: the second run's steps were all 'already there' (the first run's), so it recorded
+    nothing and its numbers were the other run's. And out=<another run's folder>/eval.jsonl put this run's numbers
+    where analysis reads that run's."""
+    shared = tmp_path / "shared.jsonl"
+    assert evaluate_in_process([f"run_dir={runs['external']}", f"out={shared}"]) == 0
+    before = shared.read_bytes()
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={runs['other']}", f"out={shared}"])
+    assert str(info.value).startswith(f"out={shared}: its 4 records are of another run (its settings file "
+                                      f"{shared}.settings.json names a resolved_config.yaml of sha256 "), info.value
+    assert shared.read_bytes() == before
+    other = tmp_path / "other"
+    shutil.copytree(runs["other"], other)
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={runs['external']}", f"out={other / 'eval.jsonl'}"])
+    assert str(info.value) == (f"out={other / 'eval.jsonl'}: in the folder of another run "
+                               f"({other / 'resolved_config.yaml'} differs from run_dir={runs['external']}'s): "
+                               f"analysis would read its records as that run's; give another out=")
+    assert not (other / "eval.jsonl").exists()
+    copy = tmp_path / "copy"  # a copy of the same run: the same config, the same numbers
+    shutil.copytree(runs["external"], copy)
+    assert evaluate_in_process([f"run_dir={runs['external']}", f"out={copy / 'eval.jsonl'}"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "not-json", "huge", "wrong-types", "missing-key"])
+def test_a_hostile_settings_file_is_one_line_and_changes_nothing(kind: str, runs: dict[str, Path],
+                                                                 tmp_path: Path) -> None:
+    run = _evaluated_minus_last(runs, tmp_path)
+    out, side = run / "eval.jsonl", run / "eval.jsonl.settings.json"
+    good = {"eval_batch_size": 1000, "device": "cpu", "threads": 1,
+            "run_config_sha256": _sha256(run / "resolved_config.yaml")}
+    side.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(side)
+    elif kind == "folder":
+        side.mkdir()
+    elif kind == "huge":
+        with open(side, "wb") as f:
+            f.truncate(64 << 20)
+    else:
+        side.write_text({"not-json": "{eval_batch_size: 1000",
+                         "wrong-types": json.dumps({**good, "eval_batch_size": "1000"}),
+                         "missing-key": json.dumps({k: v for k, v in good.items() if k != "threads"})}[kind])
+    before = out.read_bytes()
+    t0 = time.monotonic()
+    with pytest.raises(EvalError) as info:
+        evaluate_in_process([f"run_dir={run}"])
+    assert time.monotonic() - t0 < 30
+    message = str(info.value)
+    assert message.startswith(f"out={out}: its settings file {side} is ") and "\n" not in message, message
+    assert message.endswith("the settings of its 3 records are unknown; move both files aside, or give another out=")
+    assert out.read_bytes() == before
+
+
+def test_a_killed_evaluator_leaves_nothing_that_mixes(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Killed after writing the settings file, before its first record: no record to mix with, the next evaluation
+    takes the file with its own settings. Killed mid-record: an evaluation with other settings is refused before the
+    torn line is touched; one with the records' settings drops it and evaluates that step again."""
+    run = _evaluated_minus_last(runs, tmp_path, "eval_batch_size=7")
+    out = run / "eval.jsonl"
+    out.write_text("")  # the settings file (eval_batch_size=7) without a record
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert _settings(out)["eval_batch_size"] == 1000
+    assert_same_evaluations(runs["inloop"], read_jsonl(out))
+    whole = out.read_bytes()
+    torn = whole[: len(whole) - 40]  # the last record cut short
+    out.write_bytes(torn)
+    with pytest.raises(EvalError, match=r"its 3 records were made with eval_batch_size=1000 "):
+        evaluate_in_process([f"run_dir={run}", "eval_batch_size=7"])
+    assert out.read_bytes() == torn
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert_same_evaluations(runs["inloop"], read_jsonl(out))
+
+
+def test_two_names_of_one_records_file_share_its_settings(runs: dict[str, Path], tmp_path: Path) -> None:
+    """out=<a link to the records file>: the same records (and the same lock), so the same settings file."""
+    records = tmp_path / "records.jsonl"
+    run = _evaluated_minus_last(runs, tmp_path, "eval_batch_size=7", out=records)
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(records)
+    before = records.read_bytes()
+    with pytest.raises(EvalError, match=r"its 3 records were made with eval_batch_size=7 "):
+        evaluate_in_process([f"run_dir={run}", f"out={link}"])
+    assert records.read_bytes() == before
+    with pytest.raises(EvalError, match=r"the settings file kept next to a records file"):
+        evaluate_in_process([f"run_dir={run}", f"out={records}.settings.json"])
+
+
+def test_a_settings_file_that_cannot_be_written_records_nothing(runs: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk when the settings file is written: one line (exit 1), no record without its settings, and no
+    empty file left behind."""
+    from detox import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(evaluate, "write_text_atomic", full)
+    with pytest.raises(evaluate.WriteFailed) as info:
+        evaluate_in_process([f"run_dir={run}"])
+    assert str(info.value).startswith(f"out={run / 'eval.jsonl'}: cannot write its settings file "
+                                      f"{run / 'eval.jsonl.settings.json'} before the record of step 0 (No space")
+    assert not (run / "eval.jsonl").exists() and not (run / "eval.jsonl.settings.json").exists()
+
+
+def test_a_run_with_threads_null_adds_to_its_own_records(runs: dict[str, Path], tmp_path: Path) -> None:
+    """threads=null (torch's default) is a setting a run can have: kept as null, and read back as one."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["external"], run)
+    config = run / "resolved_config.yaml"
+    config.write_text(config.read_text().replace("\nthreads: 1\n", "\nthreads: null\n"))
+    out = run / "eval.jsonl"
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert _settings(out)["threads"] is None
+    out.write_text("".join(out.read_text().splitlines(keepends=True)[:-1]))
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert [r["step"] for r in read_jsonl(out)] == STEPS
+    with pytest.raises(EvalError, match=r"its 4 records were made with threads=null .* this evaluation uses threads=1, "
+                                        r"which can change the numbers: give threads=null to add to them"):
+        evaluate_in_process([f"run_dir={run}", "threads=1"])

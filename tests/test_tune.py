@@ -13,6 +13,7 @@ import pytest
 import yaml
 from conftest import CONF, ROOT, cli, make_cfg, run_job
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 import detox.train  # noqa: F401 - registers the config resolvers validate() needs
 from analysis.tune import lr_label
@@ -469,3 +470,217 @@ def test_two_runs_into_one_out_leave_one_runs_files(tmp_path: Path, monkeypatch:
     assert (out / "table.md").read_text().startswith(f"# {source}: ")
     assert f"detox-bulyan,constant,{GRID[0 if source == 'a' else 1]}" in (out / "table.csv").read_text().split(
         "True")[0].splitlines()[-1]
+
+
+# ----------------------------------------------------------------------------------- what a job read (audit)
+# A picks file edited between the jobs of one sweep (or between a run and its rerun) used to let them train with two
+# files' picks, nothing in their outputs saying so. Each job now records the SHA-256 of the bytes it read.
+
+PICKED_JOB = ["workers=9", "worker_fail=1", "max_steps=2", "eval_freq=2", "batch_size=8", "task=fc-digits",
+              "method=vanilla-coord-median"]
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _retuned(picks: Path) -> None:
+    """The picks file rewritten with another pick for a job the tests do not run: fc-digits'
+    vanilla-coord-median/rev_grad (the job of PICKED_JOB) keeps its lr, the file's bytes change."""
+    data = yaml.safe_load(picks.read_text())
+    data["lr"]["fc-fashion"]["detox-bulyan"]["constant"] = 0.25
+    picks.write_text(yaml.safe_dump(data))
+
+
+def test_the_digest_of_the_picks_file_is_recorded_with_the_lr(tmp_path: Path) -> None:
+    picks = picks_file(tmp_path)
+    summary = run_job([*PICKED_JOB, f"lr_picks={picks}"], tmp_path / "run")
+    assert summary["status"] == "completed" and summary["lr"] == 0.125
+    resolved = yaml.safe_load((tmp_path / "run" / "resolved_config.yaml").read_text())
+    assert resolved["lr_picks_sha256"] == _sha256(picks) and resolved["lr"] == 0.125
+    written = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (written["lr"], written["lr_picks"], written["lr_picks_sha256"]) == (0.125, str(picks), _sha256(picks))
+    # without a picks file nothing is added to the config (older folders still match), and summary.json says null
+    plain = run_job(PICKED_JOB, tmp_path / "plain")
+    assert plain["lr_picks"] is None and plain["lr_picks_sha256"] is None
+    assert "lr_picks_sha256" not in yaml.safe_load((tmp_path / "plain" / "resolved_config.yaml").read_text())
+    # it is a record, not a setting: typing it is refused like any unknown key
+    with pytest.raises(ConfigError, match=r"^lr_picks_sha256='0+': unknown setting"):
+        validate(make_cfg([*PICKED_JOB, f"lr_picks={picks}", f"+lr_picks_sha256='{'0' * 64}'"]))
+
+
+def test_a_rerun_with_the_picks_file_edited_is_refused_naming_the_digest(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """The job's own lr unchanged, the file's content changed: the same lr would have passed as the same config (the
+    rerun skipped as 'already finished', a resume continued): now another config for that folder, refused."""
+    picks = picks_file(tmp_path)
+    run = tmp_path / "run"
+    assert run_job([*PICKED_JOB, f"lr_picks={picks}"], run)["status"] == "completed"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    old = _sha256(picks)
+    _retuned(picks)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_job([*PICKED_JOB, f"lr_picks={picks}"], run)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"detox: error: {run} holds a run of a different config (see its resolved_config.yaml: "
+                          f'lr_picks_sha256="{old}" there, "{_sha256(picks)}" here (lr_picks={picks} holds other '
+                          f"content than the file that run read)); nothing was written"), err
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    # in a sweep: recorded as refused, the folder left as it was
+    assert run_job([*PICKED_JOB, f"lr_picks={picks}"], run, multirun=True)["status"] == "failed"
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_picks_file_edited_while_a_sweep_runs_refuses_its_later_jobs(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs of one sweep (DETOX_SWEEP_ID, as Hydra's jobs inherit it) with the file rewritten between them: the
+    second used to train with the new file's picks next to the first's, silently. The first job to read the file pins
+    its digest under the sweep's root; the second is refused in one line naming both digests, and recorded."""
+    from detox.results import SweepSummary
+
+    picks = picks_file(tmp_path)
+    root = tmp_path / "sweep"
+    monkeypatch.setenv("DETOX_SWEEP_ID", "123-456")
+    first = run_job([*PICKED_JOB, f"lr_picks={picks}"], root / "a", multirun=True)
+    assert first["status"] == "completed"
+    old = _sha256(picks)
+    _retuned(picks)
+    second = run_job([*PICKED_JOB, "seed=1", f"lr_picks={picks}"], root / "b", multirun=True)
+    assert second["status"] == "failed", second
+    assert second["error"] == (f"ConfigError: lr_picks={picks}: its content changed while this sweep ran (sha256 "
+                               f"{old[:12]} when its first job read it, {_sha256(picks)[:12]} now): the jobs of one "
+                               f"sweep must train with one picks file; restore it, or run the sweep again into another "
+                               f"hydra.sweep.dir")
+    assert json.loads((root / "b" / "summary.json").read_text())["status"] == "failed"
+    assert not (root / "b" / "metrics.jsonl").exists()
+    # the file put back: the sweep's jobs go on with the content they all read
+    picks.write_text(yaml.safe_dump({"source": "/tmp/x", "loss": "final", "lr": {
+        "fc-digits": {"vanilla-coord-median": {"rev_grad": 0.125}},
+        "fc-fashion": {"detox-bulyan": {"constant": 0.0078125}}}}))
+    assert _sha256(picks) == old
+    assert run_job([*PICKED_JOB, "seed=1", f"lr_picks={picks}"], root / "b", multirun=True)["status"] == "completed"
+    # the pins go with the sweep's end
+    assert (root / ".lr_picks" / "123-456").is_dir()
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(root)}}, "save": True}))
+    assert not (root / ".lr_picks").exists()
+
+
+def test_jobs_starting_together_pin_one_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Jobs of a parallel sweep read the file at the same moment: exactly one digest is pinned, whole, and every job
+    that read another is refused. A sweep id that is a path (set by hand) stays a folder name under the root."""
+    import threading
+
+    from detox.tuning import pin_lr_picks
+
+    picks = picks_file(tmp_path)
+    monkeypatch.setenv("DETOX_SWEEP_ID", "../../escape")
+    root = tmp_path / "sweep"
+    root.mkdir()
+    digests = [f"{i:064x}" for i in range(16)]
+    barrier, outcome = threading.Barrier(len(digests)), {}
+
+    def job(digest: str) -> None:
+        barrier.wait()
+        try:
+            pin_lr_picks(OmegaConf.create({"lr_picks": str(picks), "lr_picks_sha256": digest}), root)
+            outcome[digest] = "ran"
+        except ConfigError as err:
+            outcome[digest] = str(err)
+
+    threads = [threading.Thread(target=job, args=(d,)) for d in digests]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ran = [d for d, o in outcome.items() if o == "ran"]
+    assert len(ran) == 1, outcome
+    assert all("its content changed while this sweep ran" in o for d, o in outcome.items() if d != ran[0])
+    pins = [p for p in (root / ".lr_picks").rglob("*") if p.is_file()]
+    assert len(pins) == 1 and pins[0].read_text() == f"{ran[0]} {picks.resolve()}\n"
+    assert pins[0].parent.parent == root / ".lr_picks" and not (tmp_path / "escape").exists()
+    # outside a sweep nothing is pinned
+    monkeypatch.delenv("DETOX_SWEEP_ID")
+    pin_lr_picks(OmegaConf.create({"lr_picks": str(picks), "lr_picks_sha256": "f" * 64}), tmp_path / "none")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_sweep_with_picks_records_one_digest_and_logs_its_reruns(tmp_path: Path) -> None:
+    """As typed: a two-job sweep with lr_picks records the file's digest in both jobs and leaves no pins behind. Its
+    rerun compared the job folder with the config before the pick (the task's lr): unequal, so the rerun's log lines
+    (here: 'skipping', and a resumed run's whole training log) went to /dev/null instead of the job's train.log."""
+    picks = picks_file(tmp_path, {"fc-digits": {"vanilla-coord-median": {"rev_grad": 0.125, "constant": 0.0625}}})
+    root = tmp_path / "sweep"
+    args = ["-m", *PICKED_JOB, "err_mode=rev_grad,constant", f"lr_picks={picks}", f"hydra.sweep.dir={root}"]
+    for _ in range(2):
+        proc = cli(args, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        jobs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        assert len(jobs) == 2
+        assert not (root / ".lr_picks").exists() and not (root / ".refused").exists()
+    for job in jobs:
+        assert "already holds a completed run of this exact config" in (job / "train.log").read_text(), job
+        resolved = yaml.safe_load((job / "resolved_config.yaml").read_text())
+        assert resolved["lr"] == {"rev_grad": 0.125, "constant": 0.0625}[resolved["err_mode"]["name"]]
+        assert resolved["lr_picks_sha256"] == _sha256(picks)
+    # a single run's rerun too (its config is now checked as a copy before the folder is made)
+    run_dir = tmp_path / "single"
+    single = [*PICKED_JOB, f"lr_picks={picks}", f"hydra.run.dir={run_dir}"]
+    for _ in range(2):
+        proc = cli(single, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+    assert "already holds a completed run of this exact config" in (run_dir / "train.log").read_text()
+
+
+def test_a_picks_run_is_evaluated_by_the_separate_evaluator(tmp_path: Path) -> None:
+    """The run's config holds lr_picks_sha256, which is no setting: the evaluator checks the run's settings and must
+    not refuse it (nor need the picks file, removed here)."""
+    from test_evaluate import evaluate_in_process, read_jsonl
+
+    picks = picks_file(tmp_path)
+    run = tmp_path / "run"
+    assert run_job([*PICKED_JOB, "evaluation=external", f"lr_picks={picks}"], run)["status"] == "completed"
+    picks.unlink()
+    assert evaluate_in_process([f"run_dir={run}"]) == 0
+    assert [r["step"] for r in read_jsonl(run / "eval.jsonl")] == [0, 2]
+
+
+@pytest.mark.slow
+def test_an_mpi_run_records_the_digest_its_ps_read_from_the_config(tmp_path: Path) -> None:
+    """engine=mpi: the PS writes summary.json from resolved_config.yaml (it never reads the picks file): the digest
+    travels with the config, and the evaluator takes the run as it is."""
+    from test_evaluate import evaluate_in_process
+
+    picks = picks_file(tmp_path, {"fc-digits": {"vanilla-mean": {"rev_grad": 0.125}}})
+    job = ["workers=6", "worker_fail=1", "max_steps=2", "eval_freq=2", "batch_size=8", "task=fc-digits",
+           "method=vanilla-mean", "engine=mpi", "evaluation=external", f"lr_picks={picks}"]
+    summary = run_job(job, tmp_path / "mpi")
+    assert summary["status"] == "completed", summary.get("error")
+    assert (summary["lr"], summary["lr_picks_sha256"]) == (0.125, _sha256(picks))
+    assert evaluate_in_process([f"run_dir={tmp_path / 'mpi'}"]) == 0
+
+
+def test_a_killed_picks_job_is_recorded_with_the_lr_it_ran_at(tmp_path: Path) -> None:
+    """A job killed mid-run is recorded failed by its launcher, whose config never applied ``lr_picks``: the failed
+    summary used to say the task preset's lr (0.05) and no digest. It now keeps what the job's own ``running``
+    summary recorded: the picked lr and the file's digest."""
+    from detox.launcher import _record_failure
+    from detox.results import base_summary, write_json
+
+    picks = picks_file(tmp_path)
+    job = [*PICKED_JOB, f"lr_picks={picks}"]
+    started = make_cfg(job)
+    validate(started)  # what the job did at its start: the pick applied, its running summary written
+    out = tmp_path / "job"
+    out.mkdir()
+    write_json(out / "summary.json", base_summary(started))
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        launcher_cfg = compose("config", overrides=job, return_hydra_config=True)
+    assert launcher_cfg.lr != 0.125  # the preset's: what the old record said
+    _record_failure(launcher_cfg, out, "job process killed by SIGKILL")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "job process killed by SIGKILL"
+    assert summary["lr"] == 0.125 and summary["lr_picks_sha256"] == _sha256(picks)
