@@ -457,9 +457,8 @@ def by_defence(rel: str, column: str, defence: str | None, **select: object) -> 
 
 
 def fmt_points(*values: float) -> str:
-    """values: per Krum-family rule, vanilla - DETOX final accuracy in points; the README's range 1.5–2.5."""
-    shown = [float(num(v, 1)) for v in values]
-    return "1.5–2.5 points ahead" if all(1.5 <= v <= 2.5 for v in shown) else f"{shown} points ahead"
+    """values: per Krum-family rule, vanilla - DETOX final accuracy in points, as the README's range lo–hi."""
+    return span(1, " points ahead")(*values)
 
 
 def krum_gaps() -> tuple:
@@ -828,7 +827,7 @@ QUOTES: list[Quote] = [
     Quote("bullet-a-range", "≈ 0.85–0.88", "keeps ≈ 0.85–0.88 final accuracy (Figure A, `fig_a_cpu/table.csv`, n = 3)",
           f"{A} [err_mode=rev_grad] final_test_acc", by_defence(A, "final_test_acc", None, err_mode="rev_grad"),
           lambda *xs: "≈ " + span(2)(*xs)),
-    Quote("bullet-a-points", "1.5–2.5 points ahead", "vanilla Krum rules end 1.5–2.5 points ahead",
+    Quote("bullet-a-points", "1.5–2.4 points ahead", "vanilla Krum rules end 1.5–2.4 points ahead",
           f"{A} [err_mode=rev_grad] final_test_acc, vanilla - DETOX, Multi-Krum and Bulyan", krum_gaps, fmt_points),
     # under constant (fig_a_cpu/table.csv)
     cells("bullet-constant-vanilla-best", "best 0.77", CONSTANT, A,
