@@ -40,7 +40,7 @@ import pandas as pd
 import yaml
 
 from analysis.labels import attack_label, labels
-from detox.results import FINISHED, has_yaml_aliases, job_dirs, job_id, read_small, read_summary
+from detox.results import FINISHED, flat_settings, has_yaml_aliases, job_dirs, job_id, read_small, read_summary
 
 REPO = Path(__file__).resolve().parents[1]
 CHOICES = ("network", "dataset", "mode", "approach", "err_mode", "engine", "task", "method")
@@ -376,19 +376,10 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols).set_index("job", drop=False).rename_axis(None)
 
 
-def _flat(node: object, prefix: str = "") -> dict[str, object]:
-    if not isinstance(node, dict) or not node:
-        return {prefix.removesuffix("."): node}
-    out: dict[str, object] = {}
-    for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _settings(config: dict | None, row: dict) -> tuple[bool, dict[str, str]]:
     """Whether the job has a resolved config, and what config_key tells configurations apart by, flat
     (``approach.buckets``), each value as JSON text."""
-    flat = _flat({k: v for k, v in config.items() if k not in NOT_CONFIG}) if config else \
+    flat = flat_settings({k: v for k, v in config.items() if k not in NOT_CONFIG}) if config else \
         {k: row.get(k) for k in CONFIG_KEYS if k != "label"}
     return bool(config), {k: json.dumps(v, sort_keys=True, default=str) for k, v in flat.items()}
 

@@ -343,12 +343,13 @@ def foreign_run(cfg: DictConfig, out_dir: Path) -> bool:
     return holds_run(out_dir) and theirs != resolved_yaml(cfg)
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+def flat_settings(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (``approach.buckets``); an empty mapping stays a value of its own key."""
     if not isinstance(node, dict):
         return {prefix.rstrip("."): node}
     out: dict[str, Any] = {}
     for k, v in node.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        out.update(flat_settings(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
     return out
 
 
@@ -367,7 +368,7 @@ def config_difference(cfg: DictConfig, out_dir: Path) -> str | None:
         return None
     if not isinstance(theirs, dict) or not isinstance(mine, dict):
         return None
-    a, b = _flat(theirs), _flat(mine)
+    a, b = flat_settings(theirs), flat_settings(mine)
     missing = object()
     for key in sorted(set(a) | set(b), key=str):
         x, y = a.get(key, missing), b.get(key, missing)
